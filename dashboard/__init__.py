@@ -1,0 +1,1 @@
+"""tokenfarm dashboard: a Streamlit app over the orchestrator database, read-only."""

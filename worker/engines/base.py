@@ -1,0 +1,43 @@
+"""The Backend protocol: what the measurement core may ask of an engine.
+
+Every call returns only when the device is idle, so a timer read right after it measures the
+work and nothing else. Greedy next tokens come back from prefill and decode because the
+techniques built on top (speculation, MTP) and the losslessness checks need them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from worker.contract import EngineConfig
+
+
+class EngineError(Exception):
+    """The engine could not do what was asked; the message names the problem and the fix."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def load(self, path: Path, config: EngineConfig, n_ctx: int) -> None:
+        """Load weights and create a context holding at least n_ctx tokens."""
+
+    @property
+    def n_vocab(self) -> int: ...
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]: ...
+
+    def reset(self) -> None:
+        """Empty the KV cache: the next prefill starts at position 0."""
+
+    def prefill(self, tokens: Sequence[int]) -> int:
+        """Append tokens to the KV cache; return the greedy next token."""
+
+    def decode(self, token: int) -> int:
+        """Append one token; return the greedy next token."""
+
+    def versions(self) -> dict[str, str]:
+        """Engine build identifiers recorded with every Result."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,162 @@
+"""The llama.cpp engine, through llama-cpp-python's low-level API.
+
+Low-level on purpose: the high-level `Llama` object copies logits and adds bookkeeping to
+every step, which would be measured as if it were llama.cpp. This module owns contexts,
+batches, the KV cache and the quantizer; it knows nothing of jobs or timers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import llama_cpp
+import llama_cpp._logger
+import numpy as np
+
+from worker.contract import EngineConfig
+from worker.engines.base import EngineError
+
+# llama.cpp's load chatter would bury the worker's own log.
+llama_cpp._logger.logger.setLevel(logging.ERROR)
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def default_n_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def ftype_for(quant: str) -> int:
+    prefix = "ALL" if quant == "F32" else "MOSTLY"
+    value = getattr(llama_cpp, f"LLAMA_FTYPE_{prefix}_{quant}", None)
+    if value is None:
+        raise EngineError(f"llama.cpp {llama_cpp.__version__} cannot quantize to {quant}")
+    return int(value)
+
+
+def quantize(source: Path, target: Path, quant: str, n_threads: int = 0) -> None:
+    """Write `source` re-quantized to `quant` at `target` with llama.cpp's own quantizer."""
+    _init_backend()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype_for(quant)
+    # Catalogue models ship already quantized; deriving other types from them is requantizing.
+    params.allow_requantize = True
+    params.nthread = n_threads or default_n_threads()
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    if rc != 0 or not Path(target).exists():
+        raise EngineError(f"llama.cpp could not quantize {source} to {quant} (code {rc})")
+
+
+class LlamaCppBackend:
+    name = "llamacpp"
+
+    def __init__(self) -> None:
+        self._model = None
+        self._ctx = None
+        self._batch = None
+        self._n_past = 0
+
+    def load(self, path: Path, config: EngineConfig, n_ctx: int) -> None:
+        _init_backend()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 999 if config.n_gpu_layers < 0 else config.n_gpu_layers
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise EngineError(f"llama.cpp could not load {path}: the file is corrupt or its architecture is unsupported")
+        self._model = model
+        n_threads = config.n_threads or default_n_threads()
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        self._n_batch = min(config.n_batch, n_ctx)
+        cparams.n_batch = self._n_batch
+        cparams.n_ubatch = min(config.n_ubatch, self._n_batch)
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            self.close()
+            raise EngineError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}: out of memory?")
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        self._n_past = 0
+
+    @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, False)
+        if n < 0:
+            raise EngineError("tokenizer buffer too small")
+        return list(buf[:n])
+
+    def reset(self) -> None:
+        llama_cpp.llama_memory_clear(self._mem, True)
+        self._n_past = 0
+
+    def _decode(self, tokens: Sequence[int]) -> int:
+        batch = self._batch
+        for start in range(0, len(tokens), self._n_batch):
+            chunk = tokens[start:start + self._n_batch]
+            last_chunk = start + self._n_batch >= len(tokens)
+            for i, tok in enumerate(chunk):
+                batch.token[i] = tok
+                batch.pos[i] = self._n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = last_chunk and i == len(chunk) - 1
+            batch.n_tokens = len(chunk)
+            rc = llama_cpp.llama_decode(self._ctx, batch)
+            if rc != 0:
+                raise EngineError(f"llama_decode failed with code {rc} at position {self._n_past}: context full or out of memory")
+            self._n_past += len(chunk)
+        # Decode may return before the backend finishes; timers must see finished work.
+        llama_cpp.llama_synchronize(self._ctx)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self._n_vocab,))
+        return int(logits.argmax())
+
+    def prefill(self, tokens: Sequence[int]) -> int:
+        if not tokens:
+            raise EngineError("prefill needs at least one token")
+        return self._decode(tokens)
+
+    def decode(self, token: int) -> int:
+        return self._decode((token,))
+
+    def versions(self) -> dict[str, str]:
+        return {
+            "llama_cpp_python": llama_cpp.__version__,
+            "llama_cpp": llama_cpp.llama_version().decode() if callable(llama_cpp.llama_version) else str(llama_cpp.llama_version),
+            "llama_cpp_system": llama_cpp.llama_print_system_info().decode().strip(),
+        }
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None

