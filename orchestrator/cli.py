@@ -27,10 +27,13 @@ sweep_app = typer.Typer(help="Submit and follow sweeps.", no_args_is_help=True)
 worker_app = typer.Typer(help="Run a worker on this machine.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 models_app = typer.Typer(help="Model files: the catalogue and local copies.", no_args_is_help=True)
+workers_app = typer.Typer(help="The workers allowed to join: tokens, liveness, trust. Lists them when called alone.",
+                          invoke_without_command=True)
 app.add_typer(sweep_app, name="sweep")
 app.add_typer(worker_app, name="worker")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
+app.add_typer(workers_app, name="workers")
 
 # Piped output gets a width that fits a results table instead of Rich's 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -97,7 +100,7 @@ def sweep_submit(
     dispatch.send(celery, jobs)
     console.print(f"sweep [bold]{spec.name}[/] {sweep_id}: {len(jobs)} jobs queued")
     if wait:
-        raise typer.Exit(_wait(engine, celery, sweep_id, len(jobs), timeout))
+        raise typer.Exit(_wait(settings, engine, celery, sweep_id, len(jobs), timeout))
 
 
 @sweep_app.command("wait")
@@ -118,40 +121,80 @@ def sweep_wait(
         if row is None:
             raise fail(f"no sweep matches {sweep!r}: list them with `tokenfarm status`")
         sweep_id, n_jobs = row.id, row.n_jobs
-    raise typer.Exit(_wait(engine, create_app(settings), sweep_id, n_jobs, timeout))
+    raise typer.Exit(_wait(settings, engine, create_app(settings), sweep_id, n_jobs, timeout))
 
 
-def _wait(engine, celery, sweep_id: str, n_jobs: int, timeout: float | None) -> int:
-    from orchestrator.collector import Collector, sweep_progress
+@sweep_app.command("resume")
+def sweep_resume(
+    sweep: str = typer.Argument(..., help="sweep id, id prefix or name"),
+    wait: bool = typer.Option(False, "--wait", help="collect results until every job finished"),
+    timeout: Optional[float] = typer.Option(None, help="with --wait: give up after this many seconds"),
+) -> None:
+    """Send again what never finished: queued jobs, and running jobs of workers that went silent."""
     from orchestrator.db import session_scope
-    from orchestrator.store import failed_jobs
-    from worker.broker import results_consumer
+    from orchestrator.dispatch import resend_unfinished
+    from orchestrator.store import find_sweep
+    from worker.broker import create_app
 
-    collector = Collector(engine)
+    settings = load_settings()
+    _ensure_schema(settings)
+    engine = _engine(settings)
+    with session_scope(engine) as session:
+        row = find_sweep(session, sweep)
+        if row is None:
+            raise fail(f"no sweep matches {sweep!r}: list them with `tokenfarm status`")
+        sweep_id, n_jobs = row.id, row.n_jobs
+    celery = create_app(settings)
+    n = resend_unfinished(engine, celery, sweep_id, settings.worker_dead_after_s, settings.max_attempts)
+    console.print(f"sweep {sweep_id}: {n} jobs sent again")
+    if wait:
+        raise typer.Exit(_wait(settings, engine, celery, sweep_id, n_jobs, timeout))
+
+
+def _wait(settings: Settings, engine, celery, sweep_id: str, n_jobs: int, timeout: float | None) -> int:
+    from sqlalchemy.exc import OperationalError
+
+    from orchestrator.collector import Collector, collect, sweep_progress
+    from orchestrator.db import session_scope
+    from orchestrator.dispatch import resend_lost
+    from orchestrator.store import failed_jobs
+
     deadline = time.monotonic() + timeout if timeout else None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress, \
-            results_consumer(celery, collector.on_message) as conn:
+    state = {"next_check": time.monotonic() + 2.0, "finished": 0, "timed_out": False}
+    with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("waiting for a worker (start one: tokenfarm worker start)", total=n_jobs)
-        while True:
+
+        def done() -> bool:
             try:
-                conn.drain_events(timeout=0.5)
-            except TimeoutError:
-                pass
-            with session_scope(engine) as session:
-                counts = sweep_progress(session, sweep_id)
-            finished = counts.get("done", 0) + counts.get("failed", 0)
-            running = counts.get("running", 0)
-            if finished or running:
-                desc = f"measuring: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed, {running} running"
-                progress.update(task, description=desc)
-            progress.update(task, completed=finished)
-            if finished >= n_jobs:
-                break
+                if time.monotonic() > state["next_check"]:
+                    # Jobs of workers that died mid-job go back on the queue.
+                    resend_lost(engine, celery, settings.worker_dead_after_s, settings.max_attempts)
+                    state["next_check"] = time.monotonic() + 2.0
+                with session_scope(engine) as session:
+                    counts = sweep_progress(session, sweep_id)
+            except (OperationalError, OSError, *celery.connection_for_write().connection_errors) as exc:
+                progress.update(task, description=f"waiting for a service: {type(exc).__name__}")
+                counts = None
+            if counts is not None:
+                state["finished"] = counts.get("done", 0) + counts.get("failed", 0)
+                running = counts.get("running", 0)
+                if state["finished"] or running:
+                    progress.update(task, description=f"measuring: {counts.get('done', 0)} done, "
+                                                      f"{counts.get('failed', 0)} failed, {running} running")
+                progress.update(task, completed=state["finished"])
+                if state["finished"] >= n_jobs:
+                    return True
             if deadline and time.monotonic() > deadline:
-                err.print(f"timed out after {timeout:.0f} s with {n_jobs - finished} jobs unfinished; "
-                          f"results still arrive later: tokenfarm status {sweep_id[:8]}")
-                return 3
+                state["timed_out"] = True
+                return True
+            return False
+
+        collect(celery, Collector(engine), done)
+    if state["timed_out"]:
+        err.print(f"timed out after {timeout:.0f} s with {n_jobs - state['finished']} jobs unfinished; "
+                  f"results still arrive later: tokenfarm sweep wait {sweep_id[:8]}")
+        return 3
     with session_scope(engine) as session:
         failed = failed_jobs(session, sweep_id)
         for row in failed:
@@ -233,13 +276,14 @@ def leaderboard(tier: Optional[int] = typer.Option(None, help="only what fits th
     from orchestrator.ranking import TIERS_GB, leaderboard as rank
     from orchestrator.report import LEADER_COLUMNS, leader_cells
     from orchestrator.store import load_results
+    from orchestrator.workers import flagged_names
 
     if tier is not None and tier not in TIERS_GB:
         raise fail(f"unknown tier {tier}: use one of {', '.join(map(str, TIERS_GB))}")
     settings = load_settings()
     _ensure_schema(settings)
     with session_scope(_engine(settings)) as session:
-        rows = rank(load_results(session, status="ok"), tier)
+        rows = rank(load_results(session, status="ok", exclude_workers=flagged_names(session)), tier)
     if not rows:
         console.print("no results yet: tokenfarm sweep submit examples/demo.yaml --wait")
         return
@@ -255,19 +299,27 @@ def leaderboard(tier: Optional[int] = typer.Option(None, help="only what fits th
 @app.command()
 def collector() -> None:
     """Store results from the queue until stopped (the deployment's only database writer)."""
-    from orchestrator.collector import Collector
-    from worker.broker import create_app, results_consumer
+    from orchestrator.collector import Collector, collect
+    from orchestrator.dispatch import resend_lost
+    from worker.broker import create_app
 
     settings = load_settings()
     _ensure_schema(settings)
     c = Collector(_engine(settings))
     console.print(f"collecting results from {_redact_broker(settings)}")
-    with results_consumer(create_app(settings), c.on_message) as conn:
-        while True:
+    celery = create_app(settings)
+    next_check = [0.0]
+
+    def maintain() -> bool:
+        if time.monotonic() > next_check[0]:
             try:
-                conn.drain_events(timeout=5)
-            except TimeoutError:
-                pass
+                resend_lost(c.engine, celery, settings.worker_dead_after_s, settings.max_attempts)
+            except Exception as exc:  # a service outage: the next tick retries
+                err.print(f"could not re-send lost jobs yet: {exc}")
+            next_check[0] = time.monotonic() + 2.0
+        return False
+
+    collect(celery, c, maintain, tick_s=1.0)
 
 
 def _redact_broker(settings: Settings) -> str:
@@ -287,6 +339,69 @@ def worker_start(
     if name:
         settings.worker_name = name
     start(settings, loglevel)
+
+
+@workers_app.callback()
+def workers_list(ctx: typer.Context) -> None:
+    """Registered workers: last seen, jobs done and failed, refusals, trust."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from orchestrator.db import session_scope
+    from orchestrator.workers import list_workers
+
+    settings = load_settings()
+    _ensure_schema(settings)
+    with session_scope(_engine(settings)) as session:
+        views = list_workers(session)
+    if not views:
+        console.print("no workers yet: tokenfarm workers add NAME")
+        return
+    table = Table("worker", "last seen", "done", "failed", "rejected", "trust", "last rejection", "hardware")
+    for v in views:
+        trust = f"FLAGGED: {v.flag_reason}" if v.flagged else "ok"
+        table.add_row(v.name, f"{v.last_seen:%Y-%m-%d %H:%M:%S}" if v.last_seen else "never", str(v.n_done),
+                      str(v.n_failed), str(v.n_rejected), trust, v.last_rejection, v.gpu or v.cpu)
+    console.print(table)
+
+
+@workers_app.command("add")
+def workers_add(name: str = typer.Argument(..., help="the worker's name, as it will start with --name"),
+                rotate: bool = typer.Option(False, help="issue a new token for an existing worker"),
+                quiet: bool = typer.Option(False, "--quiet", help="print the token only (for scripts)")) -> None:
+    """Allow a worker to join; prints its token once."""
+    from orchestrator.db import session_scope
+    from orchestrator.workers import RegistryError, add_worker
+
+    settings = load_settings()
+    _ensure_schema(settings)
+    try:
+        with session_scope(_engine(settings)) as session:
+            token = add_worker(session, name, rotate)
+    except RegistryError as exc:
+        raise fail(str(exc))
+    if quiet:
+        print(token)
+        return
+    console.print(f"worker [bold]{name}[/] may join. Its token, shown only now:\n\n  {token}\n")
+    console.print(f"On the worker box: TOKENFARM_WORKER_TOKEN={token} tokenfarm worker start --name {name}",
+                  highlight=False, soft_wrap=True)
+
+
+@workers_app.command("flag")
+def workers_flag(name: str, reason: str = typer.Option(..., help="why its results are not trusted"),
+                 clear: bool = typer.Option(False, "--clear", help="trust it again")) -> None:
+    """Hide a worker's results from rankings (or trust it again with --clear)."""
+    from orchestrator.db import session_scope
+    from orchestrator.workers import RegistryError, set_flag
+
+    settings = load_settings()
+    _ensure_schema(settings)
+    try:
+        with session_scope(_engine(settings)) as session:
+            set_flag(session, name, not clear, reason)
+    except RegistryError as exc:
+        raise fail(str(exc))
+    console.print(f"worker {name}: {'trusted again' if clear else 'flagged'}")
 
 
 @models_app.command("list")
@@ -349,8 +464,17 @@ def demo(sweep: Path = typer.Option(Path("examples/demo.yaml"), help="the sweep 
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "demo-worker.log"
     console.print(f"starting a worker (log: {log_path})")
+    from orchestrator.db import session_scope
+    from orchestrator.workers import add_worker
+
+    name = f"demo-{os.getpid()}"
+    with session_scope(_engine(settings)) as session:
+        token = add_worker(session, name, rotate=True)
+    # The worker gets the broker and its token, never the database.
+    worker_env = {k: v for k, v in os.environ.items() if k != "TOKENFARM_DATABASE_URL"}
+    worker_env["TOKENFARM_WORKER_TOKEN"] = token
     with log_path.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "worker", "--name", f"demo-{os.getpid()}"],
+        proc = subprocess.Popen([sys.executable, "-m", "worker", "--name", name], env=worker_env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     code = 0
     try:

@@ -1,8 +1,10 @@
-"""The collector: the only writer of results. Validates each message from a worker and stores it once.
+"""The collector: the only writer of results. Verifies each message from a worker and stores it once.
 
-Workers are untrusted, so nothing they send is stored before it is parsed against the schema,
-matched to a job this orchestrator issued, and found self-consistent. Delivery is at least once
-(late acks); storage is exactly once, keyed by job id.
+Workers are untrusted. Nothing they send is stored before its signature is checked against the
+worker's token, it is parsed against the schema, matched to a job this orchestrator issued and
+assigned to that worker, and found self-consistent and physically plausible. Every refusal is
+kept (rejections table) and counted against the worker. Delivery is at least once (late acks,
+re-sent jobs of dead workers); storage is exactly once, keyed by job id.
 """
 
 from __future__ import annotations
@@ -10,64 +12,142 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
 
 from pydantic import ValidationError
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from orchestrator.db import RESULT_KEY_COLUMNS, JobRow, ResultRow, session_scope
-from worker.contract import Envelope, Job, Result
+from orchestrator.db import RESULT_KEY_COLUMNS, JobRow, RejectionRow, ResultRow, WorkerRow, session_scope
+from worker.contract import Envelope, Job, Result, utc_now
+from worker.trust import verify
 
 log = logging.getLogger("tokenfarm.collector")
+
+# A decode figure this far above the memory-bandwidth bound cannot be real.
+ROOFLINE_MARGIN = 1.5
 
 
 @dataclass
 class Outcome:
-    action: str  # "started", "stored", "duplicate", "rejected"
+    action: str  # "hello", "heartbeat", "started", "stale", "stored", "rejected"
     job_id: str = ""
     reason: str = ""
 
 
+def _reject(session: Session, worker: str, job_id: str, reason: str, known_worker: WorkerRow | None) -> Outcome:
+    session.add(RejectionRow(worker=worker[:200], job_id=job_id[:36], reason=reason))
+    if known_worker is not None:
+        known_worker.n_rejected += 1
+    return Outcome("rejected", job_id, reason)
+
+
+def implausibilities(result: Result, worker: WorkerRow | None) -> list[str]:
+    """Physical limits a real measurement cannot beat (decode is bound by memory bandwidth)."""
+    if result.status != "ok" or not result.test.startswith("tg"):
+        return []
+    problems: list[str] = []
+    roofline = getattr(result, "roofline_tok_s", None)
+    if not roofline:
+        caps_hw = ((worker.capabilities or {}).get("hardware") or {}) if worker else {}
+        bandwidth_gbps = getattr(result.hardware, "bandwidth_gbps", None) or caps_hw.get("bandwidth_gbps")
+        size = result.model_facts.size_bytes
+        roofline = bandwidth_gbps * 1e9 / size if bandwidth_gbps and size else None
+    if roofline and result.avg_ts > ROOFLINE_MARGIN * roofline:
+        problems.append(f"decode {result.avg_ts:.1f} tok/s beats the memory-bandwidth limit of "
+                        f"{roofline:.1f} tok/s by more than {ROOFLINE_MARGIN}x")
+    return problems
+
+
 def ingest(session: Session, body: object) -> Outcome:
     """Apply one results-queue message to the database (the caller commits)."""
+    if not isinstance(body, dict) or not isinstance(body.get("worker"), str):
+        return _reject(session, "?", "", "malformed message: not a JSON object with a worker name", None)
+    name = body["worker"]
+    job_id = body.get("job_id") if isinstance(body.get("job_id"), str) else ""
+    worker = session.get(WorkerRow, name)
+    if worker is None:
+        return _reject(session, name, job_id, f"unknown worker {name!r}: not registered with `tokenfarm workers add`", None)
+    if not verify(body, worker.token):
+        return _reject(session, name, job_id, "bad signature: not signed with this worker's token", worker)
     try:
         env = Envelope.model_validate(body)
     except ValidationError as exc:
-        return Outcome("rejected", reason=f"malformed message: {exc.errors()[0]['msg']}")
+        return _reject(session, name, job_id, f"malformed message: {exc.errors()[0]['msg']}", worker)
+    worker.last_seen = utc_now()
+    if env.kind in ("hello", "heartbeat"):
+        if env.capabilities is not None:
+            worker.capabilities = env.capabilities.model_dump(mode="json")
+        return Outcome(env.kind)
     row = session.get(JobRow, env.job_id)
     if row is None:
-        return Outcome("rejected", env.job_id, "no such job")
+        return _reject(session, name, env.job_id, "no such job", worker)
     if env.kind == "started":
-        if row.state == "queued":
-            row.state = "running"
-        if row.state == "running":
-            row.worker = env.worker
-            row.attempts += 1
+        if row.state in ("done", "failed"):
+            return Outcome("stale", env.job_id)
+        # A job re-sent after its worker died is claimed by whoever starts it next.
+        row.state, row.worker = "running", name
+        row.attempts += 1
         return Outcome("started", env.job_id)
     if env.result is None:
-        return Outcome("rejected", env.job_id, "a result message without a result")
+        return _reject(session, name, env.job_id, "a result message without a result", worker)
     if session.get(ResultRow, env.job_id) is not None:
-        return Outcome("duplicate", env.job_id)
+        return _reject(session, name, env.job_id, "replay: a result for this job is already stored", worker)
+    if row.worker and row.worker != name:
+        return _reject(session, name, env.job_id, f"job is assigned to worker {row.worker!r}", worker)
     result: Result = env.result
     problems = result.inconsistencies(Job.model_validate(row.spec))
-    if result.worker != env.worker:
-        problems.append(f"result claims worker {result.worker!r} inside a message from {env.worker!r}")
+    if result.worker != name:
+        problems.append(f"result claims worker {result.worker!r} inside a message from {name!r}")
+    problems += implausibilities(result, worker)
     if problems:
         reason = "; ".join(problems)
         row.state, row.error = "failed", f"result rejected: {reason}"
-        return Outcome("rejected", env.job_id, reason)
+        return _reject(session, name, env.job_id, reason, worker)
     session.add(result_row(result))
     row.state = "done" if result.status == "ok" else "failed"
     row.error = result.error or None
-    row.worker = result.worker
+    row.worker = name
+    if result.status == "ok":
+        worker.n_done += 1
+    else:
+        worker.n_failed += 1
     return Outcome("stored", env.job_id)
 
 
 def result_row(result: Result) -> ResultRow:
     data = result.model_dump(mode="json")
     return ResultRow(**{c: getattr(result, c) for c in RESULT_KEY_COLUMNS}, result=data)
+
+
+def requeue_lost(session: Session, dead_after_s: float, max_attempts: int) -> list[Job]:
+    """Running jobs whose worker went silent: back to queued (to be re-sent), or failed for good."""
+    cutoff = utc_now() - timedelta(seconds=dead_after_s)
+    lost = session.execute(
+        select(JobRow, WorkerRow.last_seen).join(WorkerRow, WorkerRow.name == JobRow.worker, isouter=True)
+        .where(JobRow.state == "running")
+    ).all()
+    resend: list[Job] = []
+    for row, last_seen in lost:
+        if last_seen is not None and _aware(last_seen) >= cutoff:
+            continue
+        if row.attempts >= max_attempts:
+            row.state = "failed"
+            row.error = f"gave up after {row.attempts} attempts: the worker was lost during the job each time"
+            continue
+        row.state = "queued"
+        resend.append(Job.model_validate(row.spec))
+    return resend
+
+
+def _aware(ts):
+    # SQLite hands back naive datetimes for timezone-aware columns.
+    from datetime import timezone
+
+    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
 
 
 class Collector:
@@ -93,6 +173,32 @@ class Collector:
         if outcome.action == "rejected":
             log.warning("rejected a message for job %s: %s", outcome.job_id or "?", outcome.reason)
         message.ack()
+
+
+def collect(celery, collector: Collector, done: Callable[[], bool], tick_s: float = 0.5) -> None:
+    """Consume the results queue until `done()` says so, called every tick.
+
+    Survives broker outages: the consumer is rebuilt after a connection error, and nothing is
+    acknowledged before it is committed, so a message in flight during an outage comes back.
+    """
+    from worker.broker import results_consumer
+
+    connection_errors = (OSError, *celery.connection_for_read().connection_errors)
+    while True:
+        try:
+            with results_consumer(celery, collector.on_message) as conn:
+                while True:
+                    try:
+                        conn.drain_events(timeout=tick_s)
+                    except TimeoutError:
+                        pass
+                    if done():
+                        return
+        except connection_errors as exc:
+            log.warning("broker unavailable (%s); reconnecting", exc)
+            if done():
+                return
+            time.sleep(1.0)
 
 
 def sweep_progress(session: Session, sweep_id: str) -> dict[str, int]:

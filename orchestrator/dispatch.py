@@ -6,9 +6,12 @@ Knows the Celery app and the database session it is handed; never measures anyth
 from __future__ import annotations
 
 from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from orchestrator.db import JobRow, SweepRow
+from orchestrator.collector import requeue_lost
+from orchestrator.db import JobRow, SweepRow, session_scope
 from orchestrator.sweep import SweepSpec
 from worker.broker import JOBS_QUEUE, RUN_JOB_TASK
 from worker.contract import Job
@@ -31,3 +34,24 @@ def send(app: Celery, jobs: list[Job]) -> None:
         for job in jobs:
             app.send_task(RUN_JOB_TASK, args=[job.model_dump(mode="json")], task_id=job.job_id,
                           queue=JOBS_QUEUE, producer=producer)
+
+
+def resend_lost(engine: Engine, app: Celery, dead_after_s: float, max_attempts: int) -> int:
+    """Re-send the running jobs of workers that went silent; returns how many were re-sent."""
+    with session_scope(engine) as session:
+        jobs = requeue_lost(session, dead_after_s, max_attempts)
+    if jobs:
+        send(app, jobs)
+    return len(jobs)
+
+
+def resend_unfinished(engine: Engine, app: Celery, sweep_id: str, dead_after_s: float, max_attempts: int) -> int:
+    """`sweep resume`: send again every job of the sweep that is still queued, and those of dead workers."""
+    with session_scope(engine) as session:
+        lost = requeue_lost(session, dead_after_s, max_attempts)
+        queued = [Job.model_validate(spec) for spec in session.scalars(
+            select(JobRow.spec).where(JobRow.sweep_id == sweep_id, JobRow.state == "queued").order_by(JobRow.index))]
+    # Lost jobs of other sweeps go out too: they are just as stuck.
+    jobs = {j.job_id: j for j in [*lost, *queued]}
+    send(app, list(jobs.values()))
+    return len(jobs)

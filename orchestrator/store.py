@@ -9,8 +9,11 @@ from orchestrator.db import JobRow, ResultRow, SweepRow
 from worker.contract import Result
 
 
-def load_results(session: Session, sweep_id: str | None = None, status: str | None = None) -> list[Result]:
+def load_results(session: Session, sweep_id: str | None = None, status: str | None = None,
+                 exclude_workers: set[str] | frozenset[str] = frozenset()) -> list[Result]:
     q = select(ResultRow.result).order_by(ResultRow.sweep_id, ResultRow.created_at)
+    if exclude_workers:
+        q = q.where(ResultRow.worker.not_in(exclude_workers))
     if sweep_id:
         q = q.where(ResultRow.sweep_id == sweep_id)
     if status:

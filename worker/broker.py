@@ -15,6 +15,7 @@ from kombu import Exchange, Queue
 
 from worker.contract import Envelope
 from worker.settings import Settings
+from worker.trust import sign
 
 JOBS_QUEUE = "tokenfarm.jobs"
 RESULTS_QUEUE = "tokenfarm.results"
@@ -62,10 +63,16 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-def publish_envelope(app: Celery, envelope: Envelope) -> None:
+def signed_body(envelope: Envelope, token: str) -> dict:
+    body = envelope.model_dump(mode="json")
+    body["signature"] = sign(body, token)
+    return body
+
+
+def publish_envelope(app: Celery, envelope: Envelope, token: str) -> None:
     with app.producer_or_acquire() as producer:
         producer.publish(
-            envelope.model_dump(mode="json"),
+            signed_body(envelope, token),
             exchange=results_exchange,
             routing_key="result",
             serializer="json",

@@ -102,6 +102,8 @@ class Hardware(BaseModel):
     gpu: str = ""
     vram_bytes: int = 0
     os: str = ""
+    # Measured memory bandwidth (host RAM, or the GPU's when there is one): the decode roofline.
+    bandwidth_gbps: float = 0.0
 
 
 class ModelFacts(BaseModel):
@@ -208,12 +210,30 @@ class Result(BaseModel):
         return problems
 
 
-class Envelope(BaseModel):
-    """A message on the results queue: a job started, or its Result."""
+class Capabilities(BaseModel):
+    """What a worker announces when it joins and with every heartbeat."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["started", "result"]
-    job_id: str
+    engines: list[str] = Field(default_factory=list)
+    hardware: Hardware = Hardware()
+    models: list[str] = Field(default_factory=list, description="sha256 of the model files it holds")
+    queues: list[str] = Field(default_factory=list)
+    version: str = ""
+
+
+class Envelope(BaseModel):
+    """A message on the results queue: a worker's hello or heartbeat, a job started, or its Result.
+
+    `signature` is an HMAC of the rest under the worker's token (worker/trust.py).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["hello", "heartbeat", "started", "result"]
+    job_id: str = ""
     worker: str
     result: Result | None = None
+    capabilities: Capabilities | None = None
+    sent_at: datetime = Field(default_factory=utc_now)
+    signature: str = ""

@@ -86,6 +86,17 @@ def sha256_file(path: Path) -> str:
     return value
 
 
+def held_models(models_dir: Path) -> list[str]:
+    """sha256 of the model files this box already holds, from the hash sidecars (no hashing here)."""
+    found: list[str] = []
+    for sidecar in sorted(Path(models_dir).glob("**/*.gguf.sha256.json")):
+        try:
+            found.append(json.loads(sidecar.read_text())["sha256"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return found
+
+
 def is_catalogue_name(ref: str) -> bool:
     return ref in CATALOGUE
 

@@ -28,6 +28,13 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     worker_name: str = Field(default_factory=socket.gethostname)
+    # The worker's secret from `tokenfarm workers add NAME`; it signs every message the worker sends.
+    worker_token: str = ""
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    # A worker silent this long is presumed dead and its running jobs go back to the queue.
+    worker_dead_after_s: float = Field(default=30.0, gt=0)
+    # Attempts before a job that keeps killing workers is failed for good.
+    max_attempts: int = Field(default=3, ge=1)
     # Where derived models (quantizations) and fetched catalogue models are cached.
     models_dir: Path | None = None
 

@@ -6,8 +6,10 @@ send the Result. Any failure becomes a failed Result with its reason, and the wo
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import platform
+import threading
 import time
 
 from celery import Celery
@@ -15,10 +17,10 @@ from pydantic import ValidationError
 
 from worker import __version__, hardware
 from worker.broker import RUN_JOB_TASK, publish_envelope
-from worker.contract import Envelope, Job, Result, summarize, utc_now
+from worker.contract import Capabilities, Envelope, Job, Result, summarize, utc_now
 from worker.engines import EngineError, create_backend
 from worker.measure import measure
-from worker.models import ModelError, read_facts, resolve, sha256_file
+from worker.models import ModelError, held_models, read_facts, resolve, sha256_file
 from worker.settings import Settings
 
 log = logging.getLogger("tokenfarm.worker")
@@ -64,6 +66,33 @@ def execute(job: Job, settings: Settings) -> Result:
     )
 
 
+def capabilities(settings: Settings, queues: list[str]) -> Capabilities:
+    engines = [name for name, module in (("llamacpp", "llama_cpp"), ("torch", "torch"))
+               if importlib.util.find_spec(module) is not None]
+    return Capabilities(engines=engines, hardware=hardware.summary(), models=held_models(settings.effective_models_dir),
+                        queues=queues, version=__version__)
+
+
+class Heartbeat(threading.Thread):
+    """Says "alive" every heartbeat_s from its own connection, even while a measurement blocks the pool."""
+
+    def __init__(self, app: Celery, settings: Settings, caps: Capabilities) -> None:
+        super().__init__(name="tokenfarm-heartbeat", daemon=True)
+        self.app, self.settings, self.caps = app, settings, caps
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        kind = "hello"
+        while not self.stopped.is_set():
+            try:
+                publish_envelope(self.app, Envelope(kind=kind, worker=self.settings.worker_name, capabilities=self.caps),
+                                 self.settings.worker_token)
+                kind = "heartbeat"
+            except Exception as exc:  # a broker outage must not kill the thread; the next beat retries
+                log.warning("heartbeat failed: %s", exc)
+            self.stopped.wait(self.settings.heartbeat_s)
+
+
 def register(app: Celery, settings: Settings) -> None:
     @app.task(name=RUN_JOB_TASK, bind=True)
     def run_job(self, job_json: dict) -> None:
@@ -73,10 +102,12 @@ def register(app: Celery, settings: Settings) -> None:
             # Without a valid job id nothing can be reported; the orchestrator never sends this.
             log.error("refused a malformed job: %s", exc)
             return
-        publish_envelope(app, Envelope(kind="started", job_id=job.job_id, worker=settings.worker_name))
+        publish_envelope(app, Envelope(kind="started", job_id=job.job_id, worker=settings.worker_name),
+                         settings.worker_token)
         log.info("job %s: %s %s %s", job.job_id, job.model, job.quant, job.test)
         result = execute(job, settings)
-        publish_envelope(app, Envelope(kind="result", job_id=job.job_id, worker=settings.worker_name, result=result))
+        publish_envelope(app, Envelope(kind="result", job_id=job.job_id, worker=settings.worker_name, result=result),
+                         settings.worker_token)
         log.info("job %s: %s %.2f tok/s %s", job.job_id, result.status, result.avg_ts, result.error)
 
 
@@ -84,9 +115,13 @@ def start(settings: Settings, loglevel: str = "INFO") -> None:
     """Serve jobs until stopped: one measurement at a time, in this process."""
     from worker.broker import JOBS_QUEUE, create_app
 
+    if not settings.worker_token:
+        raise SystemExit("error: no worker token: on the orchestrator run `tokenfarm workers add "
+                         f"{settings.worker_name}` and set TOKENFARM_WORKER_TOKEN to the token it prints")
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     register(app, settings)
+    Heartbeat(app, settings, capabilities(settings, [JOBS_QUEUE])).start()
     argv = [
         "worker", f"--hostname={settings.worker_name}@%h", f"--queues={JOBS_QUEUE}",
         # solo pool: the measurement runs in this process, with nothing else competing for cores.

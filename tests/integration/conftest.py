@@ -68,11 +68,19 @@ def tokenfarm(env: dict[str, str], *args: str, timeout: float = 600) -> subproce
     return subprocess.run([TOKENFARM, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def register_worker(env: dict[str, str], name: str) -> str:
+    proc = tokenfarm(env, "workers", "add", name, "--rotate", "--quiet", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
 @contextmanager
 def worker_process(env: dict[str, str], name: str, log_path: Path):
-    """A real worker process; a worker never gets the database URL."""
+    """A real worker process with its own token; a worker never gets the database URL."""
+    token = register_worker(env, name)
     worker_env = {k: v for k, v in env.items() if k != "TOKENFARM_DATABASE_URL"}
-    with log_path.open("wb") as log:
+    worker_env["TOKENFARM_WORKER_TOKEN"] = token
+    with log_path.open("ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "worker", "--name", name], env=worker_env,
                                 stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -3,11 +3,13 @@
 import pytest
 from sqlalchemy import func, select
 
-from orchestrator.collector import ingest
-from orchestrator.db import RESULT_KEY_COLUMNS, JobRow, ResultRow, make_engine, session_scope, upgrade
+from orchestrator.collector import ingest, requeue_lost
+from orchestrator.db import RESULT_KEY_COLUMNS, JobRow, RejectionRow, ResultRow, WorkerRow, make_engine, session_scope, upgrade
 from orchestrator.dispatch import record
 from orchestrator.sweep import SweepSpec, expand
-from worker.contract import Envelope, Result, summarize
+from orchestrator.workers import add_worker, flagged_names, list_workers, set_flag
+from worker.broker import signed_body
+from worker.contract import Capabilities, Envelope, Hardware, ModelFacts, Result, summarize
 
 
 @pytest.fixture
@@ -18,7 +20,13 @@ def engine(data_dir):
 
 
 @pytest.fixture
-def jobs(engine):
+def tokens(engine):
+    with session_scope(engine) as s:
+        return {name: add_worker(s, name) for name in ("w1", "w2")}
+
+
+@pytest.fixture
+def jobs(engine, tokens):
     spec = SweepSpec(name="t", models=["smollm2-135m"], n_prompt=[16], n_gen=[4], repetitions=2)
     jobs = expand(spec)
     with session_scope(engine) as s:
@@ -36,21 +44,33 @@ def result_for(job, **update):
     return r.model_copy(update=update)
 
 
-def envelope(result, worker="w1"):
-    return Envelope(kind="result", job_id=result.job_id, worker=worker, result=result).model_dump(mode="json")
+TOKENS: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def _remember_tokens(request):
+    TOKENS.clear()
+    if "tokens" in request.fixturenames:
+        TOKENS.update(request.getfixturevalue("tokens"))
+
+
+def envelope(result, worker="w1", token=None, kind="result"):
+    env = Envelope(kind=kind, job_id=result.job_id, worker=worker, result=result if kind == "result" else None)
+    return signed_body(env, token or TOKENS[worker])
 
 
 def test_result_stored_once_and_key_columns_agree_with_the_json(engine, jobs):
     job = jobs[0]
     with session_scope(engine) as s:
-        assert ingest(s, Envelope(kind="started", job_id=job.job_id, worker="w1").model_dump(mode="json")).action == "started"
+        assert ingest(s, envelope(result_for(job), kind="started")).action == "started"
     with session_scope(engine) as s:
         assert s.get(JobRow, job.job_id).state == "running"
     body = envelope(result_for(job))
     with session_scope(engine) as s:
         assert ingest(s, body).action == "stored"
     with session_scope(engine) as s:
-        assert ingest(s, body).action == "duplicate"
+        replay = ingest(s, body)
+        assert replay.action == "rejected" and "replay" in replay.reason
     with session_scope(engine) as s:
         assert s.scalar(select(func.count()).select_from(ResultRow)) == 1
         row = s.get(ResultRow, job.job_id)
@@ -73,7 +93,7 @@ def test_unknown_job_and_malformed_messages_are_rejected(engine, jobs):
     other = result_for(jobs[0], job_id="not-a-job")
     with session_scope(engine) as s:
         assert ingest(s, envelope(other)).action == "rejected"
-        assert ingest(s, {"kind": "result", "job_id": 3}).action == "rejected"
+        assert ingest(s, {"kind": "result", "job_id": 3, "worker": "w1"}).action == "rejected"
         assert ingest(s, "pickle?").action == "rejected"
 
 
@@ -81,6 +101,77 @@ def test_result_from_a_worker_other_than_the_sender_is_rejected(engine, jobs):
     with session_scope(engine) as s:
         out = ingest(s, envelope(result_for(jobs[0]), worker="w2"))
     assert out.action == "rejected" and "claims worker" in out.reason
+
+
+def test_forgeries_are_refused_logged_and_counted(engine, jobs):
+    """The forgery suite: every kind of lie a worker could tell is refused with its reason."""
+    job = jobs[0]
+    good = result_for(job)
+    forged = {
+        "bad signature": dict(envelope(good), signature="0" * 64),
+        "unsigned": {k: v for k, v in envelope(good).items() if k != "signature"},
+        "another worker's signature": envelope(good, worker="w1", token=TOKENS["w2"]),
+        "unknown worker": signed_body(Envelope(kind="result", job_id=job.job_id, worker="ghost",
+                                               result=good.model_copy(update={"worker": "ghost"})), "x" * 64),
+        "impossible tok/s": envelope(result_for(jobs[1], hardware=Hardware(bandwidth_gbps=1.0),
+                                                model_facts=ModelFacts(size_bytes=100 << 20))),
+        "mismatched sha256": envelope(result_for(job, source_sha256="f" * 64)),
+    }
+    reasons = {}
+    for what, body in forged.items():
+        with session_scope(engine) as s:
+            out = ingest(s, body)
+        assert out.action == "rejected", what
+        reasons[what] = out.reason
+    assert "bad signature" in reasons["bad signature"] and "bad signature" in reasons["unsigned"]
+    assert "bad signature" in reasons["another worker's signature"]
+    assert "unknown worker" in reasons["unknown worker"]
+    assert "memory-bandwidth limit" in reasons["impossible tok/s"]
+    assert "sha256" in reasons["mismatched sha256"]
+    with session_scope(engine) as s:
+        assert s.scalar(select(func.count()).select_from(ResultRow)) == 0
+        assert s.scalar(select(func.count()).select_from(RejectionRow)) == len(forged)
+        view = {v.name: v for v in list_workers(s)}
+        assert view["w1"].n_rejected == len(forged) - 1  # the ghost is nobody and view["w1"].last_rejection
+
+
+def test_a_job_assigned_to_one_worker_refuses_another_workers_result(engine, jobs):
+    job = jobs[0]
+    with session_scope(engine) as s:
+        assert ingest(s, envelope(result_for(job), kind="started")).action == "started"
+    with session_scope(engine) as s:
+        out = ingest(s, envelope(result_for(job, worker="w2"), worker="w2"))
+    assert out.action == "rejected" and "assigned to worker 'w1'" in out.reason
+
+
+def test_heartbeats_record_capabilities_and_silent_workers_lose_their_jobs(engine, jobs):
+    job = jobs[0]
+    caps = Capabilities(engines=["llamacpp"], hardware=Hardware(cpu="test cpu"))
+    with session_scope(engine) as s:
+        assert ingest(s, signed_body(Envelope(kind="hello", worker="w1", capabilities=caps), TOKENS["w1"])).action == "hello"
+        assert ingest(s, envelope(result_for(job), kind="started")).action == "started"
+    with session_scope(engine) as s:
+        assert s.get(WorkerRow, "w1").capabilities["hardware"]["cpu"] == "test cpu"
+        assert requeue_lost(s, dead_after_s=60, max_attempts=3) == []  # w1 was just seen
+    with session_scope(engine) as s:
+        resend = requeue_lost(s, dead_after_s=0, max_attempts=3)
+        assert [j.job_id for j in resend] == [job.job_id]
+        assert s.get(JobRow, job.job_id).state == "queued"
+    # A poison job that keeps killing its workers fails for good after max_attempts.
+    for _ in range(2):
+        with session_scope(engine) as s:
+            ingest(s, envelope(result_for(job), kind="started"))
+    with session_scope(engine) as s:
+        assert requeue_lost(s, dead_after_s=0, max_attempts=3) == []
+        row = s.get(JobRow, job.job_id)
+        assert row.state == "failed" and "gave up after 3 attempts" in row.error
+
+
+def test_flagged_workers_are_listed(engine, tokens):
+    with session_scope(engine) as s:
+        set_flag(s, "w2", True, "failed a canary")
+    with session_scope(engine) as s:
+        assert flagged_names(s) == {"w2"}
 
 
 def test_a_failed_result_marks_the_job_failed(engine, jobs):

@@ -1,0 +1,74 @@
+"""The worker registry: who may join, with which token, and what the farm knows of each.
+
+Owns issuing tokens, flagging, and the per-worker view `tokenfarm workers` prints. Verifying
+messages is the collector's job; this module only manages the rows it checks against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from orchestrator.db import RejectionRow, WorkerRow
+from worker.trust import new_token
+
+
+class RegistryError(Exception):
+    pass
+
+
+def add_worker(session: Session, name: str, rotate: bool = False) -> str:
+    """Register a worker and return its token (shown once: the database keeps it for verifying)."""
+    if not name or len(name) > 200 or any(c.isspace() for c in name):
+        raise RegistryError(f"invalid worker name {name!r}: use 1-200 characters without spaces")
+    row = session.get(WorkerRow, name)
+    if row is not None and not rotate:
+        raise RegistryError(f"worker {name!r} exists: pass --rotate to issue a new token (the old one stops working)")
+    token = new_token()
+    if row is None:
+        session.add(WorkerRow(name=name, token=token, n_done=0, n_failed=0, n_rejected=0, flagged=False))
+    else:
+        row.token = token
+    return token
+
+
+def set_flag(session: Session, name: str, flagged: bool, reason: str = "") -> None:
+    row = session.get(WorkerRow, name)
+    if row is None:
+        raise RegistryError(f"no worker named {name!r}: list them with `tokenfarm workers`")
+    row.flagged, row.flag_reason = flagged, (reason or None) if flagged else None
+
+
+@dataclass
+class WorkerView:
+    name: str
+    last_seen: datetime | None
+    n_done: int
+    n_failed: int
+    n_rejected: int
+    flagged: bool
+    flag_reason: str
+    last_rejection: str
+    gpu: str
+    cpu: str
+    engines: list[str]
+
+
+def list_workers(session: Session) -> list[WorkerView]:
+    views = []
+    for row in session.scalars(select(WorkerRow).order_by(WorkerRow.name)):
+        last = session.scalars(select(RejectionRow.reason).where(RejectionRow.worker == row.name)
+                               .order_by(RejectionRow.id.desc()).limit(1)).first()
+        caps = row.capabilities or {}
+        hw = caps.get("hardware") or {}
+        views.append(WorkerView(row.name, row.last_seen, row.n_done, row.n_failed, row.n_rejected, row.flagged,
+                                row.flag_reason or "", last or "", hw.get("gpu", ""), hw.get("cpu", ""),
+                                caps.get("engines", [])))
+    return views
+
+
+def flagged_names(session: Session) -> set[str]:
+    return set(session.scalars(select(WorkerRow.name).where(WorkerRow.flagged.is_(True))))

@@ -1,0 +1,134 @@
+"""Faults with real processes: a worker killed mid-job, the collector restarted, the broker down.
+
+Real Redis and PostgreSQL on 127.0.0.1 (a private redis-server where the test stops it), real
+worker processes killed by pid. What must hold: every job ends stored exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, select
+
+from orchestrator.db import JobRow, ResultRow, session_scope
+from tests.integration.conftest import TOKENFARM, service_env, tokenfarm, wait_until, worker_process
+
+pytestmark = pytest.mark.integration
+
+# One job long enough to be killed in the middle of: 6 runs of 96 decode steps.
+SLOW = "name: {name}\nmodels: [smollm2-135m]\nn_prompt: []\nn_gen: [96]\nrepetitions: 5\nn_warmup: 1\n"
+FAST = "name: {name}\nmodels: [smollm2-135m]\nn_prompt: [16, 24, 32]\nn_gen: [4, 6]\nrepetitions: 1\nn_warmup: 0\n"
+
+
+def chaos_env(tmp_path: Path, database_url: str, broker_url: str) -> dict[str, str]:
+    env = service_env(tmp_path / "data", database_url=database_url, broker_url=broker_url)
+    # Short liveness windows so a dead worker is noticed in seconds, not the default 30 s.
+    env.update(TOKENFARM_HEARTBEAT_S="1", TOKENFARM_WORKER_DEAD_AFTER_S="5")
+    return env
+
+
+def job_rows(url: str) -> list[JobRow]:
+    engine = create_engine(url)
+    with session_scope(engine) as s:
+        rows = list(s.scalars(select(JobRow)))
+    engine.dispose()
+    return rows
+
+
+def n_results(url: str) -> int:
+    engine = create_engine(url)
+    with session_scope(engine) as s:
+        n = s.scalar(select(func.count()).select_from(ResultRow))
+    engine.dispose()
+    return n
+
+
+def test_a_job_of_a_worker_killed_mid_job_is_redone_elsewhere_and_stored_once(tmp_path, pg_url, redis_url, smollm2):
+    env = chaos_env(tmp_path, pg_url, redis_url)
+    sweep = tmp_path / "slow.yaml"
+    sweep.write_text(SLOW.format(name="slow"))
+    assert tokenfarm(env, "sweep", "submit", str(sweep)).returncode == 0
+    # Nobody collects yet, so run a collector that records "started" while worker A works.
+    collector = subprocess.Popen([TOKENFARM, "collector"], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with worker_process(env, "victim", tmp_path / "victim.log") as victim:
+            assert wait_until(lambda: any(j.state == "running" and j.worker == "victim" for j in job_rows(pg_url)), 120)
+            time.sleep(1.0)  # well inside the measurement
+            os.kill(victim.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+    finally:
+        collector.terminate()
+        collector.wait(timeout=30)
+    with worker_process(env, "rescuer", tmp_path / "rescuer.log"):
+        waited = tokenfarm(env, "sweep", "wait", "slow", "--timeout", "300")
+        redone_after_s = time.monotonic() - killed_at
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    (job,) = job_rows(pg_url)
+    assert job.state == "done" and job.worker == "rescuer" and job.attempts == 2
+    assert n_results(pg_url) == 1
+    print(f"job redone and stored {redone_after_s:.1f} s after the kill")
+
+
+def test_the_collector_restarted_mid_sweep_loses_nothing(tmp_path, pg_url, redis_url, smollm2):
+    env = chaos_env(tmp_path, pg_url, redis_url)
+    sweep = tmp_path / "fast.yaml"
+    sweep.write_text(FAST.format(name="fast"))
+    with worker_process(env, "steady", tmp_path / "steady.log"):
+        first = subprocess.Popen([TOKENFARM, "sweep", "submit", str(sweep), "--wait"],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_until(lambda: n_results(pg_url) >= 1, 120)
+        first.kill()  # the orchestrator dies mid-sweep; results keep arriving in the queue
+        first.wait()
+        time.sleep(2.0)
+        waited = tokenfarm(env, "sweep", "wait", "fast", "--timeout", "300")
+    assert waited.returncode == 0, waited.stderr
+    assert n_results(pg_url) == 5
+    assert {j.state for j in job_rows(pg_url)} == {"done"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to run a private broker")
+def test_the_broker_down_for_seconds_mid_sweep_loses_nothing(tmp_path, pg_url, smollm2):
+    port = _free_port()
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+           "--dir", str(tmp_path)]
+
+    def start_redis() -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode == 0, 20)
+        return proc
+
+    redis_proc = start_redis()
+    env = chaos_env(tmp_path, pg_url, f"redis://127.0.0.1:{port}/0")
+    sweep = tmp_path / "fast.yaml"
+    sweep.write_text(FAST.format(name="outage"))
+    try:
+        with worker_process(env, "patient", tmp_path / "patient.log"):
+            waiter = subprocess.Popen([TOKENFARM, "sweep", "submit", str(sweep),
+                                       "--wait", "--timeout", "400"], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+            assert wait_until(lambda: n_results(pg_url) >= 1, 120)
+            # appendonly keeps the queues across the outage, as a production Redis does.
+            subprocess.run(["redis-cli", "-p", str(port), "shutdown"], capture_output=True)
+            redis_proc.wait(timeout=20)
+            time.sleep(4.0)
+            redis_proc = start_redis()
+            out, errs = waiter.communicate(timeout=420)
+        assert waiter.returncode == 0, out + errs
+        assert n_results(pg_url) == 5
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait(timeout=20)
