@@ -151,28 +151,55 @@ def _aware(ts):
 
 
 class Collector:
-    """Consumes the results queue into the database; ack only after commit."""
+    """Consumes the results queue into the database; acks only after the commit.
 
-    def __init__(self, engine: Engine) -> None:
+    Messages are applied in batches, one transaction each, because a farm's results arrive in
+    bursts and a commit per message caps ingestion at the database's fsync rate.
+    """
+
+    def __init__(self, engine: Engine, batch_size: int = 200) -> None:
         self.engine = engine
+        self.batch_size = batch_size
         self.counts: dict[str, int] = {}
+        self._pending: list[tuple[object, object]] = []
+
+    @property
+    def n_pending(self) -> int:
+        return len(self._pending)
 
     def on_message(self, body, message) -> None:
+        self._pending.append((body, message))
+        if len(self._pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
         try:
             with session_scope(self.engine) as session:
-                outcome = ingest(session, body)
+                outcomes = [ingest(session, body) for body, _ in batch]
         except IntegrityError:
-            # Another collector stored the same job between our check and our insert.
-            outcome = Outcome("duplicate", str(body.get("job_id", "")) if isinstance(body, dict) else "")
+            # Another collector stored one of these jobs meanwhile: redo them one at a time.
+            outcomes = [self._one(body) for body, _ in batch]
         except OperationalError as exc:
-            log.warning("database unavailable, message goes back to the queue: %s", exc.orig)
+            log.warning("database unavailable, %d messages go back to the queue: %s", len(batch), exc.orig)
             time.sleep(1.0)
-            message.requeue()
+            for _, message in batch:
+                message.requeue()
             return
-        self.counts[outcome.action] = self.counts.get(outcome.action, 0) + 1
-        if outcome.action == "rejected":
-            log.warning("rejected a message for job %s: %s", outcome.job_id or "?", outcome.reason)
-        message.ack()
+        for (_, message), outcome in zip(batch, outcomes):
+            self.counts[outcome.action] = self.counts.get(outcome.action, 0) + 1
+            if outcome.action == "rejected":
+                log.warning("rejected a message for job %s: %s", outcome.job_id or "?", outcome.reason)
+            message.ack()
+
+    def _one(self, body) -> Outcome:
+        try:
+            with session_scope(self.engine) as session:
+                return ingest(session, body)
+        except IntegrityError:
+            return Outcome("duplicate", str(body.get("job_id", "")) if isinstance(body, dict) else "")
 
 
 def collect(celery, collector: Collector, done: Callable[[], bool], tick_s: float = 0.5) -> None:
@@ -186,12 +213,17 @@ def collect(celery, collector: Collector, done: Callable[[], bool], tick_s: floa
     connection_errors = (OSError, *celery.connection_for_read().connection_errors)
     while True:
         try:
-            with results_consumer(celery, collector.on_message) as conn:
+            with results_consumer(celery, collector.on_message, prefetch_count=2 * collector.batch_size) as conn:
                 while True:
-                    try:
-                        conn.drain_events(timeout=tick_s)
-                    except TimeoutError:
-                        pass
+                    deadline = time.monotonic() + tick_s
+                    # Take what is waiting (up to a batch), then commit it in one transaction.
+                    while collector.n_pending < collector.batch_size and time.monotonic() < deadline:
+                        try:
+                            conn.drain_events(timeout=max(0.01, deadline - time.monotonic()) if not collector.n_pending else 0.01)
+                        except TimeoutError:
+                            if collector.n_pending:
+                                break
+                    collector.flush()
                     if done():
                         return
         except connection_errors as exc:

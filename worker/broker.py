@@ -27,8 +27,9 @@ results_queue = Queue(RESULTS_QUEUE, results_exchange, routing_key="result", dur
 
 def _transport_options(settings: Settings) -> dict:
     if not settings.broker_is_embedded:
-        # Longer than the longest job, so a slow measurement is not redelivered while running.
-        return {"visibility_timeout": 3600}
+        # Longer than the longest job, so a slow measurement is not redelivered while running;
+        # a dead worker's job comes back sooner through the collector's liveness check.
+        return {"visibility_timeout": settings.visibility_timeout_s}
     queue_dir = settings.broker_dir / "queue"
     control_dir = settings.broker_dir / "control"
     for d in (queue_dir, control_dir):
@@ -83,8 +84,8 @@ def publish_envelope(app: Celery, envelope: Envelope, token: str) -> None:
 
 
 @contextmanager
-def results_consumer(app: Celery, callback) -> Iterator:
+def results_consumer(app: Celery, callback, prefetch_count: int = 50) -> Iterator:
     """A connection consuming the results queue; yields it so the caller drives drain_events."""
     with app.connection_for_read() as conn:
-        with conn.Consumer([results_queue], accept=["json"], callbacks=[callback], prefetch_count=50):
+        with conn.Consumer([results_queue], accept=["json"], callbacks=[callback], prefetch_count=prefetch_count):
             yield conn

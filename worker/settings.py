@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=5.0, gt=0)
     # A worker silent this long is presumed dead and its running jobs go back to the queue.
     worker_dead_after_s: float = Field(default=30.0, gt=0)
+    # Redis redelivers an unacknowledged job after this long (the backstop behind liveness).
+    visibility_timeout_s: float = Field(default=3600.0, gt=0)
     # Attempts before a job that keeps killing workers is failed for good.
     max_attempts: int = Field(default=3, ge=1)
     # Where derived models (quantizations) and fetched catalogue models are cached.
