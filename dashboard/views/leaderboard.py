@@ -53,16 +53,17 @@ st.caption("Ranked by decode tok/s (mean over runs; ± is the pooled stddev of e
            "Results from flagged workers never rank.")
 
 best = view.sort_values("decode tok/s", ascending=False)
-per_tier = pd.DataFrame([
-    {"tier": f"{tier} GB", "order": i, "decode tok/s": top.iloc[0]["decode tok/s"],
-     "best": f'{top.iloc[0]["model"]} {top.iloc[0]["quant"]} {top.iloc[0]["technique"]}'}
-    for i, tier in enumerate(TIERS_GB) if not (top := best[best["tier_gb"] <= tier]).empty
-])
-chart = alt.Chart(per_tier).mark_bar().encode(
-    x=alt.X("tier:N", sort=alt.SortField("order"), title="VRAM tier"),
-    y=alt.Y("decode tok/s:Q"), tooltip=["tier", "best", "decode tok/s"],
-).properties(height=220, title="Fastest decode that fits each tier")
-st.altair_chart(chart, width="stretch")
+# Every combination against the memory it needs, tier limits drawn: what fits where, and how fast.
+points = best.head(3000).assign(**{"memory GiB": lambda f: f["memory GiB"].astype(float)})
+dots = alt.Chart(points).mark_circle(opacity=0.6).encode(
+    x=alt.X("memory GiB:Q", scale=alt.Scale(type="log"), title="peak memory (GiB)"),
+    y=alt.Y("decode tok/s:Q", scale=alt.Scale(type="log")), color="technique:N",
+    tooltip=["model", "quant", "technique", "hardware", "memory", alt.Tooltip("decode tok/s:Q", format=".1f")],
+)
+limits = alt.Chart(pd.DataFrame({"memory GiB": list(TIERS_GB)})).mark_rule(strokeDash=[4, 4], color="gray").encode(
+    x="memory GiB:Q", tooltip=["memory GiB"])
+st.altair_chart(alt.layer(limits, dots).properties(height=280, title="Decode tok/s against the memory each "
+                                                  "combination needs; dashed: the VRAM tiers"), width="stretch")
 
 tabs = st.tabs([f"{t} GB" + (" and above" if t == TIERS_GB[-1] else "") for t in TIERS_GB])
 for tier, tab in zip(TIERS_GB, tabs):

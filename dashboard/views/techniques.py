@@ -48,13 +48,13 @@ def pooled(frame, keys: list[str]) -> pd.DataFrame:
 
 
 st.subheader("Speedup over baseline, per model and prompt category")
-by_category = pooled(frame, ["model", "quant", "technique", "prompt_category"])
-by_category["model"] = by_category["model"] + " " + by_category["quant"]
+# One row per model (its quants pooled; narrow with the filters) keeps the map readable.
+by_category = pooled(frame, ["model", "technique", "prompt_category"])
 heat = alt.Chart(by_category).mark_rect().encode(
-    x=alt.X("prompt_category:N", title="prompt category"), y=alt.Y("model:N", title=None),
+    x=alt.X("prompt_category:N", title="prompt category"), y=alt.Y("model:N", title=None, axis=alt.Axis(labelLimit=300)),
     color=alt.Color("speedup:Q", scale=alt.Scale(scheme="redblue", domainMid=1.0), title="speedup ×"),
     tooltip=["model", "technique", "prompt_category", alt.Tooltip("speedup:Q", format=".2f"), "n_runs"],
-).properties(height=alt.Step(18))
+).properties(height=alt.Step(22), width=260)
 text = heat.mark_text(fontSize=10).encode(text=alt.Text("speedup:Q", format=".2f"), color=alt.value("black"))
 st.altair_chart(alt.layer(heat, text).facet(column=alt.Column("technique:N", title=None)), width="content")
 st.caption("Blue: faster than the baseline; red: slower. A speedup below 1 is a slowdown, shown as faithfully.")
