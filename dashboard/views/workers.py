@@ -32,6 +32,6 @@ if reasons.empty:
 else:
     reasons = reasons.assign(reason=reasons["error"].fillna("(no reason recorded)").str.slice(0, 90))
     st.altair_chart(alt.Chart(reasons).mark_bar().encode(
-        x=alt.X("n:Q", title="failed jobs"), y=alt.Y("reason:N", sort="-x", title=None), tooltip=["error", "n"],
+        x=alt.X("n:Q", title="failed jobs"), y=alt.Y("reason:N", sort="-x", title=None, axis=alt.Axis(labelLimit=500)), tooltip=["error", "n"],
     ).properties(height=alt.Step(24)), width="stretch")
     st.dataframe(failures(), hide_index=True, width="stretch")

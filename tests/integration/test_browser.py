@@ -121,6 +121,10 @@ def test_every_page_renders_in_chromium(dashboard_url):
                 page.locator('[data-testid="stSidebarNav"] a', has_text=label).first.click()
                 settled(page, heading)
                 page.locator(CHART if must == "chart" else TABLE).first.wait_for(state="visible", timeout=60_000)
+                if heading == "Result detail":
+                    # Metrics and JSON draw after the charts: wait for their text, not for time.
+                    page.get_by_text("tok/s (mean)").first.wait_for(state="visible", timeout=60_000)
+                    page.get_by_text('"n_threads"').first.wait_for(state="visible", timeout=60_000)
                 assert page.locator('[data-testid="stException"]').count() == 0, label
                 name = heading.lower().replace(" ", "_")
                 page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
