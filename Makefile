@@ -25,12 +25,16 @@ $(LLAMA_WHEEL_STAMP): | $(BIN)/python
 		$(BIN)/pip wheel --no-cache-dir --no-deps --disable-pip-version-check -w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	touch $@
 
+# torch pinned to the CPU build: an unpinned torch pulls a multi-GB CUDA build onto CPU-only machines.
+TORCH_SPEC ?= torch==2.13.0
+
 $(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL_STAMP)
-	$(PIP) -e ".[llamacpp,orchestrator,dashboard]"
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e ".[llamacpp,orchestrator,dashboard,torch]"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e ".[llamacpp,orchestrator,dashboard,test]"
+	$(PIP) -e ".[llamacpp,orchestrator,dashboard,torch,test]"
 	touch $@
 
 install: $(VENV)/.installed

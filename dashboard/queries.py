@@ -1,40 +1,335 @@
 """Every query the dashboard makes, cached with a time-to-live, returned as DataFrames.
 
-Pages never write SQL; they call these. The database is opened read-only where the engine
-allows it (SQLite `mode=ro`), and the ranking logic is the orchestrator's, shared with the CLI.
+Pages never write SQL; they call these. The database is opened read-only (SQLite `mode=ro`;
+PostgreSQL sessions set to READ ONLY on connect), and the ranking logic is the orchestrator's,
+shared with the CLI.
+
+With 100,000 results a page cannot load every stored Result: queries group by the results
+table's key columns in SQL and pull the few JSON fields they need as aggregates; only the
+detail page reads one whole Result. Fields that later issues add to the Result (TTFT, peak
+memory, roofline, acceptance, ...) are read by JSON path, so they are NULL until they land and
+the pages show an empty state instead of failing.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Callable
+
 import pandas as pd
 import streamlit as st
-from sqlalchemy import create_engine
+from sqlalchemy import case, create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import aliased
 
-from orchestrator.ranking import leaderboard
-from orchestrator.store import load_results
-from orchestrator.db import session_scope
+from orchestrator.db import JobRow, ResultRow, SweepRow
+from orchestrator.ranking import Filters, Measurement, rank
 from worker.settings import load_settings
 
 TTL_S = 30
+R = ResultRow
+NOT_YET = ("no such table", "does not exist", "unable to open")
+
+
+def open_readonly(url: str) -> Engine:
+    """An engine that cannot change the database, whatever a page does."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        return create_engine(f"sqlite:///file:{parsed.database}?mode=ro&uri=true")
+    engine = create_engine(parsed, pool_pre_ping=True)
+    if parsed.get_backend_name() == "postgresql":
+        @event.listens_for(engine, "connect")
+        def _read_only(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            cur.close()
+            dbapi_conn.commit()
+    return engine
 
 
 @st.cache_resource
 def engine() -> Engine:
-    url = make_url(load_settings().effective_database_url)
-    if url.get_backend_name() == "sqlite" and url.database:
-        # Read-only at the driver level: the dashboard can never change a result.
-        return create_engine(f"sqlite:///file:{url.database}?mode=ro&uri=true")
-    return create_engine(url, pool_pre_ping=True, execution_options={"postgresql_readonly": True})
+    return open_readonly(load_settings().effective_database_url)
 
 
-@st.cache_data(ttl=TTL_S)
-def leaderboard_frame(tier_gb: int | None) -> pd.DataFrame:
+def _frame(build: Callable[[Engine], pd.DataFrame]) -> pd.DataFrame:
+    """Run a query; a database not created yet reads as empty, so pages show what to run."""
     try:
-        with session_scope(engine()) as session:
-            results = load_results(session, status="ok")
-    except Exception as exc:  # no database yet: the page shows the empty state
-        if "no such table" in str(exc) or "does not exist" in str(exc) or "unable to open" in str(exc):
+        return build(engine())
+    except Exception as exc:
+        if any(s in str(exc) for s in NOT_YET):
             return pd.DataFrame()
         raise
-    return pd.DataFrame([row.as_dict() for row in leaderboard(results, tier_gb)])
+
+
+def _j(*path: str):
+    """A number inside the stored Result; NULL where this Result predates the field."""
+    return R.result[path if len(path) > 1 else path[0]].as_float()
+
+
+def _js(*path: str):
+    return R.result[path if len(path) > 1 else path[0]].as_string()
+
+
+def _packed(eng: Engine, column, paths: list[str]):
+    """Several fields of a stored Result as one JSON array.
+
+    SQLite 3.40 re-parses the whole document for every json_extract, so one call with many
+    paths costs one parse instead of many; PostgreSQL builds the array from its own operators.
+    """
+    if eng.dialect.name == "sqlite":
+        return func.json_extract(column, *[f"$.{p}" for p in paths])
+    return func.json_build_array(*[column[tuple(p.split("."))] if "." in p else column[p] for p in paths])
+
+
+def _unpack(frame: pd.DataFrame, column: str, paths: list[str]) -> pd.DataFrame:
+    """Spread a _packed column into one column per path (named after its last part)."""
+    names = [p.rsplit(".", 1)[-1] for p in paths]
+    empty = [None] * len(paths)
+    values = [json.loads(v) if isinstance(v, str) else (v or empty) for v in frame[column]]
+    spread = pd.DataFrame(values, columns=names, index=frame.index)
+    return pd.concat([frame.drop(columns=[column]), spread], axis=1)
+
+
+def _read(eng: Engine, query) -> pd.DataFrame:
+    """Rows straight from the driver's cursor into a DataFrame.
+
+    SQLAlchemy's per-row processing costs as much as the query itself on ten thousand rows;
+    the values read here are numbers, strings and timestamps, which need none of it.
+    """
+    with eng.connect() as conn:
+        result = conn.execute(query)
+        columns = list(result.keys())
+        return pd.DataFrame.from_records(result.cursor.fetchall(), columns=columns)
+
+
+KEY = (R.model, R.model_sha256, R.quant, R.technique, R.backend, R.worker, R.test, R.n_prompt, R.n_gen, R.n_depth)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def measurements() -> pd.DataFrame:
+    """One row per (model file, quant, technique, engine, worker, test), its ok runs pooled.
+
+    tok/s statistics pool every run from key columns; the JSON-only figures (peak memory, TTFT,
+    roofline) come from one representative run per row, so 100,000 results cost about as many
+    JSON parses as there are rows here. Never touch `created_at` in these: SQLite stores it
+    after the Result JSON, and reading it walks every overflow page.
+    """
+    stats = (
+        select(*KEY, func.count().label("n_runs"), func.avg(R.avg_ts).label("avg_ts"),
+               func.avg(R.avg_ts * R.avg_ts).label("avg_sq_ts"), func.avg(R.stddev_ts * R.stddev_ts).label("avg_var_ts"),
+               func.max(R.job_id).label("job_id"))
+        .where(R.status == "ok").group_by(*KEY)
+    ).subquery()
+    rep = aliased(R)
+    extras = ["peak_vram_bytes", "peak_rss_bytes", "ttft_ns", "roofline_pct", "roofline_tok_s", "median_ts", "noisy"]
+
+    def build(eng: Engine) -> pd.DataFrame:
+        query = (select(stats, _packed(eng, rep.result, extras).label("extras"))
+                 .join(rep, rep.job_id == stats.c.job_id))
+        frame = _read(eng, query)
+        return _unpack(frame, "extras", extras) if not frame.empty else frame
+    frame = _frame(build)
+    if frame.empty:
+        return frame
+    # Pooled spread: within-run variance plus the variance of run means.
+    between = (frame["avg_sq_ts"] - frame["avg_ts"] ** 2).clip(lower=0)
+    frame["stddev_ts"] = (frame["avg_var_ts"] + between).pow(0.5)
+    return frame.drop(columns=["avg_sq_ts", "avg_var_ts"])
+
+
+FACTS = ("size_bytes", "n_params", "n_params_active", "active_bytes_per_token", "n_expert", "n_expert_used")
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def model_facts() -> pd.DataFrame:
+    """Facts of each model file, from one stored Result per file (they do not vary by run)."""
+    one_per_file = select(func.max(R.job_id)).group_by(R.model_sha256)
+    query = (select(R.model_sha256, _js("model_facts", "model_type").label("model_type"),
+                    *[_j("model_facts", f).label(f) for f in FACTS])
+             .where(R.job_id.in_(one_per_file)))
+    return _frame(lambda e: _read(e, query))
+
+
+def _flag_column(eng: Engine) -> str | None:
+    """The workers table's trust column, if a later issue has added one."""
+    insp = inspect(eng)
+    if not insp.has_table("workers"):
+        return None
+    cols = {c["name"] for c in insp.get_columns("workers")}
+    return next((c for c in ("flagged", "status", "trust") if c in cols), None)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def workers() -> pd.DataFrame:
+    """Each worker seen in results: last seen, counts, its hardware and its trust status."""
+    def build(eng: Engine) -> pd.DataFrame:
+        counts = _read(eng, select(
+            R.worker, func.count().label("n_results"),
+            func.sum(case((R.status == "failed", 1), else_=0)).label("n_failed"),
+        ).group_by(R.worker))
+        # Last seen from the jobs table: the collector stamps a job when its result lands, and
+        # jobs rows are small, where results.created_at sits behind each Result's JSON.
+        seen = _read(eng, select(JobRow.worker, func.max(JobRow.updated_at).label("last_seen"))
+                     .where(JobRow.worker.is_not(None)).group_by(JobRow.worker))
+        counts = counts.merge(seen, on="worker", how="left")
+        latest = select(func.max(R.job_id)).group_by(R.worker)
+        hw = _read(eng, select(
+            R.worker, _js("hardware", "gpu").label("gpu"), _js("hardware", "cpu").label("cpu"),
+            _j("hardware", "n_cpu_cores").label("n_cpu_cores"), _j("hardware", "vram_bytes").label("vram_bytes"),
+            _j("hardware", "bandwidth_gbps").label("bandwidth_gbps"),
+        ).where(R.job_id.in_(latest)))
+        frame = counts.merge(hw, on="worker", how="left")
+        frame["trust"] = "no trust records yet"
+        column = _flag_column(eng)
+        if column:
+            with eng.connect() as conn:
+                marks = dict(conn.execute(text(f"SELECT name, {column} FROM workers")).all())
+            frame["trust"] = [_trust(marks.get(w), column) for w in frame["worker"]]
+        frame["gpu"] = frame["gpu"].fillna("")
+        frame["hardware"] = [g or f"{c} ({int(n or 0)} cores)" for g, c, n in
+                             zip(frame["gpu"], frame["cpu"], frame["n_cpu_cores"])]
+        return frame.sort_values("last_seen", ascending=False)
+    return _frame(build)
+
+
+def _trust(mark, column: str) -> str:
+    if mark is None:
+        return "unknown"
+    if column == "flagged":
+        return "flagged" if mark else "trusted"
+    return str(mark)
+
+
+def flagged_workers() -> frozenset[str]:
+    frame = workers()
+    if frame.empty:
+        return frozenset()
+    return frozenset(frame.loc[frame["trust"] == "flagged", "worker"])
+
+
+def measurement_objects() -> list[Measurement]:
+    frame = measurements()
+    if frame.empty:
+        return []
+    facts = model_facts().set_index("model_sha256").to_dict("index")
+    hw = workers().set_index("worker").to_dict("index")
+    out = []
+    for row in frame.itertuples(index=False):
+        f = facts.get(row.model_sha256, {})
+        w = hw.get(row.worker, {})
+        peak = _num(row.peak_vram_bytes) or _num(row.peak_rss_bytes)
+        out.append(Measurement(
+            model=row.model, model_sha256=row.model_sha256, quant=row.quant, technique=row.technique,
+            backend=row.backend, worker=row.worker, hardware=w.get("hardware") or row.worker,
+            test=row.test, n_prompt=row.n_prompt, n_gen=row.n_gen, n_depth=row.n_depth, avg_ts=row.avg_ts,
+            stddev_ts=row.stddev_ts, n_runs=row.n_runs, size_bytes=int(_num(f.get("size_bytes")) or 0),
+            model_type=f.get("model_type") or "", n_params=int(_num(f.get("n_params")) or 0),
+            n_params_active=int(_num(f.get("n_params_active")) or 0),
+            peak_memory_bytes=int(peak) if peak else None, ttft_ns=_num(row.ttft_ns), gpu=w.get("gpu") or "",
+        ))
+    return out
+
+
+def _num(value) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def leaderboard_frame(tier_gb: int | None, n_depth: int = 0, hardware_classes: tuple[str, ...] = (),
+                      backends: tuple[str, ...] = (), techniques: tuple[str, ...] = ()) -> pd.DataFrame:
+    filters = Filters(tier_gb=tier_gb, n_depth=n_depth, hardware_classes=hardware_classes, backends=backends,
+                      techniques=techniques, flagged_workers=flagged_workers())
+    return pd.DataFrame([row.as_dict() for row in rank(measurement_objects(), filters)])
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def techniques() -> pd.DataFrame:
+    """Spec / lookup / MTP results grouped by model, category and settings, with what they buy."""
+    fields = ["prompt_category", "n_draft", "p_min", "draft_model", "speedup", "acceptance_rate",
+              "mean_accepted_len", "lossless", "first_divergence"]
+
+    def build(eng: Engine) -> pd.DataFrame:
+        # One row per result, fields unpacked here: grouping by JSON expressions in SQL would
+        # evaluate each of them several times per row.
+        query = (select(R.model, R.quant, R.technique, R.backend, R.worker, R.avg_ts,
+                        _packed(eng, R.result, fields).label("fields"))
+                 .where(R.status == "ok", R.technique != "baseline"))
+        frame = _read(eng, query)
+        return _unpack(frame, "fields", fields) if not frame.empty else frame
+    rows = _frame(build)
+    if rows.empty:
+        return rows
+    rows["prompt_category"] = rows["prompt_category"].fillna("(none)")
+    rows["n_runs"] = 1
+    rows["n_lossless"] = rows["lossless"].map(lambda v: 1 if v in (True, 1) else 0)
+    rows["n_lossless_known"] = rows["lossless"].notna().astype(int)
+    keys = ["model", "quant", "technique", "backend", "worker", "prompt_category", "n_draft", "p_min", "draft_model"]
+    return rows.groupby(keys, dropna=False).agg(
+        n_runs=("n_runs", "sum"), avg_ts=("avg_ts", "mean"), speedup=("speedup", "mean"),
+        acceptance_rate=("acceptance_rate", "mean"), mean_accepted_len=("mean_accepted_len", "mean"),
+        n_lossless=("n_lossless", "sum"), n_lossless_known=("n_lossless_known", "sum"),
+        first_divergence_min=("first_divergence", "min"),
+    ).reset_index()
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def sweeps() -> pd.DataFrame:
+    """Each sweep with its jobs counted by state, newest first."""
+    def build(eng: Engine) -> pd.DataFrame:
+        info = _read(eng, select(SweepRow.id.label("sweep_id"), SweepRow.name, SweepRow.n_jobs, SweepRow.created_at))
+        states = _read(eng, select(JobRow.sweep_id, JobRow.state, func.count().label("n"))
+                       .group_by(JobRow.sweep_id, JobRow.state))
+        if info.empty:
+            return info
+        pivot = states.pivot_table(index="sweep_id", columns="state", values="n", fill_value=0) if not states.empty \
+            else pd.DataFrame(index=info["sweep_id"])
+        frame = info.merge(pivot, left_on="sweep_id", right_index=True, how="left").fillna(0)
+        for state in ("queued", "running", "done", "failed"):
+            frame[state] = frame[state].astype(int) if state in frame else 0
+        frame["progress"] = (frame["done"] + frame["failed"]) / frame["n_jobs"].clip(lower=1)
+        return frame.sort_values("created_at", ascending=False)
+    return _frame(build)
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def failures(limit: int = 500) -> pd.DataFrame:
+    """The newest failed jobs with their reasons."""
+    query = (select(JobRow.id.label("job_id"), SweepRow.name.label("sweep"), JobRow.worker, JobRow.error,
+                    JobRow.updated_at, JobRow.attempts)
+             .join(SweepRow, SweepRow.id == JobRow.sweep_id)
+             .where(JobRow.state == "failed").order_by(JobRow.updated_at.desc()).limit(limit))
+    return _frame(lambda e: _read(e, query))
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def failure_reasons() -> pd.DataFrame:
+    query = (select(JobRow.error, func.count().label("n")).where(JobRow.state == "failed")
+             .group_by(JobRow.error).order_by(func.count().desc()).limit(20))
+    return _frame(lambda e: _read(e, query))
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def result_choices(model: str | None = None, test: str | None = None, limit: int = 200) -> pd.DataFrame:
+    """The newest results (key columns only) for the detail page's picker."""
+    query = select(R.job_id, R.model, R.quant, R.technique, R.test, R.worker, R.status, R.avg_ts, R.created_at)
+    if model:
+        query = query.where(R.model == model)
+    if test:
+        query = query.where(R.test == test)
+    query = query.order_by(R.created_at.desc()).limit(limit)
+    return _frame(lambda e: _read(e, query))
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def result_detail(job_id: str) -> dict | None:
+    """One whole stored Result, every field as the worker sent it."""
+    def build(eng: Engine) -> pd.DataFrame:
+        with eng.connect() as conn:
+            data = conn.execute(select(R.result).where(R.job_id == job_id)).scalar()
+        return pd.DataFrame([{"result": data}]) if data is not None else pd.DataFrame()
+    frame = _frame(build)
+    return None if frame.empty else frame["result"].iloc[0]

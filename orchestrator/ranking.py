@@ -1,12 +1,17 @@
 """Results to a leaderboard by VRAM tier. Pure: the CLI and the dashboard both call it.
 
 A row is one (model file, quant, technique, engine, hardware) combination; it ranks by decode
-tok/s, with prefill beside it. Memory is estimated from the file size until measured peaks land.
+tok/s at a chosen context depth, with prefill and TTFT beside it. Memory is the measured peak
+where a result carries one, else estimated from the file size (and marked so).
+
+The CLI feeds whole Results; the dashboard feeds `Measurement`s that SQL already averaged per
+test, so ranking 100,000 results never loads 100,000 JSON documents. Both take one road here.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass, field, fields, replace
 from typing import Iterable
 
 from worker.contract import Result
@@ -50,47 +55,158 @@ class LeaderRow:
     tg_stddev_ts: float | None
     n_results: int
     hardware: str
+    worker: str = ""
+    tg_n_runs: int = 0
+    pp_n_runs: int = 0
+    ttft_ms: float | None = None
+    n_params: int = 0
+    n_params_active: int = 0
+    n_depth: int = 0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        # Flat scalars only, so a shallow read; dataclasses.asdict deep-copies and costs
+        # most of the dashboard's time on a large leaderboard.
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _hardware_label(r: Result) -> str:
     return r.hardware.gpu or f"{r.hardware.cpu} ({r.hardware.n_cpu_cores} cores)"
 
 
-def _pick(results: list[Result], prefix: str) -> Result | None:
-    """The headline test of a kind: no context depth, the largest size measured."""
-    candidates = [r for r in results if r.test.startswith(prefix) and r.n_depth == 0]
+def hardware_class(gpu: str) -> str:
+    """The filter's coarse class: a GPU box or a CPU-only box."""
+    return "GPU" if gpu else "CPU"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One test of one combination on one worker, its runs already pooled (by SQL or from Results).
+
+    `stddev_ts` is the pooled spread of per-repetition tok/s over every run, `n_runs` the number
+    of Results behind it. Peak memory is None where no run measured it.
+    """
+
+    model: str
+    model_sha256: str
+    quant: str
+    technique: str
+    backend: str
+    worker: str
+    hardware: str
+    test: str
+    n_prompt: int
+    n_gen: int
+    n_depth: int
+    avg_ts: float
+    stddev_ts: float
+    n_runs: int = 1
+    size_bytes: int = 0
+    model_type: str = ""
+    n_params: int = 0
+    n_params_active: int = 0
+    peak_memory_bytes: int | None = None
+    ttft_ns: float | None = None
+    gpu: str = ""
+
+
+def from_result(r: Result) -> Measurement:
+    data = r.model_dump()
+    facts = data.get("model_facts") or {}
+    # Fields other issues add to the schema are read defensively: absent today, present later.
+    peak = data.get("peak_vram_bytes") or data.get("peak_rss_bytes") or None
+    return Measurement(
+        model=r.model, model_sha256=r.model_sha256, quant=r.quant, technique=r.technique, backend=r.backend,
+        worker=r.worker, hardware=_hardware_label(r), test=r.test, n_prompt=r.n_prompt, n_gen=r.n_gen,
+        n_depth=r.n_depth, avg_ts=r.avg_ts, stddev_ts=r.stddev_ts, size_bytes=facts.get("size_bytes") or 0,
+        model_type=facts.get("model_type") or "", n_params=facts.get("n_params") or 0,
+        n_params_active=facts.get("n_params_active") or 0, peak_memory_bytes=peak,
+        ttft_ns=data.get("ttft_ns") or None, gpu=r.hardware.gpu,
+    )
+
+
+def pool(ms: list[Measurement]) -> Measurement:
+    """Several measurements of one test as one: run-weighted mean, spread within and between runs."""
+    if len(ms) == 1:
+        return ms[0]
+    n = sum(m.n_runs for m in ms)
+    mean = sum(m.avg_ts * m.n_runs for m in ms) / n
+    within = sum(m.stddev_ts ** 2 * m.n_runs for m in ms) / n
+    between = sum((m.avg_ts - mean) ** 2 * m.n_runs for m in ms) / n
+    peaks = [m.peak_memory_bytes for m in ms if m.peak_memory_bytes]
+    ttfts = [m.ttft_ns for m in ms if m.ttft_ns]
+    return replace(ms[0], avg_ts=mean, stddev_ts=math.sqrt(within + between), n_runs=n,
+                   peak_memory_bytes=max(peaks) if peaks else None,
+                   ttft_ns=sum(ttfts) / len(ttfts) if ttfts else None)
+
+
+def _pick_measurement(ms: list[Measurement], kind: str, n_depth: int) -> Measurement | None:
+    """The headline test of a kind at a depth: the largest size measured, its runs pooled."""
+    candidates = [m for m in ms if m.test.startswith(kind) and m.n_depth == n_depth]
     if not candidates:
         return None
-    return max(candidates, key=lambda r: (r.n_prompt if prefix == "pp" else r.n_gen, r.finished_at))
+    size = max(m.n_prompt if kind == "pp" else m.n_gen for m in candidates)
+    return pool([m for m in candidates if (m.n_prompt if kind == "pp" else m.n_gen) == size])
 
 
-def leaderboard(results: Iterable[Result], tier_gb: int | None = None) -> list[LeaderRow]:
-    groups: dict[tuple, list[Result]] = {}
-    for r in results:
-        if r.status != "ok":
+@dataclass(frozen=True)
+class Filters:
+    """What the leaderboard may be narrowed to; an empty tuple means no restriction."""
+
+    tier_gb: int | None = None
+    n_depth: int = 0
+    hardware_classes: tuple[str, ...] = ()
+    backends: tuple[str, ...] = ()
+    techniques: tuple[str, ...] = ()
+    flagged_workers: frozenset[str] = field(default_factory=frozenset)
+
+
+def rank(measurements: Iterable[Measurement], filters: Filters = Filters()) -> list[LeaderRow]:
+    groups: dict[tuple, list[Measurement]] = {}
+    for m in measurements:
+        # A flagged worker's numbers are kept in the database but never rank.
+        if m.worker in filters.flagged_workers:
             continue
-        key = (r.model_sha256, r.quant, r.technique, r.backend, _hardware_label(r))
-        groups.setdefault(key, []).append(r)
+        if filters.hardware_classes and hardware_class(m.gpu) not in filters.hardware_classes:
+            continue
+        if filters.backends and m.backend not in filters.backends:
+            continue
+        groups.setdefault((m.model_sha256, m.quant, m.technique, m.backend, m.hardware), []).append(m)
     rows: list[LeaderRow] = []
-    for (_, quant, technique, backend, hw), rs in groups.items():
-        pp, tg = _pick(rs, "pp"), _pick(rs, "tg")
-        first = rs[0]
-        memory = estimated_memory_bytes(first.model_facts.size_bytes)
+    for (sha, quant, technique, backend, hw), ms in groups.items():
+        if filters.techniques and technique not in filters.techniques:
+            continue  # filtered here, not above, so a technique row can still borrow its baseline's prefill
+        tg = _pick_measurement(ms, "tg", filters.n_depth)
+        if filters.n_depth and tg is None:
+            continue  # nothing measured at the depth asked for
+        # Techniques change decode only: a spec/lookup/MTP row shows its baseline's prefill.
+        pp = _pick_measurement(ms, "pp", 0) or _pick_measurement(
+            groups.get((sha, quant, "baseline", backend, hw), []), "pp", 0)
+        first = ms[0]
+        peaks = [m.peak_memory_bytes for m in ms if m.peak_memory_bytes]
+        size = max(m.size_bytes for m in ms)
+        memory = max(peaks) if peaks else estimated_memory_bytes(size)
+        ttfts = [m.ttft_ns for m in ([pp] if pp and pp.ttft_ns else ms) if m.ttft_ns]
         rows.append(LeaderRow(
             rank=0, tier_gb=tier_for(memory), model=first.model, quant=quant, technique=technique,
-            backend=backend, model_type=first.model_facts.model_type, size_bytes=first.model_facts.size_bytes,
-            memory_bytes=memory, memory_estimated=True,
+            backend=backend, model_type=first.model_type, size_bytes=size,
+            memory_bytes=memory, memory_estimated=not peaks,
             pp_test=pp.test if pp else "", pp_ts=pp.avg_ts if pp else None, pp_stddev_ts=pp.stddev_ts if pp else None,
             tg_test=tg.test if tg else "", tg_ts=tg.avg_ts if tg else None, tg_stddev_ts=tg.stddev_ts if tg else None,
-            n_results=len(rs), hardware=hw,
+            n_results=sum(m.n_runs for m in ms), hardware=hw,
+            worker=", ".join(sorted({m.worker for m in ms})),
+            tg_n_runs=tg.n_runs if tg else 0, pp_n_runs=pp.n_runs if pp else 0,
+            ttft_ms=min(ttfts) / 1e6 if ttfts else None,
+            n_params=max(m.n_params for m in ms), n_params_active=max(m.n_params_active for m in ms),
+            n_depth=filters.n_depth,
         ))
-    if tier_gb is not None:
+    if filters.tier_gb is not None:
         # A model that fits a smaller card fits this one too.
-        rows = [r for r in rows if r.tier_gb <= tier_gb]
+        rows = [r for r in rows if r.tier_gb <= filters.tier_gb]
     rows.sort(key=lambda r: (-(r.tg_ts or 0.0), -(r.pp_ts or 0.0), r.model, r.quant))
     for i, row in enumerate(rows, 1):
         row.rank = i
     return rows
+
+
+def leaderboard(results: Iterable[Result], tier_gb: int | None = None) -> list[LeaderRow]:
+    return rank((from_result(r) for r in results if r.status == "ok"), Filters(tier_gb=tier_gb))

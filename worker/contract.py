@@ -24,7 +24,7 @@ QUANTS: tuple[str, ...] = (
 )
 
 Technique = Literal["baseline"]
-Engine = Literal["llamacpp"]
+Engine = Literal["llamacpp", "torch"]
 TestKind = Literal["pp", "tg"]
 Status = Literal["ok", "failed"]
 

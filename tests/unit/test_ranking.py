@@ -1,5 +1,5 @@
 from worker.contract import ModelFacts, Result, summarize
-from orchestrator.ranking import estimated_memory_bytes, leaderboard, tier_for
+from orchestrator.ranking import Filters, Measurement, estimated_memory_bytes, leaderboard, pool, rank, tier_for
 
 
 def res(model, quant, test, n, ts, size=100 << 20, status="ok", sha=None):
@@ -34,3 +34,39 @@ def test_tier_filter_keeps_models_that_fit():
     small = res("small", "Q4_0", "tg32", 32, 5.0)
     assert [r.model for r in leaderboard([big, small], tier_gb=8)] == ["small"]
     assert [r.model for r in leaderboard([big, small], tier_gb=24)] == ["big", "small"]
+
+
+def m(model="a", quant="Q4_0", technique="baseline", test="tg32", ts=10.0, std=1.0, n_runs=1, worker="w",
+      gpu="", n_depth=0, peak=None, ttft=None):
+    kind_pp = test.startswith("pp")
+    return Measurement(model=model, model_sha256=model.ljust(64, "0"), quant=quant, technique=technique,
+                       backend="llamacpp", worker=worker, hardware=gpu or "cpu", test=test,
+                       n_prompt=512 if kind_pp else 0, n_gen=0 if kind_pp else 32, n_depth=n_depth, avg_ts=ts,
+                       stddev_ts=std, n_runs=n_runs, size_bytes=100 << 20, peak_memory_bytes=peak, ttft_ns=ttft,
+                       gpu=gpu)
+
+
+def test_pool_weights_runs_and_adds_the_spread_between_them():
+    pooled = pool([m(ts=10.0, std=0.0, n_runs=1), m(ts=20.0, std=0.0, n_runs=3)])
+    assert pooled.n_runs == 4 and pooled.avg_ts == 17.5
+    assert abs(pooled.stddev_ts - (0.25 * 7.5 ** 2 + 0.75 * 2.5 ** 2) ** 0.5) < 1e-9
+
+
+def test_filters_flagged_workers_and_depth():
+    ms = [m("a", ts=50, worker="bad"), m("b", ts=20, gpu="RTX 4090", worker="gpu"), m("c", ts=10),
+          m("c", test="tg32 @ d4096", n_depth=4096, ts=5), m("b", technique="spec", ts=30, gpu="RTX 4090", worker="gpu")]
+    flagged = Filters(flagged_workers=frozenset({"bad"}))
+    assert [r.model for r in rank(ms, flagged)] == ["b", "b", "c"]
+    assert [r.model for r in rank(ms, Filters(hardware_classes=("CPU",)))] == ["a", "c"]
+    assert [(r.model, r.technique) for r in rank(ms, Filters(techniques=("spec",)))] == [("b", "spec")]
+    deep = rank(ms, Filters(n_depth=4096))
+    assert [(r.model, r.tg_test) for r in deep] == [("c", "tg32 @ d4096")]
+
+
+def test_a_technique_row_shows_its_baselines_prefill_and_measured_memory_beats_the_estimate():
+    ms = [m("a", test="pp512", ts=900, ttft=2e8), m("a", ts=10, peak=3 << 30), m("a", technique="spec", ts=15)]
+    rows = {r.technique: r for r in rank(ms, Filters(techniques=("spec", "baseline")))}
+    assert rows["spec"].pp_ts == 900 and rows["spec"].ttft_ms == 200.0  # prefill and TTFT are untouched by speculation
+    assert rows["baseline"].ttft_ms == 200.0
+    assert rows["baseline"].memory_estimated is False and rows["baseline"].memory_bytes == 3 << 30
+    assert rows["spec"].memory_estimated is True

@@ -11,7 +11,11 @@ def create_backend(engine: str) -> Backend:
         from worker.engines.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend()
-    raise EngineError(f"unknown engine {engine!r}: this worker has llamacpp")
+    if engine == "torch":
+        from worker.engines.torch import TorchBackend
+
+        return TorchBackend()
+    raise EngineError(f"unknown engine {engine!r}: use llamacpp or torch")
 
 
 __all__ = ["Backend", "EngineError", "create_backend"]

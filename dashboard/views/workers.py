@@ -1,0 +1,37 @@
+"""Workers and sweeps page: sweep progress, failures with their reasons, workers with last seen and trust."""
+
+import altair as alt
+import streamlit as st
+
+from dashboard.queries import failure_reasons, failures, sweeps, workers
+
+st.title("Workers and sweeps")
+runs = sweeps()
+if runs.empty:
+    st.info("No sweeps yet: run `tokenfarm sweep submit examples/demo.yaml --wait` (or `make demo`).")
+    st.stop()
+
+st.subheader("Sweeps")
+st.dataframe(runs[["name", "created_at", "n_jobs", "queued", "running", "done", "failed", "progress", "sweep_id"]],
+             hide_index=True, width="stretch", column_config={
+                 "progress": st.column_config.ProgressColumn("progress", min_value=0, max_value=1, format="percent"),
+             })
+
+st.subheader("Workers")
+machines = workers()
+if machines.empty:
+    st.info("No worker has sent a result yet: start one with `tokenfarm worker start --name mybox`.")
+else:
+    st.dataframe(machines[["worker", "trust", "last_seen", "n_results", "n_failed", "hardware", "vram_bytes",
+                           "bandwidth_gbps"]], hide_index=True, width="stretch")
+
+st.subheader("Failures")
+reasons = failure_reasons()
+if reasons.empty:
+    st.success("No failed jobs.")
+else:
+    reasons = reasons.assign(reason=reasons["error"].fillna("(no reason recorded)").str.slice(0, 90))
+    st.altair_chart(alt.Chart(reasons).mark_bar().encode(
+        x=alt.X("n:Q", title="failed jobs"), y=alt.Y("reason:N", sort="-x", title=None, axis=alt.Axis(labelLimit=500)), tooltip=["error", "n"],
+    ).properties(height=alt.Step(24)), width="stretch")
+    st.dataframe(failures(), hide_index=True, width="stretch")

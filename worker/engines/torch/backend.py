@@ -1,0 +1,120 @@
+"""TorchBackend: the Backend protocol over the PyTorch decoder in model.py.
+
+Owns the model, its KV cache, the position counter and device synchronisation, so that every
+call returns with the device idle and a timer read after it measures the work. Sampling is
+greedy, as the protocol asks. It knows nothing of jobs, repetitions or timers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from worker.contract import EngineConfig
+from worker.engines.base import EngineError
+from worker.engines.torch.gguf_loader import GGUFError, GGUFVocab, load_model
+from worker.engines.torch.kv_cache import KVCache
+from worker.engines.torch.model import Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, device: str = "cpu", dtype: str = "float32") -> None:
+        if dtype not in DTYPES:
+            raise EngineError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise EngineError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA device")
+        self.dtype = DTYPES[dtype]
+        self._model: Transformer | None = None
+        self._cache: KVCache | None = None
+        self._vocab: GGUFVocab | None = None
+        self._n_past = 0
+        self._n_batch = 1
+
+    def load(self, path: Path, config: EngineConfig, n_ctx: int) -> None:
+        # n_gpu_layers and flash_attn are llama.cpp's knobs; here the device is chosen whole
+        # at construction, and attention is whatever scaled_dot_product_attention picks.
+        if config.n_threads:
+            torch.set_num_threads(config.n_threads)
+        try:
+            self._model = load_model(Path(path), self.dtype, self.device)
+            self._vocab = GGUFVocab(Path(path))
+        except (GGUFError, OSError, ValueError) as e:
+            self.close()
+            raise EngineError(f"torch could not load {path}: {e}") from e
+        try:
+            self._cache = self._model.new_cache(n_ctx)
+        except torch.OutOfMemoryError as e:
+            self.close()
+            raise EngineError(f"no room for a KV cache of {n_ctx} tokens on {self.device}: lower n_ctx") from e
+        self._n_batch = config.n_batch
+        self._n_past = 0
+        self._synchronize()
+
+    @property
+    def n_vocab(self) -> int:
+        return self._model.config.n_vocab
+
+    @property
+    def model(self) -> Transformer:
+        return self._model
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return self._vocab.tokenize(text, add_bos)
+
+    def reset(self) -> None:
+        # Stale keys and values past the position counter are never attended to, and the
+        # next prefill overwrites them, so there is nothing to clear.
+        self._n_past = 0
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _run(self, tokens: Sequence[int]) -> int:
+        if self._n_past + len(tokens) > self._cache.n_ctx:
+            raise EngineError(
+                f"{len(tokens)} tokens at position {self._n_past} overflow the context of {self._cache.n_ctx}: raise n_ctx"
+            )
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # (1, T)
+        for start in range(0, ids.shape[1], self._n_batch):
+            chunk = ids[:, start:start + self._n_batch]  # (1, T_chunk)
+            logits, _ = self._model(chunk, self._n_past, self._cache, all_logits=False)  # (1, 1, V)
+            self._n_past += chunk.shape[1]
+        # .item() waits for the argmax, but not for work queued on other streams.
+        token = int(logits[0, -1].argmax().item())
+        self._synchronize()
+        return token
+
+    def prefill(self, tokens: Sequence[int]) -> int:
+        if not tokens:
+            raise EngineError("prefill needs at least one token")
+        return self._run(tokens)
+
+    def decode(self, token: int) -> int:
+        return self._run((token,))
+
+    def versions(self) -> dict[str, str]:
+        if self.device.type == "cuda":
+            device = f"cuda:{torch.cuda.get_device_name(self.device)}"
+            extra = {"cuda": str(torch.version.cuda)}
+        else:
+            device = f"cpu:{torch.backends.cpu.get_cpu_capability()}"
+            extra = {"torch_threads": str(torch.get_num_threads())}
+        return {"torch": torch.__version__, "device": device, "dtype": str(self.dtype).removeprefix("torch."), **extra}
+
+    def close(self) -> None:
+        self._model = None
+        self._cache = None
+        if self._vocab is not None:
+            self._vocab.close()
+            self._vocab = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
