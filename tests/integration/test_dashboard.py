@@ -3,7 +3,6 @@ on a seeded database carrying the fields later issues add, and on PostgreSQL rea
 
 from __future__ import annotations
 
-import sqlite3
 
 import pytest
 from sqlalchemy import text
@@ -12,6 +11,7 @@ from streamlit.testing.v1 import AppTest
 from dashboard.sample_data import seed as seed_sample
 from orchestrator.collector import result_row
 from orchestrator.db import make_engine, session_scope, upgrade
+from orchestrator.workers import add_worker, set_flag
 from orchestrator.dispatch import record
 from orchestrator.ranking import TIERS_GB
 from orchestrator.sweep import SweepSpec, expand
@@ -139,10 +139,12 @@ def test_leaderboard_filters_change_the_rows(seeded):
 
 
 def test_a_flagged_worker_never_ranks(seeded):
-    with sqlite3.connect(seeded) as conn:
-        # The trust issue's table may not exist yet; when it does, a flagged worker drops out.
-        conn.execute("CREATE TABLE workers (name TEXT PRIMARY KEY, flagged BOOLEAN)")
-        conn.execute("INSERT INTO workers VALUES ('rtx4090', 1), ('rtx3090', 0)")
+    engine = make_engine(f"sqlite:///{seeded}")
+    with session_scope(engine) as s:
+        add_worker(s, "rtx4090")
+        add_worker(s, "rtx3090")
+        set_flag(s, "rtx4090", True, "failed a canary")
+    engine.dispose()
     at = open_page("leaderboard")
     hardware = set(at.dataframe[-1].value["hardware"])
     assert "NVIDIA GeForce RTX 3090" in hardware
