@@ -169,7 +169,7 @@ def _wait(settings: Settings, engine, celery, sweep_id: str, n_jobs: int, timeou
             try:
                 if time.monotonic() > state["next_check"]:
                     # Jobs of workers that died mid-job go back on the queue.
-                    resend_lost(engine, celery, settings.worker_dead_after_s, settings.max_attempts)
+                    resend_lost(engine, celery, settings.worker_dead_after_s, settings.max_attempts, settings.job_timeout_s)
                     state["next_check"] = time.monotonic() + 2.0
                 with session_scope(engine) as session:
                     counts = sweep_progress(session, sweep_id)
@@ -190,7 +190,7 @@ def _wait(settings: Settings, engine, celery, sweep_id: str, n_jobs: int, timeou
                 return True
             return False
 
-        collect(celery, Collector(engine), done)
+        collect(celery, Collector(engine, app=celery, max_attempts=settings.max_attempts), done)
     if state["timed_out"]:
         err.print(f"timed out after {timeout:.0f} s with {n_jobs - state['finished']} jobs unfinished; "
                   f"results still arrive later: tokenfarm sweep wait {sweep_id[:8]}")
@@ -305,15 +305,16 @@ def collector() -> None:
 
     settings = load_settings()
     _ensure_schema(settings)
-    c = Collector(_engine(settings))
+    c = Collector(_engine(settings), max_attempts=settings.max_attempts)
     console.print(f"collecting results from {_redact_broker(settings)}")
     celery = create_app(settings)
+    c.app = celery
     next_check = [0.0]
 
     def maintain() -> bool:
         if time.monotonic() > next_check[0]:
             try:
-                resend_lost(c.engine, celery, settings.worker_dead_after_s, settings.max_attempts)
+                resend_lost(c.engine, celery, settings.worker_dead_after_s, settings.max_attempts, settings.job_timeout_s)
             except Exception as exc:  # a service outage: the next tick retries
                 err.print(f"could not re-send lost jobs yet: {exc}")
             next_check[0] = time.monotonic() + 2.0

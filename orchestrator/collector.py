@@ -33,9 +33,11 @@ ROOFLINE_MARGIN = 1.5
 
 @dataclass
 class Outcome:
-    action: str  # "hello", "heartbeat", "started", "stale", "stored", "rejected"
+    action: str  # "hello", "heartbeat", "started", "stale", "stored", "retry", "rejected"
     job_id: str = ""
     reason: str = ""
+    job: Job | None = None  # with "retry": the job to send again, after delay_s
+    delay_s: float = 0.0
 
 
 def _reject(session: Session, worker: str, job_id: str, reason: str, known_worker: WorkerRow | None) -> Outcome:
@@ -62,7 +64,7 @@ def implausibilities(result: Result, worker: WorkerRow | None) -> list[str]:
     return problems
 
 
-def ingest(session: Session, body: object) -> Outcome:
+def ingest(session: Session, body: object, max_attempts: int = 3) -> Outcome:
     """Apply one results-queue message to the database (the caller commits)."""
     if not isinstance(body, dict) or not isinstance(body.get("worker"), str):
         return _reject(session, "?", "", "malformed message: not a JSON object with a worker name", None)
@@ -99,7 +101,8 @@ def ingest(session: Session, body: object) -> Outcome:
     if row.worker and row.worker != name:
         return _reject(session, name, env.job_id, f"job is assigned to worker {row.worker!r}", worker)
     result: Result = env.result
-    problems = result.inconsistencies(Job.model_validate(row.spec))
+    job = Job.model_validate(row.spec)
+    problems = result.inconsistencies(job)
     if result.worker != name:
         problems.append(f"result claims worker {result.worker!r} inside a message from {name!r}")
     problems += implausibilities(result, worker)
@@ -107,6 +110,10 @@ def ingest(session: Session, body: object) -> Outcome:
         reason = "; ".join(problems)
         row.state, row.error = "failed", f"result rejected: {reason}"
         return _reject(session, name, env.job_id, reason, worker)
+    if result.status == "failed" and result.transient and row.attempts < max_attempts:
+        # Not stored: the job goes back on the queue, after a pause that grows with each attempt.
+        row.state, row.error = "queued", f"attempt {row.attempts} failed, retrying: {result.error}"
+        return Outcome("retry", env.job_id, result.error, job=job, delay_s=2.0 ** row.attempts)
     session.add(result_row(result))
     row.state = "done" if result.status == "ok" else "failed"
     row.error = result.error or None
@@ -123,20 +130,26 @@ def result_row(result: Result) -> ResultRow:
     return ResultRow(**{c: getattr(result, c) for c in RESULT_KEY_COLUMNS}, result=data)
 
 
-def requeue_lost(session: Session, dead_after_s: float, max_attempts: int) -> list[Job]:
-    """Running jobs whose worker went silent: back to queued (to be re-sent), or failed for good."""
-    cutoff = utc_now() - timedelta(seconds=dead_after_s)
+def requeue_lost(session: Session, dead_after_s: float, max_attempts: int,
+                 job_timeout_s: float = float("inf")) -> list[Job]:
+    """Running jobs whose worker went silent or that ran past the time limit: back to queued
+    (to be re-sent), or failed for good after max_attempts."""
+    now = utc_now()
+    cutoff = now - timedelta(seconds=dead_after_s)
     lost = session.execute(
         select(JobRow, WorkerRow.last_seen).join(WorkerRow, WorkerRow.name == JobRow.worker, isouter=True)
         .where(JobRow.state == "running")
     ).all()
     resend: list[Job] = []
     for row, last_seen in lost:
-        if last_seen is not None and _aware(last_seen) >= cutoff:
+        alive = last_seen is not None and _aware(last_seen) >= cutoff
+        hung = (now - _aware(row.updated_at)).total_seconds() > job_timeout_s
+        if alive and not hung:
             continue
+        why = f"ran past the {job_timeout_s:.0f} s time limit" if hung else "the worker was lost during the job"
         if row.attempts >= max_attempts:
             row.state = "failed"
-            row.error = f"gave up after {row.attempts} attempts: the worker was lost during the job each time"
+            row.error = f"gave up after {row.attempts} attempts: {why}"
             continue
         row.state = "queued"
         resend.append(Job.model_validate(row.spec))
@@ -157,8 +170,10 @@ class Collector:
     bursts and a commit per message caps ingestion at the database's fsync rate.
     """
 
-    def __init__(self, engine: Engine, batch_size: int = 200) -> None:
+    def __init__(self, engine: Engine, batch_size: int = 200, app=None, max_attempts: int = 3) -> None:
         self.engine = engine
+        self.app = app  # where retries are sent; None: they wait for `sweep resume`
+        self.max_attempts = max_attempts
         self.batch_size = batch_size
         self.counts: dict[str, int] = {}
         self._pending: list[tuple[object, object]] = []
@@ -178,7 +193,7 @@ class Collector:
             return
         try:
             with session_scope(self.engine) as session:
-                outcomes = [ingest(session, body) for body, _ in batch]
+                outcomes = [ingest(session, body, self.max_attempts) for body, _ in batch]
         except IntegrityError:
             # Another collector stored one of these jobs meanwhile: redo them one at a time.
             outcomes = [self._one(body) for body, _ in batch]
@@ -188,6 +203,12 @@ class Collector:
             for _, message in batch:
                 message.requeue()
             return
+        retries = [o for o in outcomes if o.action == "retry" and o.job is not None]
+        if retries and self.app is not None:
+            from orchestrator.dispatch import send
+
+            for o in retries:
+                send(self.app, [o.job], countdown_s=o.delay_s)
         for (_, message), outcome in zip(batch, outcomes):
             self.counts[outcome.action] = self.counts.get(outcome.action, 0) + 1
             if outcome.action == "rejected":
@@ -197,7 +218,7 @@ class Collector:
     def _one(self, body) -> Outcome:
         try:
             with session_scope(self.engine) as session:
-                return ingest(session, body)
+                return ingest(session, body, self.max_attempts)
         except IntegrityError:
             return Outcome("duplicate", str(body.get("job_id", "")) if isinstance(body, dict) else "")
 

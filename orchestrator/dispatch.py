@@ -28,18 +28,19 @@ def record(session: Session, spec: SweepSpec, jobs: list[Job]) -> str:
     return sweep_id
 
 
-def send(app: Celery, jobs: list[Job]) -> None:
+def send(app: Celery, jobs: list[Job], countdown_s: float = 0.0) -> None:
     # The job id doubles as the Celery task id, so broker logs and the database line up.
     with app.producer_or_acquire() as producer:
         for job in jobs:
             app.send_task(RUN_JOB_TASK, args=[job.model_dump(mode="json")], task_id=job.job_id,
-                          queue=JOBS_QUEUE, producer=producer)
+                          queue=JOBS_QUEUE, producer=producer, countdown=countdown_s or None)
 
 
-def resend_lost(engine: Engine, app: Celery, dead_after_s: float, max_attempts: int) -> int:
-    """Re-send the running jobs of workers that went silent; returns how many were re-sent."""
+def resend_lost(engine: Engine, app: Celery, dead_after_s: float, max_attempts: int,
+                job_timeout_s: float = float("inf")) -> int:
+    """Re-send the running jobs of workers that went silent or hung; returns how many were re-sent."""
     with session_scope(engine) as session:
-        jobs = requeue_lost(session, dead_after_s, max_attempts)
+        jobs = requeue_lost(session, dead_after_s, max_attempts, job_timeout_s)
     if jobs:
         send(app, jobs)
     return len(jobs)

