@@ -86,7 +86,7 @@ def sweep_submit(
     except SweepError as exc:
         raise fail(str(exc))
     try:
-        jobs = expand(spec, base_dir=file.parent)
+        jobs = expand(spec, base_dir=file.parent, models_dir=settings.effective_models_dir)
     except SweepError as exc:
         raise fail(f"{file}: {exc}")
     _ensure_schema(settings)
