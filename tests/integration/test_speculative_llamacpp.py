@@ -107,3 +107,55 @@ def test_a_draft_with_another_vocabulary_is_refused_before_any_measurement(tmp_p
                      draft_models=[str(other)], prompt_categories=["qa"], n_prompt=[], n_gen=[8])
     with pytest.raises(SweepError, match="ectablX"):
         expand(spec, models_dir=MODELS_DIR)
+
+
+SWEEP = """\
+name: spec-road
+models:
+  - name: smollm2-135m
+    quants: [F32]
+techniques: [baseline, spec, lookup]
+draft_models:
+  - name: smollm2-135m
+    quants: [Q4_0]
+n_draft: [2]
+prompt_categories: [rewriting]
+n_prompts: 1
+n_prompt: []
+n_gen: [8]
+n_threads: [1]
+repetitions: 1
+n_warmup: 0
+"""
+
+
+def test_a_speculative_sweep_runs_end_to_end_into_the_database(tmp_path, smollm2):
+    import json
+
+    from sqlalchemy import create_engine, select
+
+    from orchestrator.db import ResultRow, session_scope
+    from tests.integration.conftest import service_env, tokenfarm, worker_process
+
+    env = service_env(tmp_path / "data")
+    sweep = tmp_path / "spec.yaml"
+    sweep.write_text(SWEEP)
+    with worker_process(env, "spec-worker", tmp_path / "worker.log"):
+        proc = tokenfarm(env, "sweep", "submit", str(sweep), "--wait", "--timeout", "500")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + (tmp_path / "worker.log").read_text()[-3000:]
+    engine = create_engine(f"sqlite:///{tmp_path / 'data' / 'tokenfarm.sqlite3'}")
+    with session_scope(engine) as s:
+        rows = {r.technique: r.result for r in s.scalars(select(ResultRow))}
+    engine.dispose()
+    assert set(rows) == {"baseline", "spec", "lookup"} and all(r["status"] == "ok" for r in rows.values())
+    assert rows["baseline"]["speculation"] is None and rows["baseline"]["prompt_category"] == "rewriting"
+    spec = rows["spec"]["speculation"]
+    assert spec["lossless"] and spec["first_mismatch"] == [None]
+    assert 0.0 <= spec["acceptance_rate"] <= 1.0 and spec["n_drafted"] > 0 and len(spec["acceptance_by_position"]) == 2
+    assert rows["spec"]["draft_sha256"] and rows["spec"]["draft_sha256"] != rows["spec"]["model_sha256"]
+    table = tokenfarm(env, "results", "--technique", "spec")
+    assert table.returncode == 0 and "break-even map (spec)" in table.stdout
+    line = next(l for l in table.stdout.splitlines() if "Q4_0 | 2 |" in l)
+    assert "rewriting" in line and f"{spec['acceptance_rate']:.2f}" in line and line.rstrip().endswith("yes |")
+    only = json.loads(tokenfarm(env, "results", "--technique", "lookup", "--format", "json").stdout)
+    assert [r["technique"] for r in only] == ["lookup"]
