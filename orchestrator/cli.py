@@ -89,7 +89,7 @@ def sweep_submit(
     except SweepError as exc:
         raise fail(str(exc))
     try:
-        jobs = expand(spec, base_dir=file.parent)
+        jobs = expand(spec, base_dir=file.parent, models_dir=settings.effective_models_dir)
     except SweepError as exc:
         raise fail(f"{file}: {exc}")
     _ensure_schema(settings)
@@ -248,6 +248,8 @@ def status(sweep: Optional[str] = typer.Argument(None, help="sweep id, id prefix
 def results(
     sweep: Optional[str] = typer.Option(None, "--sweep", help="sweep id, id prefix or name; default: every sweep"),
     fmt: str = typer.Option("md", "--format", help="md, csv, json or jsonl"),
+    technique: Optional[str] = typer.Option(None, "--technique",
+                                            help="only this technique; spec or lookup with md adds the break-even table"),
 ) -> None:
     """Every stored result, in the chosen format."""
     from orchestrator.db import session_scope
@@ -256,6 +258,12 @@ def results(
 
     if fmt not in FORMATS:
         raise fail(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    from typing import get_args
+
+    from worker.contract import Technique
+
+    if technique is not None and technique not in get_args(Technique):
+        raise fail(f"unknown technique {technique!r}: use one of {', '.join(get_args(Technique))}")
     settings = load_settings()
     _ensure_schema(settings)
     with session_scope(_engine(settings)) as session:
@@ -266,7 +274,14 @@ def results(
                 raise fail(f"no sweep matches {sweep!r}: list them with `tokenfarm status`")
             sweep_id = row.id
         rows = load_results(session, sweep_id)
+    if technique is not None:
+        rows = [r for r in rows if r.technique == technique]
     sys.stdout.write(render_results(rows, fmt))
+    if technique in ("spec", "lookup") and fmt == "md":
+        from orchestrator.report import render_break_even
+
+        sys.stdout.write(f"\nbreak-even map ({technique}): speedup over the baseline measured in the same job\n\n")
+        sys.stdout.write(render_break_even(rows))
 
 
 @app.command()

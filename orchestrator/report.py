@@ -72,3 +72,42 @@ def leader_cells(row: LeaderRow) -> list[str]:
         row.pp_test, ts_cell(row.pp_ts, row.pp_stddev_ts),
         row.tg_test, ts_cell(row.tg_ts, row.tg_stddev_ts),
     ]
+
+
+BREAK_EVEN_HEAD = ("target", "draft", "n_draft", "p_min", "ngram_max", "category", "jobs", "tok/s", "baseline tok/s",
+                   "speedup", "acceptance", "accepted/pass", "draft ms", "verify ms", "lossless")
+
+
+def break_even_rows(results: Iterable[Result]) -> list[list[str]]:
+    """Speedup next to acceptance, grouped by pair x n_draft x p_min x category: which settings pay."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        if r.status != "ok" or r.speculation is None:
+            continue
+        draft = f"{r.draft_model} {r.draft_quant}" if r.draft_model else "(lookup)"
+        key = (f"{r.model} {r.quant}", draft, r.n_draft, r.p_min, r.ngram_max, r.prompt_category or "")
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for key, rs in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
+        n = len(rs)
+        s = [r.speculation for r in rs]
+        drafted, accepted, passes = sum(x.n_drafted for x in s), sum(x.n_accepted for x in s), sum(x.n_passes for x in s)
+        mismatches = [m for x in s for m in x.first_mismatch]
+        n_lossy = sum(m is not None for m in mismatches)
+        earliest = min((m for m in mismatches if m is not None), default=None)
+        lossless = "yes" if not n_lossy else f"no: {n_lossy}/{len(mismatches)} prompts, first at token {earliest}"
+        rows.append([
+            key[0], key[1], str(key[2]), f"{key[3]:g}", str(key[4] or ""), key[5], str(n),
+            f"{sum(r.avg_ts for r in rs) / n:.2f}", f"{sum(x.baseline_avg_ts for x in s) / n:.2f}",
+            f"{sum(x.speedup for x in s) / n:.2f}x", f"{accepted / drafted if drafted else 0.0:.2f}",
+            f"{accepted / passes if passes else 0.0:.2f}",
+            f"{sum(x.draft_ns for x in s) / n / 1e6:.0f}", f"{sum(x.verify_ns for x in s) / n / 1e6:.0f}", lossless,
+        ])
+    return rows
+
+
+def render_break_even(results: Iterable[Result]) -> str:
+    rows = break_even_rows(results)
+    lines = ["| " + " | ".join(BREAK_EVEN_HEAD) + " |", "|" + "---|" * len(BREAK_EVEN_HEAD)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

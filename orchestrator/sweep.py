@@ -15,8 +15,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from worker.contract import QUANTS, EngineConfig, Engine, Job, Technique
-from worker.models import CATALOGUE, ModelError, check_gguf, read_facts, sha256_file
+from worker.contract import PROMPT_CATEGORIES, QUANTS, EngineConfig, Engine, Job, Technique
+from worker.models import CATALOGUE, ModelError, catalogue_path, check_gguf, read_facts, sha256_file, vocab_mismatch, vocab_texts
 
 
 class SweepError(Exception):
@@ -64,6 +64,35 @@ class SweepSpec(BaseModel):
     n_ubatch: list[int] = Field(default_factory=lambda: [512], min_length=1)
     n_gpu_layers: list[int] = Field(default_factory=lambda: [0], min_length=1)
     flash_attn: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+    # Decode techniques (spec, lookup) run as tg tests over the prompts of each category.
+    prompt_categories: list[str] | None = None
+    n_prompts: int = Field(default=0, ge=0, description="prompts per category; 0: all")
+    draft_models: list[str | ModelEntry] = Field(default_factory=list, description="spec: drafts, with quants")
+    n_draft: list[int] = Field(default_factory=lambda: [4], min_length=1)
+    p_min: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
+    ngram_max: list[int] = Field(default_factory=lambda: [3], min_length=1)
+
+    @field_validator("prompt_categories")
+    @classmethod
+    def _known_categories(cls, v: list[str] | None) -> list[str] | None:
+        for c in v or []:
+            if c not in PROMPT_CATEGORIES:
+                raise ValueError(f"unknown prompt category {c!r}; known: {', '.join(PROMPT_CATEGORIES)}")
+        return v
+
+    @field_validator("n_draft", "ngram_max")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(x < 1 for x in v):
+            raise ValueError("values must be >= 1")
+        return v
+
+    @field_validator("p_min")
+    @classmethod
+    def _probabilities(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 <= x <= 1.0 for x in v):
+            raise ValueError("values must lie in [0, 1]")
+        return v
 
     @field_validator("quants")
     @classmethod
@@ -79,6 +108,9 @@ class SweepSpec(BaseModel):
 
     def entries(self) -> list[ModelEntry]:
         return [m if isinstance(m, ModelEntry) else ModelEntry(name=m) for m in self.models]
+
+    def draft_entries(self) -> list[ModelEntry]:
+        return [m if isinstance(m, ModelEntry) else ModelEntry(name=m) for m in self.draft_models]
 
 
 def _format_validation(exc: ValidationError) -> str:
@@ -135,7 +167,26 @@ def _model_identity(ref: str, base_dir: Path) -> tuple[str, str | None, str]:
     return str(path), sha256_file(path), facts.file_type
 
 
-def expand(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path(".")) -> list[Job]:
+def _local_source(ref: str, models_dir: Path | None) -> Path | None:
+    """The model's source file if this machine has it (the orchestrator need not)."""
+    if ref in CATALOGUE:
+        path = catalogue_path(ref, models_dir) if models_dir else None
+        return path if path is not None and path.exists() else None
+    return Path(ref)
+
+
+def technique_options(spec: SweepSpec, technique: str, drafts: list[tuple[str, str | None, str]]) -> list[dict]:
+    """The Job fields each technique varies over: spec by draft x n_draft x p_min, lookup by ngram_max x n_draft."""
+    if technique == "spec":
+        return [dict(draft_model=ref, draft_sha256=sha, draft_quant=quant, n_draft=n, p_min=p)
+                for ref, sha, quant in drafts for n in spec.n_draft for p in spec.p_min]
+    if technique == "lookup":
+        return [dict(ngram_max=g, n_draft=n) for g in spec.ngram_max for n in spec.n_draft]
+    return [{}]
+
+
+def expand(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."),
+           models_dir: Path | None = None) -> list[Job]:
     sweep_id = sweep_id or str(uuid.uuid4())
     jobs: list[Job] = []
     configs = [
@@ -146,15 +197,51 @@ def expand(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("
     tests = [("pp", n, 0) for n in spec.n_prompt if n > 0] + [("tg", 0, n) for n in spec.n_gen if n > 0]
     if not tests:
         raise SweepError("the sweep has no tests: give n_prompt or n_gen values above 0")
+    decode_techniques = [t for t in spec.techniques if t != "baseline"]
+    if decode_techniques and not (spec.prompt_categories and any(kind == "tg" for kind, _, _ in tests)):
+        raise SweepError(f"technique {decode_techniques[0]!r} decodes over prompts: give prompt_categories and n_gen")
+    if "spec" in spec.techniques and not spec.draft_models:
+        raise SweepError("technique 'spec' needs draft_models: e.g. [{name: smollm2-135m, quants: [Q4_0]}]")
+    drafts = []
+    for entry in spec.draft_entries():
+        ref, sha, native = _model_identity(entry.name, base_dir)
+        drafts += [(ref, sha, q) for q in entry.quants or [native]]
+    categories = spec.prompt_categories or [None]
     for entry in spec.entries():
         ref, sha, native = _model_identity(entry.name, base_dir)
+        if "spec" in spec.techniques:
+            _check_pairs(ref, drafts, models_dir)
         quants = entry.quants or spec.quants or [native]
         for quant, engine, config, technique in itertools.product(quants, spec.engines, configs, spec.techniques):
-            for (kind, n_prompt, n_gen), n_depth in itertools.product(tests, spec.n_depth):
-                jobs.append(Job(
-                    job_id=str(uuid.uuid4()), sweep_id=sweep_id, index=len(jobs), model=ref,
-                    model_sha256=sha, quant=quant, technique=technique, engine=engine, kind=kind,
-                    n_prompt=n_prompt, n_gen=n_gen, n_depth=n_depth, repetitions=spec.repetitions,
-                    n_warmup=spec.n_warmup, prompt_source=spec.prompt_source, seed=spec.seed, config=config,
-                ))
+            for options in technique_options(spec, technique, drafts):
+                for (kind, n_prompt, n_gen), n_depth in itertools.product(tests, spec.n_depth):
+                    if technique != "baseline" and kind != "tg":
+                        continue  # a drafter has nothing to do in a prefill test
+                    for category in categories if kind == "tg" else [None]:
+                        jobs.append(Job(
+                            job_id=str(uuid.uuid4()), sweep_id=sweep_id, index=len(jobs), model=ref,
+                            model_sha256=sha, quant=quant, technique=technique, engine=engine, kind=kind,
+                            n_prompt=n_prompt, n_gen=n_gen, n_depth=n_depth, repetitions=spec.repetitions,
+                            n_warmup=spec.n_warmup, prompt_source=spec.prompt_source, seed=spec.seed, config=config,
+                            prompt_category=category, n_prompts=spec.n_prompts if category else 0, **options,
+                        ))
     return jobs
+
+
+def _check_pairs(target: str, drafts: list[tuple[str, str | None, str]], models_dir: Path | None) -> None:
+    """Refuse a draft with another vocabulary up front, from GGUF headers, where both files are here."""
+    target_path = _local_source(target, models_dir)
+    if target_path is None:
+        return  # the worker checks the pair before measuring anyway
+    target_vocab = None
+    for ref in dict.fromkeys(ref for ref, _, _ in drafts):
+        draft_path = _local_source(ref, models_dir)
+        if draft_path is None:
+            continue
+        try:
+            target_vocab = target_vocab or vocab_texts(target_path)
+            problem = vocab_mismatch(target_vocab, vocab_texts(draft_path))
+        except ModelError as exc:
+            raise SweepError(f"draft {ref!r}: {exc}") from exc
+        if problem:
+            raise SweepError(f"draft {ref!r} cannot serve target {target!r}: {problem}")

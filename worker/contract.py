@@ -23,7 +23,9 @@ QUANTS: tuple[str, ...] = (
     "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K",
 )
 
-Technique = Literal["baseline"]
+Technique = Literal["baseline", "spec", "lookup"]
+# Prompt sets under worker/data/prompts/, chosen to stress speculation differently.
+PROMPT_CATEGORIES: tuple[str, ...] = ("code", "summarisation", "qa", "rewriting", "math", "chat")
 Engine = Literal["llamacpp", "torch"]
 TestKind = Literal["pp", "tg"]
 Status = Literal["ok", "failed"]
@@ -72,6 +74,34 @@ class Job(BaseModel):
     prompt_source: Literal["text", "random"] = "text"
     seed: int = 42
     config: EngineConfig = EngineConfig()
+    # Decode over a category's prompts instead of corpus text; spec and lookup need it, and
+    # run the baseline in the same job on the same prompts to report a speedup.
+    prompt_category: str | None = None
+    n_prompts: int = Field(default=0, ge=0, description="prompts of the category; 0: all")
+    draft_model: str | None = Field(default=None, description="spec: catalogue name or path to a GGUF file")
+    draft_sha256: str | None = Field(default=None, description="expected sha256 of the draft's source file")
+    draft_quant: str | None = None
+    n_draft: int = Field(default=0, ge=0, le=64, description="most tokens drafted per target pass")
+    p_min: float = Field(default=0.0, ge=0.0, le=1.0, description="spec: stop drafting below this top probability")
+    ngram_max: int = Field(default=0, ge=0, le=16, description="lookup: longest n-gram matched")
+
+    @model_validator(mode="after")
+    def _technique_options(self) -> "Job":
+        if self.prompt_category is not None and self.prompt_category not in PROMPT_CATEGORIES:
+            raise ValueError(f"unknown prompt category {self.prompt_category!r}; known: {', '.join(PROMPT_CATEGORIES)}")
+        if self.technique == "baseline":
+            return self
+        if self.kind != "tg" or self.prompt_category is None:
+            raise ValueError(f"a {self.technique} job is a decode (tg) test over a prompt_category")
+        if self.n_draft < 1:
+            raise ValueError(f"a {self.technique} job needs n_draft >= 1")
+        if self.technique == "spec" and not self.draft_model:
+            raise ValueError("a spec job needs a draft_model")
+        if self.technique == "lookup" and self.ngram_max < 1:
+            raise ValueError("a lookup job needs ngram_max >= 1")
+        if self.draft_quant is not None and self.draft_quant not in QUANTS:
+            raise ValueError(f"unknown draft quant {self.draft_quant!r}")
+        return self
 
     @model_validator(mode="after")
     def _sizes_match_kind(self) -> "Job":
@@ -90,6 +120,8 @@ class Job(BaseModel):
     @property
     def n_tokens(self) -> int:
         """Tokens each repetition times: the prompt for pp, the generated tokens for tg."""
+        if self.kind == "tg" and self.prompt_category:
+            return self.n_gen * self.n_prompts
         return self.n_prompt if self.kind == "pp" else self.n_gen
 
 
@@ -128,6 +160,27 @@ def summarize(n_tokens: int, samples_ns: list[int]) -> tuple[float, float]:
     return mean, std
 
 
+class Speculation(BaseModel):
+    """What a spec or lookup job measured beyond tok/s, summed over its timed repetitions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    baseline_samples_ns: list[int] = Field(description="plain greedy decoding, same prompts, same job")
+    baseline_avg_ts: float
+    speedup: float = Field(description="avg_ts / baseline_avg_ts")
+    n_drafted: int = Field(ge=0)
+    n_accepted: int = Field(ge=0)
+    n_passes: int = Field(ge=0, description="target verify passes")
+    acceptance_rate: float = Field(description="n_accepted / n_drafted; 0 when nothing was drafted")
+    mean_accepted_per_pass: float = Field(description="n_accepted / n_passes")
+    acceptance_by_position: list[float] = Field(description="accepted / drafted at draft position i")
+    draft_ns: int = Field(ge=0)
+    verify_ns: int = Field(ge=0)
+    # Losslessness: the technique's greedy tokens against the baseline's, per prompt.
+    first_mismatch: list[int | None] = Field(description="per prompt: index of the first differing token; None: identical")
+    lossless: bool
+
+
 class Result(BaseModel):
     """What a worker sends back for one Job, ok or failed."""
 
@@ -163,6 +216,15 @@ class Result(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
     started_at: datetime = Field(default_factory=utc_now)
     finished_at: datetime = Field(default_factory=utc_now)
+    prompt_category: str | None = None
+    n_prompts: int = 0
+    draft_model: str | None = None
+    draft_quant: str | None = None
+    draft_sha256: str = ""
+    n_draft: int = 0
+    p_min: float = 0.0
+    ngram_max: int = 0
+    speculation: Speculation | None = None
 
     @classmethod
     def failed(cls, job: Job, worker: str, error: str, **extra) -> "Result":
@@ -170,7 +232,7 @@ class Result(BaseModel):
             job_id=job.job_id, sweep_id=job.sweep_id, status="failed", error=error, worker=worker,
             model=job.model, quant=job.quant, technique=job.technique, backend=job.engine,
             test=job.test, n_prompt=job.n_prompt, n_gen=job.n_gen, n_depth=job.n_depth,
-            config=job.config, **extra,
+            config=job.config, **{f: getattr(job, f) for f in TECHNIQUE_FIELDS}, **extra,
         )
 
     def inconsistencies(self, job: Job | None = None) -> list[str]:
@@ -189,6 +251,11 @@ class Result(BaseModel):
                 problems.append(f"backend is {self.backend!r}, the job asked for {job.engine!r}")
             if job.model_sha256 and self.source_sha256 and self.source_sha256 != job.model_sha256:
                 problems.append("source_sha256 differs from the job's model_sha256")
+            for field in TECHNIQUE_FIELDS:
+                if field == "n_prompts" and job.n_prompts == 0:
+                    continue  # 0 asks for the whole category; the result says how many that was
+                if getattr(self, field) != getattr(job, field):
+                    problems.append(f"{field} is {getattr(self, field)!r}, the job asked for {getattr(job, field)!r}")
         if self.status == "failed":
             if not self.error:
                 problems.append("a failed result must say why")
@@ -202,6 +269,10 @@ class Result(BaseModel):
         if problems or not self.samples_ns:
             return problems or ["no samples"]
         n_tokens = self.n_prompt if self.test.startswith("pp") else self.n_gen
+        if self.prompt_category and not self.test.startswith("pp"):
+            n_tokens = self.n_gen * self.n_prompts
+            if self.n_prompts < 1:
+                return problems + ["a result over prompts must say how many (n_prompts)"]
         mean, std = summarize(n_tokens, self.samples_ns)
         if not math.isclose(mean, self.avg_ts, rel_tol=1e-6):
             problems.append(f"avg_ts {self.avg_ts:.6g} does not match the samples ({mean:.6g})")
@@ -209,7 +280,43 @@ class Result(BaseModel):
             problems.append(f"stddev_ts {self.stddev_ts:.6g} does not match the samples ({std:.6g})")
         if not self.model_sha256:
             problems.append("model_sha256 is missing")
+        if self.technique != "baseline":
+            problems += self._speculation_problems(n_tokens, mean)
         return problems
+
+    def _speculation_problems(self, n_tokens: int, avg_ts: float) -> list[str]:
+        s = self.speculation
+        if s is None:
+            return [f"a {self.technique} result must carry its speculation statistics"]
+        problems: list[str] = []
+        if self.technique == "spec" and not self.draft_sha256:
+            problems.append("draft_sha256 is missing")
+        if len(s.baseline_samples_ns) != self.repetitions or any(ns <= 0 for ns in s.baseline_samples_ns):
+            problems.append("baseline_samples_ns must hold one positive duration per repetition")
+        else:
+            base, _ = summarize(n_tokens, s.baseline_samples_ns)
+            if not math.isclose(base, s.baseline_avg_ts, rel_tol=1e-6):
+                problems.append(f"baseline_avg_ts {s.baseline_avg_ts:.6g} does not match its samples ({base:.6g})")
+            if not math.isclose(s.speedup, avg_ts / base, rel_tol=1e-6):
+                problems.append(f"speedup {s.speedup:.6g} is not avg_ts / baseline_avg_ts ({avg_ts / base:.6g})")
+        if s.n_accepted > s.n_drafted:
+            problems.append("more tokens accepted than drafted")
+        rate = s.n_accepted / s.n_drafted if s.n_drafted else 0.0
+        if not 0.0 <= s.acceptance_rate <= 1.0 or not math.isclose(s.acceptance_rate, rate, abs_tol=1e-9):
+            problems.append(f"acceptance_rate {s.acceptance_rate:.6g} is not n_accepted / n_drafted ({rate:.6g})")
+        if any(not 0.0 <= a <= 1.0 for a in s.acceptance_by_position):
+            problems.append("an acceptance by position lies outside [0, 1]")
+        if s.n_passes and not math.isclose(s.mean_accepted_per_pass, s.n_accepted / s.n_passes, abs_tol=1e-9):
+            problems.append("mean_accepted_per_pass is not n_accepted / n_passes")
+        if len(s.first_mismatch) != self.n_prompts:
+            problems.append(f"{len(s.first_mismatch)} losslessness verdicts for {self.n_prompts} prompts")
+        if s.lossless != all(m is None for m in s.first_mismatch):
+            problems.append("lossless disagrees with the per-prompt first mismatches")
+        return problems
+
+
+# Technique options a Result echoes from its Job (the break-even map groups by them).
+TECHNIQUE_FIELDS = ("prompt_category", "n_prompts", "draft_model", "draft_quant", "n_draft", "p_min", "ngram_max")
 
 
 class Capabilities(BaseModel):

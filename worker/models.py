@@ -252,3 +252,29 @@ def resolve(model: str, quant: str, models_dir: Path, expected_sha256: str | Non
             "quant": quant, "requantized": facts.file_type not in ("F32", "F16", "BF16"),
         }, indent=2))
     return target, source_sha
+
+
+def vocab_texts(path: Path) -> list[bytes]:
+    """Token texts by id from the GGUF header: what a draft/target pair must agree on."""
+    import gguf
+
+    check_gguf(path)
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as exc:  # the reader raises assorted types on truncated files
+        raise ModelError(f"{path} is a corrupt or truncated GGUF file ({exc}); fetch or convert it again") from exc
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ModelError(f"{path} has no tokenizer.ggml.tokens: it cannot be paired for speculation")
+    return [bytes(tokens.parts[i]) for i in tokens.data]
+
+
+def vocab_mismatch(target: list[bytes], draft: list[bytes]) -> str:
+    """Why a draft's vocabulary cannot serve a target's; empty when the two agree."""
+    fix = "speculation needs a draft with the target's tokenizer (e.g. a smaller quant of the same model)"
+    if len(target) != len(draft):
+        return f"the draft's vocabulary has {len(draft)} tokens, the target's {len(target)}: {fix}"
+    for i, (a, b) in enumerate(zip(target, draft)):
+        if a != b:
+            return f"token {i} is {b!r} in the draft but {a!r} in the target: {fix}"
+    return ""

@@ -11,16 +11,17 @@ import logging
 import platform
 import threading
 import time
+from pathlib import Path
 
 from celery import Celery
 from pydantic import ValidationError
 
 from worker import __version__, hardware
 from worker.broker import RUN_JOB_TASK, publish_envelope
-from worker.contract import Capabilities, Envelope, Job, Result, summarize, utc_now
+from worker.contract import TECHNIQUE_FIELDS, Capabilities, Envelope, Job, Result, summarize, utc_now
 from worker.engines import EngineError, create_backend
 from worker.measure import measure
-from worker.models import ModelError, held_models, read_facts, resolve, sha256_file
+from worker.models import CATALOGUE, ModelError, held_models, read_facts, resolve, sha256_file
 from worker.settings import Settings
 
 log = logging.getLogger("tokenfarm.worker")
@@ -28,7 +29,44 @@ log = logging.getLogger("tokenfarm.worker")
 
 def context_size(job: Job) -> int:
     need = job.n_depth + max(job.n_prompt, job.n_gen) + 16
+    if job.prompt_category:
+        from worker.speculative import load_prompts
+
+        # A token is at least one byte of text; 256 more for the chat template's markers.
+        longest = max(len(t.encode("utf-8")) for t in load_prompts(job.prompt_category, job.n_prompts))
+        need = longest + 256 + job.n_gen + job.n_draft + 16
     return ((need + 255) // 256) * 256
+
+
+def draft_file(job: Job, models_dir: Path) -> Path:
+    """The draft's file: its requested quant, derived if needed, else the file's own type."""
+    quant = job.draft_quant
+    if quant is None:
+        quant = CATALOGUE[job.draft_model].quant if job.draft_model in CATALOGUE else read_facts(Path(job.draft_model)).file_type
+    return resolve(job.draft_model, quant, models_dir, job.draft_sha256)[0]
+
+
+def measure_over_prompts(job: Job, target, settings: Settings) -> tuple[object, dict]:
+    """A decode test over a prompt category: baseline, and the technique if any, in one job."""
+    from worker.speculative import check_vocab_pair, make_drafter, measure_prompts, prompt_tokens
+
+    draft = None
+    extra: dict = {}
+    try:
+        if job.technique == "spec":
+            draft_path = draft_file(job, settings.effective_models_dir)
+            extra["draft_sha256"] = sha256_file(draft_path)
+            draft = create_backend(job.engine)
+            draft.load(draft_path, job.config, context_size(job))
+            # Before any measurement: a draft with another tokenizer would be measured as garbage.
+            check_vocab_pair(target.token_texts(), draft.token_texts())
+        prompts = prompt_tokens(target, job)
+        m = measure_prompts(target, job, prompts, make_drafter(job, draft))
+    finally:
+        if draft is not None:
+            draft.close()
+    extra.update(n_prompts=len(prompts), speculation=m.speculation)
+    return m, extra
 
 
 def execute(job: Job, settings: Settings) -> Result:
@@ -45,7 +83,10 @@ def execute(job: Job, settings: Settings) -> Result:
         backend.load(path, job.config, context_size(job))
         load_ns = time.perf_counter_ns() - t0
         try:
-            m = measure(backend, job)
+            if job.prompt_category:
+                m, extra = measure_over_prompts(job, backend, settings)
+            else:
+                m, extra = measure(backend, job), {}
             versions = {**base_versions, **backend.versions()}
         finally:
             backend.close()
@@ -56,14 +97,15 @@ def execute(job: Job, settings: Settings) -> Result:
         log.exception("job %s failed", job.job_id)
         return Result.failed(job, worker, f"{type(exc).__name__}: {exc}", hardware=hardware.summary(),
                              versions=base_versions, started_at=started)
-    avg, std = summarize(job.n_tokens, m.samples_ns)
+    fields = {**{f: getattr(job, f) for f in TECHNIQUE_FIELDS}, **extra}
+    avg, std = summarize(job.n_gen * fields["n_prompts"] if job.prompt_category else job.n_tokens, m.samples_ns)
     return Result(
         job_id=job.job_id, sweep_id=job.sweep_id, status="ok", worker=worker,
         model=job.model, model_sha256=model_sha, source_sha256=source_sha, model_facts=facts,
         quant=job.quant, technique=job.technique, backend=job.engine, test=job.test,
         n_prompt=job.n_prompt, n_gen=job.n_gen, n_depth=job.n_depth, repetitions=job.repetitions,
         samples_ns=m.samples_ns, avg_ts=avg, stddev_ts=std, load_ns=load_ns, config=job.config,
-        hardware=hardware.summary(), versions=versions, started_at=started, finished_at=utc_now(),
+        hardware=hardware.summary(), versions=versions, started_at=started, finished_at=utc_now(), **fields,
     )
 
 

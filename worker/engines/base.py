@@ -41,3 +41,26 @@ class Backend(Protocol):
         """Engine build identifiers recorded with every Result."""
 
     def close(self) -> None: ...
+
+
+class SpeculativeBackend(Backend, Protocol):
+    """What draft-and-verify decoding needs on top of plain greedy decoding."""
+
+    @property
+    def n_past(self) -> int:
+        """Tokens in the KV cache."""
+
+    def verify(self, tokens: Sequence[int]) -> list[int]:
+        """Append tokens in one pass; return the greedy next token after each of them."""
+
+    def truncate(self, n_past: int) -> None:
+        """Forget the KV entries at positions >= n_past."""
+
+    def top_prob(self) -> float:
+        """Probability of the greedy token after the last appended position."""
+
+    def token_texts(self) -> list[bytes]:
+        """Every token's text, by id."""
+
+    def chat_prompt(self, user_text: str) -> str:
+        """user_text as one user turn in the model's chat template."""

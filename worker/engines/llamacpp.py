@@ -101,11 +101,12 @@ class LlamaCppBackend:
     def n_vocab(self) -> int:
         return self._n_vocab
 
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """special: parse control tokens written in the text (a chat template's markers)."""
         data = text.encode("utf-8")
         n_max = len(data) + 8
         buf = (llama_cpp.llama_token * n_max)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, False)
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
         if n < 0:
             raise EngineError("tokenizer buffer too small")
         return list(buf[:n])
@@ -114,8 +115,10 @@ class LlamaCppBackend:
         llama_cpp.llama_memory_clear(self._mem, True)
         self._n_past = 0
 
-    def _decode(self, tokens: Sequence[int]) -> int:
+    def _decode(self, tokens: Sequence[int], all_logits: bool = False) -> int:
         batch = self._batch
+        if all_logits and len(tokens) > self._n_batch:
+            raise EngineError(f"cannot verify {len(tokens)} tokens in one batch of {self._n_batch}: raise n_batch")
         for start in range(0, len(tokens), self._n_batch):
             chunk = tokens[start:start + self._n_batch]
             last_chunk = start + self._n_batch >= len(tokens)
@@ -124,7 +127,7 @@ class LlamaCppBackend:
                 batch.pos[i] = self._n_past + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = last_chunk and i == len(chunk) - 1
+                batch.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
             batch.n_tokens = len(chunk)
             rc = llama_cpp.llama_decode(self._ctx, batch)
             if rc != 0:
@@ -134,6 +137,59 @@ class LlamaCppBackend:
         llama_cpp.llama_synchronize(self._ctx)
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self._n_vocab,))
         return int(logits.argmax())
+
+    # What speculative decoding needs beyond plain greedy decoding (worker/speculative.py).
+
+    @property
+    def n_past(self) -> int:
+        """Tokens in the KV cache: the position the next token is written at."""
+        return self._n_past
+
+    def verify(self, tokens: Sequence[int]) -> list[int]:
+        """Append tokens in one batch; return the greedy next token after each of them."""
+        if not tokens:
+            raise EngineError("verify needs at least one token")
+        self._decode(tokens, all_logits=True)
+        # Every position asked for logits, so the output rows are the batch positions in order.
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(len(tokens), self._n_vocab))
+        return [int(t) for t in logits.argmax(axis=1)]
+
+    def truncate(self, n_past: int) -> None:
+        """Forget KV entries at positions >= n_past (the tokens a verifier rejected)."""
+        if not 0 <= n_past <= self._n_past:
+            raise EngineError(f"cannot truncate a cache of {self._n_past} tokens to {n_past}")
+        if n_past < self._n_past:
+            if not llama_cpp.llama_memory_seq_rm(self._mem, 0, n_past, -1):
+                raise EngineError("llama.cpp refused to remove KV entries (a recurrent model cannot roll back)")
+            self._n_past = n_past
+
+    def top_prob(self) -> float:
+        """Softmax probability of the greedy token after the last decoded position."""
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self._n_vocab,))
+        top = float(logits.max())
+        return 1.0 / float(np.exp(logits.astype(np.float64) - top).sum())
+
+    def token_texts(self) -> list[bytes]:
+        """Every token's text, by id: two models can share KV-free token streams only if these agree."""
+        return [llama_cpp.llama_vocab_get_text(self._vocab, i) or b"" for i in range(self._n_vocab)]
+
+    def chat_prompt(self, user_text: str) -> str:
+        """user_text as one user turn in the model's own chat template; the text itself without one."""
+        tmpl = llama_cpp.llama_model_chat_template(self._model, None)
+        if not tmpl:
+            return user_text
+        content = user_text.encode("utf-8")
+        msg = (llama_cpp.llama_chat_message * 1)()
+        msg[0].role, msg[0].content = b"user", content
+        size = len(content) + 1024
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_chat_apply_template(tmpl, msg, 1, True, buf, size)
+        if n < 0:
+            return user_text  # a template llama.cpp's built-in matcher does not know
+        if n > size:
+            buf = ctypes.create_string_buffer(n + 1)
+            n = llama_cpp.llama_chat_apply_template(tmpl, msg, 1, True, buf, n + 1)
+        return buf.raw[:n].decode("utf-8", errors="replace")
 
     def prefill(self, tokens: Sequence[int]) -> int:
         if not tokens:
