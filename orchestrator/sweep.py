@@ -55,6 +55,8 @@ class SweepSpec(BaseModel):
     n_prompt: list[int] = Field(default_factory=lambda: [512])
     n_gen: list[int] = Field(default_factory=lambda: [128])
     n_depth: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    # [n_prompt, n_gen] pairs: prefill then decode in one run, llama-bench's `pp512+tg128`.
+    n_pg: list[tuple[int, int]] = Field(default_factory=list)
     repetitions: int = Field(default=5, ge=1, le=1000)
     n_warmup: int = Field(default=1, ge=0, le=100)
     prompt_source: Literal["text", "random"] = "text"
@@ -75,6 +77,13 @@ class SweepSpec(BaseModel):
     def _non_negative(cls, v: list[int]) -> list[int]:
         if any(x < 0 for x in v):
             raise ValueError("values must be >= 0")
+        return v
+
+    @field_validator("n_pg")
+    @classmethod
+    def _positive_pairs(cls, v: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if any(p < 1 or g < 1 for p, g in v):
+            raise ValueError("each n_pg pair is [n_prompt, n_gen], both >= 1")
         return v
 
     def entries(self) -> list[ModelEntry]:
@@ -144,8 +153,9 @@ def expand(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("
                                                  spec.n_gpu_layers, spec.flash_attn)
     ]
     tests = [("pp", n, 0) for n in spec.n_prompt if n > 0] + [("tg", 0, n) for n in spec.n_gen if n > 0]
+    tests += [("pg", p, g) for p, g in spec.n_pg]
     if not tests:
-        raise SweepError("the sweep has no tests: give n_prompt or n_gen values above 0")
+        raise SweepError("the sweep has no tests: give n_prompt, n_gen or n_pg values above 0")
     for entry in spec.entries():
         ref, sha, native = _model_identity(entry.name, base_dir)
         quants = entry.quants or spec.quants or [native]
