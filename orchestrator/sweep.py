@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from worker.contract import QUANTS, EngineConfig, Engine, Job, Technique
+from worker.derive import parse_moe_name
 from worker.models import CATALOGUE, ModelError, check_gguf, read_facts, sha256_file
 
 
@@ -130,6 +131,9 @@ def _model_identity(ref: str, base_dir: Path) -> tuple[str, str | None, str]:
     if ref in CATALOGUE:
         entry = CATALOGUE[ref]
         return ref, entry.sha256, entry.quant
+    if parse_moe_name(ref) is not None:
+        # Derived on the worker from its catalogue parent, deterministically; the file is F32.
+        return ref, None, "F32"
     path = Path(ref).expanduser()
     if not path.is_absolute():
         path = (base_dir / path).resolve()
