@@ -73,3 +73,38 @@ def test_roofline_counts_weights_and_the_kv_cache_at_depth():
     assert roofline_tok_s(0.0, 1_000_000, 1000, 0) == 0.0
     assert decode_context(job(kind="tg", n_gen=5, n_depth=100)) == pytest.approx(103.0)
     assert decode_context(job(kind="pg", n_prompt=10, n_gen=1)) == pytest.approx(11.0)
+
+
+def test_a_pg_result_is_checked_against_prompt_plus_generated_tokens_and_its_stats():
+    from worker.contract import Result, summarize
+
+    j = job(kind="pg", n_prompt=64, n_gen=16, repetitions=3, model_sha256="a" * 64)
+    samples = [900_000_000, 1_000_000_000, 1_100_000_000]
+    avg, std = summarize(80, samples)
+    r = Result(job_id=j.job_id, sweep_id=j.sweep_id, status="ok", worker="w", model=j.model, model_sha256="b" * 64,
+               quant=j.quant, test=j.test, n_prompt=64, n_gen=16, repetitions=3, samples_ns=samples,
+               avg_ts=avg, stddev_ts=std, stats=sample_stats(80, samples))
+    assert r.inconsistencies(j) == []
+    forged = r.model_copy(update={"stats": r.stats.model_copy(update={"median_ts": 1000.0})})
+    assert "stats.median_ts does not match the samples" in forged.inconsistencies(j)
+
+
+def test_roofline_and_energy_figures_of_a_worker_result():
+    from worker.contract import Hardware, ModelFacts
+    from worker.measure import Measurement
+    from worker.tasks import decode_figures, energy_per_token_j
+
+    facts = ModelFacts(active_bytes=100_000_000, kv_bytes_per_token=10_000)
+    hw = Hardware(host_bandwidth_gbps=10.0, device_bandwidth_gbps=1000.0)
+    tg = job(kind="tg", n_gen=9, n_depth=995)  # mean context 1000: 110 MB per token
+    figures = decode_figures(tg, Measurement(samples_ns=[1]), facts, hw, avg_ts=45.0)
+    assert figures["roofline_tok_s"] == pytest.approx(10e9 / 110e6)
+    assert figures["roofline_pct"] == pytest.approx(100 * 45.0 / (10e9 / 110e6))
+    on_gpu = job(kind="tg", n_gen=9, n_depth=995, config={"n_gpu_layers": -1})
+    assert decode_figures(on_gpu, Measurement(samples_ns=[1]), facts, hw, 45.0)["roofline_tok_s"] == pytest.approx(1e12 / 110e6)
+    pg = job(kind="pg", n_prompt=8, n_gen=2)
+    assert decode_figures(pg, Measurement(samples_ns=[3], decode_samples_ns=[1_000_000_000]), facts, hw, 9.0)["decode_ts"] == 2.0
+    assert decode_figures(job(kind="pp", n_prompt=8), Measurement(samples_ns=[1]), facts, hw, 1.0) == {}
+    assert energy_per_token_j(tg, None, 5) is None
+    # (n_warmup 2 + 4 repetitions) x (995 context + 9 generated) tokens for 6024 J
+    assert energy_per_token_j(tg, 0, 6_024_000) == pytest.approx(1.0)
