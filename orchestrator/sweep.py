@@ -131,7 +131,11 @@ def _model_identity(ref: str, base_dir: Path) -> tuple[str, str | None, str]:
     if ref in CATALOGUE:
         entry = CATALOGUE[ref]
         return ref, entry.sha256, entry.quant
-    if parse_moe_name(ref) is not None:
+    try:
+        moe = parse_moe_name(ref)
+    except ModelError as exc:
+        raise SweepError(f"model {ref!r}: {exc}") from exc
+    if moe is not None:
         # Derived on the worker from its catalogue parent, deterministically; the file is F32.
         return ref, None, "F32"
     path = Path(ref).expanduser()

@@ -103,3 +103,10 @@ def test_a_pg_pair_with_a_zero_is_refused():
 
     with pytest.raises(ValidationError, match="n_pg"):
         SweepSpec(name="x", models=["smollm2-135m"], n_pg=[[512, 0]])
+
+
+def test_an_moe_name_using_more_experts_than_it_has_is_refused(tmp_path):
+    from orchestrator.sweep import SweepError, SweepSpec, expand
+
+    with pytest.raises(SweepError, match="experts used"):
+        expand(SweepSpec(name="x", models=["smollm2-135m-moe2x4"], n_gen=[8]), base_dir=tmp_path)
