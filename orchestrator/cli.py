@@ -34,6 +34,8 @@ app.add_typer(worker_app, name="worker")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.add_typer(workers_app, name="workers")
+import_app = typer.Typer(help="Load measurements made elsewhere.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
 
 # Piped output gets a width that fits a results table instead of Rich's 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -446,6 +448,56 @@ def models_fetch(names: list[str] = typer.Argument(..., help="catalogue names"))
         except ModelError as exc:
             raise fail(str(exc))
         console.print(f"{name}: {path}")
+
+
+@models_app.command("derive")
+def models_derive(
+    names: list[str] = typer.Argument(None, help="derived names, e.g. smollm2-135m-moe8x2 or smollm2-135m-moe8x2-copy"),
+    ladder: Optional[str] = typer.Option(None, "--ladder", help="catalogue model whose quant ladder to derive (F32 ... Q2_K)"),
+) -> None:
+    """Build derived models once: a quant ladder, and MoE upcycles named <model>-moe<E>x<K>[-copy]."""
+    from worker.derive import moe_path, quant_ladder
+    from worker.engines import EngineError
+    from worker.models import ModelError
+
+    settings = load_settings()
+    if not names and not ladder:
+        raise fail("nothing to derive: give MoE names (smollm2-135m-moe8x2) and/or --ladder smollm2-135m")
+    try:
+        if ladder:
+            with console.status(f"deriving the quant ladder of {ladder}"):
+                for quant, path in quant_ladder(ladder, settings.effective_models_dir):
+                    console.print(f"{ladder} {quant}: {path}", highlight=False)
+        for name in names or []:
+            with console.status(f"deriving {name}"):
+                path = moe_path(name, settings.effective_models_dir)
+            console.print(f"{name}: {path}", highlight=False)
+    except (ModelError, EngineError) as exc:
+        raise fail(str(exc))
+
+
+@import_app.command("llama-bench")
+def import_llama_bench(
+    file: Path = typer.Argument(..., help="llama-bench -o json or -o jsonl output"),
+    machine: str = typer.Option(..., "--machine", help="name of the machine the numbers come from"),
+) -> None:
+    """Store llama-bench results as this farm's results from a named machine (idempotent)."""
+    from orchestrator.db import session_scope
+    from orchestrator.llamabench import LlamaBenchError, import_text
+
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise fail(f"{file}: cannot read it ({exc})")
+    settings = load_settings()
+    _ensure_schema(settings)
+    try:
+        with session_scope(_engine(settings)) as session:
+            stored, present = import_text(session, text, machine, file.name)
+    except LlamaBenchError as exc:
+        raise fail(f"{file}: {exc}")
+    console.print(f"imported {stored} results from {file} as machine {machine!r}"
+                  + (f" ({present} already present)" if present else ""), highlight=False)
 
 
 @app.command()

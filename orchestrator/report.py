@@ -1,7 +1,8 @@
 """Printers: results and leaderboards as Markdown, CSV, JSON and JSONL, all from the schema's fields.
 
 Field names follow llama-bench where the concept is the same (n_prompt, n_gen, n_depth,
-avg_ts, stddev_ts, samples_ns), so tools written for llama-bench output read ours.
+avg_ts, stddev_ts, samples_ns); JSON and JSONL records carry llama-bench's whole field set
+first (orchestrator/llamabench.py), so tools written for llama-bench output read ours.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import io
 import json
 from typing import Iterable
 
+from orchestrator.llamabench import to_record
 from orchestrator.ranking import LeaderRow
 from worker.contract import Result
 
@@ -38,9 +40,9 @@ def ts_cell(avg: float | None, std: float | None) -> str:
 def render_results(results: Iterable[Result], fmt: str) -> str:
     results = list(results)
     if fmt == "json":
-        return json.dumps([r.model_dump(mode="json") for r in results], indent=2)
+        return json.dumps([to_record(r) for r in results], indent=2)
     if fmt == "jsonl":
-        return "".join(json.dumps(r.model_dump(mode="json")) + "\n" for r in results)
+        return "".join(json.dumps(to_record(r)) + "\n" for r in results)
     if fmt == "csv":
         rows = [_flat(r) for r in results]
         fields = list(dict.fromkeys(k for row in rows for k in row))

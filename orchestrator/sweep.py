@@ -16,7 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from worker.contract import PROMPT_CATEGORIES, QUANTS, EngineConfig, Engine, Job, Technique
-from worker.models import CATALOGUE, ModelError, catalogue_path, check_gguf, read_facts, sha256_file, vocab_mismatch, vocab_texts
+from worker.derive import parse_moe_name
+from worker.models import (CATALOGUE, ModelError, catalogue_path, check_gguf, read_facts, sha256_file, vocab_mismatch,
+                           vocab_texts)
 
 
 class SweepError(Exception):
@@ -55,6 +57,8 @@ class SweepSpec(BaseModel):
     n_prompt: list[int] = Field(default_factory=lambda: [512])
     n_gen: list[int] = Field(default_factory=lambda: [128])
     n_depth: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    # [n_prompt, n_gen] pairs: prefill then decode in one run, llama-bench's `pp512+tg128`.
+    n_pg: list[tuple[int, int]] = Field(default_factory=list)
     repetitions: int = Field(default=5, ge=1, le=1000)
     n_warmup: int = Field(default=1, ge=0, le=100)
     prompt_source: Literal["text", "random"] = "text"
@@ -106,6 +110,13 @@ class SweepSpec(BaseModel):
             raise ValueError("values must be >= 0")
         return v
 
+    @field_validator("n_pg")
+    @classmethod
+    def _positive_pairs(cls, v: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if any(p < 1 or g < 1 for p, g in v):
+            raise ValueError("each n_pg pair is [n_prompt, n_gen], both >= 1")
+        return v
+
     def entries(self) -> list[ModelEntry]:
         return [m if isinstance(m, ModelEntry) else ModelEntry(name=m) for m in self.models]
 
@@ -153,6 +164,13 @@ def _model_identity(ref: str, base_dir: Path) -> tuple[str, str | None, str]:
     if ref in CATALOGUE:
         entry = CATALOGUE[ref]
         return ref, entry.sha256, entry.quant
+    try:
+        moe = parse_moe_name(ref)
+    except ModelError as exc:
+        raise SweepError(f"model {ref!r}: {exc}") from exc
+    if moe is not None:
+        # Derived on the worker from its catalogue parent, deterministically; the file is F32.
+        return ref, None, "F32"
     path = Path(ref).expanduser()
     if not path.is_absolute():
         path = (base_dir / path).resolve()
@@ -195,8 +213,9 @@ def expand(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("
                                                  spec.n_gpu_layers, spec.flash_attn)
     ]
     tests = [("pp", n, 0) for n in spec.n_prompt if n > 0] + [("tg", 0, n) for n in spec.n_gen if n > 0]
+    tests += [("pg", p, g) for p, g in spec.n_pg]
     if not tests:
-        raise SweepError("the sweep has no tests: give n_prompt or n_gen values above 0")
+        raise SweepError("the sweep has no tests: give n_prompt, n_gen or n_pg values above 0")
     decode_techniques = [t for t in spec.techniques if t != "baseline"]
     if decode_techniques and not (spec.prompt_categories and any(kind == "tg" for kind, _, _ in tests)):
         raise SweepError(f"technique {decode_techniques[0]!r} decodes over prompts: give prompt_categories and n_gen")

@@ -27,7 +27,8 @@ Technique = Literal["baseline", "spec", "lookup"]
 # Prompt sets under worker/data/prompts/, chosen to stress speculation differently.
 PROMPT_CATEGORIES: tuple[str, ...] = ("code", "summarisation", "qa", "rewriting", "math", "chat")
 Engine = Literal["llamacpp", "torch"]
-TestKind = Literal["pp", "tg"]
+# pg: prefill n_prompt then decode n_gen in one timed run (llama-bench's `pp512+tg128`).
+TestKind = Literal["pp", "tg", "pg"]
 Status = Literal["ok", "failed"]
 
 
@@ -37,8 +38,18 @@ def utc_now() -> datetime:
 
 def format_test_name(kind: str, n_prompt: int, n_gen: int, n_depth: int) -> str:
     """llama-bench's test names (`pp512`, `tg128`, `tg128 @ d4096`), so numbers compare."""
-    name = f"pp{n_prompt}" if kind == "pp" else f"tg{n_gen}"
+    name = {"pp": f"pp{n_prompt}", "tg": f"tg{n_gen}", "pg": f"pp{n_prompt}+tg{n_gen}"}[kind]
     return f"{name} @ d{n_depth}" if n_depth else name
+
+
+def kind_of_test(test: str) -> str:
+    """The kind back from a test name: `pp512+tg128` is pg, `pp512` pp, `tg128 @ d4096` tg."""
+    return "pg" if "+" in test else test[:2]
+
+
+def tokens_per_run(kind: str, n_prompt: int, n_gen: int) -> int:
+    """Tokens one repetition processes, as llama-bench counts them for t/s."""
+    return {"pp": n_prompt, "tg": n_gen, "pg": n_prompt + n_gen}[kind]
 
 
 class EngineConfig(BaseModel):
@@ -109,6 +120,8 @@ class Job(BaseModel):
             raise ValueError("a pp job needs n_prompt >= 1")
         if self.kind == "tg" and self.n_gen < 1:
             raise ValueError("a tg job needs n_gen >= 1")
+        if self.kind == "pg" and (self.n_prompt < 1 or self.n_gen < 1):
+            raise ValueError("a pg job needs n_prompt >= 1 and n_gen >= 1")
         if self.quant not in QUANTS:
             raise ValueError(f"unknown quant {self.quant!r}")
         return self
@@ -119,10 +132,11 @@ class Job(BaseModel):
 
     @property
     def n_tokens(self) -> int:
-        """Tokens each repetition times: the prompt for pp, the generated tokens for tg."""
+        """Tokens each repetition times: the prompt for pp, the generated tokens for tg, both for pg;
+        over a prompt set, the generated tokens of every prompt."""
         if self.kind == "tg" and self.prompt_category:
             return self.n_gen * self.n_prompts
-        return self.n_prompt if self.kind == "pp" else self.n_gen
+        return tokens_per_run(self.kind, self.n_prompt, self.n_gen)
 
 
 class Hardware(BaseModel):
@@ -134,7 +148,12 @@ class Hardware(BaseModel):
     gpu: str = ""
     vram_bytes: int = 0
     os: str = ""
-    # Measured memory bandwidth (host RAM, or the GPU's when there is one): the decode roofline.
+    gpu_driver: str = ""
+    cuda_version: str = ""
+    # STREAM-style triad, best of a few runs; 0 where not measured (see worker/hardware.py).
+    host_bandwidth_gbps: float = 0.0
+    device_bandwidth_gbps: float = 0.0
+    # The bandwidth the decode roofline uses: the device's where there is one, else the host's.
     bandwidth_gbps: float = 0.0
 
 
@@ -146,6 +165,81 @@ class ModelFacts(BaseModel):
     size_bytes: int = 0
     n_params: int = 0
     file_type: str = ""
+    # Shape of the network, from the GGUF header (`<arch>.block_count`, ...).
+    n_layer: int = 0
+    n_head: int = 0
+    n_kv_head: int = 0
+    n_embd: int = 0
+    head_dim: int = 0
+    n_ctx_train: int = 0
+    n_vocab: int = 0
+    # Bytes of tensor data per ggml type: llama.cpp falls back to other types for some tensors.
+    quant_mix_bytes: dict[str, int] = Field(default_factory=dict)
+    weight_bytes: int = Field(default=0, description="all tensor data, without header and padding")
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_params_active: int = Field(default=0, description="parameters one token passes through")
+    active_bytes: int = Field(default=0, description="weight bytes one decode step reads")
+    kv_bytes_per_token: int = Field(default=0, description="K and V of one context position, f16 cache")
+
+
+class Stats(BaseModel):
+    """Spread of per-repetition tok/s beyond mean and stddev, so a noisy machine shows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    median_ts: float = 0.0
+    min_ts: float = 0.0
+    max_ts: float = 0.0
+    ci95_low_ts: float = 0.0
+    ci95_high_ts: float = 0.0
+    cv: float = Field(default=0.0, description="stddev / mean of tok/s")
+    noisy: bool = False
+
+
+class Conditions(BaseModel):
+    """How the engine ran and what the process used while it did."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_threads: int = 0
+    kv_type: str = "f16"
+    flags: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    peak_rss_bytes: int = 0
+    peak_vram_bytes: int = 0
+    energy_per_token_j: float | None = None
+
+
+# Coefficient of variation above which a result is flagged noisy (a busy or throttling machine).
+NOISY_CV = 0.05
+
+# Two-sided 95 % Student t critical values for 1..30 degrees of freedom.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(dof: int) -> float:
+    """The 97.5 % quantile of Student's t; beyond the table, the Cornish-Fisher expansion."""
+    if dof < 1:
+        raise ValueError("a t quantile needs at least one degree of freedom")
+    if dof <= len(_T975):
+        return _T975[dof - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+
+
+def sample_stats(n_tokens: int, samples_ns: list[int], noisy_cv: float = NOISY_CV) -> Stats:
+    """Median, extremes, a 95 % confidence interval of the mean (Student t) and the CV of tok/s."""
+    rates = [tok_s(n_tokens, ns) for ns in samples_ns]
+    mean = statistics.fmean(rates)
+    if len(rates) < 2:
+        return Stats(median_ts=mean, min_ts=mean, max_ts=mean, ci95_low_ts=mean, ci95_high_ts=mean)
+    std = statistics.stdev(rates)
+    half = t975(len(rates) - 1) * std / math.sqrt(len(rates))
+    cv = std / mean
+    return Stats(median_ts=statistics.median(rates), min_ts=min(rates), max_ts=max(rates),
+                 ci95_low_ts=mean - half, ci95_high_ts=mean + half, cv=cv, noisy=cv > noisy_cv)
 
 
 def tok_s(n_tokens: int, ns: int) -> float:
@@ -211,6 +305,16 @@ class Result(BaseModel):
     avg_ts: float = 0.0
     stddev_ts: float = 0.0
     load_ns: int = 0
+    stats: Stats = Stats()
+    # Time from an empty cache to the first greedy token for n_prompt tokens (pp and pg, depth 0).
+    ttft_samples_ns: list[int] = Field(default_factory=list)
+    ttft_ns: int = 0
+    # pg: the decode part, timed directly; its rate is what the roofline bounds.
+    decode_samples_ns: list[int] = Field(default_factory=list)
+    decode_ts: float = 0.0
+    roofline_tok_s: float = 0.0
+    roofline_pct: float = 0.0
+    conditions: Conditions = Conditions()
     config: EngineConfig = EngineConfig()
     hardware: Hardware = Hardware()
     versions: dict[str, str] = Field(default_factory=dict)
@@ -268,7 +372,7 @@ class Result(BaseModel):
             problems.append("a sample is not a positive duration")
         if problems or not self.samples_ns:
             return problems or ["no samples"]
-        n_tokens = self.n_prompt if self.test.startswith("pp") else self.n_gen
+        n_tokens = tokens_per_run(kind_of_test(self.test), self.n_prompt, self.n_gen)
         if self.prompt_category and not self.test.startswith("pp"):
             n_tokens = self.n_gen * self.n_prompts
             if self.n_prompts < 1:
@@ -278,6 +382,9 @@ class Result(BaseModel):
             problems.append(f"avg_ts {self.avg_ts:.6g} does not match the samples ({mean:.6g})")
         if not math.isclose(std, self.stddev_ts, rel_tol=1e-6, abs_tol=1e-9):
             problems.append(f"stddev_ts {self.stddev_ts:.6g} does not match the samples ({std:.6g})")
+        if self.stats.median_ts and not math.isclose(
+                self.stats.median_ts, sample_stats(n_tokens, self.samples_ns).median_ts, rel_tol=1e-6):
+            problems.append("stats.median_ts does not match the samples")
         if not self.model_sha256:
             problems.append("model_sha256 is missing")
         if self.technique != "baseline":

@@ -1,13 +1,21 @@
 """What machine a measurement ran on: a summary stored with every Result.
 
-Reads /proc and platform facts only; it never touches an engine.
+Reads /proc, platform facts, NVML where `pynvml` is importable, and measures memory bandwidth
+with a STREAM-style triad (numpy on host RAM; torch on a CUDA device where present). It never
+touches an engine and knows nothing of models.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
+import resource
+import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+
+import numpy as np
 
 from worker.contract import Hardware
 
@@ -34,12 +42,146 @@ def _ram_bytes() -> int:
     return 0
 
 
+def _n_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# Per array: far beyond any last-level cache, so the triad streams from DRAM.
+TRIAD_BYTES = 256 * 2**20
+TRIAD_RUNS = 3
+
+
+def host_bandwidth_gbps(array_bytes: int = TRIAD_BYTES, n_runs: int = TRIAD_RUNS, n_threads: int = 0) -> float:
+    """STREAM triad a = b + s*c on host RAM, best of n_runs, in GB/s (1e9 bytes/s).
+
+    numpy runs each ufunc on one core, so the arrays are split over threads (ufuncs release
+    the GIL), as llama.cpp spreads decode over every core. numpy needs two passes for the
+    triad (a = s*c; a += b), which move five arrays' worth of bytes; that is what is counted.
+    """
+    n = array_bytes // 8
+    a, b, c = np.zeros(n), np.ones(n), np.full(n, 2.0)
+    n_threads = n_threads or _n_cores()
+    bounds = np.linspace(0, n, n_threads + 1, dtype=np.int64)
+    chunks = [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def triad(sl: slice) -> None:
+        np.multiply(c[sl], 3.0, out=a[sl])
+        np.add(a[sl], b[sl], out=a[sl])
+
+    best_ns = None
+    with ThreadPoolExecutor(n_threads) as pool:
+        list(pool.map(triad, chunks))  # first touch: page faults are not bandwidth
+        for _ in range(n_runs):
+            t0 = time.perf_counter_ns()
+            list(pool.map(triad, chunks))
+            ns = time.perf_counter_ns() - t0
+            best_ns = ns if best_ns is None else min(best_ns, ns)
+    if not np.allclose(a[: min(n, 1024)], 7.0):
+        raise RuntimeError("bandwidth triad computed a wrong result")
+    return 5 * n * 8 / best_ns
+
+
+def device_bandwidth_gbps(array_bytes: int = TRIAD_BYTES, n_runs: int = TRIAD_RUNS) -> float:
+    """The same triad on the first CUDA device through torch; 0.0 without torch or CUDA."""
+    if importlib.util.find_spec("torch") is None:
+        return 0.0
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0
+    n = array_bytes // 4
+    a = torch.zeros(n, device="cuda")
+    b = torch.ones(n, device="cuda")
+    c = torch.full((n,), 2.0, device="cuda")
+    torch.add(b, c, alpha=3.0, out=a)
+    torch.cuda.synchronize()
+    best_ns = None
+    for _ in range(n_runs):
+        t0 = time.perf_counter_ns()
+        torch.add(b, c, alpha=3.0, out=a)  # one pass: reads b and c, writes a
+        torch.cuda.synchronize()
+        ns = time.perf_counter_ns() - t0
+        best_ns = ns if best_ns is None else min(best_ns, ns)
+    return 3 * n * 4 / best_ns
+
+
+def _nvml_facts() -> dict:
+    """GPU name, VRAM, driver and CUDA version from NVML; empty without pynvml or a GPU."""
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(handle)
+        cuda = pynvml.nvmlSystemGetCudaDriverVersion()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        return {
+            "gpu": name.decode() if isinstance(name, bytes) else name,
+            "vram_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
+            "gpu_driver": driver.decode() if isinstance(driver, bytes) else driver,
+            "cuda_version": f"{cuda // 1000}.{cuda % 1000 // 10}",
+        }
+    except Exception:  # NVML present but no usable GPU: the facts are simply absent
+        return {}
+
+
+def gpu_energy_mj() -> int | None:
+    """Total energy the first GPU used since the driver loaded (mJ), where NVML reports it."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetTotalEnergyConsumption(pynvml.nvmlDeviceGetHandleByIndex(0)))
+    except Exception:
+        return None
+
+
+def gpu_used_bytes() -> int:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
+    except Exception:
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process so far (Linux reports ru_maxrss in KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of libraries that change what is measured, read without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("torch", "numpy", "gguf"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+@lru_cache(maxsize=1)
+def bandwidth() -> tuple[float, float]:
+    """(host, device) GB/s, measured once per process: a second of probing per job would add up."""
+    return host_bandwidth_gbps(), device_bandwidth_gbps()
+
+
 @lru_cache(maxsize=1)
 def summary() -> Hardware:
-    n_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
+    host_gbps, device_gbps = bandwidth()
     return Hardware(
         cpu=_cpu_model(),
-        n_cpu_cores=n_cores,
+        n_cpu_cores=_n_cores(),
         ram_bytes=_ram_bytes(),
         os=f"{platform.system()} {platform.release()}",
+        host_bandwidth_gbps=round(host_gbps, 3),
+        device_bandwidth_gbps=round(device_gbps, 3),
+        bandwidth_gbps=round(device_gbps or host_gbps, 3),
+        **_nvml_facts(),
     )

@@ -21,6 +21,18 @@ class Measurement:
     samples_ns: list[int]
     # Greedy tokens of the last repetition: a fingerprint of what the model really computed.
     tokens: list[int] = field(default_factory=list)
+    # Prefill from an empty cache to its greedy token (pp and pg at depth 0), per repetition.
+    ttft_samples_ns: list[int] = field(default_factory=list)
+    # The decode loop alone, per repetition (tg and pg), read from its own timer.
+    decode_samples_ns: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    total_ns: int
+    tokens: list[int]
+    prefill_ns: int = 0
+    decode_ns: int = 0
 
 
 def corpus_text() -> str:
@@ -42,36 +54,56 @@ def input_tokens(backend: Backend, n: int, source: str, seed: int, offset: int =
     return (bos + stream)[:n] if offset == 0 else stream
 
 
-def run_once(backend: Backend, job: Job, context: Sequence[int], tokens: Sequence[int]) -> tuple[int, list[int]]:
-    """One repetition from an empty cache; returns (ns timed, greedy tokens produced)."""
+def run_once(backend: Backend, job: Job, context: Sequence[int], tokens: Sequence[int]) -> Run:
+    """One repetition from an empty cache: the untimed depth context, then the timed test."""
     backend.reset()
     next_token = backend.prefill(context) if context else None
-    if job.kind == "pp":
+    if job.kind in ("pp", "pg"):
         t0 = time.perf_counter_ns()
-        out = backend.prefill(tokens)
-        return time.perf_counter_ns() - t0, [out]
-    token = next_token if next_token is not None else tokens[0]
+        token = backend.prefill(tokens)
+        t1 = time.perf_counter_ns()
+        if job.kind == "pp":
+            return Run(t1 - t0, [token], prefill_ns=t1 - t0)
+    else:
+        token = next_token if next_token is not None else tokens[0]
+        t0 = t1 = time.perf_counter_ns()
     produced: list[int] = []
     # Decode is timed directly, token by token, never derived as generate minus prefill.
-    t0 = time.perf_counter_ns()
     for _ in range(job.n_gen):
         token = backend.decode(token)
         produced.append(token)
-    return time.perf_counter_ns() - t0, produced
+    t2 = time.perf_counter_ns()
+    return Run(t2 - t0, produced, prefill_ns=t1 - t0, decode_ns=t2 - t1)
 
 
 def measure(backend: Backend, job: Job) -> Measurement:
     """Warm-up runs, then job.repetitions timed runs; every sample kept."""
     context = input_tokens(backend, job.n_depth, job.prompt_source, job.seed)
-    if job.kind == "pp":
-        tokens = input_tokens(backend, job.n_prompt, job.prompt_source, job.seed, offset=job.n_depth)
-    else:
-        tokens = input_tokens(backend, 1, job.prompt_source, job.seed, offset=job.n_depth)
+    n_input = job.n_prompt if job.kind in ("pp", "pg") else 1
+    tokens = input_tokens(backend, n_input, job.prompt_source, job.seed, offset=job.n_depth)
     for _ in range(job.n_warmup):
         run_once(backend, job, context, tokens)
-    samples: list[int] = []
-    produced: list[int] = []
-    for _ in range(job.repetitions):
-        ns, produced = run_once(backend, job, context, tokens)
-        samples.append(ns)
-    return Measurement(samples_ns=samples, tokens=produced)
+    runs = [run_once(backend, job, context, tokens) for _ in range(job.repetitions)]
+    return Measurement(
+        samples_ns=[r.total_ns for r in runs],
+        tokens=runs[-1].tokens,
+        ttft_samples_ns=[r.prefill_ns for r in runs] if job.kind != "tg" and job.n_depth == 0 else [],
+        decode_samples_ns=[r.decode_ns for r in runs] if job.kind != "pp" else [],
+    )
+
+
+def decode_context(job: Job) -> float:
+    """Mean number of cached positions a decode step of this job attends to."""
+    start = job.n_depth + 1 + (job.n_prompt if job.kind == "pg" else 0)
+    return start + (job.n_gen - 1) / 2
+
+
+def roofline_tok_s(bandwidth_gbps: float, active_bytes: int, kv_bytes_per_token: int, n_context: float) -> float:
+    """Decode's memory-bound ceiling: each token reads the active weights and the KV cache once.
+
+    Returns 0.0 when the bandwidth or the model's active bytes are unknown.
+    """
+    bytes_per_token = active_bytes + kv_bytes_per_token * n_context
+    if bandwidth_gbps <= 0 or active_bytes <= 0:
+        return 0.0
+    return bandwidth_gbps * 1e9 / bytes_per_token

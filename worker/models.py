@@ -186,32 +186,96 @@ def _human_params(n: int) -> str:
     return str(n)
 
 
+def _tensor_table(reader) -> list[tuple[str, str, int, int, int]]:
+    """(name, ggml type, n_elements, n_bytes, n_rows) per tensor."""
+    import gguf
+
+    table = []
+    for t in reader.tensors:
+        n_elements = int(t.n_elements)
+        table.append((t.name, gguf.GGMLQuantizationType(t.tensor_type).name, n_elements, int(t.n_bytes),
+                      n_elements // max(1, int(t.shape[0]))))
+    return table
+
+
 def read_facts(path: Path):
-    """Facts from the GGUF header and tensor table; raises ModelError on a corrupt file."""
+    """Facts from the GGUF header and tensor table; raises ModelError on a corrupt file.
+
+    Active parameters and bytes count what one decode step passes through: an MoE layer's
+    routed experts (`*_exps`) scaled by used/total, shared experts (`*_shexp`) and the router
+    (`ffn_gate_inp`) in full. For bytes, an input embedding with a separate output matrix is
+    read one row per token, while a tied one is read whole as the output projection.
+    """
     import gguf
 
     from worker.contract import ModelFacts
 
     check_gguf(path)
+    path = Path(path)
     try:
         reader = gguf.GGUFReader(str(path), "r")
+        table = _tensor_table(reader)
     except Exception as exc:  # the reader raises assorted types on truncated files
         raise ModelError(f"{path} is a corrupt or truncated GGUF file ({exc}); fetch or convert it again") from exc
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if int(t.data_offset) + int(t.n_bytes) > size:
+            raise ModelError(f"{path} is truncated: tensor {t.name} ends past the file's {size} bytes; "
+                             "fetch or convert it again")
 
-    def field(key: str):
+    def field(key: str, default=None):
         f = reader.fields.get(key)
-        return None if f is None else f.contents()
+        return default if f is None else f.contents()
+
+    def count(key: str, default: int = 0) -> int:
+        value = field(key, default)
+        # Some architectures store a per-layer list (e.g. KV heads); the widest layer bounds memory.
+        return int(max(value)) if isinstance(value, list) else int(value)
 
     arch = field("general.architecture") or "unknown"
     ftype = field("general.file_type")
     file_type = file_type_name(int(ftype)) if ftype is not None else ""
-    n_params = int(sum(int(t.n_elements) for t in reader.tensors))
+    n_layer = count(f"{arch}.block_count")
+    n_embd = count(f"{arch}.embedding_length")
+    n_head = count(f"{arch}.attention.head_count")
+    n_kv_head = count(f"{arch}.attention.head_count_kv", n_head)
+    head_dim = count(f"{arch}.attention.key_length", n_embd // n_head if n_head else 0)
+    value_dim = count(f"{arch}.attention.value_length", head_dim)
+    n_expert = count(f"{arch}.expert_count")
+    n_expert_used = count(f"{arch}.expert_used_count")
+    tokens = field("tokenizer.ggml.tokens")
+    n_vocab = count(f"{arch}.vocab_size", len(tokens) if tokens else 0)
+
+    names = {name for name, *_ in table}
+    tied_output = "output.weight" not in names
+    n_params = n_active = weight_bytes = active_bytes = 0
+    mix: dict[str, int] = {}
+    for name, ggml_type, n_elements, n_bytes, n_rows in table:
+        n_params += n_elements
+        weight_bytes += n_bytes
+        mix[ggml_type] = mix.get(ggml_type, 0) + n_bytes
+        if "_exps." in name and n_expert:
+            n_active += n_elements * n_expert_used // n_expert
+            active_bytes += n_bytes * n_expert_used // n_expert
+            continue
+        n_active += n_elements
+        if name == "token_embd.weight" and not tied_output:
+            active_bytes += n_bytes // max(1, n_rows)
+        else:
+            active_bytes += n_bytes
+    # K and V for every layer and KV head at one position, in llama.cpp's default f16 cache.
+    kv_bytes_per_token = n_layer * n_kv_head * (head_dim + value_dim) * 2
     return ModelFacts(
         arch=arch,
         model_type=f"{arch} {_human_params(n_params)} {file_type}".strip(),
-        size_bytes=path.stat().st_size,
+        size_bytes=size,
         n_params=n_params,
         file_type=file_type,
+        n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, head_dim=head_dim,
+        n_ctx_train=count(f"{arch}.context_length"), n_vocab=n_vocab,
+        quant_mix_bytes=dict(sorted(mix.items(), key=lambda kv: -kv[1])), weight_bytes=weight_bytes,
+        n_expert=n_expert, n_expert_used=n_expert_used, n_params_active=n_active,
+        active_bytes=active_bytes, kv_bytes_per_token=kv_bytes_per_token,
     )
 
 
@@ -225,8 +289,12 @@ def resolve(model: str, quant: str, models_dir: Path, expected_sha256: str | Non
 
     Returns (path, source_sha256).
     """
+    from worker.derive import moe_path, parse_moe_name
+
     if is_catalogue_name(model):
         source = fetch(model, models_dir)
+    elif parse_moe_name(model) is not None:
+        source = moe_path(model, models_dir)
     else:
         source = Path(model).expanduser()
     check_gguf(source)

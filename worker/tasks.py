@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import platform
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -18,9 +19,10 @@ from pydantic import ValidationError
 
 from worker import __version__, hardware
 from worker.broker import RUN_JOB_TASK, publish_envelope
-from worker.contract import TECHNIQUE_FIELDS, Capabilities, Envelope, Job, Result, summarize, utc_now
+from worker.contract import (TECHNIQUE_FIELDS, Capabilities, Conditions, Envelope, Job, Result, sample_stats,
+                             summarize, tok_s, utc_now)
 from worker.engines import EngineError, create_backend
-from worker.measure import measure
+from worker.measure import Measurement, decode_context, measure, roofline_tok_s
 from worker.models import CATALOGUE, ModelError, held_models, read_facts, resolve, sha256_file
 from worker.settings import Settings
 
@@ -28,7 +30,7 @@ log = logging.getLogger("tokenfarm.worker")
 
 
 def context_size(job: Job) -> int:
-    need = job.n_depth + max(job.n_prompt, job.n_gen) + 16
+    need = job.n_depth + (job.n_prompt + job.n_gen if job.kind == "pg" else max(job.n_prompt, job.n_gen)) + 16
     if job.prompt_category:
         from worker.speculative import load_prompts
 
@@ -83,11 +85,18 @@ def execute(job: Job, settings: Settings) -> Result:
         backend.load(path, job.config, context_size(job))
         load_ns = time.perf_counter_ns() - t0
         try:
+            energy_before_mj = hardware.gpu_energy_mj()
             if job.prompt_category:
                 m, extra = measure_over_prompts(job, backend, settings)
             else:
                 m, extra = measure(backend, job), {}
-            versions = {**base_versions, **backend.versions()}
+            energy_after_mj = hardware.gpu_energy_mj()
+            versions = {**base_versions, **backend.versions(), **hardware.library_versions()}
+            conditions = Conditions(
+                **backend.conditions(), peak_rss_bytes=hardware.peak_rss_bytes(),
+                peak_vram_bytes=hardware.gpu_used_bytes(),
+                energy_per_token_j=energy_per_token_j(job, energy_before_mj, energy_after_mj),
+            )
         finally:
             backend.close()
     except (ModelError, EngineError) as exc:
@@ -98,15 +107,42 @@ def execute(job: Job, settings: Settings) -> Result:
         return Result.failed(job, worker, f"{type(exc).__name__}: {exc}", hardware=hardware.summary(),
                              versions=base_versions, started_at=started)
     fields = {**{f: getattr(job, f) for f in TECHNIQUE_FIELDS}, **extra}
-    avg, std = summarize(job.n_gen * fields["n_prompts"] if job.prompt_category else job.n_tokens, m.samples_ns)
+    avg, std = summarize(job.n_tokens, m.samples_ns)
+    hw = hardware.summary()
+    decode = decode_figures(job, m, facts, hw, avg)
     return Result(
         job_id=job.job_id, sweep_id=job.sweep_id, status="ok", worker=worker,
         model=job.model, model_sha256=model_sha, source_sha256=source_sha, model_facts=facts,
         quant=job.quant, technique=job.technique, backend=job.engine, test=job.test,
         n_prompt=job.n_prompt, n_gen=job.n_gen, n_depth=job.n_depth, repetitions=job.repetitions,
         samples_ns=m.samples_ns, avg_ts=avg, stddev_ts=std, load_ns=load_ns, config=job.config,
-        hardware=hardware.summary(), versions=versions, started_at=started, finished_at=utc_now(), **fields,
+        stats=sample_stats(job.n_tokens, m.samples_ns),
+        ttft_samples_ns=m.ttft_samples_ns,
+        ttft_ns=int(statistics.median(m.ttft_samples_ns)) if m.ttft_samples_ns else 0,
+        decode_samples_ns=m.decode_samples_ns, **decode, conditions=conditions,
+        hardware=hw, versions=versions, started_at=started, finished_at=utc_now(), **fields,
     )
+
+
+def energy_per_token_j(job: Job, before_mj: int | None, after_mj: int | None) -> float | None:
+    """GPU energy of the whole measurement (warm-up included) over every token it processed."""
+    if before_mj is None or after_mj is None or after_mj <= before_mj:
+        return None
+    n_runs = job.n_warmup + job.repetitions
+    n_tokens = n_runs * (job.n_depth + job.n_tokens)
+    return (after_mj - before_mj) / 1000 / n_tokens
+
+
+def decode_figures(job: Job, m: Measurement, facts, hw, avg_ts: float) -> dict:
+    """decode_ts (pg's directly timed decode part) and the roofline bound for tg and pg."""
+    if job.kind == "pp":
+        return {}
+    decode_ts = avg_ts if job.kind == "tg" else statistics.fmean(tok_s(job.n_gen, ns) for ns in m.decode_samples_ns)
+    on_device = job.config.n_gpu_layers != 0 and hw.device_bandwidth_gbps > 0
+    bandwidth = hw.device_bandwidth_gbps if on_device else hw.host_bandwidth_gbps
+    ceiling = roofline_tok_s(bandwidth, facts.active_bytes, facts.kv_bytes_per_token, decode_context(job))
+    return {"decode_ts": decode_ts, "roofline_tok_s": ceiling,
+            "roofline_pct": 100 * decode_ts / ceiling if ceiling else 0.0}
 
 
 def capabilities(settings: Settings, queues: list[str]) -> Capabilities:

@@ -85,3 +85,28 @@ def test_a_sweep_without_tests_is_refused():
 def test_a_sweep_that_is_not_a_mapping(tmp_path):
     with pytest.raises(SweepError, match="YAML mapping"):
         load_spec(write(tmp_path, "- just\n- a list\n"))
+
+
+def test_pg_pairs_and_derived_moe_names_expand_into_jobs(tmp_path):
+    from orchestrator.sweep import SweepSpec, expand
+
+    spec = SweepSpec(name="pg", models=["smollm2-135m-moe8x2"], n_prompt=[], n_gen=[16], n_pg=[[64, 16]])
+    jobs = expand(spec, base_dir=tmp_path)
+    assert [(j.kind, j.test) for j in jobs] == [("tg", "tg16"), ("pg", "pp64+tg16")]
+    assert {(j.model, j.quant, j.model_sha256) for j in jobs} == {("smollm2-135m-moe8x2", "F32", None)}
+
+
+def test_a_pg_pair_with_a_zero_is_refused():
+    from pydantic import ValidationError
+
+    from orchestrator.sweep import SweepSpec
+
+    with pytest.raises(ValidationError, match="n_pg"):
+        SweepSpec(name="x", models=["smollm2-135m"], n_pg=[[512, 0]])
+
+
+def test_an_moe_name_using_more_experts_than_it_has_is_refused(tmp_path):
+    from orchestrator.sweep import SweepError, SweepSpec, expand
+
+    with pytest.raises(SweepError, match="experts used"):
+        expand(SweepSpec(name="x", models=["smollm2-135m-moe2x4"], n_gen=[8]), base_dir=tmp_path)

@@ -37,6 +37,9 @@ class Backend(Protocol):
     def decode(self, token: int) -> int:
         """Append one token; return the greedy next token."""
 
+    def conditions(self) -> dict:
+        """Settings the loaded context really uses: n_threads, kv_type and engine flags."""
+
     def versions(self) -> dict[str, str]:
         """Engine build identifiers recorded with every Result."""
 

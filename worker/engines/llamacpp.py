@@ -96,6 +96,12 @@ class LlamaCppBackend:
         self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._n_past = 0
+        self._conditions = {
+            "n_threads": n_threads, "kv_type": "f16",
+            "flags": {"n_ctx": n_ctx, "n_batch": self._n_batch, "n_ubatch": int(cparams.n_ubatch),
+                      "n_gpu_layers": int(mparams.n_gpu_layers), "flash_attn": config.flash_attn,
+                      "type_k": "f16", "type_v": "f16", "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())},
+        }
 
     @property
     def n_vocab(self) -> int:
@@ -198,6 +204,10 @@ class LlamaCppBackend:
 
     def decode(self, token: int) -> int:
         return self._decode((token,))
+
+    def conditions(self) -> dict:
+        """Settings the context really ran with (thread count after defaulting, KV cache type)."""
+        return dict(self._conditions)
 
     def versions(self) -> dict[str, str]:
         return {

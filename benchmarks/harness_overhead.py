@@ -1,0 +1,107 @@
+"""Harness overhead and repeatability: tokenfarm's tg128 and pp512 against a bare llama_decode loop.
+
+Both sides run SmolLM2-135M Q8_0 in this process with the same threads and batch, alternating
+repetition by repetition so a drifting machine affects both alike. The bare loop is what
+llama-bench does: llama_batch_get_one, llama_decode, llama_synchronize, nothing else. The ratio
+ours / bare is the share of llama.cpp's speed the harness keeps (target >= 0.98). Then the CV of
+tg128 over 5 repetitions through tokenfarm's measurement core.
+
+    PYTHONPATH=. python benchmarks/harness_overhead.py [--reps 5] [--threads 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import llama_cpp
+
+from worker.contract import EngineConfig, Job, sample_stats
+from worker.engines.llamacpp import LlamaCppBackend, default_n_threads
+from worker.measure import input_tokens, measure
+from worker.models import resolve
+from worker.settings import load_settings
+
+
+class BareLoop:
+    """The minimum llama-bench does per test, through llama-cpp-python's raw bindings."""
+
+    def __init__(self, path: Path, n_threads: int, n_batch: int, n_ubatch: int, n_ctx: int) -> None:
+        mparams = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_ctx, n_batch, n_ubatch
+        cparams.n_threads = cparams.n_threads_batch = n_threads
+        cparams.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.n_batch = n_batch
+
+    def pp(self, tokens: list[int]) -> int:
+        llama_cpp.llama_memory_clear(self.mem, True)
+        t0 = time.perf_counter_ns()
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            arr = (llama_cpp.llama_token * len(chunk))(*chunk)
+            llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
+        llama_cpp.llama_synchronize(self.ctx)
+        return time.perf_counter_ns() - t0
+
+    def tg(self, first: int, n_gen: int) -> int:
+        llama_cpp.llama_memory_clear(self.mem, True)
+        arr = (llama_cpp.llama_token * 1)(first)
+        t0 = time.perf_counter_ns()
+        for _ in range(n_gen):
+            llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(arr, 1))
+            llama_cpp.llama_synchronize(self.ctx)
+        return time.perf_counter_ns() - t0
+
+    def close(self) -> None:
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    path, _ = resolve("smollm2-135m", "Q8_0", load_settings().effective_models_dir)
+    config = EngineConfig(n_threads=args.threads or default_n_threads())
+    n_ctx = 768
+    ours = LlamaCppBackend()
+    ours.load(path, config, n_ctx)
+    bare = BareLoop(path, config.n_threads, min(config.n_batch, n_ctx), config.n_ubatch, n_ctx)
+    base = dict(job_id="bench", sweep_id="bench", index=0, model=str(path), quant="Q8_0",
+                repetitions=1, n_warmup=0, config=config)
+    pp_job, tg_job = Job(kind="pp", n_prompt=512, **base), Job(kind="tg", n_gen=128, **base)
+    prompt = input_tokens(ours, 512, "text", 42)
+    first = prompt[0]
+    # Warm both sides once (page cache, thread pools, allocator).
+    measure(ours, pp_job), measure(ours, tg_job), bare.pp(prompt), bare.tg(first, 128)
+    times: dict[str, list[int]] = {"ours pp512": [], "bare pp512": [], "ours tg128": [], "bare tg128": []}
+    for _ in range(args.reps):
+        times["ours pp512"] += measure(ours, pp_job).samples_ns
+        times["bare pp512"].append(bare.pp(prompt))
+        times["ours tg128"] += measure(ours, tg_job).samples_ns
+        times["bare tg128"].append(bare.tg(first, 128))
+    rate = {k: statistics.median(n * 1e9 / ns for ns in v) for k, v in times.items()
+            for n in [512 if "pp" in k else 128]}
+    print(f"model {path.name}, n_threads {config.n_threads}, n_batch {config.n_batch}, {args.reps} alternating reps")
+    for test in ("pp512", "tg128"):
+        ratio = rate[f"ours {test}"] / rate[f"bare {test}"]
+        print(f"{test}: tokenfarm {rate[f'ours {test}']:.2f} t/s, bare llama_decode {rate[f'bare {test}']:.2f} t/s, "
+              f"ratio {ratio:.4f} (target >= 0.98)")
+    rep_job = Job(kind="tg", n_gen=128, **{**base, "repetitions": 5, "n_warmup": 1})
+    m = measure(ours, rep_job)
+    s = sample_stats(128, m.samples_ns)
+    print(f"repeatability tg128 x5: median {s.median_ts:.2f} t/s, 95% CI [{s.ci95_low_ts:.2f}, {s.ci95_high_ts:.2f}], "
+          f"CV {100 * s.cv:.2f} %{' (noisy)' if s.noisy else ''}")
+    ours.close()
+    bare.close()
+
+
+if __name__ == "__main__":
+    main()

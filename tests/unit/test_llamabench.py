@@ -1,0 +1,73 @@
+"""llama-bench interchange without services: parsing, quant names, refusal of broken records."""
+
+import json
+
+import pytest
+
+from orchestrator.llamabench import LlamaBenchError, parse, quant_from_model_type, to_record, to_result
+from tests.conftest import REPO
+
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+@pytest.mark.parametrize("model_type, quant", [
+    ("llama 7B Q4_K - Medium", "Q4_K_M"), ("qwen2 1.5B Q4_K - Small", "Q4_K_S"), ("llama 8B F16", "F16"),
+    ("gemma3 270M Q8_0", "Q8_0"), ("llama 7B IQ2_XXS - 2.0625 bpw", "IQ2_XXS"), ("llama 135M BF16", "BF16"),
+    ("mystery", "unknown"),
+])
+def test_model_type_maps_back_to_the_quant_spelling(model_type, quant):
+    assert quant_from_model_type(model_type) == quant
+
+
+def test_jsonl_and_json_arrays_parse_with_line_numbers():
+    records = parse((FIXTURES / "llama-bench.jsonl").read_text())
+    assert [n for n, _ in records] == [1, 2, 3, 4]
+    array = parse((FIXTURES / "llama-bench.json").read_text())
+    assert [n for n, _ in array] == [2, 3] and array[0][1]["n_prompt"] == 512
+
+
+def test_a_broken_line_is_refused_with_its_number():
+    with pytest.raises(LlamaBenchError, match="^line 3: not valid JSON"):
+        parse((FIXTURES / "llama-bench-broken.jsonl").read_text())
+
+
+def test_records_become_results_with_llama_bench_tests_and_quants():
+    records = parse((FIXTURES / "llama-bench.jsonl").read_text())
+    results = [to_result(rec, n, "rig", "sweep")[0] for n, rec in records]
+    assert [r.test for r in results] == ["pp512", "tg128", "tg128 @ d4096", "pp512+tg128"]
+    assert {r.quant for r in results} == {"Q4_K_M"}
+    for (_, rec), r in zip(records, results):
+        assert r.avg_ts == pytest.approx(rec["avg_ts"]) and r.samples_ns == rec["samples_ns"]
+        assert r.inconsistencies() == ["model_sha256 is missing"]  # llama-bench does not hash models
+    # Export gives the same llama-bench fields back.
+    back = to_record(results[1])
+    for key in ("n_prompt", "n_gen", "n_depth", "samples_ns", "n_threads", "n_gpu_layers", "flash_attn",
+                "model_type", "model_size", "model_n_params", "cpu_info", "gpu_info", "build_commit"):
+        assert back[key] == records[1][1][key], key
+    assert back["avg_ts"] == pytest.approx(records[1][1]["avg_ts"])
+    assert back["samples_ts"] == pytest.approx(records[1][1]["samples_ts"])
+
+
+def test_the_same_line_gets_the_same_id_and_a_different_machine_another():
+    (_, rec), = parse(json.dumps(json.loads((FIXTURES / "llama-bench.jsonl").read_text().splitlines()[0])))
+    a, b, c = (to_result(rec, 1, m, "s")[0].job_id for m in ("rig", "rig", "other"))
+    assert a == b != c
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"avg_ts": 1.0}, "does not match samples_ns"),
+    ({"samples_ns": []}, "non-empty"),
+    ({"n_prompt": 0, "n_gen": 0}, "not both 0"),
+    ({"samples_ns": "fast"}, "wrong type"),
+])
+def test_inconsistent_records_are_refused(change, message):
+    rec = json.loads((FIXTURES / "llama-bench.jsonl").read_text().splitlines()[0])
+    with pytest.raises(LlamaBenchError, match=f"line 7: .*{message}"):
+        to_result({**rec, **change}, 7, "rig", "s")
+
+
+def test_a_missing_field_is_named():
+    rec = json.loads((FIXTURES / "llama-bench.jsonl").read_text().splitlines()[0])
+    del rec["samples_ns"]
+    with pytest.raises(LlamaBenchError, match="missing field 'samples_ns'"):
+        to_result(rec, 1, "rig", "s")
