@@ -509,7 +509,8 @@ def dashboard(port: int = typer.Option(8501, help="port to serve on"),
     app_path = Path(dashboard_pkg.__file__).parent / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.port", str(port),
            "--server.address", address, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    raise typer.Exit(subprocess.call(cmd))
+    # Replace this process rather than wrap it, so a stop signal reaches Streamlit itself.
+    os.execv(sys.executable, cmd)
 
 
 @app.command()

@@ -204,6 +204,10 @@ class PromptMeasurement:
     # Last repetition's tokens per prompt: baseline's, and the technique's.
     baseline_tokens: list[list[int]]
     tokens: list[list[int]]
+    # The Measurement fields a prompt-set run has no use for: no prefill is timed, and every
+    # sample is decode already.
+    ttft_samples_ns: list[int] = field(default_factory=list)
+    decode_samples_ns: list[int] = field(default_factory=list)
 
 
 def measure_prompts(target: SpeculativeBackend, job: Job, prompts: list[list[int]], drafter=None) -> PromptMeasurement:

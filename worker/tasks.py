@@ -184,7 +184,12 @@ def register(app: Celery, settings: Settings) -> None:
         publish_envelope(app, Envelope(kind="started", job_id=job.job_id, worker=settings.worker_name),
                          settings.worker_token)
         log.info("job %s: %s %s %s", job.job_id, job.model, job.quant, job.test)
-        result = execute(job, settings)
+        try:
+            result = execute(job, settings)
+        except Exception as exc:  # a bug in building the Result must still end the job, not hang it
+            log.exception("job %s: no result could be built", job.job_id)
+            result = Result.failed(job, settings.worker_name, f"internal error: {type(exc).__name__}: {exc}",
+                                   hardware=hardware.summary())
         publish_envelope(app, Envelope(kind="result", job_id=job.job_id, worker=settings.worker_name, result=result),
                          settings.worker_token)
         log.info("job %s: %s %.2f tok/s %s", job.job_id, result.status, result.avg_ts, result.error)
