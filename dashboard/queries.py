@@ -6,9 +6,10 @@ shared with the CLI.
 
 With 100,000 results a page cannot load every stored Result: queries group by the results
 table's key columns in SQL and pull the few JSON fields they need as aggregates; only the
-detail page reads one whole Result. Fields that later issues add to the Result (TTFT, peak
-memory, roofline, acceptance, ...) are read by JSON path, so they are NULL until they land and
-the pages show an empty state instead of failing.
+detail page reads one whole Result. Figures outside the key columns (TTFT, peak memory,
+roofline, acceptance, ...) are read by JSON path into `worker.contract.Result`; every path is
+listed in JSON_PATHS, which a unit test checks against the schema. A Result stored before a
+field existed reads NULL there, and the pages show an empty state instead of failing.
 """
 
 from __future__ import annotations
@@ -104,6 +105,24 @@ def _read(eng: Engine, query) -> pd.DataFrame:
         return pd.DataFrame.from_records(result.cursor.fetchall(), columns=columns)
 
 
+# Every path into a stored Result that a query reads, dotted (`stats.median_ts`); a column is
+# named after the path's last part.
+MEASUREMENT_PATHS = ("conditions.peak_vram_bytes", "conditions.peak_rss_bytes", "ttft_ns", "roofline_pct",
+                     "roofline_tok_s", "stats.median_ts", "stats.noisy")
+FACTS = ("size_bytes", "n_params", "n_params_active", "active_bytes", "n_expert", "n_expert_used")
+FACT_PATHS = ("model_facts.model_type",) + tuple(f"model_facts.{f}" for f in FACTS)
+HARDWARE_PATHS = ("hardware.gpu", "hardware.cpu", "hardware.n_cpu_cores", "hardware.vram_bytes",
+                  "hardware.bandwidth_gbps")
+TECHNIQUE_PATHS = ("prompt_category", "n_draft", "p_min", "ngram_max", "draft_model", "draft_quant",
+                   "speculation.speedup", "speculation.acceptance_rate", "speculation.mean_accepted_per_pass",
+                   "speculation.lossless", "speculation.first_mismatch")
+JSON_PATHS = MEASUREMENT_PATHS + FACT_PATHS + HARDWARE_PATHS + TECHNIQUE_PATHS
+
+
+def _path(dotted: str) -> tuple[str, ...]:
+    return tuple(dotted.split("."))
+
+
 KEY = (R.model, R.model_sha256, R.quant, R.technique, R.backend, R.worker, R.test, R.n_prompt, R.n_gen, R.n_depth)
 
 
@@ -123,7 +142,7 @@ def measurements() -> pd.DataFrame:
         .where(R.status == "ok").group_by(*KEY)
     ).subquery()
     rep = aliased(R)
-    extras = ["peak_vram_bytes", "peak_rss_bytes", "ttft_ns", "roofline_pct", "roofline_tok_s", "median_ts", "noisy"]
+    extras = list(MEASUREMENT_PATHS)
 
     def build(eng: Engine) -> pd.DataFrame:
         query = (select(stats, _packed(eng, rep.result, extras).label("extras"))
@@ -139,15 +158,13 @@ def measurements() -> pd.DataFrame:
     return frame.drop(columns=["avg_sq_ts", "avg_var_ts"])
 
 
-FACTS = ("size_bytes", "n_params", "n_params_active", "active_bytes_per_token", "n_expert", "n_expert_used")
-
-
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def model_facts() -> pd.DataFrame:
     """Facts of each model file, from one stored Result per file (they do not vary by run)."""
     one_per_file = select(func.max(R.job_id)).group_by(R.model_sha256)
-    query = (select(R.model_sha256, _js("model_facts", "model_type").label("model_type"),
-                    *[_j("model_facts", f).label(f) for f in FACTS])
+    text_path, *number_paths = FACT_PATHS
+    query = (select(R.model_sha256, _js(*_path(text_path)).label("model_type"),
+                    *[_j(*_path(p)).label(p.rsplit(".", 1)[-1]) for p in number_paths])
              .where(R.job_id.in_(one_per_file)))
     return _frame(lambda e: _read(e, query))
 
@@ -175,11 +192,9 @@ def workers() -> pd.DataFrame:
                      .where(JobRow.worker.is_not(None)).group_by(JobRow.worker))
         counts = counts.merge(seen, on="worker", how="left")
         latest = select(func.max(R.job_id)).group_by(R.worker)
-        hw = _read(eng, select(
-            R.worker, _js("hardware", "gpu").label("gpu"), _js("hardware", "cpu").label("cpu"),
-            _j("hardware", "n_cpu_cores").label("n_cpu_cores"), _j("hardware", "vram_bytes").label("vram_bytes"),
-            _j("hardware", "bandwidth_gbps").label("bandwidth_gbps"),
-        ).where(R.job_id.in_(latest)))
+        texts = ("hardware.gpu", "hardware.cpu")
+        hw = _read(eng, select(R.worker, *[(_js if p in texts else _j)(*_path(p)).label(p.rsplit(".", 1)[-1])
+                                           for p in HARDWARE_PATHS]).where(R.job_id.in_(latest)))
         frame = counts.merge(hw, on="worker", how="left")
         frame["trust"] = "no trust records yet"
         column = _flag_column(eng)
@@ -248,9 +263,12 @@ def leaderboard_frame(tier_gb: int | None, n_depth: int = 0, hardware_classes: t
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def techniques() -> pd.DataFrame:
-    """Spec / lookup / MTP results grouped by model, category and settings, with what they buy."""
-    fields = ["prompt_category", "n_draft", "p_min", "draft_model", "speedup", "acceptance_rate",
-              "mean_accepted_len", "lossless", "first_divergence"]
+    """Spec / lookup results grouped by model, category and settings, with what they buy.
+
+    `first_divergence` is the earliest token index, over a run's prompts, at which the technique's
+    greedy tokens left the baseline's (`speculation.first_mismatch`; None where all were identical).
+    """
+    fields = list(TECHNIQUE_PATHS)
 
     def build(eng: Engine) -> pd.DataFrame:
         # One row per result, fields unpacked here: grouping by JSON expressions in SQL would
@@ -264,16 +282,26 @@ def techniques() -> pd.DataFrame:
     if rows.empty:
         return rows
     rows["prompt_category"] = rows["prompt_category"].fillna("(none)")
+    rows["first_divergence"] = rows["first_mismatch"].map(_first_divergence)
     rows["n_runs"] = 1
     rows["n_lossless"] = rows["lossless"].map(lambda v: 1 if v in (True, 1) else 0)
     rows["n_lossless_known"] = rows["lossless"].notna().astype(int)
-    keys = ["model", "quant", "technique", "backend", "worker", "prompt_category", "n_draft", "p_min", "draft_model"]
+    keys = ["model", "quant", "technique", "backend", "worker", "prompt_category", "n_draft", "p_min", "ngram_max",
+            "draft_model", "draft_quant"]
     return rows.groupby(keys, dropna=False).agg(
         n_runs=("n_runs", "sum"), avg_ts=("avg_ts", "mean"), speedup=("speedup", "mean"),
-        acceptance_rate=("acceptance_rate", "mean"), mean_accepted_len=("mean_accepted_len", "mean"),
+        acceptance_rate=("acceptance_rate", "mean"), mean_accepted_per_pass=("mean_accepted_per_pass", "mean"),
         n_lossless=("n_lossless", "sum"), n_lossless_known=("n_lossless_known", "sum"),
         first_divergence_min=("first_divergence", "min"),
     ).reset_index()
+
+
+def _first_divergence(first_mismatch) -> float | None:
+    """The smallest per-prompt first mismatch; None when every prompt matched or none was recorded."""
+    if isinstance(first_mismatch, str):
+        first_mismatch = json.loads(first_mismatch)
+    found = [m for m in (first_mismatch or []) if m is not None]
+    return float(min(found)) if found else None
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)

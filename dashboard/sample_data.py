@@ -1,10 +1,10 @@
 """Plausible synthetic results for the dashboard's tests and its load benchmark.
 
 It writes sweeps, jobs and results straight into an upgraded database in bulk (SQLAlchemy Core
-executemany), shaped like what workers send: today's Result fields plus the fields the
-measurement, speculative and torch-engine issues add (medians, TTFT, roofline, MoE facts,
-acceptance, losslessness), so every page has something to draw. The app never calls it; it
-knows nothing of Streamlit.
+executemany). Every result is a `worker.contract.Result` built through the schema (stats,
+conditions, model facts, hardware, speculation) and self-consistent the way the collector checks
+it: avg_ts and stddev_ts from the samples, speedup from the baseline samples, acceptance from the
+counts. Every job is a valid `Job`. The app never calls it; it knows nothing of Streamlit.
 """
 
 from __future__ import annotations
@@ -19,25 +19,29 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy.engine import Engine
 
 from orchestrator.db import JobRow, ResultRow, SweepRow
+from worker.contract import (PROMPT_CATEGORIES, Conditions, Hardware, Job, ModelFacts, Result, Speculation,
+                             format_test_name, sample_stats, summarize)
 
-# (name, arch, total params, active params, n_expert, n_expert_used): two MoE among dense models.
+# (name, arch, total params, active params, n_expert, n_expert_used, (n_layer, n_kv_head, head_dim)):
+# three MoE among dense models.
 BASE_MODELS = [
-    ("smollm2-135m", "llama", 135e6, 135e6, 0, 0),
-    ("gemma3-270m", "gemma3", 270e6, 270e6, 0, 0),
-    ("qwen3-1.7b", "qwen3", 1.7e9, 1.7e9, 0, 0),
-    ("llama3.2-3b", "llama", 3.2e9, 3.2e9, 0, 0),
-    ("qwen3-8b", "qwen3", 8.2e9, 8.2e9, 0, 0),
-    ("gemma3-12b", "gemma3", 12e9, 12e9, 0, 0),
-    ("mistral-small-24b", "llama", 24e9, 24e9, 0, 0),
-    ("qwen3-32b", "qwen3", 32e9, 32e9, 0, 0),
-    ("llama3.3-70b", "llama", 70e9, 70e9, 0, 0),
-    ("qwen3-30b-a3b", "qwen3moe", 30.5e9, 3.3e9, 128, 8),
-    ("gpt-oss-20b", "gpt-oss", 21e9, 3.6e9, 32, 4),
-    ("smollm2-moe-8x", "llama", 620e6, 220e6, 8, 2),
+    ("smollm2-135m", "llama", 135e6, 135e6, 0, 0, (30, 3, 64)),
+    ("gemma3-270m", "gemma3", 270e6, 270e6, 0, 0, (18, 1, 256)),
+    ("qwen3-1.7b", "qwen3", 1.7e9, 1.7e9, 0, 0, (28, 8, 128)),
+    ("llama3.2-3b", "llama", 3.2e9, 3.2e9, 0, 0, (28, 8, 128)),
+    ("qwen3-8b", "qwen3", 8.2e9, 8.2e9, 0, 0, (36, 8, 128)),
+    ("gemma3-12b", "gemma3", 12e9, 12e9, 0, 0, (48, 8, 256)),
+    ("mistral-small-24b", "llama", 24e9, 24e9, 0, 0, (40, 8, 128)),
+    ("qwen3-32b", "qwen3", 32e9, 32e9, 0, 0, (64, 8, 128)),
+    ("llama3.3-70b", "llama", 70e9, 70e9, 0, 0, (80, 8, 128)),
+    ("qwen3-30b-a3b", "qwen3moe", 30.5e9, 3.3e9, 128, 8, (48, 4, 128)),
+    ("gpt-oss-20b", "gpt-oss", 21e9, 3.6e9, 32, 4, (24, 8, 64)),
+    ("smollm2-moe-8x", "llama", 620e6, 220e6, 8, 2, (30, 3, 64)),
 ]
 # Bits per weight of each quant, for file sizes.
 QUANT_BITS = {"F16": 16.0, "Q8_0": 8.5, "Q6_K": 6.6, "Q4_K_M": 4.8, "Q4_0": 4.5, "Q2_K": 2.6}
 # (worker, gpu, vram GiB, bandwidth GB/s, cpu, cores): GPU boxes of each tier and two CPU-only boxes.
+# The bandwidth is the device's on a GPU box, the host's on a CPU-only one.
 WORKERS = [
     ("rtx3060", "NVIDIA GeForce RTX 3060", 12, 360, "AMD Ryzen 5 5600X", 6),
     ("rtx4060ti", "NVIDIA GeForce RTX 4060 Ti 16GB", 16, 288, "Intel Core i5-13400", 10),
@@ -52,95 +56,153 @@ WORKERS = [
 ]
 TESTS = [("pp", 128, 0, 0), ("pp", 512, 0, 0), ("pp", 2048, 0, 0), ("tg", 0, 32, 0), ("tg", 0, 128, 0),
          ("tg", 0, 128, 1024), ("tg", 0, 128, 4096)]
-TECHNIQUES = ["baseline", "baseline", "spec", "lookup", "mtp"]
-CATEGORIES = ["code", "summarization", "qa", "rewrite", "math", "chat"]
+TECHNIQUES = ["baseline", "baseline", "spec", "lookup"]
+N_PROMPTS = 8
+REPETITIONS = 5
+DRAFT = ("smollm2-135m", "Q4_0")
 START = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
 
-def _test_name(kind: str, n_prompt: int, n_gen: int, n_depth: int) -> str:
-    name = f"pp{n_prompt}" if kind == "pp" else f"tg{n_gen}"
-    return f"{name} @ d{n_depth}" if n_depth else name
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _model_file(rng: random.Random, base: tuple, quant: str) -> dict:
-    name, arch, n_params, n_active, n_expert, n_used = base
+def _model_file(base: tuple, quant: str) -> dict:
+    name, arch, n_params, n_active, n_expert, n_used, (n_layer, n_kv_head, head_dim) = base
     bits = QUANT_BITS[quant]
+    weight_bytes = int(n_params * bits / 8)
+    facts = ModelFacts(
+        arch=arch, model_type=f"{arch} {n_params / 1e9:.1f}B {quant}", size_bytes=weight_bytes + (6 << 20),
+        n_params=int(n_params), file_type=quant, n_layer=n_layer, n_head=n_kv_head * 4, n_kv_head=n_kv_head,
+        n_embd=n_kv_head * 4 * head_dim, head_dim=head_dim, n_ctx_train=32768, n_vocab=151936,
+        quant_mix_bytes={quant: weight_bytes}, weight_bytes=weight_bytes, n_expert=n_expert, n_expert_used=n_used,
+        n_params_active=int(n_active), active_bytes=int(n_active * bits / 8),
+        kv_bytes_per_token=n_layer * n_kv_head * head_dim * 2 * 2)
+    return {"model": name, "quant": quant, "sha": _sha(f"{name}/{quant}"), "facts": facts.model_dump(mode="json")}
+
+
+def _hardware(worker: tuple) -> dict:
+    _, gpu, vram_gib, bandwidth_gbps, cpu, cores = worker
+    host_gbps = bandwidth_gbps if not gpu else 40.0 + 2.5 * cores
+    return Hardware(cpu=cpu, n_cpu_cores=cores, ram_bytes=64 << 30, gpu=gpu, vram_bytes=vram_gib << 30,
+                    os="Linux", gpu_driver="570.86" if gpu else "", cuda_version="12.8" if gpu else "",
+                    host_bandwidth_gbps=host_gbps, device_bandwidth_gbps=bandwidth_gbps if gpu else 0.0,
+                    bandwidth_gbps=bandwidth_gbps).model_dump(mode="json")
+
+
+def _samples(rng: random.Random, n_tokens: int, mean_ts: float) -> list[int]:
+    return [max(1, int(n_tokens * 1e9 / max(mean_ts * rng.gauss(1.0, 0.03), 1e-3))) for _ in range(REPETITIONS)]
+
+
+def _speculation(rng: random.Random, job: dict, n_tokens: int, avg_ts: float, samples_ns: list[int],
+                 speedup_target: float) -> dict:
+    """Counts that add up: each verify pass yields its accepted drafts plus one token of its own."""
+    n_draft = job["n_draft"]
+    baseline_samples_ns = _samples(rng, n_tokens, avg_ts / speedup_target)
+    baseline_avg_ts, _ = summarize(n_tokens, baseline_samples_ns)
+    acceptance = min(0.95, max(0.05, speedup_target / 2.8 + rng.gauss(0, 0.06)))
+    per_pass = acceptance * n_draft
+    n_generated = n_tokens * REPETITIONS
+    n_passes = max(1, round(n_generated / (per_pass + 1)))
+    n_accepted = min(n_generated - n_passes, n_passes * n_draft)
+    n_drafted = n_passes * n_draft
+    lossless = rng.random() < 0.5
+    first_mismatch = [None if lossless or rng.random() < 0.4 else rng.randint(3, job["n_gen"] - 1)
+                      for _ in range(job["n_prompts"])]
+    lossless = all(m is None for m in first_mismatch)
+    total_ns = sum(samples_ns)
+    draft_share = rng.uniform(0.1, 0.35) if job["technique"] == "spec" else rng.uniform(0.005, 0.02)
     return {
-        "model": name, "quant": quant, "arch": arch,
-        "sha": hashlib.sha256(f"{name}/{quant}".encode()).hexdigest(),
-        "facts": {
-            "arch": arch, "model_type": f"{arch} {n_params / 1e9:.1f}B {quant}",
-            "size_bytes": int(n_params * bits / 8), "n_params": int(n_params), "file_type": quant,
-            "n_params_active": int(n_active), "active_bytes_per_token": int(n_active * bits / 8),
-            "n_expert": n_expert, "n_expert_used": n_used,
-        },
+        "baseline_samples_ns": baseline_samples_ns, "baseline_avg_ts": baseline_avg_ts,
+        "speedup": avg_ts / baseline_avg_ts, "n_drafted": n_drafted, "n_accepted": n_accepted, "n_passes": n_passes,
+        "acceptance_rate": n_accepted / n_drafted, "mean_accepted_per_pass": n_accepted / n_passes,
+        "acceptance_by_position": [min(1.0, acceptance * 1.25 * 0.85 ** i) for i in range(n_draft)],
+        "draft_ns": int(total_ns * draft_share), "verify_ns": int(total_ns * (0.95 - draft_share)),
+        "first_mismatch": first_mismatch, "lossless": lossless,
     }
 
 
-def result_json(rng: random.Random, job_id: str, sweep_id: str, mf: dict, worker: tuple, technique: str,
-                test: tuple, when: datetime, failed: bool = False) -> dict:
-    """One Result as the collector stores it, with physically plausible figures."""
-    wname, gpu, vram_gib, bandwidth_gbps, cpu, cores = worker
+def job_spec(rng: random.Random, job_id: str, sweep_id: str, index: int, mf: dict, test: tuple,
+             technique: str) -> dict:
+    """A Job's fields: spec and lookup decode over a prompt category, as the sweep expands them."""
     kind, n_prompt, n_gen, n_depth = test
+    spec = {"job_id": job_id, "sweep_id": sweep_id, "index": index, "model": mf["model"], "model_sha256": mf["sha"],
+            "quant": mf["quant"], "technique": technique, "kind": kind, "n_prompt": n_prompt, "n_gen": n_gen,
+            "n_depth": n_depth, "repetitions": REPETITIONS, "prompt_category": None, "n_prompts": 0,
+            "draft_model": None, "draft_sha256": None, "draft_quant": None, "n_draft": 0, "p_min": 0.0,
+            "ngram_max": 0}
+    if technique != "baseline":
+        spec.update(prompt_category=rng.choice(PROMPT_CATEGORIES), n_prompts=N_PROMPTS, n_draft=rng.choice([2, 4, 8]))
+        if technique == "spec":
+            spec.update(draft_model=DRAFT[0], draft_quant=DRAFT[1], draft_sha256=_sha("/".join(DRAFT)),
+                        p_min=rng.choice([0.0, 0.5, 0.8]))
+        else:
+            spec.update(ngram_max=rng.choice([2, 3, 4]))
+    return spec
+
+
+def result_json(rng: random.Random, job: dict, mf: dict, worker: tuple, when: datetime, failed: bool = False) -> dict:
+    """One Result as the collector stores it (Result.model_dump(mode="json")), physically plausible."""
+    wname, gpu, vram_gib, bandwidth_gbps, cpu, cores = worker
+    kind, n_prompt, n_gen, n_depth = job["kind"], job["n_prompt"], job["n_gen"], job["n_depth"]
+    technique = job["technique"]
     facts = mf["facts"]
-    active = facts["active_bytes_per_token"] + n_depth * 64 * 1024
-    roofline_tok_s = bandwidth_gbps * 1e9 / active
+    # The worker's roofline: active weights plus the KV cache a decode step reads at its mean context.
+    n_context = n_depth + 1 + (n_gen - 1) / 2
+    roofline_tok_s = bandwidth_gbps * 1e9 / (facts["active_bytes"] + facts["kv_bytes_per_token"] * n_context)
     if kind == "tg":
-        efficiency = rng.uniform(0.45, 0.85)
-        mean = roofline_tok_s * efficiency
+        mean = roofline_tok_s * rng.uniform(0.45, 0.85)
     else:
         mean = roofline_tok_s * rng.uniform(8, 30) * (1.0 if gpu else 0.3) / (1 + n_prompt / 8192)
-    speedup = None
-    if technique != "baseline" and kind == "tg":
-        speedup = rng.uniform(0.7, 2.6) if technique != "lookup" else rng.uniform(0.8, 1.9)
-        mean *= speedup
-    n_tokens = n_prompt if kind == "pp" else n_gen
-    reps = 5
-    rates = [max(mean * rng.gauss(1.0, 0.03), 1e-3) for _ in range(reps)]
-    samples_ns = [int(n_tokens * 1e9 / r) for r in rates]
-    rates = [n_tokens * 1e9 / ns for ns in samples_ns]
-    avg, std = statistics.fmean(rates), statistics.stdev(rates)
-    memory = int(facts["size_bytes"] * 1.08 + (n_depth + n_prompt) * 131072 + (400 << 20))
+    speedup_target = 1.0
+    if technique != "baseline":
+        speedup_target = rng.uniform(0.7, 2.6) if technique == "spec" else rng.uniform(0.8, 1.9)
+        mean *= speedup_target
+    n_tokens = n_gen * job["n_prompts"] if job["prompt_category"] else (n_prompt if kind == "pp" else n_gen)
+    memory = int(facts["size_bytes"] * 1.08 + (n_depth + n_prompt) * facts["kv_bytes_per_token"] + (400 << 20))
     data: dict = {
-        "schema_version": 1, "job_id": job_id, "sweep_id": sweep_id, "status": "failed" if failed else "ok",
-        "error": "", "worker": wname, "model": mf["model"], "model_sha256": mf["sha"], "source_sha256": mf["sha"],
-        "model_facts": facts, "quant": mf["quant"], "technique": technique, "backend": "llamacpp",
-        "test": _test_name(*test), "n_prompt": n_prompt, "n_gen": n_gen, "n_depth": n_depth,
-        "repetitions": reps, "samples_ns": samples_ns, "avg_ts": avg, "stddev_ts": std, "load_ns": 1_500_000_000,
+        "job_id": job["job_id"], "sweep_id": job["sweep_id"], "status": "ok", "worker": wname,
+        "model": mf["model"], "model_sha256": mf["sha"], "source_sha256": mf["sha"], "model_facts": facts,
+        "quant": mf["quant"], "technique": technique, "backend": "llamacpp", "test": format_test_name(
+            kind, n_prompt, n_gen, n_depth), "n_prompt": n_prompt, "n_gen": n_gen, "n_depth": n_depth,
         "config": {"n_threads": 0, "n_batch": 2048, "n_ubatch": 512, "n_gpu_layers": -1 if gpu else 0,
                    "flash_attn": bool(gpu)},
-        "hardware": {"cpu": cpu, "n_cpu_cores": cores, "ram_bytes": 64 << 30, "gpu": gpu,
-                     "vram_bytes": vram_gib << 30, "os": "Linux", "bandwidth_gbps": bandwidth_gbps},
-        "versions": {"tokenfarm": "0.1.0", "llama_cpp": "0.3.36"},
+        "hardware": _hardware(worker), "versions": {"tokenfarm": "0.1.0", "llama_cpp": "0.3.36"},
         "started_at": when.isoformat(), "finished_at": (when + timedelta(seconds=20)).isoformat(),
-        "median_ts": statistics.median(rates), "ci95_ts": [avg - 2.78 * std / math.sqrt(reps),
-                                                            avg + 2.78 * std / math.sqrt(reps)],
-        "cv": std / avg, "noisy": std / avg > 0.05,
-        "ttft_ns": int(n_prompt * 1e9 / mean + 1e9 / roofline_tok_s) if kind == "pp" else None,
-        "peak_rss_bytes": memory if not gpu else 900 << 20,
-        "peak_vram_bytes": memory if gpu else None,
+        "prompt_category": job["prompt_category"], "n_prompts": job["n_prompts"], "draft_model": job["draft_model"],
+        "draft_quant": job["draft_quant"], "draft_sha256": job["draft_sha256"] or "", "n_draft": job["n_draft"],
+        "p_min": job["p_min"], "ngram_max": job["ngram_max"],
     }
-    if kind == "tg":
-        data["roofline_tok_s"] = roofline_tok_s
-        data["roofline_pct"] = 100 * avg / roofline_tok_s
-    if technique != "baseline":
-        n_draft = rng.choice([2, 4, 8])
-        acceptance = min(0.98, max(0.05, (speedup or 1.0) / 2.8 + rng.gauss(0, 0.06)))
-        lossless = mf["quant"] == "F16" and rng.random() < 0.2 or rng.random() < 0.5
-        data.update({
-            "prompt_category": rng.choice(CATEGORIES), "n_draft": n_draft, "speedup": speedup,
-            "acceptance_rate": acceptance, "mean_accepted_len": 1 + acceptance * n_draft * 0.7,
-            "acceptance_by_position": [acceptance ** (i + 1) for i in range(n_draft)],
-            "lossless": lossless, "first_divergence": None if lossless else rng.randint(3, n_gen or 32),
-        })
-        if technique == "spec":
-            data.update({"p_min": rng.choice([0.0, 0.5, 0.8]), "draft_model": "smollm2-135m Q4_0"})
     if failed:
-        data.update({"status": "failed", "error": rng.choice([
+        data.update(status="failed", error=rng.choice([
             "model file too large for this worker's VRAM", "llama_decode returned -1: KV cache full",
-            "worker lost (heartbeat timeout)", "result rejected: avg_ts does not match the samples"]),
-            "samples_ns": [], "avg_ts": 0.0, "stddev_ts": 0.0})
+            "worker lost (heartbeat timeout)", "result rejected: avg_ts does not match the samples"]))
+        return data
+    samples_ns = _samples(rng, n_tokens, mean)
+    avg, std = summarize(n_tokens, samples_ns)
+    data.update({
+        "repetitions": REPETITIONS, "samples_ns": samples_ns, "avg_ts": avg, "stddev_ts": std,
+        "load_ns": 1_500_000_000, "stats": sample_stats(n_tokens, samples_ns).model_dump(mode="json"),
+        "conditions": Conditions(
+            n_threads=cores, flags={"flash_attn": bool(gpu), "n_gpu_layers": -1 if gpu else 0},
+            peak_rss_bytes=memory if not gpu else 900 << 20, peak_vram_bytes=memory if gpu else 0,
+            energy_per_token_j=(rng.uniform(0.2, 0.6) / avg * 1000 if gpu else None)).model_dump(mode="json"),
+    })
+    if kind == "pp":
+        # Prefill from an empty cache plus the first token: a little longer than the timed prefill.
+        data["ttft_samples_ns"] = [int(ns + 1e9 / roofline_tok_s) for ns in samples_ns]
+        data["ttft_ns"] = int(statistics.median(data["ttft_samples_ns"]))
+    else:
+        data.update(decode_ts=avg, roofline_tok_s=roofline_tok_s, roofline_pct=100 * avg / roofline_tok_s)
+    if technique != "baseline":
+        data["speculation"] = _speculation(rng, job, n_tokens, avg, samples_ns, speedup_target)
     return data
+
+
+def validated(spec: dict, data: dict) -> tuple[dict, dict]:
+    """The job and result through the schema, as the collector would store them."""
+    job = Job.model_validate(spec)
+    return job.model_dump(mode="json"), Result.model_validate(data).model_dump(mode="json")
 
 
 def seed(engine: Engine, n_results: int, n_sweeps: int = 20, seed: int = 7, fail_fraction: float = 0.03,
@@ -148,7 +210,7 @@ def seed(engine: Engine, n_results: int, n_sweeps: int = 20, seed: int = 7, fail
     """Insert n_results results (with their sweeps and jobs) into an upgraded database; returns counts."""
     rng = random.Random(seed)
     workers = workers or WORKERS
-    files = [_model_file(rng, base, q) for base in BASE_MODELS for q in QUANT_BITS]
+    files = [_model_file(base, q) for base in BASE_MODELS for q in QUANT_BITS]
     per_sweep = math.ceil(n_results / n_sweeps)
     sweeps, jobs, results = [], [], []
     made = 0
@@ -165,22 +227,20 @@ def seed(engine: Engine, n_results: int, n_sweeps: int = 20, seed: int = 7, fail
             test = rng.choice(TESTS)
             technique = rng.choice(TECHNIQUES) if test[0] == "tg" else "baseline"
             when = START + timedelta(days=s, seconds=30 * i)
-            spec = {"job_id": job_id, "sweep_id": sweep_id, "index": i, "model": mf["model"], "quant": mf["quant"],
-                    "technique": technique, "kind": test[0], "n_prompt": test[1], "n_gen": test[2],
-                    "n_depth": test[3]}
+            spec = job_spec(rng, job_id, sweep_id, i, mf, test, technique)
             if i >= n_here:
-                jobs.append({"id": job_id, "sweep_id": sweep_id, "index": i, "spec": spec,
-                             "state": rng.choice(["queued", "running"]), "attempts": 0, "worker": None,
-                             "error": None, "created_at": when, "updated_at": when})
+                jobs.append({"id": job_id, "sweep_id": sweep_id, "index": i, "spec": Job.model_validate(spec).model_dump(
+                    mode="json"), "state": rng.choice(["queued", "running"]), "attempts": 0, "worker": None,
+                    "error": None, "created_at": when, "updated_at": when})
                 continue
             failed = rng.random() < fail_fraction
-            data = result_json(rng, job_id, sweep_id, mf, worker, technique, test, when, failed)
+            spec, data = validated(spec, result_json(rng, spec, mf, worker, when, failed))
             jobs.append({"id": job_id, "sweep_id": sweep_id, "index": i, "spec": spec,
                          "state": "failed" if failed else "done", "attempts": 1, "worker": worker[0],
                          "error": data["error"] or None, "created_at": when, "updated_at": when})
             results.append({"job_id": job_id, "sweep_id": sweep_id, "status": data["status"], "worker": worker[0],
                             "model": mf["model"], "model_sha256": mf["sha"], "quant": mf["quant"],
-                            "technique": technique, "backend": "llamacpp", "test": data["test"],
+                            "technique": technique, "backend": data["backend"], "test": data["test"],
                             "n_prompt": test[1], "n_gen": test[2], "n_depth": test[3], "avg_ts": data["avg_ts"],
                             "stddev_ts": data["stddev_ts"], "result": data, "created_at": when})
             made += 1

@@ -110,17 +110,15 @@ class Measurement:
 
 
 def from_result(r: Result) -> Measurement:
-    data = r.model_dump()
-    facts = data.get("model_facts") or {}
-    # Fields other issues add to the schema are read defensively: absent today, present later.
-    peak = data.get("peak_vram_bytes") or data.get("peak_rss_bytes") or None
+    facts = r.model_facts
+    # 0 means not measured: the GPU's peak where the run used one, else the process's.
+    peak = r.conditions.peak_vram_bytes or r.conditions.peak_rss_bytes or None
     return Measurement(
         model=r.model, model_sha256=r.model_sha256, quant=r.quant, technique=r.technique, backend=r.backend,
         worker=r.worker, hardware=_hardware_label(r), test=r.test, n_prompt=r.n_prompt, n_gen=r.n_gen,
-        n_depth=r.n_depth, avg_ts=r.avg_ts, stddev_ts=r.stddev_ts, size_bytes=facts.get("size_bytes") or 0,
-        model_type=facts.get("model_type") or "", n_params=facts.get("n_params") or 0,
-        n_params_active=facts.get("n_params_active") or 0, peak_memory_bytes=peak,
-        ttft_ns=data.get("ttft_ns") or None, gpu=r.hardware.gpu,
+        n_depth=r.n_depth, avg_ts=r.avg_ts, stddev_ts=r.stddev_ts, size_bytes=facts.size_bytes,
+        model_type=facts.model_type, n_params=facts.n_params, n_params_active=facts.n_params_active,
+        peak_memory_bytes=peak, ttft_ns=r.ttft_ns or None, gpu=r.hardware.gpu,
     )
 
 

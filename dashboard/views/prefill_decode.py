@@ -52,6 +52,6 @@ with b:
             y=alt.Y("avg_ts:Q", title="decode tok/s"), color="quant:N", strokeDash="technique:N",
             tooltip=["quant", "technique", "test", alt.Tooltip("avg_ts:Q", format=".1f"), "n_runs"],
         ).properties(height=320), width="stretch")
-st.caption("Solid vs dashed lines are techniques: spec / lookup / MTP change decode, not prefill.")
+st.caption("Solid vs dashed lines are techniques: spec and lookup change decode, not prefill.")
 st.dataframe(frame[["quant", "technique", "test", "avg_ts", "stddev_ts", "n_runs", "ttft_ns"]].sort_values(
     ["quant", "technique", "test"]), hide_index=True, width="stretch")

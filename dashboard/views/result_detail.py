@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.queries import measurements, result_choices, result_detail
+from worker.contract import kind_of_test, tokens_per_run
 
 st.title("Result detail")
 keys = measurements()
@@ -39,21 +40,36 @@ if data is None:
 if isinstance(data, str):
     data = json.loads(data)
 
+stats = data.get("stats") or {}
+spec = data.get("speculation") or {}
 cols = st.columns(5)
 cols[0].metric("status", data.get("status", "?"))
 cols[1].metric("tok/s (mean)", f'{data.get("avg_ts", 0):.2f}')
 cols[2].metric("± stddev", f'{data.get("stddev_ts", 0):.2f}')
 cols[3].metric("repetitions", data.get("repetitions", 0))
-cols[4].metric("median tok/s", f'{data["median_ts"]:.2f}' if data.get("median_ts") is not None else "—")
+cols[4].metric("median tok/s", f'{stats["median_ts"]:.2f}' if stats.get("median_ts") else "—")
 if data.get("error"):
     st.error(data["error"])
-if data.get("noisy"):
-    st.warning(f'Noisy measurement: coefficient of variation {data.get("cv", 0):.1%}.')
+if stats.get("noisy"):
+    st.warning(f'Noisy measurement: coefficient of variation {stats.get("cv", 0):.1%}.')
+if stats.get("ci95_high_ts"):
+    st.caption(f'95 % confidence interval of the mean: {stats["ci95_low_ts"]:.2f} – {stats["ci95_high_ts"]:.2f} tok/s')
+if spec:
+    first = [m for m in spec.get("first_mismatch") or [] if m is not None]
+    cols = st.columns(4)
+    cols[0].metric("speedup ×", f'{spec.get("speedup", 0):.2f}')
+    cols[1].metric("acceptance rate", f'{spec.get("acceptance_rate", 0):.1%}')
+    cols[2].metric("accepted tokens per pass", f'{spec.get("mean_accepted_per_pass", 0):.2f}')
+    cols[3].metric("lossless", "yes" if spec.get("lossless") else f"no: first divergence at token {min(first)}"
+                   if first else "no")
 
 st.subheader("Raw samples")
 samples = data.get("samples_ns") or []
 test_name = data.get("test", "")
-n_tokens = data.get("n_prompt", 0) if test_name.startswith("pp") else data.get("n_gen", 0)
+# The contract's count: a run over a prompt category times n_gen tokens of each of its prompts.
+n_tokens = tokens_per_run(kind_of_test(test_name), data.get("n_prompt", 0), data.get("n_gen", 0)) if test_name else 0
+if data.get("prompt_category") and not test_name.startswith("pp"):
+    n_tokens = data.get("n_gen", 0) * data.get("n_prompts", 0)
 if samples and n_tokens:
     raw = pd.DataFrame({"repetition": range(1, len(samples) + 1), "ms": [ns / 1e6 for ns in samples],
                         "tok/s": [n_tokens * 1e9 / ns for ns in samples]})
@@ -63,21 +79,23 @@ if samples and n_tokens:
     st.caption(f"{test_name}: each bar one timed repetition of {n_tokens} tokens; red: the mean.")
 else:
     st.info("This result has no samples (a failed job stores none).")
-if data.get("acceptance_by_position"):
+if spec.get("acceptance_by_position"):
     st.subheader("Acceptance by draft position")
-    pos = pd.DataFrame({"position": range(1, len(data["acceptance_by_position"]) + 1),
-                        "acceptance": data["acceptance_by_position"]})
+    pos = pd.DataFrame({"position": range(1, len(spec["acceptance_by_position"]) + 1),
+                        "acceptance": spec["acceptance_by_position"]})
     st.altair_chart(alt.Chart(pos).mark_bar().encode(x="position:O", y="acceptance:Q").properties(height=200),
                     width="stretch")
 
 st.subheader("Conditions")
-a, b, c = st.columns(3)
+a, b, c, d = st.columns(4)
 a.caption("hardware")
 a.json(data.get("hardware", {}))
 b.caption("engine config")
 b.json(data.get("config", {}))
-c.caption("versions")
-c.json(data.get("versions", {}))
+c.caption("run conditions (peak memory, energy)")
+c.json(data.get("conditions", {}))
+d.caption("versions")
+d.json(data.get("versions", {}))
 
 st.subheader("Every field")
 flat = pd.json_normalize(data, sep=".").T.reset_index()

@@ -21,7 +21,7 @@ facts = model_facts()
 tg = frame[frame["test"].str.startswith("tg") & (frame["n_depth"] == 0) & (frame["technique"] == "baseline")]
 tg = tg.merge(facts, on="model_sha256", how="left")
 # Dense models read every weight: where no active-bytes figure is stored, the file size stands in.
-tg["bytes_per_token"] = tg["active_bytes_per_token"].fillna(tg["size_bytes"])
+tg["bytes_per_token"] = tg["active_bytes"].where(tg["active_bytes"] > 0).fillna(tg["size_bytes"])
 tg["moe"] = np.where(tg["n_expert"].fillna(0) > 0, "MoE", "dense")
 hw = workers()
 if tg.empty or tg["bytes_per_token"].isna().all():
@@ -57,7 +57,7 @@ st.altair_chart(alt.layer(*layers).properties(height=420), width="stretch")
 st.caption("Dashed: each worker's roofline, bandwidth ÷ bytes per token. Points: baseline decode at depth 0.")
 
 st.subheader("Roofline % per result")
-if tg["roofline_pct"].isna().all():
+if not (tg["roofline_pct"].fillna(0) > 0).any():
     st.info("No result records `roofline_pct` yet: it comes with the bandwidth probe and model accounting.")
 table = tg[["model", "quant", "moe", "worker", "test", "avg_ts", "roofline_tok_s", "roofline_pct", "n_params",
             "n_params_active", "n_expert", "n_expert_used", "bytes_per_token"]].sort_values("roofline_pct", ascending=False)

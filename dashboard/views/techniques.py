@@ -1,7 +1,7 @@
-"""Techniques page: what speculative decoding, prompt lookup and MTP buy over the baseline.
+"""Techniques page: what speculative decoding and prompt lookup buy over the baseline.
 
-Speedup is the Result's own `speedup` (measured against the baseline in the same job, on the
-same prompts); losslessness is the Result's comparison of greedy tokens with the baseline's.
+Speedup is the Result's own `speculation.speedup` (measured against the baseline in the same job,
+on the same prompts); losslessness is its per-prompt comparison of greedy tokens with the baseline's.
 """
 
 import altair as alt
@@ -13,8 +13,8 @@ from dashboard.queries import techniques
 st.title("Techniques")
 frame = techniques()
 if frame.empty or frame["speedup"].isna().all():
-    st.info("No spec / lookup / MTP results yet: run a sweep that lists `techniques: [baseline, spec, lookup]` "
-            "(or `mtp` on the torch engine) with `tokenfarm sweep submit SWEEP.yaml --wait`.")
+    st.info("No spec / lookup results yet: run a sweep that lists `techniques: [baseline, spec, lookup]` "
+            "with `tokenfarm sweep submit SWEEP.yaml --wait`.")
     st.stop()
 frame = frame[frame["speedup"].notna()]
 
@@ -35,7 +35,7 @@ if frame.empty:
 
 def pooled(frame, keys: list[str]) -> pd.DataFrame:
     """Run-weighted means of the technique figures per group, vectorized (thousands of groups)."""
-    figures = ["speedup", "acceptance_rate", "mean_accepted_len"]
+    figures = ["speedup", "acceptance_rate", "mean_accepted_per_pass"]
     parts = frame[keys + ["n_runs"]].copy()
     for f in figures:
         known = frame[f].notna()
@@ -71,8 +71,9 @@ else:
     scatter = alt.Chart(points).mark_circle(opacity=0.5).encode(
         x=alt.X("acceptance_rate:Q", title="acceptance rate", scale=alt.Scale(domain=[0, 1])),
         y=alt.Y("speedup:Q", title="speedup ×"), color="technique:N",
-        tooltip=["pair", "technique", "prompt_category", "n_draft", "p_min", "worker",
-                 alt.Tooltip("acceptance_rate:Q", format=".2f"), alt.Tooltip("speedup:Q", format=".2f")],
+        tooltip=["pair", "technique", "prompt_category", "n_draft", "p_min", "ngram_max", "worker",
+                 alt.Tooltip("acceptance_rate:Q", format=".2f"), alt.Tooltip("speedup:Q", format=".2f"),
+                 alt.Tooltip("mean_accepted_per_pass:Q", format=".2f", title="accepted tokens per pass")],
     )
     even = alt.Chart(pd.DataFrame({"speedup": [1.0]})).mark_rule(strokeDash=[6, 4], color="black").encode(y="speedup:Q")
     label = alt.Chart(pd.DataFrame({"speedup": [1.0], "acceptance_rate": [0.02], "t": ["break-even (speedup = 1)"]})
@@ -92,5 +93,8 @@ st.caption("Greedy tokens of each technique compared with the baseline's on the 
            "changes floating-point summation order, so quantized targets can diverge after some tokens.")
 
 with st.expander("Break-even map: speedup and acceptance by settings"):
-    table = pooled(frame, ["model", "quant", "technique", "n_draft", "p_min", "prompt_category"])
-    st.dataframe(table, hide_index=True, width="stretch")
+    table = pooled(frame, ["model", "quant", "technique", "n_draft", "p_min", "ngram_max", "prompt_category"])
+    st.dataframe(table.rename(columns={"mean_accepted_per_pass": "accepted tokens per pass (mean)"}),
+                 hide_index=True, width="stretch")
+    st.caption("Accepted tokens per pass: drafted tokens the target kept per verify pass (each pass adds one "
+               "token of its own). Acceptance rate: accepted / drafted.")

@@ -89,7 +89,7 @@ def test_todays_schema_renders_and_says_what_is_missing(data_dir, page):
         assert set(tables[-1]["model"]) == {"smollm2-135m", "gemma3-270m"}
         assert set(tables[-1]["memory"]) == {"estimated"}  # no measured peak in today's schema
     if page == "techniques":
-        assert any("No spec / lookup / MTP results yet" in i.value for i in at.info)
+        assert any("No spec / lookup results yet" in i.value for i in at.info)
     if page == "roofline":
         assert any("bandwidth" in i.value for i in at.info)
 
@@ -158,8 +158,15 @@ def test_techniques_page_shows_speedup_breakeven_and_losslessness(seeded):
     at = open_page("techniques")
     assert len(charts(at)) == 2
     loss = at.dataframe[0].value
-    assert set(loss["technique"]) == {"spec", "lookup", "mtp"}
+    assert set(loss["technique"]) == {"spec", "lookup"}
     assert all(v.startswith(("lossless", "diverged", "not recorded")) for v in loss["verdict"])
+    # The earliest divergence comes from speculation.first_mismatch: present exactly where a run diverged.
+    diverged = loss["verdict"].str.startswith("diverged")
+    assert diverged.any() and loss.loc[diverged, "earliest divergence (token index)"].notna().all()
+    assert loss.loc[~diverged, "earliest divergence (token index)"].isna().all()
+    breakeven = at.dataframe[1].value
+    per_pass = breakeven["accepted tokens per pass (mean)"]
+    assert per_pass.notna().all() and (per_pass <= breakeven["n_draft"]).all()
     spec_only = next(m for m in at.multiselect if m.label == "Technique")
     spec_only.set_value(["spec"]).run()
     assert set(at.dataframe[0].value["technique"]) == {"spec"}
