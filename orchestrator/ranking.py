@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Iterable
 
-from worker.contract import Result
+from worker.contract import kind_of_test, Result
 
 TIERS_GB: tuple[int, ...] = (8, 12, 16, 24, 32, 48, 80)
 _GIB = 1 << 30
@@ -139,7 +139,8 @@ def pool(ms: list[Measurement]) -> Measurement:
 
 def _pick_measurement(ms: list[Measurement], kind: str, n_depth: int) -> Measurement | None:
     """The headline test of a kind at a depth: the largest size measured, its runs pooled."""
-    candidates = [m for m in ms if m.test.startswith(kind) and m.n_depth == n_depth]
+    # By the test's kind, not its prefix: llama-bench's pg tests read `pp512+tg128`.
+    candidates = [m for m in ms if kind_of_test(m.test) == kind and m.n_depth == n_depth]
     if not candidates:
         return None
     size = max(m.n_prompt if kind == "pp" else m.n_gen for m in candidates)
