@@ -64,6 +64,14 @@ class SweepSpec(BaseModel):
     n_ubatch: list[int] = Field(default_factory=lambda: [512], min_length=1)
     n_gpu_layers: list[int] = Field(default_factory=lambda: [0], min_length=1)
     flash_attn: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+    # Technique options: each list multiplies only the jobs of the technique that reads it.
+    n_mtp: list[int] = Field(default_factory=lambda: [2], min_length=1)
+    draft_models: list[str] = Field(default_factory=list)
+    draft_quant: str | None = None
+    n_draft: list[int] = Field(default_factory=lambda: [4], min_length=1)
+    p_min: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
+    ngram_max: list[int] = Field(default_factory=lambda: [3], min_length=1)
+    temperature: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
 
     @field_validator("quants")
     @classmethod
@@ -135,6 +143,31 @@ def _model_identity(ref: str, base_dir: Path) -> tuple[str, str | None, str]:
     return str(path), sha256_file(path), facts.file_type
 
 
+def _technique_options(spec: SweepSpec, technique: str, base_dir: Path) -> list[dict]:
+    """The Job fields each job of a technique gets: the product of the lists it reads."""
+    if technique == "baseline":
+        return [{}]
+    temps = spec.temperature
+    if technique == "mtp":
+        return [{"n_mtp": n, "temperature": t} for n in spec.n_mtp for t in temps]
+    if technique == "lookup":
+        return [{"ngram_max": g, "n_draft": d, "temperature": t}
+                for g in spec.ngram_max for d in spec.n_draft for t in temps]
+    if not spec.draft_models:
+        raise SweepError("technique 'spec' needs draft_models: a list of catalogue names or GGUF paths")
+    drafts = []
+    for ref in spec.draft_models:
+        if ref not in CATALOGUE:
+            path = Path(ref).expanduser()
+            path = path if path.is_absolute() else (base_dir / path).resolve()
+            if not path.exists():
+                raise SweepError(f"draft model {ref!r}: no such file ({path}); give a GGUF path or a catalogue name")
+            ref = str(path)
+        drafts.append(ref)
+    return [{"draft_model": m, "draft_quant": spec.draft_quant, "n_draft": d, "p_min": p, "temperature": t}
+            for m in drafts for d in spec.n_draft for p in spec.p_min for t in temps]
+
+
 def expand(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path(".")) -> list[Job]:
     sweep_id = sweep_id or str(uuid.uuid4())
     jobs: list[Job] = []
@@ -150,11 +183,17 @@ def expand(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("
         ref, sha, native = _model_identity(entry.name, base_dir)
         quants = entry.quants or spec.quants or [native]
         for quant, engine, config, technique in itertools.product(quants, spec.engines, configs, spec.techniques):
-            for (kind, n_prompt, n_gen), n_depth in itertools.product(tests, spec.n_depth):
-                jobs.append(Job(
-                    job_id=str(uuid.uuid4()), sweep_id=sweep_id, index=len(jobs), model=ref,
-                    model_sha256=sha, quant=quant, technique=technique, engine=engine, kind=kind,
-                    n_prompt=n_prompt, n_gen=n_gen, n_depth=n_depth, repetitions=spec.repetitions,
-                    n_warmup=spec.n_warmup, prompt_source=spec.prompt_source, seed=spec.seed, config=config,
-                ))
+            if technique == "mtp" and engine != "torch":
+                continue  # MTP heads run only in the torch engine; llama.cpp's jobs skip it
+            for options in _technique_options(spec, technique, base_dir):
+                for (kind, n_prompt, n_gen), n_depth in itertools.product(tests, spec.n_depth):
+                    if technique != "baseline" and kind != "tg":
+                        continue  # techniques speed up decoding; their prefill is the baseline's
+                    jobs.append(Job(
+                        job_id=str(uuid.uuid4()), sweep_id=sweep_id, index=len(jobs), model=ref,
+                        model_sha256=sha, quant=quant, technique=technique, engine=engine, kind=kind,
+                        n_prompt=n_prompt, n_gen=n_gen, n_depth=n_depth, repetitions=spec.repetitions,
+                        n_warmup=spec.n_warmup, prompt_source=spec.prompt_source, seed=spec.seed, config=config,
+                        **options,
+                    ))
     return jobs

@@ -23,7 +23,7 @@ QUANTS: tuple[str, ...] = (
     "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K",
 )
 
-Technique = Literal["baseline"]
+Technique = Literal["baseline", "spec", "lookup", "mtp"]
 Engine = Literal["llamacpp", "torch"]
 TestKind = Literal["pp", "tg"]
 Status = Literal["ok", "failed"]
@@ -72,6 +72,16 @@ class Job(BaseModel):
     prompt_source: Literal["text", "random"] = "text"
     seed: int = 42
     config: EngineConfig = EngineConfig()
+    # Techniques beyond baseline (spec: a draft model; lookup: n-grams of the text so far;
+    # mtp: trained multi-token-prediction heads of the target itself).
+    draft_model: str | None = Field(default=None, description="spec: catalogue name or path to a GGUF file")
+    draft_quant: str | None = None
+    n_draft: int = Field(default=0, ge=0, le=64, description="spec/lookup: most tokens drafted per target pass")
+    p_min: float = Field(default=0.0, ge=0.0, le=1.0, description="spec: stop drafting below this top probability")
+    ngram_max: int = Field(default=0, ge=0, le=64, description="lookup: longest n-gram matched")
+    n_mtp: int = Field(default=0, ge=0, le=16, description="mtp: heads proposing per target pass")
+    prompt_category: str = ""
+    temperature: float = Field(default=0.0, ge=0.0, description="0: greedy; above: sampled speculation")
 
     @model_validator(mode="after")
     def _sizes_match_kind(self) -> "Job":
@@ -81,6 +91,22 @@ class Job(BaseModel):
             raise ValueError("a tg job needs n_gen >= 1")
         if self.quant not in QUANTS:
             raise ValueError(f"unknown quant {self.quant!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _technique_options(self) -> "Job":
+        if self.technique == "mtp" and (self.n_mtp < 1 or self.engine != "torch"):
+            raise ValueError("an mtp job needs n_mtp >= 1 and engine torch (llama.cpp runs no MTP heads here)")
+        if self.technique in ("spec", "lookup") and self.n_draft < 1:
+            raise ValueError(f"a {self.technique} job needs n_draft >= 1")
+        if self.technique == "spec" and not self.draft_model:
+            raise ValueError("a spec job needs a draft_model")
+        if self.technique == "lookup" and self.ngram_max < 1:
+            raise ValueError("a lookup job needs ngram_max >= 1")
+        if self.technique != "baseline" and self.kind != "tg":
+            raise ValueError(f"{self.technique} speeds up decoding: give it tg tests only")
+        if self.draft_quant is not None and self.draft_quant not in QUANTS:
+            raise ValueError(f"unknown draft quant {self.draft_quant!r}")
         return self
 
     @property
@@ -155,6 +181,16 @@ class Result(BaseModel):
     stddev_ts: float = 0.0
     load_ns: int = 0
     config: EngineConfig = EngineConfig()
+    # Speculation and MTP, measured against a baseline run in the same job (None: baseline).
+    speedup: float | None = None
+    acceptance_rate: float | None = None
+    mean_accepted_len: float | None = None
+    acceptance_by_position: list[float] = Field(default_factory=list)
+    lossless: bool | None = None
+    first_divergence: int | None = None
+    draft_ns: int = 0
+    verify_ns: int = 0
+    draft_sha256: str = ""
     hardware: Hardware = Hardware()
     versions: dict[str, str] = Field(default_factory=dict)
     started_at: datetime = Field(default_factory=utc_now)

@@ -42,8 +42,14 @@ def execute(job: Job, settings: Settings) -> Result:
         t0 = time.perf_counter_ns()
         backend.load(path, job.config, context_size(job))
         load_ns = time.perf_counter_ns() - t0
+        extra: dict = {}
         try:
-            m = measure(backend, job)
+            if job.engine == "torch" and job.technique != "baseline":
+                from worker.engines.torch.techniques import measure_technique
+
+                m, extra = measure_technique(backend, job, path, model_sha, settings.effective_models_dir)
+            else:
+                m = measure(backend, job)
             versions = {**base_versions, **backend.versions()}
         finally:
             backend.close()
@@ -60,7 +66,7 @@ def execute(job: Job, settings: Settings) -> Result:
         quant=job.quant, technique=job.technique, backend=job.engine, test=job.test,
         n_prompt=job.n_prompt, n_gen=job.n_gen, n_depth=job.n_depth, repetitions=job.repetitions,
         samples_ns=m.samples_ns, avg_ts=avg, stddev_ts=std, load_ns=load_ns, config=job.config,
-        hardware=hardware.summary(), versions=versions, started_at=started, finished_at=utc_now(),
+        hardware=hardware.summary(), versions=versions, started_at=started, finished_at=utc_now(), **extra,
     )
 
 
