@@ -323,7 +323,7 @@ def models_train_mtp(
     heads: int = typer.Option(2, "--heads", min=1, max=8, help="MTP heads to train (n_mtp)"),
     n_seq: int = typer.Option(64, help="prompts the base continues to make the training text"),
     n_cont: int = typer.Option(64, help="greedy tokens generated per prompt"),
-    epochs: int = typer.Option(4, min=1, help="passes over the training positions"),
+    epochs: int = typer.Option(6, min=1, help="passes over the training positions"),
     lr: float = typer.Option(2e-3, help="peak learning rate (one-cycle schedule)"),
     n_head_vocab: int = typer.Option(4096, min=0, help="tokens the heads may propose (most frequent first); 0: all"),
     threads: int = typer.Option(0, min=0, help="torch threads; 0: torch's default"),

@@ -85,13 +85,17 @@ class MTPHeads(nn.Module):
         return len(self.heads)
 
     def init_from_base(self) -> None:
-        """A starting point that already predicts something: each block a copy of the base's
-        last block, the projection summing its two normalised inputs, the output norm the base's."""
+        """A starting point: each block a copy of the base's last block with its two residual
+        branches' output matrices zeroed (the block starts as the identity, so the head starts
+        from the base's own prediction instead of noise; ReZero-like), the projection summing
+        its two normalised inputs, the output norm the base's."""
         base = self.base
         E = base.config.n_embd
         with torch.no_grad():
             for head in self.heads:
                 head.block.load_state_dict(base.blocks[-1].state_dict())
+                head.block.attn.wo.weight.zero_()
+                head.block.ffn.w_down.weight.zero_()
                 eye = torch.eye(E, dtype=head.proj.weight.dtype, device=head.proj.weight.device)
                 head.proj.weight.copy_(torch.cat((eye, eye), dim=1))
                 head.out_norm.weight.copy_(base.norm.weight)

@@ -38,14 +38,14 @@ log = logging.getLogger("tokenfarm.mtp")
 class TrainConfig:
     n_mtp: int = 2
     n_prompt: int = 12  # tokens of each prompt (BOS included); equal lengths batch without padding
-    n_cont: int = 80  # greedy tokens the base adds to each prompt
-    n_seq: int = 96
+    n_cont: int = 64  # greedy tokens the base adds to each prompt
+    n_seq: int = 64
     heldout_frac: float = 0.125
-    n_batch_gen: int = 32
-    epochs: int = 4
-    lr: float = 1e-3
-    n_batch_train: int = 256  # positions per optimizer step
-    n_head_vocab: int = 8192  # 0: the whole vocabulary
+    n_batch_gen: int = 64  # one decode step reads the weights once for the whole batch
+    epochs: int = 6
+    lr: float = 2e-3
+    n_batch_train: int = 64  # positions per optimizer step: small data wants many small steps
+    n_head_vocab: int = 4096  # 0: the whole vocabulary
     seed: int = 0
 
 
@@ -176,12 +176,20 @@ def evaluate(heads: MTPHeads, h: torch.Tensor, toks: torch.Tensor, index_of, cos
     return teacher, chain
 
 
-def train_heads(base: Transformer, vocab: GGUFVocab, cfg: TrainConfig,
-                progress: Callable[[str], None] = log.info) -> tuple[MTPHeads, TrainReport]:
-    torch.manual_seed(cfg.seed)
-    for p in base.parameters():
-        p.requires_grad_(False)
+def distillation_text(base: Transformer, vocab: GGUFVocab, cfg: TrainConfig, cache_path: Path | None,
+                      progress: Callable[[str], None]) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """Prompts, the base's greedy continuations (B, L) and its hidden states (B, L, E); reused
+    from cache_path when it was made with the same prompts and lengths (generation is the slow
+    part of training on a CPU, and retraining with other settings needs the same text)."""
     prompts = make_prompts(vocab, cfg)
+    key = json.dumps({"prompts": prompts, "n_cont": cfg.n_cont})
+    if cache_path is not None and cache_path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(cache_path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                progress(f"reusing the base's continuations from {cache_path.name}")
+                return prompts, f.get_tensor("tokens"), f.get_tensor("hidden")
     t0 = time.perf_counter()
     toks_all, hid_all = [], []
     for start in range(0, len(prompts), cfg.n_batch_gen):
@@ -190,6 +198,21 @@ def train_heads(base: Transformer, vocab: GGUFVocab, cfg: TrainConfig,
         hid_all.append(h)
         progress(f"generated {start + t.shape[0]}/{len(prompts)} continuations ({time.perf_counter() - t0:.0f} s)")
     tokens, hidden = torch.cat(toks_all), torch.cat(hid_all)
+    if cache_path is not None:
+        from safetensors.torch import save_file
+
+        save_file({"tokens": tokens.contiguous(), "hidden": hidden.float().contiguous()}, str(cache_path),
+                  metadata={"key": key})
+    return prompts, tokens, hidden
+
+
+def train_heads(base: Transformer, vocab: GGUFVocab, cfg: TrainConfig,
+                progress: Callable[[str], None] = log.info, cache_path: Path | None = None) -> tuple[MTPHeads, TrainReport]:
+    torch.manual_seed(cfg.seed)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    t0 = time.perf_counter()
+    prompts, tokens, hidden = distillation_text(base, vocab, cfg, cache_path, progress)
     generate_s = time.perf_counter() - t0
 
     n_held = max(1, int(round(len(prompts) * cfg.heldout_frac)))
@@ -245,7 +268,7 @@ def train_and_save(base_path: Path, base_sha256: str, cfg: TrainConfig,
     base = load_model(base_path, torch.float32, "cpu")
     vocab = GGUFVocab(base_path)
     try:
-        heads, report = train_heads(base, vocab, cfg, progress)
+        heads, report = train_heads(base, vocab, cfg, progress, Path(str(base_path) + ".mtp-text.safetensors"))
     finally:
         vocab.close()
     path = save_heads(heads, base_path, {
