@@ -149,8 +149,11 @@ def main() -> None:
             print(f"mtp n_mtp={n_mtp}: not measured ({exc})")
             continue
         mtp_tok_s = statistics.fmean(args.n_gen * 1e9 / ns for ns in m.samples_ns)
+        acc = extra["acceptance_by_position"]
+        # Head k's proposal counts only when heads 1..k-1 were right: its own hit rate is the ratio.
+        given_previous = [a / b if b else 0.0 for a, b in zip(acc, [1.0, *acc[:-1]])]
         print(f"mtp n_mtp={n_mtp}: {mtp_tok_s:.1f} tok/s, speedup {extra['speedup']:.2f}x, "
-              f"acceptance by head {[round(a, 3) for a in extra['acceptance_by_position']]}, "
+              f"acceptance by head {[round(a, 3) for a in acc]} (given the heads before: {[round(a, 3) for a in given_previous]}), "
               f"mean accepted {extra['mean_accepted_len']:.2f}/pass, lossless {extra['lossless']}"
               f"{'' if extra['lossless'] else ' (first divergence at ' + str(extra['first_divergence']) + ')'}, "
               f"draft {extra['draft_ns'] / 1e9:.2f} s, verify {extra['verify_ns'] / 1e9:.2f} s")

@@ -85,10 +85,13 @@ class MTPHeads(nn.Module):
         return len(self.heads)
 
     def init_from_base(self) -> None:
-        """A starting point: each block a copy of the base's last block with its two residual
-        branches' output matrices zeroed (the block starts as the identity, so the head starts
-        from the base's own prediction instead of noise; ReZero-like), the projection summing
-        its two normalised inputs, the output norm the base's."""
+        """A starting point that predicts what the base predicts, softened: each block a copy
+        of the base's last block with its residual branches' output matrices zeroed (so it
+        starts as the identity; ReZero-like), the projection passing the normalised hidden state
+        through and the token embedding with zero weight (its gradient is not zero), and unit
+        norm weights. The logits then start as the base's next-token logits divided by the RMS
+        of its final hidden state: the right tokens, not yet sharp, which keeps the first
+        steps' cross-entropy low. (Copying the base's final norm weight would apply it twice.)"""
         base = self.base
         E = base.config.n_embd
         with torch.no_grad():
@@ -97,8 +100,7 @@ class MTPHeads(nn.Module):
                 head.block.attn.wo.weight.zero_()
                 head.block.ffn.w_down.weight.zero_()
                 eye = torch.eye(E, dtype=head.proj.weight.dtype, device=head.proj.weight.device)
-                head.proj.weight.copy_(torch.cat((eye, eye), dim=1))
-                head.out_norm.weight.copy_(base.norm.weight)
+                head.proj.weight.copy_(torch.cat((eye, torch.zeros_like(eye)), dim=1))
 
     def output_weight(self) -> torch.Tensor:
         """Rows of the shared output matrix the heads score, (V_head, E); cached for decoding."""
