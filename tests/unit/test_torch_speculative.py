@@ -164,3 +164,18 @@ def test_sampled_speculation_first_token_follows_the_target():
         counts[out.tokens[0]] += 1
     # 2000 draws: the standard error of each frequency is at most 0.011.
     assert (counts / n - p).abs().max() < 0.045
+
+
+def test_training_rows_pair_each_hidden_state_with_the_tokens_after_it():
+    from worker.engines.torch.mtp_train import choose_vocab, training_rows
+
+    tokens = torch.arange(20).view(2, 10)  # (B, L): token value = position (+10 in row 2)
+    hidden = tokens[..., None].float().repeat(1, 1, 4)  # (B, L, E): hidden row i holds i
+    h, y = training_rows(tokens, hidden, n_prompt=3, n_mtp=2)
+    # Rows start at the last prompt position (2) and stop where x[i + 3] still exists.
+    assert h[:, 0].tolist() == [2, 3, 4, 5, 6, 12, 13, 14, 15, 16]
+    # Head k (1-based) at position i reads x[i + k] and learns x[i + k + 1].
+    assert y[0].tolist() == [3, 4, 5] and y[-1].tolist() == [17, 18, 19]
+    vocab = choose_vocab(y, [0, 0, 0], n_vocab=50, n_head_vocab=8)
+    assert len(vocab) == 8 and 0 in vocab.tolist()  # the most frequent token is kept
+    assert choose_vocab(y, [], n_vocab=50, n_head_vocab=0) is None
