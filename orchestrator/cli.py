@@ -500,6 +500,43 @@ def import_llama_bench(
                   + (f" ({present} already present)" if present else ""), highlight=False)
 
 
+@models_app.command("train-mtp")
+def models_train_mtp(
+    base: str = typer.Argument(..., help="catalogue name or path to a GGUF file (trained on its F32 dequantization)"),
+    heads: int = typer.Option(2, "--heads", min=1, max=8, help="MTP heads to train (n_mtp)"),
+    n_seq: int = typer.Option(64, help="prompts the base continues to make the training text"),
+    n_cont: int = typer.Option(64, help="greedy tokens generated per prompt"),
+    epochs: int = typer.Option(6, min=1, help="passes over the training positions"),
+    lr: float = typer.Option(2e-3, help="peak learning rate (one-cycle schedule)"),
+    n_head_vocab: int = typer.Option(4096, min=0, help="tokens the heads may propose (most frequent first); 0: all"),
+    threads: int = typer.Option(0, min=0, help="torch threads; 0: torch's default"),
+) -> None:
+    """Train MTP heads on a frozen base by self-distillation and save them beside its F32 file."""
+    from worker.models import ModelError, resolve, sha256_file
+
+    try:
+        from worker.engines.torch.mtp_train import TrainConfig, train_and_save
+    except ImportError as exc:
+        raise fail(f"training MTP heads needs the torch extra ({exc.name} is missing): pip install 'tokenfarm[torch]'")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    settings = load_settings()
+    try:
+        path, _ = resolve(base, "F32", settings.effective_models_dir)
+    except ModelError as exc:
+        raise fail(str(exc))
+    cfg = TrainConfig(n_mtp=heads, n_seq=n_seq, n_cont=n_cont, epochs=epochs, lr=lr, n_head_vocab=n_head_vocab)
+    out, report = train_and_save(path, sha256_file(path), cfg, progress=lambda m: console.print(m, highlight=False))
+    console.print(f"heads: {out}")
+    console.print(f"generated {report.n_train_positions + report.n_heldout_positions} positions in "
+                  f"{report.generate_s:.0f} s, trained in {report.train_s:.0f} s; final loss "
+                  f"{report.loss_by_epoch[-1]:.3f} per head")
+    for k, (acc, chain) in enumerate(zip(report.heldout_accuracy_by_head, report.heldout_chain_acceptance)):
+        console.print(f"head {k + 1}: held-out accuracy {acc:.3f}, greedy chain reaches it {chain:.3f}")
+
+
 @app.command()
 def dashboard(port: int = typer.Option(8501, help="port to serve on"),
               address: str = typer.Option("127.0.0.1", help="address to bind")) -> None:

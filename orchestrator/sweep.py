@@ -97,6 +97,11 @@ class SweepSpec(BaseModel):
         if any(not 0.0 <= x <= 1.0 for x in v):
             raise ValueError("values must lie in [0, 1]")
         return v
+    # mtp: the torch engine's trained heads (`tokenfarm models train-mtp`); each list multiplies
+    # only the jobs of the technique that reads it.
+    n_mtp: list[int] = Field(default_factory=lambda: [2], min_length=1)
+    # Above 0: sampled speculation (torch engine), accept-with-probability instead of greedy.
+    temperature: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
 
     @field_validator("quants")
     @classmethod
@@ -196,10 +201,13 @@ def _local_source(ref: str, models_dir: Path | None) -> Path | None:
 def technique_options(spec: SweepSpec, technique: str, drafts: list[tuple[str, str | None, str]]) -> list[dict]:
     """The Job fields each technique varies over: spec by draft x n_draft x p_min, lookup by ngram_max x n_draft."""
     if technique == "spec":
-        return [dict(draft_model=ref, draft_sha256=sha, draft_quant=quant, n_draft=n, p_min=p)
-                for ref, sha, quant in drafts for n in spec.n_draft for p in spec.p_min]
+        return [dict(draft_model=ref, draft_sha256=sha, draft_quant=quant, n_draft=n, p_min=p, temperature=t)
+                for ref, sha, quant in drafts for n in spec.n_draft for p in spec.p_min for t in spec.temperature]
     if technique == "lookup":
-        return [dict(ngram_max=g, n_draft=n) for g in spec.ngram_max for n in spec.n_draft]
+        return [dict(ngram_max=g, n_draft=n, temperature=t)
+                for g in spec.ngram_max for n in spec.n_draft for t in spec.temperature]
+    if technique == "mtp":
+        return [dict(n_mtp=n, temperature=t) for n in spec.n_mtp for t in spec.temperature]
     return [{}]
 
 
@@ -232,6 +240,8 @@ def expand(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("
             _check_pairs(ref, drafts, models_dir)
         quants = entry.quants or spec.quants or [native]
         for quant, engine, config, technique in itertools.product(quants, spec.engines, configs, spec.techniques):
+            if technique == "mtp" and engine != "torch":
+                continue  # MTP heads run only in the torch engine; llama.cpp's jobs skip it
             for options in technique_options(spec, technique, drafts):
                 for (kind, n_prompt, n_gen), n_depth in itertools.product(tests, spec.n_depth):
                     if technique != "baseline" and kind != "tg":

@@ -23,7 +23,7 @@ QUANTS: tuple[str, ...] = (
     "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K",
 )
 
-Technique = Literal["baseline", "spec", "lookup"]
+Technique = Literal["baseline", "spec", "lookup", "mtp"]
 # Prompt sets under worker/data/prompts/, chosen to stress speculation differently.
 PROMPT_CATEGORIES: tuple[str, ...] = ("code", "summarisation", "qa", "rewriting", "math", "chat")
 Engine = Literal["llamacpp", "torch"]
@@ -85,7 +85,7 @@ class Job(BaseModel):
     prompt_source: Literal["text", "random"] = "text"
     seed: int = 42
     config: EngineConfig = EngineConfig()
-    # Decode over a category's prompts instead of corpus text; spec and lookup need it, and
+    # Decode over a category's prompts instead of corpus text; the techniques need it, and
     # run the baseline in the same job on the same prompts to report a speedup.
     prompt_category: str | None = None
     n_prompts: int = Field(default=0, ge=0, description="prompts of the category; 0: all")
@@ -95,6 +95,9 @@ class Job(BaseModel):
     n_draft: int = Field(default=0, ge=0, le=64, description="most tokens drafted per target pass")
     p_min: float = Field(default=0.0, ge=0.0, le=1.0, description="spec: stop drafting below this top probability")
     ngram_max: int = Field(default=0, ge=0, le=16, description="lookup: longest n-gram matched")
+    # mtp: the target's own trained multi-token-prediction heads propose (torch engine only).
+    n_mtp: int = Field(default=0, ge=0, le=16, description="mtp: heads proposing per target pass")
+    temperature: float = Field(default=0.0, ge=0.0, description="0: greedy; above: sampled speculation")
 
     @model_validator(mode="after")
     def _technique_options(self) -> "Job":
@@ -104,6 +107,10 @@ class Job(BaseModel):
             return self
         if self.kind != "tg" or self.prompt_category is None:
             raise ValueError(f"a {self.technique} job is a decode (tg) test over a prompt_category")
+        if self.technique == "mtp":
+            if self.n_mtp < 1 or self.engine != "torch":
+                raise ValueError("an mtp job needs n_mtp >= 1 and engine torch (llama.cpp runs no MTP heads here)")
+            return self
         if self.n_draft < 1:
             raise ValueError(f"a {self.technique} job needs n_draft >= 1")
         if self.technique == "spec" and not self.draft_model:
@@ -112,6 +119,8 @@ class Job(BaseModel):
             raise ValueError("a lookup job needs ngram_max >= 1")
         if self.draft_quant is not None and self.draft_quant not in QUANTS:
             raise ValueError(f"unknown draft quant {self.draft_quant!r}")
+        if self.temperature > 0 and self.engine != "torch":
+            raise ValueError("sampled speculation (temperature > 0) runs on the torch engine only")
         return self
 
     @model_validator(mode="after")
@@ -328,6 +337,8 @@ class Result(BaseModel):
     n_draft: int = 0
     p_min: float = 0.0
     ngram_max: int = 0
+    n_mtp: int = 0
+    temperature: float = 0.0
     speculation: Speculation | None = None
 
     @classmethod
@@ -423,7 +434,8 @@ class Result(BaseModel):
 
 
 # Technique options a Result echoes from its Job (the break-even map groups by them).
-TECHNIQUE_FIELDS = ("prompt_category", "n_prompts", "draft_model", "draft_quant", "n_draft", "p_min", "ngram_max")
+TECHNIQUE_FIELDS = ("prompt_category", "n_prompts", "draft_model", "draft_quant", "n_draft", "p_min", "ngram_max",
+                    "n_mtp", "temperature")
 
 
 class Capabilities(BaseModel):

@@ -84,9 +84,14 @@ def execute(job: Job, settings: Settings) -> Result:
         t0 = time.perf_counter_ns()
         backend.load(path, job.config, context_size(job))
         load_ns = time.perf_counter_ns() - t0
+        extra: dict = {}
         try:
             energy_before_mj = hardware.gpu_energy_mj()
-            if job.prompt_category:
+            if job.engine == "torch" and job.technique != "baseline":
+                from worker.engines.torch.techniques import measure_technique
+
+                m, extra = measure_technique(backend, job, path, model_sha, settings.effective_models_dir)
+            elif job.prompt_category:
                 m, extra = measure_over_prompts(job, backend, settings)
             else:
                 m, extra = measure(backend, job), {}

@@ -1,0 +1,48 @@
+"""Sweep expansion of the speculation and MTP techniques: each option list multiplies only the
+jobs of the technique that reads it, and a Job refuses options its technique cannot run."""
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from orchestrator.sweep import SweepError, SweepSpec, expand
+from worker.contract import Job
+
+
+def spec(**kw) -> SweepSpec:
+    base = dict(name="t", models=["smollm2-135m"], quants=["F32"], n_prompt=[32], n_gen=[16], prompt_categories=["code"])
+    return SweepSpec(**{**base, **kw})
+
+
+def test_technique_options_multiply_only_their_own_jobs():
+    jobs = expand(spec(engines=["torch"], techniques=["baseline", "mtp", "lookup", "spec"], n_mtp=[1, 2],
+                       draft_models=[{"name": "smollm2-135m", "quants": ["Q4_0"]}], n_draft=[2, 4], ngram_max=[3]))
+    by = {}
+    for j in jobs:
+        by.setdefault(j.technique, []).append(j)
+    assert [j.test for j in by["baseline"]] == ["pp32", "tg16"]
+    # Techniques only speed up decoding: no pp jobs for them.
+    assert sorted(j.n_mtp for j in by["mtp"]) == [1, 2] and {j.kind for j in by["mtp"]} == {"tg"}
+    assert sorted(j.n_draft for j in by["lookup"]) == [2, 4] and all(j.n_mtp == 0 for j in by["lookup"])
+    assert sorted(j.n_draft for j in by["spec"]) == [2, 4]
+    assert {(j.draft_model, j.draft_quant) for j in by["spec"]} == {("smollm2-135m", "Q4_0")}
+    assert [j.index for j in jobs] == list(range(len(jobs)))
+
+
+def test_mtp_is_skipped_for_llamacpp_and_spec_needs_drafts():
+    jobs = expand(spec(engines=["llamacpp", "torch"], techniques=["mtp"]))
+    assert {j.engine for j in jobs} == {"torch"}
+    with pytest.raises(SweepError, match="draft_models"):
+        expand(spec(engines=["torch"], techniques=["spec"]))
+
+
+def test_job_refuses_techniques_without_their_options():
+    common = dict(job_id="j", sweep_id="s", index=0, model="m", quant="F32", kind="tg", n_gen=8, prompt_category="code")
+    with pytest.raises(ValidationError, match="n_mtp >= 1 and engine torch"):
+        Job(**common, technique="mtp", engine="llamacpp", n_mtp=2)
+    with pytest.raises(ValidationError, match="draft_model"):
+        Job(**common, technique="spec", engine="torch", n_draft=2)
+    with pytest.raises(ValidationError, match="ngram_max"):
+        Job(**common, technique="lookup", engine="torch", n_draft=2)
+    assert Job(**common, technique="mtp", engine="torch", n_mtp=2).n_mtp == 2
