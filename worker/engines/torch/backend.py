@@ -101,6 +101,11 @@ class TorchBackend:
     def decode(self, token: int) -> int:
         return self._run((token,))
 
+    def conditions(self) -> dict:
+        """Settings the engine really ran with: threads after torch's defaulting, the cache dtype."""
+        return {"n_threads": torch.get_num_threads(), "kv_type": str(self.dtype).removeprefix("torch."),
+                "flags": {"device": str(self.device), "n_batch": self._n_batch}}
+
     def versions(self) -> dict[str, str]:
         if self.device.type == "cuda":
             device = f"cuda:{torch.cuda.get_device_name(self.device)}"
