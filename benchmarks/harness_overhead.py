@@ -35,6 +35,9 @@ class BareLoop:
         cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_ctx, n_batch, n_ubatch
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.no_perf = True
+        # Same attention path as the harness's default (flash_attn off): llama.cpp's own default
+        # is "auto", which would compare two different kernels rather than two harnesses.
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.n_batch = n_batch
