@@ -105,24 +105,30 @@ def sweep_submit(
         raise typer.Exit(_wait(settings, engine, celery, sweep_id, len(jobs), timeout))
 
 
+def _open_sweep(settings: Settings, ref: str):
+    """(engine, sweep id, number of jobs) for a sweep reference, or a one-line error."""
+    from orchestrator.db import session_scope
+    from orchestrator.store import find_sweep
+
+    _ensure_schema(settings)
+    engine = _engine(settings)
+    with session_scope(engine) as session:
+        row = find_sweep(session, ref)
+        if row is None:
+            raise fail(f"no sweep matches {ref!r}: list them with `tokenfarm status`")
+        return engine, row.id, row.n_jobs
+
+
 @sweep_app.command("wait")
 def sweep_wait(
     sweep: str = typer.Argument(..., help="sweep id, id prefix or name"),
     timeout: Optional[float] = typer.Option(None, help="give up after this many seconds"),
 ) -> None:
     """Collect results of a submitted sweep until every job finished; non-zero if any failed."""
-    from orchestrator.db import session_scope
-    from orchestrator.store import find_sweep
     from worker.broker import create_app
 
     settings = load_settings()
-    _ensure_schema(settings)
-    engine = _engine(settings)
-    with session_scope(engine) as session:
-        row = find_sweep(session, sweep)
-        if row is None:
-            raise fail(f"no sweep matches {sweep!r}: list them with `tokenfarm status`")
-        sweep_id, n_jobs = row.id, row.n_jobs
+    engine, sweep_id, n_jobs = _open_sweep(settings, sweep)
     raise typer.Exit(_wait(settings, engine, create_app(settings), sweep_id, n_jobs, timeout))
 
 
@@ -133,19 +139,11 @@ def sweep_resume(
     timeout: Optional[float] = typer.Option(None, help="with --wait: give up after this many seconds"),
 ) -> None:
     """Send again what never finished: queued jobs, and running jobs of workers that went silent."""
-    from orchestrator.db import session_scope
     from orchestrator.dispatch import resend_unfinished
-    from orchestrator.store import find_sweep
     from worker.broker import create_app
 
     settings = load_settings()
-    _ensure_schema(settings)
-    engine = _engine(settings)
-    with session_scope(engine) as session:
-        row = find_sweep(session, sweep)
-        if row is None:
-            raise fail(f"no sweep matches {sweep!r}: list them with `tokenfarm status`")
-        sweep_id, n_jobs = row.id, row.n_jobs
+    engine, sweep_id, n_jobs = _open_sweep(settings, sweep)
     celery = create_app(settings)
     n = resend_unfinished(engine, celery, sweep_id, settings.worker_dead_after_s, settings.max_attempts)
     console.print(f"sweep {sweep_id}: {n} jobs sent again")
