@@ -57,6 +57,38 @@ def quantize(source: Path, target: Path, quant: str, n_threads: int = 0) -> None
         raise EngineError(f"llama.cpp could not quantize {source} to {quant} (code {rc})")
 
 
+def tokenize_with(vocab, text: str, add_bos: bool, special: bool) -> list[int]:
+    """llama.cpp's tokenizer for a loaded vocabulary (also the torch engine's, so prompts match)."""
+    data = text.encode("utf-8")
+    n_max = len(data) + 8
+    buf = (llama_cpp.llama_token * n_max)()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, n_max, add_bos, special)
+    if n < 0:  # -n is the size needed
+        n_max = -n
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, n_max, add_bos, special)
+    return list(buf[:n])
+
+
+def chat_prompt_with(model, user_text: str) -> str:
+    """user_text as one user turn in the model's own chat template; the text itself without one."""
+    tmpl = llama_cpp.llama_model_chat_template(model, None)
+    if not tmpl:
+        return user_text
+    content = user_text.encode("utf-8")
+    msg = (llama_cpp.llama_chat_message * 1)()
+    msg[0].role, msg[0].content = b"user", content
+    size = len(content) + 1024
+    buf = ctypes.create_string_buffer(size)
+    n = llama_cpp.llama_chat_apply_template(tmpl, msg, 1, True, buf, size)
+    if n < 0:
+        return user_text  # a template llama.cpp's built-in matcher does not know
+    if n > size:
+        buf = ctypes.create_string_buffer(n + 1)
+        n = llama_cpp.llama_chat_apply_template(tmpl, msg, 1, True, buf, n + 1)
+    return buf.raw[:n].decode("utf-8", errors="replace")
+
+
 class LlamaCppBackend:
     name = "llamacpp"
 
@@ -109,13 +141,7 @@ class LlamaCppBackend:
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         """special: parse control tokens written in the text (a chat template's markers)."""
-        data = text.encode("utf-8")
-        n_max = len(data) + 8
-        buf = (llama_cpp.llama_token * n_max)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
-        if n < 0:
-            raise EngineError("tokenizer buffer too small")
-        return list(buf[:n])
+        return tokenize_with(self._vocab, text, add_bos, special)
 
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(self._mem, True)
@@ -181,21 +207,7 @@ class LlamaCppBackend:
 
     def chat_prompt(self, user_text: str) -> str:
         """user_text as one user turn in the model's own chat template; the text itself without one."""
-        tmpl = llama_cpp.llama_model_chat_template(self._model, None)
-        if not tmpl:
-            return user_text
-        content = user_text.encode("utf-8")
-        msg = (llama_cpp.llama_chat_message * 1)()
-        msg[0].role, msg[0].content = b"user", content
-        size = len(content) + 1024
-        buf = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_chat_apply_template(tmpl, msg, 1, True, buf, size)
-        if n < 0:
-            return user_text  # a template llama.cpp's built-in matcher does not know
-        if n > size:
-            buf = ctypes.create_string_buffer(n + 1)
-            n = llama_cpp.llama_chat_apply_template(tmpl, msg, 1, True, buf, n + 1)
-        return buf.raw[:n].decode("utf-8", errors="replace")
+        return chat_prompt_with(self._model, user_text)
 
     def prefill(self, tokens: Sequence[int]) -> int:
         if not tokens:

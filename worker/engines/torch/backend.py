@@ -65,8 +65,12 @@ class TorchBackend:
     def model(self) -> Transformer:
         return self._model
 
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        return self._vocab.tokenize(text, add_bos)
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self._vocab.tokenize(text, add_bos, special)
+
+    def chat_prompt(self, user_text: str) -> str:
+        """The same chat-templated prompt the llama.cpp engine builds, so both engines see one input."""
+        return self._vocab.chat_prompt(user_text)
 
     def reset(self) -> None:
         # Stale keys and values past the position counter are never attended to, and the

@@ -168,17 +168,15 @@ class GGUFVocab:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_tokens = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
 
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        lc = self._llama_cpp
-        data = text.encode("utf-8")
-        n_max = len(data) + 8
-        buf = (lc.llama_token * n_max)()
-        n = lc.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, False)
-        if n < 0:  # too small: -n is the size needed
-            n_max = -n
-            buf = (lc.llama_token * n_max)()
-            n = lc.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, False)
-        return list(buf[:n])
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        from worker.engines.llamacpp import tokenize_with
+
+        return tokenize_with(self._vocab, text, add_bos, special)
+
+    def chat_prompt(self, user_text: str) -> str:
+        from worker.engines.llamacpp import chat_prompt_with
+
+        return chat_prompt_with(self._model, user_text)
 
     def close(self) -> None:
         if self._model:

@@ -71,12 +71,11 @@ def measure_technique(backend: TorchBackend, job: Job, model_path: Path, model_s
     prompts, as the llama.cpp engine's speculation reports it) and the Result fields it adds:
     the shared `Speculation` block and, for spec, the draft's sha256.
     """
-    from worker.speculative import load_prompts
+    from worker.speculative import prompt_tokens
 
     model = backend.model
     device = backend.device
-    texts = load_prompts(job.prompt_category, job.n_prompts)
-    prompts = [backend.tokenize(t, add_bos=True) for t in texts]
+    prompts = prompt_tokens(backend, job)
     n_draft = job.n_mtp if job.technique == "mtp" else job.n_draft
     n_ctx = max(len(p) for p in prompts) + job.n_gen + n_draft + 16
     cache = model.new_cache(n_ctx)
