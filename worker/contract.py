@@ -283,6 +283,23 @@ class Speculation(BaseModel):
     first_mismatch: list[int | None] = Field(description="per prompt: index of the first differing token; None: identical")
     lossless: bool
 
+    @classmethod
+    def measured(cls, n_tokens: int, baseline_samples_ns: list[int], samples_ns: list[int], n_drafted: int,
+                 n_accepted: int, n_passes: int, drafted_at: list[int], accepted_at: list[int], draft_ns: int,
+                 verify_ns: int, first_mismatch: list[int | None]) -> "Speculation":
+        """The block from raw counts, every ratio derived here so engines cannot disagree on one."""
+        base_avg, _ = summarize(n_tokens, baseline_samples_ns)
+        avg, _ = summarize(n_tokens, samples_ns)
+        return cls(
+            baseline_samples_ns=baseline_samples_ns, baseline_avg_ts=base_avg, speedup=avg / base_avg,
+            n_drafted=n_drafted, n_accepted=n_accepted, n_passes=n_passes,
+            acceptance_rate=n_accepted / n_drafted if n_drafted else 0.0,
+            mean_accepted_per_pass=n_accepted / n_passes if n_passes else 0.0,
+            acceptance_by_position=[a / d if d else 0.0 for a, d in zip(accepted_at, drafted_at)],
+            draft_ns=draft_ns, verify_ns=verify_ns,
+            first_mismatch=first_mismatch, lossless=all(m is None for m in first_mismatch),
+        )
+
 
 class Result(BaseModel):
     """What a worker sends back for one Job, ok or failed."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Sequence
 
-from worker.contract import PROMPT_CATEGORIES, Job, Speculation, summarize
+from worker.contract import PROMPT_CATEGORIES, Job, Speculation
 from worker.engines.base import EngineError, SpeculativeBackend
 from worker.models import vocab_mismatch
 
@@ -249,17 +249,9 @@ def measure_prompts(target: SpeculativeBackend, job: Job, prompts: list[list[int
         samples.append(ns)
     if drafter is None:
         return PromptMeasurement(base_samples, None, base_tokens, base_tokens)
-    n_tokens = job.n_gen * len(prompts)
-    base_avg, _ = summarize(n_tokens, base_samples)
-    avg, _ = summarize(n_tokens, samples)
-    mismatches = [first_difference(b, t) for b, t in zip(base_tokens, tokens)]
-    spec = Speculation(
-        baseline_samples_ns=base_samples, baseline_avg_ts=base_avg, speedup=avg / base_avg,
-        n_drafted=total.n_drafted, n_accepted=total.n_accepted, n_passes=total.n_passes,
-        acceptance_rate=total.n_accepted / total.n_drafted if total.n_drafted else 0.0,
-        mean_accepted_per_pass=total.n_accepted / total.n_passes if total.n_passes else 0.0,
-        acceptance_by_position=[a / d if d else 0.0 for a, d in zip(total.accepted_at, total.drafted_at)],
-        draft_ns=total.draft_ns, verify_ns=total.verify_ns,
-        first_mismatch=mismatches, lossless=all(m is None for m in mismatches),
+    spec = Speculation.measured(
+        job.n_gen * len(prompts), base_samples, samples, total.n_drafted, total.n_accepted, total.n_passes,
+        total.drafted_at, total.accepted_at, total.draft_ns, total.verify_ns,
+        [first_difference(b, t) for b, t in zip(base_tokens, tokens)],
     )
     return PromptMeasurement(samples, spec, base_tokens, tokens)

@@ -18,7 +18,7 @@ import pytest
 from dashboard.sample_data import seed
 from orchestrator.db import make_engine, upgrade
 from tests.conftest import REPO
-from tests.integration.conftest import TOKENFARM, service_env, wait_until
+from tests.integration.conftest import TOKENFARM, service_env, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
 CHROMIUM = os.environ.get("TOKENFARM_CHROMIUM", "/usr/bin/chromium")
@@ -89,12 +89,7 @@ def dashboard_url(tmp_path):
         assert proc.poll() is None, (tmp_path / "dashboard.log").read_text()
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout_s=20)
         log.close()
 
 

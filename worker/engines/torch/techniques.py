@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from worker.contract import QUANTS, Job, Speculation, summarize
+from worker.contract import QUANTS, Job, Speculation
 from worker.engines.base import EngineError
 from worker.engines.torch.backend import TorchBackend
 from worker.engines.torch.mtp import MTPError, load_heads
@@ -26,14 +26,6 @@ from worker.engines.torch.speculative import (
     LookupDrafter, ModelDrafter, MTPDrafter, SpecStats, generate, synchronize,
 )
 from worker.measure import Measurement
-
-
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    """Index of the first differing token; None when identical."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def _draft_backend(job: Job, target: TorchBackend, models_dir: Path, n_ctx: int) -> tuple[TorchBackend, str]:
@@ -71,7 +63,7 @@ def measure_technique(backend: TorchBackend, job: Job, model_path: Path, model_s
     prompts, as the llama.cpp engine's speculation reports it) and the Result fields it adds:
     the shared `Speculation` block and, for spec, the draft's sha256.
     """
-    from worker.speculative import prompt_tokens
+    from worker.speculative import first_difference, prompt_tokens
 
     model = backend.model
     device = backend.device
@@ -136,19 +128,10 @@ def measure_technique(backend: TorchBackend, job: Job, model_path: Path, model_s
         if draft is not None:
             draft.close()
 
-    n_tokens = job.n_gen * len(prompts)
-    base_avg, _ = summarize(n_tokens, base_samples)
-    avg, _ = summarize(n_tokens, samples)
     # Sampled decoding is not meant to equal greedy: its "mismatch" is recorded all the same.
-    mismatches = [first_divergence(t, b) for b, t in zip(base_tokens, tech_tokens)]
-    extra["speculation"] = Speculation(
-        baseline_samples_ns=base_samples, baseline_avg_ts=base_avg, speedup=avg / base_avg,
-        n_drafted=stats.n_drafted, n_accepted=stats.n_accepted, n_passes=stats.n_passes,
-        acceptance_rate=stats.n_accepted / stats.n_drafted if stats.n_drafted else 0.0,
-        mean_accepted_per_pass=stats.n_accepted / stats.n_passes if stats.n_passes else 0.0,
-        acceptance_by_position=[a / d if d else 0.0
-                                for a, d in zip(stats.accepted_by_position, stats.drafted_by_position)],
-        draft_ns=stats.draft_ns, verify_ns=stats.verify_ns,
-        first_mismatch=mismatches, lossless=all(m is None for m in mismatches),
+    extra["speculation"] = Speculation.measured(
+        job.n_gen * len(prompts), base_samples, samples, stats.n_drafted, stats.n_accepted, stats.n_passes,
+        stats.drafted_by_position, stats.accepted_by_position, stats.draft_ns, stats.verify_ns,
+        [first_difference(b, t) for b, t in zip(base_tokens, tech_tokens)],
     )
     return Measurement(samples_ns=samples, tokens=tech_tokens[-1] if tech_tokens else []), extra
