@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable
 
@@ -38,6 +38,7 @@ class Outcome:
     reason: str = ""
     job: Job | None = None  # with "retry": the job to send again, after delay_s
     delay_s: float = 0.0
+    resend: list[Job] = field(default_factory=list)  # with "hello": jobs a restarted worker dropped
 
 
 def _reject(session: Session, worker: str, job_id: str, reason: str, known_worker: WorkerRow | None) -> Outcome:
@@ -68,13 +69,38 @@ def implausibilities(result: Result, worker: WorkerRow | None) -> list[str]:
     return []
 
 
-def ingest(session: Session, body: object, max_attempts: int = 3) -> Outcome:
-    """Apply one results-queue message to the database (the caller commits)."""
+@dataclass
+class Known:
+    """The rows a batch of messages touches, read up front in three queries rather than three per
+    message; ingestion then runs without a round trip. `stored`: jobs whose result is stored."""
+
+    workers: dict[str, WorkerRow]
+    jobs: dict[str, JobRow]
+    stored: set[str]
+
+
+def preload(session: Session, bodies: list[object]) -> Known:
+    names = {b["worker"] for b in bodies if isinstance(b, dict) and isinstance(b.get("worker"), str)}
+    job_ids = {b["job_id"] for b in bodies if isinstance(b, dict) and isinstance(b.get("job_id"), str) and b["job_id"]}
+    workers = {w.name: w for w in session.scalars(select(WorkerRow).where(WorkerRow.name.in_(names)))} if names else {}
+    if not job_ids:
+        return Known(workers, {}, set())
+    jobs = {j.id: j for j in session.scalars(select(JobRow).where(JobRow.id.in_(job_ids)))}
+    stored = set(session.scalars(select(ResultRow.job_id).where(ResultRow.job_id.in_(job_ids))))
+    return Known(workers, jobs, stored)
+
+
+def ingest(session: Session, body: object, max_attempts: int = 3, known: Known | None = None) -> Outcome:
+    """Apply one results-queue message to the database (the caller commits).
+
+    `known`: the batch's rows from `preload` (kept up to date here); read for this message if absent.
+    """
     if not isinstance(body, dict) or not isinstance(body.get("worker"), str):
         return _reject(session, "?", "", "malformed message: not a JSON object with a worker name", None)
     name = body["worker"]
     job_id = body.get("job_id") if isinstance(body.get("job_id"), str) else ""
-    worker = session.get(WorkerRow, name)
+    known = known or preload(session, [body])
+    worker = known.workers.get(name)
     if worker is None:
         return _reject(session, name, job_id, f"unknown worker {name!r}: not registered with `tokenfarm workers add`", None)
     if not verify(body, worker.token):
@@ -87,8 +113,10 @@ def ingest(session: Session, body: object, max_attempts: int = 3) -> Outcome:
     if env.kind in ("hello", "heartbeat"):
         if env.capabilities is not None:
             worker.capabilities = env.capabilities.model_dump(mode="json")
+        if env.kind == "hello":
+            return Outcome("hello", resend=dropped_on_restart(session, name, env.sent_at, max_attempts))
         return Outcome(env.kind)
-    row = session.get(JobRow, env.job_id)
+    row = known.jobs.get(env.job_id)
     if row is None:
         return _reject(session, name, env.job_id, "no such job", worker)
     if env.kind == "started":
@@ -100,7 +128,7 @@ def ingest(session: Session, body: object, max_attempts: int = 3) -> Outcome:
         return Outcome("started", env.job_id)
     if env.result is None:
         return _reject(session, name, env.job_id, "a result message without a result", worker)
-    if session.get(ResultRow, env.job_id) is not None:
+    if env.job_id in known.stored:
         return _reject(session, name, env.job_id, "replay: a result for this job is already stored", worker)
     if row.worker and row.worker != name:
         return _reject(session, name, env.job_id, f"job is assigned to worker {row.worker!r}", worker)
@@ -119,6 +147,7 @@ def ingest(session: Session, body: object, max_attempts: int = 3) -> Outcome:
         row.state, row.error = "queued", f"attempt {row.attempts} failed, retrying: {result.error}"
         return Outcome("retry", env.job_id, result.error, job=job, delay_s=2.0 ** row.attempts)
     session.add(result_row(result))
+    known.stored.add(env.job_id)
     row.state = "done" if result.status == "ok" else "failed"
     row.error = result.error or None
     row.worker = name
@@ -127,6 +156,25 @@ def ingest(session: Session, body: object, max_attempts: int = 3) -> Outcome:
     else:
         worker.n_failed += 1
     return Outcome("stored", env.job_id)
+
+
+def dropped_on_restart(session: Session, worker: str, hello_at, max_attempts: int) -> list[Job]:
+    """A hello comes from a worker process that just started and so runs nothing: the jobs still
+    marked running on it were lost with its previous process. Giving them back now, instead of
+    after `worker_dead_after_s`, matters because a restarted worker is never silent long enough."""
+    rows = session.scalars(select(JobRow).where(JobRow.state == "running", JobRow.worker == worker))
+    lost = [row for row in rows if _aware(row.updated_at) < _aware(hello_at)]
+    return [job for row in lost if (job := give_back(row, "its worker restarted during the job", max_attempts))]
+
+
+def give_back(row: JobRow, why: str, max_attempts: int) -> Job | None:
+    """A running job that will never finish: queued again (the caller sends it), or failed for good."""
+    if row.attempts >= max_attempts:
+        row.state = "failed"
+        row.error = f"gave up after {row.attempts} attempts: {why}"
+        return None
+    row.state = "queued"
+    return Job.model_validate(row.spec)
 
 
 def result_row(result: Result) -> ResultRow:
@@ -151,12 +199,8 @@ def requeue_lost(session: Session, dead_after_s: float, max_attempts: int,
         if alive and not hung:
             continue
         why = f"ran past the {job_timeout_s:.0f} s time limit" if hung else "the worker was lost during the job"
-        if row.attempts >= max_attempts:
-            row.state = "failed"
-            row.error = f"gave up after {row.attempts} attempts: {why}"
-            continue
-        row.state = "queued"
-        resend.append(Job.model_validate(row.spec))
+        if job := give_back(row, why, max_attempts):
+            resend.append(job)
     return resend
 
 
@@ -197,7 +241,8 @@ class Collector:
             return
         try:
             with session_scope(self.engine) as session:
-                outcomes = [ingest(session, body, self.max_attempts) for body, _ in batch]
+                known = preload(session, [body for body, _ in batch])
+                outcomes = [ingest(session, body, self.max_attempts, known) for body, _ in batch]
         except IntegrityError:
             # Another collector stored one of these jobs meanwhile: redo them one at a time.
             outcomes = [self._one(body) for body, _ in batch]
@@ -208,11 +253,13 @@ class Collector:
                 message.requeue()
             return
         retries = [o for o in outcomes if o.action == "retry" and o.job is not None]
-        if retries and self.app is not None:
+        dropped = [job for o in outcomes for job in o.resend]
+        if (retries or dropped) and self.app is not None:
             from orchestrator.dispatch import send
 
             for o in retries:
                 send(self.app, [o.job], countdown_s=o.delay_s)
+            send(self.app, dropped)
         for (_, message), outcome in zip(batch, outcomes):
             self.counts[outcome.action] = self.counts.get(outcome.action, 0) + 1
             if outcome.action == "rejected":

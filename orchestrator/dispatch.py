@@ -32,8 +32,10 @@ def send(app: Celery, jobs: list[Job], countdown_s: float = 0.0) -> None:
     # The job id doubles as the Celery task id, so broker logs and the database line up.
     with app.producer_or_acquire() as producer:
         for job in jobs:
+            # argsrepr: Celery would otherwise render the whole job for its logs, message by message.
             app.send_task(RUN_JOB_TASK, args=[job.model_dump(mode="json")], task_id=job.job_id,
-                          queue=JOBS_QUEUE, producer=producer, countdown=countdown_s or None)
+                          queue=JOBS_QUEUE, producer=producer, countdown=countdown_s or None,
+                          argsrepr=f"[job {job.job_id}: {job.model} {job.quant} {job.test}]")
 
 
 def resend_lost(engine: Engine, app: Celery, dead_after_s: float, max_attempts: int,

@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,3 +133,52 @@ def test_the_broker_down_for_seconds_mid_sweep_loses_nothing(tmp_path, pg_url, s
     finally:
         redis_proc.terminate()
         redis_proc.wait(timeout=20)
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    return found[-1].parent if found else None
+
+
+def _as_postgres(args: list[str]) -> list[str]:
+    # The server refuses to run as root; CI runs as root, a developer may run as themselves.
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+@pytest.mark.skipif(_postgres_bin() is None, reason="needs PostgreSQL's server binaries to run a private database")
+def test_the_database_down_for_seconds_mid_sweep_loses_nothing(tmp_path, redis_url, smollm2):
+    bin_dir = _postgres_bin()
+    port = _free_port()
+    # Outside pytest's tmp_path: the postgres user cannot enter root's private temp folders.
+    pg_dir = Path(tempfile.mkdtemp(prefix="tokenfarm-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(pg_dir, "postgres", "postgres")
+    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(pg_dir / "data"), "-A", "trust", "-U", "postgres"]),
+                   check=True, capture_output=True)
+    pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(pg_dir / "data"), "-l", str(pg_dir / "log"),
+              "-o", f"-p {port} -k {pg_dir} -c listen_addresses=127.0.0.1"]
+
+    def pg(action: str) -> None:
+        subprocess.run(_as_postgres([*pg_ctl, "-w", "-m", "fast", action]), check=True, capture_output=True)
+
+    pg("start")
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    env = chaos_env(tmp_path, url, redis_url)
+    sweep = tmp_path / "fast.yaml"
+    sweep.write_text(FAST.format(name="db-outage"))
+    try:
+        with worker_process(env, "patient", tmp_path / "patient.log"):
+            waiter = subprocess.Popen([TOKENFARM, "sweep", "submit", str(sweep), "--wait", "--timeout", "400"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert wait_until(lambda: n_results(url) >= 1, 120)
+            pg("stop")
+            # Results keep arriving in the queue while the only writer cannot write.
+            time.sleep(4.0)
+            pg("start")
+            out, errs = waiter.communicate(timeout=420)
+        assert waiter.returncode == 0, out + errs
+        assert n_results(url) == 5
+        assert {j.state for j in job_rows(url)} == {"done"}
+    finally:
+        subprocess.run(_as_postgres([*pg_ctl, "-m", "immediate", "stop"]), capture_output=True)
+        shutil.rmtree(pg_dir, ignore_errors=True)

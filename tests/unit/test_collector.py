@@ -211,3 +211,34 @@ def test_a_job_past_its_time_limit_is_requeued_even_if_its_worker_is_alive(engin
         assert requeue_lost(s, dead_after_s=600, max_attempts=3, job_timeout_s=3600) == []
     with session_scope(engine) as s:
         assert [j.job_id for j in requeue_lost(s, dead_after_s=600, max_attempts=3, job_timeout_s=0)] == [job.job_id]
+
+
+def test_a_restarted_worker_gives_back_the_job_its_previous_process_was_running(engine, jobs):
+    job = jobs[0]
+    with session_scope(engine) as s:
+        assert ingest(s, envelope(result_for(job), kind="started")).action == "started"
+    hello = signed_body(Envelope(kind="hello", worker="w1"), TOKENS["w1"])
+    with session_scope(engine) as s:
+        outcome = ingest(s, hello)
+    assert outcome.action == "hello" and [j.job_id for j in outcome.resend] == [job.job_id]
+    with session_scope(engine) as s:
+        assert s.get(JobRow, job.job_id).state == "queued"
+    # Started after the hello: the new process's own job is left alone.
+    with session_scope(engine) as s:
+        ingest(s, envelope(result_for(job), kind="started"))
+    with session_scope(engine) as s:
+        assert ingest(s, hello).resend == []
+        assert s.get(JobRow, job.job_id).state == "running"
+
+
+def test_a_batch_reads_its_rows_once_and_stores_each_result_once(engine, jobs):
+    from orchestrator.collector import preload
+
+    bodies = [envelope(result_for(j), kind=k) for j in jobs for k in ("started", "result")]
+    bodies.append(envelope(result_for(jobs[0])))  # a redelivered copy inside the same batch
+    with session_scope(engine) as s:
+        known = preload(s, bodies)
+        actions = [ingest(s, b, known=known).action for b in bodies]
+    assert actions == ["started", "stored"] * len(jobs) + ["rejected"]
+    with session_scope(engine) as s:
+        assert s.scalar(select(func.count()).select_from(ResultRow)) == len(jobs)

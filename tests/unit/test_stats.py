@@ -108,3 +108,18 @@ def test_roofline_and_energy_figures_of_a_worker_result():
     assert energy_per_token_j(tg, None, 5) is None
     # (n_warmup 2 + 4 repetitions) x (995 context + 9 generated) tokens for 6024 J
     assert energy_per_token_j(tg, 0, 6_024_000) == pytest.approx(1.0)
+
+
+def test_float_mean_and_stdev_agree_with_the_exact_ones():
+    import random
+    import statistics
+
+    from worker.contract import summarize
+
+    rng = random.Random(3)
+    for n in (2, 3, 5, 30):
+        samples = [rng.randrange(10**6, 10**9) for _ in range(n)]
+        rates = [1000 * 1e9 / ns for ns in samples]
+        mean, std = summarize(1000, samples)
+        assert math.isclose(mean, statistics.fmean(rates), rel_tol=1e-12)
+        assert math.isclose(std, statistics.stdev(rates), rel_tol=1e-9)
