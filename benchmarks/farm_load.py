@@ -31,7 +31,7 @@ from orchestrator.db import JobRow, ResultRow, make_engine, session_scope, upgra
 from orchestrator.sweep import SweepSpec, expand  # noqa: E402
 from orchestrator.workers import add_worker  # noqa: E402
 from worker.broker import JOBS_QUEUE, create_app, signed_body  # noqa: E402
-from worker.contract import Envelope, Hardware, Job, ModelFacts, Result, summarize  # noqa: E402
+from worker.contract import Envelope, Hardware, Job, ModelFacts, Result, output_sha256, summarize  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -46,6 +46,7 @@ def fake_result(job: Job, worker: str, rng: random.Random) -> Result:
                   model_sha256=job.model_sha256 or "0" * 64, source_sha256=job.model_sha256 or "", quant=job.quant,
                   test=job.test, n_prompt=job.n_prompt, n_gen=job.n_gen, n_depth=job.n_depth,
                   repetitions=job.repetitions, samples_ns=samples, avg_ts=avg, stddev_ts=std,
+                  output_sha256=output_sha256([[job.index]]),
                   model_facts=ModelFacts(size_bytes=100 << 20), hardware=Hardware(cpu="simulated", bandwidth_gbps=20.0))
 
 

@@ -21,7 +21,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from orchestrator.db import RESULT_KEY_COLUMNS, JobRow, RejectionRow, ResultRow, WorkerRow, session_scope
+from orchestrator import checks
+from orchestrator.db import RESULT_KEY_COLUMNS, CheckRow, JobRow, RejectionRow, ResultRow, WorkerRow, session_scope
 from worker.contract import Envelope, Job, Result, kind_of_test, utc_now
 from worker.trust import verify
 
@@ -100,7 +101,8 @@ def ingest(session: Session, body: object, max_attempts: int = 3) -> Outcome:
         return Outcome("started", env.job_id)
     if env.result is None:
         return _reject(session, name, env.job_id, "a result message without a result", worker)
-    if session.get(ResultRow, env.job_id) is not None:
+    check = session.get(CheckRow, env.job_id)
+    if session.get(ResultRow, env.job_id) is not None or (check is not None and check.result is not None):
         return _reject(session, name, env.job_id, "replay: a result for this job is already stored", worker)
     if row.worker and row.worker != name:
         return _reject(session, name, env.job_id, f"job is assigned to worker {row.worker!r}", worker)
@@ -110,6 +112,7 @@ def ingest(session: Session, body: object, max_attempts: int = 3) -> Outcome:
     if result.worker != name:
         problems.append(f"result claims worker {result.worker!r} inside a message from {name!r}")
     problems += implausibilities(result, worker)
+    problems += checks.misrouted(check, name)
     if problems:
         reason = "; ".join(problems)
         row.state, row.error = "failed", f"result rejected: {reason}"
@@ -117,8 +120,15 @@ def ingest(session: Session, body: object, max_attempts: int = 3) -> Outcome:
     if result.status == "failed" and result.transient and row.attempts < max_attempts:
         # Not stored: the job goes back on the queue, after a pause that grows with each attempt.
         row.state, row.error = "queued", f"attempt {row.attempts} failed, retrying: {result.error}"
+        if check is not None and check.kind == checks.CROSSCHECK:
+            checks.unroute(check)  # goes again to a chosen worker of the class, not the shared queue
+            return Outcome("retry", env.job_id, result.error)
         return Outcome("retry", env.job_id, result.error, job=job, delay_s=2.0 ** row.attempts)
-    session.add(result_row(result))
+    if check is not None:
+        checks.settle(session, check, job, result, worker)
+    else:
+        session.add(result_row(result))
+        checks.after_stored(session, job, result, worker)
     row.state = "done" if result.status == "ok" else "failed"
     row.error = result.error or None
     row.worker = name
@@ -157,7 +167,7 @@ def requeue_lost(session: Session, dead_after_s: float, max_attempts: int,
             continue
         row.state = "queued"
         resend.append(Job.model_validate(row.spec))
-    return resend
+    return checks.without_crosschecks(session, resend, unroute_them=True)
 
 
 def _aware(ts):
