@@ -319,14 +319,16 @@ def _settle_vote(session: Session, check: CheckRow, origin: Result, origin_worke
         check.reason = (f"vote between {origin.worker} and {challenger.worker}: no majority "
                         f"({'agrees with both' if sides_with_origin else 'agrees with neither'})")
         return
-    winner, loser = (origin.worker, challenger.worker) if sides_with_origin else (challenger.worker, origin.worker)
-    lost_on = "; ".join(reasons_vs_first if sides_with_origin else reasons_vs_origin)
-    check.reason = f"vote: sides with {winner}; {loser} loses 2 of 3 ({lost_on})"
+    (winner, loser), lost_on = (((origin, challenger), reasons_vs_first) if sides_with_origin
+                                else ((challenger, origin), reasons_vs_origin))
+    check.reason = f"vote: sides with {winner.worker}; {loser.worker} loses 2 of 3 ({'; '.join(lost_on)})"
     worker.n_crosscheck_agreed += 1
-    loser_row = session.get(WorkerRow, loser)
-    if loser_row is not None:
-        _flag(loser_row, f"lost a 2-of-3 cross-check vote on job {origin.job_id[:8]} to {winner} and "
-                         f"{worker.name}: {lost_on}")
+    loser_row = session.get(WorkerRow, loser.worker)
+    # Other tokens than two machines of its class computed is proof; a speed that differs may be
+    # a busy box, and counts only through the repeated-disagreement rule.
+    if loser_row is not None and loser.output_sha256 != winner.output_sha256:
+        _flag(loser_row, f"lost a 2-of-3 cross-check vote on job {origin.job_id[:8]} to {winner.worker} and "
+                         f"{worker.name}: {'; '.join(lost_on)}")
 
 
 # --- routing cross-checks ----------------------------------------------------------------------

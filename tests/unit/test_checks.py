@@ -272,3 +272,19 @@ def test_a_lost_cross_check_is_routed_again_not_sent_to_the_shared_queue(engine,
     with session_scope(engine) as s:
         ((job, again),) = checks.route_crosschecks(s, 60)
     assert job.job_id == copy.job_id and again not in (target, "w1")
+
+
+def test_losing_a_vote_on_speed_alone_is_not_proof(engine, tokens):
+    origin, copy = _crosscheck(engine, tokens)
+    with session_scope(engine) as s:
+        s.get(WorkerRow, "w3").last_seen = None
+        checks.route_crosschecks(s, 60)
+    assert send(engine, tokens, copy, "w2", rate=20.0).action == "stored"  # same tokens, 5x slower
+    assert "decode tok/s" in check_row(engine, copy.job_id).reason
+    with session_scope(engine) as s:
+        s.get(WorkerRow, "w3").last_seen = s.get(WorkerRow, "w1").last_seen
+        ((vote, _),) = checks.route_crosschecks(s, 60)
+    assert send(engine, tokens, vote, "w3").action == "stored"
+    assert "w2 loses 2 of 3" in check_row(engine, vote.job_id).reason
+    w2 = worker_row(engine, "w2")
+    assert not w2.flagged and w2.n_crosscheck_disagreed == 1
