@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, select
 
 from orchestrator.db import CheckRow, JobRow, ResultRow, WorkerRow, session_scope
 from orchestrator.report import ts_cell
