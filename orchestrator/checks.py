@@ -32,6 +32,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.db import CanaryReferenceRow, CheckRow, JobRow, ResultRow, WorkerRow
+from worker.broker import worker_queue
 from worker.contract import Hardware, Job, Result, kind_of_test, utc_now
 
 log = logging.getLogger("tokenfarm.checks")
@@ -298,8 +299,8 @@ def _judge_crosscheck(session: Session, check: CheckRow, job: Job, result: Resul
 
 def _open_vote(session: Session, check: CheckRow, job: Job, *voters: str) -> None:
     """A third run of the job, on a worker of the class that is neither of the two that disagree."""
-    sweep_jobs = session.scalar(select(func.max(JobRow.index)).where(JobRow.sweep_id == job.sweep_id)) or 0
-    tie = _copy(job).model_copy(update={"index": sweep_jobs + 1})
+    last_index = session.scalar(select(func.max(JobRow.index)).where(JobRow.sweep_id == job.sweep_id)) or 0
+    tie = _copy(job).model_copy(update={"index": last_index + 1})
     session.add(JobRow(id=tie.job_id, sweep_id=tie.sweep_id, index=tie.index, spec=tie.model_dump(mode="json"),
                        state="queued"))
     session.flush()
@@ -379,8 +380,11 @@ def route_crosschecks(session: Session, dead_after_s: float, rng: random.Random 
             check.hardware_class = (worker_class(origin_worker) if origin_worker is not None
                                     else hardware_class(Result.model_validate(stored.result).hardware))
             check.excluded_workers = [stored.worker]
+        # Only workers that announced their own queue: one that does not listen there would
+        # leave the cross-check waiting forever.
         candidates = [w for w in live if w.name not in (check.excluded_workers or [])
-                      and worker_class(w) == check.hardware_class]
+                      and worker_class(w) == check.hardware_class
+                      and worker_queue(w.name) in (w.capabilities or {}).get("queues", [])]
         if not candidates:
             _skip(check, row, f"no {'third' if check.vote_of else 'second'} live worker of class {check.hardware_class}")
             continue

@@ -17,7 +17,7 @@ from orchestrator.dispatch import record
 from orchestrator.store import load_results
 from orchestrator.sweep import SweepSpec, expand
 from orchestrator.workers import add_worker, flagged_names, list_workers
-from worker.broker import signed_body
+from worker.broker import JOBS_QUEUE, signed_body, worker_queue
 from worker.contract import Capabilities, Envelope, Hardware, Result, output_sha256, summarize
 
 CPU = Hardware(cpu="Test CPU 9000", n_cpu_cores=2)
@@ -36,10 +36,11 @@ def engine(data_dir):
 @pytest.fixture
 def tokens(engine):
     with session_scope(engine) as s:
-        tokens = {name: add_worker(s, name) for name in ("w1", "w2", "w3", "odd")}
+        tokens = {name: add_worker(s, name) for name in ("w1", "w2", "w3", "odd", "old")}
     for name in tokens:
         hw = OTHER_CPU if name == "odd" else CPU
-        hello = Envelope(kind="hello", worker=name, capabilities=Capabilities(hardware=hw))
+        queues = [JOBS_QUEUE] if name == "old" else [JOBS_QUEUE, worker_queue(name)]
+        hello = Envelope(kind="hello", worker=name, capabilities=Capabilities(hardware=hw, queues=queues))
         with session_scope(engine) as s:
             assert ingest(s, signed_body(hello, tokens[name])).action == "hello"
     return tokens
@@ -207,7 +208,8 @@ def test_a_cross_check_goes_to_a_second_worker_of_the_class_and_agrees(engine, t
             ((job, target),) = checks.route_crosschecks(s, 60, random.Random(seed))
             targets.add(target)
             s.rollback()
-    assert targets == {"w2", "w3"}  # never the original's worker, never another class
+    # Never the original's worker, another class, or a worker not listening on its own queue.
+    assert targets == {"w2", "w3"}
     with session_scope(engine) as s:
         ((job, target),) = checks.route_crosschecks(s, 60, random.Random(0))
     assert job.job_id == copy.job_id
