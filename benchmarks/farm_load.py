@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # this module, and a restart after a kill should cost what a worker's start costs.
 
 from worker.broker import JOBS_QUEUE, create_app, signed_body  # noqa: E402
-from worker.contract import Envelope, Hardware, Job, ModelFacts, Result, summarize  # noqa: E402
+from worker.contract import Envelope, Hardware, Job, ModelFacts, Result, output_sha256, summarize  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -42,6 +42,7 @@ def fake_result(job: Job, worker: str, rng: random.Random) -> Result:
                   model_sha256=job.model_sha256 or "0" * 64, source_sha256=job.model_sha256 or "", quant=job.quant,
                   test=job.test, n_prompt=job.n_prompt, n_gen=job.n_gen, n_depth=job.n_depth,
                   repetitions=job.repetitions, samples_ns=samples, avg_ts=avg, stddev_ts=std,
+                  output_sha256=output_sha256([[job.index]]),
                   model_facts=ModelFacts(size_bytes=100 << 20), hardware=Hardware(cpu="simulated", bandwidth_gbps=20.0))
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 
 from orchestrator.db import JobRow, ResultRow, SweepRow
 from worker.contract import (PROMPT_CATEGORIES, Conditions, Hardware, Job, ModelFacts, Result, Speculation,
-                             format_test_name, sample_stats, summarize)
+                             combine_sha256, format_test_name, output_sha256, sample_stats, summarize, tokens_sha256)
 
 # (name, arch, total params, active params, n_expert, n_expert_used, (n_layer, n_kv_head, head_dim)):
 # three MoE among dense models.
@@ -110,6 +110,7 @@ def _speculation(rng: random.Random, job: dict, n_tokens: int, avg_ts: float, sa
     first_mismatch = [None if lossless or rng.random() < 0.4 else rng.randint(3, job["n_gen"] - 1)
                       for _ in range(job["n_prompts"])]
     lossless = all(m is None for m in first_mismatch)
+    baseline_tokens, tokens = _greedy_tokens(job, first_mismatch)
     total_ns = sum(samples_ns)
     draft_share = rng.uniform(0.1, 0.35) if job["technique"] == "spec" else rng.uniform(0.005, 0.02)
     return {
@@ -119,7 +120,21 @@ def _speculation(rng: random.Random, job: dict, n_tokens: int, avg_ts: float, sa
         "acceptance_by_position": [min(1.0, acceptance * 1.25 * 0.85 ** i) for i in range(n_draft)],
         "draft_ns": int(total_ns * draft_share), "verify_ns": int(total_ns * (0.95 - draft_share)),
         "first_mismatch": first_mismatch, "lossless": lossless,
+        "baseline_sha256": [tokens_sha256(t) for t in baseline_tokens],
+        "output_sha256": [tokens_sha256(t) for t in tokens],
     }
+
+
+def _greedy_tokens(job: dict, first_mismatch: list[int | None] | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """Per prompt (one sequence for a plain test): baseline tokens and the technique's, which
+    leave the baseline's at first_mismatch. A generator of its own, so the figures above draw
+    the same numbers as before tokens were kept."""
+    rng = random.Random(job["job_id"])
+    first_mismatch = first_mismatch if first_mismatch is not None else [None]
+    n = max(1, job["n_gen"])
+    base = [[rng.randrange(2, 49_152) for _ in range(n)] for _ in first_mismatch]
+    tech = [b if m is None else b[:m] + [b[m] + 1] + b[m + 1:] for b, m in zip(base, first_mismatch)]
+    return base, tech
 
 
 def job_spec(rng: random.Random, job_id: str, sweep_id: str, index: int, mf: dict, test: tuple,
@@ -196,6 +211,9 @@ def result_json(rng: random.Random, job: dict, mf: dict, worker: tuple, when: da
         data.update(decode_ts=avg, roofline_tok_s=roofline_tok_s, roofline_pct=100 * avg / roofline_tok_s)
     if technique != "baseline":
         data["speculation"] = _speculation(rng, job, n_tokens, avg, samples_ns, speedup_target)
+        data["output_sha256"] = combine_sha256(data["speculation"]["baseline_sha256"])
+    else:
+        data["output_sha256"] = output_sha256(_greedy_tokens(job)[0])
     return data
 
 

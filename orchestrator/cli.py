@@ -34,6 +34,9 @@ app.add_typer(worker_app, name="worker")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.add_typer(workers_app, name="workers")
+canaries_app = typer.Typer(help="Canary references: the greedy outputs canary jobs are judged against.",
+                           no_args_is_help=True)
+app.add_typer(canaries_app, name="canaries")
 import_app = typer.Typer(help="Load measurements made elsewhere.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
 
@@ -81,6 +84,7 @@ def sweep_submit(
 ) -> None:
     """Expand a sweep into jobs, record them, send them to the workers."""
     from orchestrator import dispatch
+    from orchestrator.checks import record_checks
     from orchestrator.db import session_scope
     from orchestrator.sweep import SweepError, expand, load_spec
     from worker.broker import create_app
@@ -96,13 +100,25 @@ def sweep_submit(
         raise fail(f"{file}: {exc}")
     _ensure_schema(settings)
     engine = _engine(settings)
+    plan = _plan_checks(settings, spec, jobs)
     with session_scope(engine) as session:
-        sweep_id = dispatch.record(session, spec, jobs)
+        sweep_id = dispatch.record(session, spec, plan.jobs)
+        record_checks(session, plan, settings.crosscheck_tolerance)
     celery = create_app(settings)
-    dispatch.send(celery, jobs)
-    console.print(f"sweep [bold]{spec.name}[/] {sweep_id}: {len(jobs)} jobs queued")
+    dispatch.send(celery, plan.to_send)
+    console.print(f"sweep [bold]{spec.name}[/] {sweep_id}: {len(jobs)} jobs queued"
+                  + (f" (+{len(plan.canaries)} canaries, +{len(plan.crosschecks)} cross-checks)"
+                     if plan.canaries or plan.crosschecks else ""))
     if wait:
-        raise typer.Exit(_wait(settings, engine, celery, sweep_id, len(jobs), timeout))
+        raise typer.Exit(_wait(settings, engine, celery, sweep_id, len(plan.jobs), timeout))
+
+
+def _plan_checks(settings: Settings, spec, jobs):
+    from orchestrator.checks import plan_checks
+
+    canary = spec.canary_fraction if spec.canary_fraction is not None else settings.canary_fraction
+    cross = spec.crosscheck_fraction if spec.crosscheck_fraction is not None else settings.crosscheck_fraction
+    return plan_checks(jobs, canary, cross, seed=jobs[0].sweep_id)
 
 
 def _open_sweep(settings: Settings, ref: str):
@@ -154,9 +170,10 @@ def sweep_resume(
 def _wait(settings: Settings, engine, celery, sweep_id: str, n_jobs: int, timeout: float | None) -> int:
     from sqlalchemy.exc import OperationalError
 
+    from orchestrator.checks import describe, verdict_counts
     from orchestrator.collector import Collector, collect, sweep_progress
     from orchestrator.db import session_scope
-    from orchestrator.dispatch import resend_lost
+    from orchestrator.dispatch import resend_lost, send_crosschecks
     from orchestrator.store import failed_jobs
 
     deadline = time.monotonic() + timeout if timeout else None
@@ -170,6 +187,7 @@ def _wait(settings: Settings, engine, celery, sweep_id: str, n_jobs: int, timeou
                 if time.monotonic() > state["next_check"]:
                     # Jobs of workers that died mid-job go back on the queue.
                     resend_lost(engine, celery, settings.worker_dead_after_s, settings.max_attempts, settings.job_timeout_s)
+                    send_crosschecks(engine, celery, settings.worker_dead_after_s)
                     state["next_check"] = time.monotonic() + 2.0
                 with session_scope(engine) as session:
                     counts = sweep_progress(session, sweep_id)
@@ -183,7 +201,8 @@ def _wait(settings: Settings, engine, celery, sweep_id: str, n_jobs: int, timeou
                     progress.update(task, description=f"measuring: {counts.get('done', 0)} done, "
                                                       f"{counts.get('failed', 0)} failed, {running} running")
                 progress.update(task, completed=state["finished"])
-                if state["finished"] >= n_jobs:
+                # A cross-check vote adds a job mid-sweep: finished means nothing left to run.
+                if state["finished"] >= n_jobs and not counts.get("queued") and not running:
                     return True
             if deadline and time.monotonic() > deadline:
                 state["timed_out"] = True
@@ -201,6 +220,9 @@ def _wait(settings: Settings, engine, celery, sweep_id: str, n_jobs: int, timeou
             spec = row.spec
             err.print(f"[red]failed[/] job {row.index} ({spec['model']} {spec['quant']} {spec['kind']}): {row.error}",
                       highlight=False, soft_wrap=True)
+        line = describe(verdict_counts(session, sweep_id))
+    if line:
+        console.print(line, highlight=False)
     if failed:
         err.print(f"{len(failed)} of {n_jobs} jobs failed")
         return 1
@@ -212,6 +234,7 @@ def status(sweep: Optional[str] = typer.Argument(None, help="sweep id, id prefix
     """Sweeps and their jobs' states."""
     from sqlalchemy import select
 
+    from orchestrator.checks import checks_of, describe, verdict_counts
     from orchestrator.collector import sweep_progress
     from orchestrator.db import JobRow, SweepRow, session_scope
     from orchestrator.store import find_sweep
@@ -224,24 +247,42 @@ def status(sweep: Optional[str] = typer.Argument(None, help="sweep id, id prefix
             if not rows:
                 console.print("no sweeps yet: tokenfarm sweep submit examples/demo.yaml --wait")
                 return
-            table = Table("sweep", "name", "created", "jobs", "queued", "running", "done", "failed")
+            table = Table("sweep", "name", "created", "jobs", "queued", "running", "done", "failed", "checks")
             for row in rows:
                 c = sweep_progress(session, row.id)
                 table.add_row(row.id[:8], row.name, f"{row.created_at:%Y-%m-%d %H:%M}", str(row.n_jobs),
-                              *(str(c.get(s, 0)) for s in ("queued", "running", "done", "failed")))
+                              *(str(c.get(s, 0)) for s in ("queued", "running", "done", "failed")),
+                              describe(verdict_counts(session, row.id)))
             console.print(table)
             return
         row = find_sweep(session, sweep)
         if row is None:
             raise fail(f"no sweep matches {sweep!r}: list them with `tokenfarm status`")
-        table = Table("#", "model", "quant", "test", "state", "worker", "attempts", "error", title=f"{row.name} {row.id}")
-        for job in session.scalars(select(JobRow).where(JobRow.sweep_id == row.id).order_by(JobRow.index)):
-            s = job.spec
-            from worker.contract import format_test_name
+        from worker.contract import format_test_name
 
+        table = Table("#", "model", "quant", "test", "state", "worker", "attempts", "check", "error",
+                      title=f"{row.name} {row.id}")
+        jobs = list(session.scalars(select(JobRow).where(JobRow.sweep_id == row.id).order_by(JobRow.index)))
+        index_of = {job.id: job.index for job in jobs}
+        found = checks_of(session, index_of)
+        for job in jobs:
+            s = job.spec
             table.add_row(str(job.index), s["model"], s["quant"], format_test_name(s["kind"], s["n_prompt"], s["n_gen"], s["n_depth"]),
-                          job.state, job.worker or "", str(job.attempts), job.error or "")
+                          job.state, job.worker or "", str(job.attempts), _check_cell(found.get(job.id), index_of),
+                          job.error or "")
         console.print(table)
+        line = describe(verdict_counts(session, row.id))
+        if line:
+            console.print(line, highlight=False)
+
+
+def _check_cell(check, index_of: dict[str, int]) -> str:
+    """What a check job is and its verdict, for the operator's eyes only."""
+    if check is None:
+        return ""
+    what = "canary" if check.kind == "canary" else (
+        f"{'vote on' if check.vote_of else 'cross-check of'} #{index_of.get(check.origin_job_id, '?')}")
+    return f"{what}: {check.verdict}" + (f" ({check.reason})" if check.verdict in ("fail", "disagree", "skipped") else "")
 
 
 @app.command()
@@ -315,7 +356,7 @@ def leaderboard(tier: Optional[int] = typer.Option(None, help="only what fits th
 def collector() -> None:
     """Store results from the queue until stopped (the deployment's only database writer)."""
     from orchestrator.collector import Collector, collect
-    from orchestrator.dispatch import resend_lost
+    from orchestrator.dispatch import resend_lost, send_crosschecks
     from worker.broker import create_app
 
     settings = load_settings()
@@ -330,6 +371,7 @@ def collector() -> None:
         if time.monotonic() > next_check[0]:
             try:
                 resend_lost(c.engine, celery, settings.worker_dead_after_s, settings.max_attempts, settings.job_timeout_s)
+                send_crosschecks(c.engine, celery, settings.worker_dead_after_s)
             except Exception as exc:  # a service outage: the next tick retries
                 err.print(f"could not re-send lost jobs yet: {exc}")
             next_check[0] = time.monotonic() + 2.0
@@ -372,11 +414,14 @@ def workers_list(ctx: typer.Context) -> None:
     if not views:
         console.print("no workers yet: tokenfarm workers add NAME")
         return
-    table = Table("worker", "last seen", "done", "failed", "rejected", "trust", "last rejection", "hardware")
+    table = Table("worker", "last seen", "done", "failed", "rejected", "canaries", "cross-checks", "trust",
+                  "last rejection", "hardware")
     for v in views:
-        trust = f"FLAGGED: {v.flag_reason}" if v.flagged else "ok"
+        trust = f"FLAGGED: {v.flag_reason}" if v.flagged else ("trusted" if v.trusted else "ok")
+        canaries = f"{v.n_canary_passed} pass, {v.n_canary_failed} fail"
+        crosschecks = f"{v.n_crosscheck_agreed} agree, {v.n_crosscheck_disagreed} disagree"
         table.add_row(v.name, f"{v.last_seen:%Y-%m-%d %H:%M:%S}" if v.last_seen else "never", str(v.n_done),
-                      str(v.n_failed), str(v.n_rejected), trust, v.last_rejection, v.gpu or v.cpu)
+                      str(v.n_failed), str(v.n_rejected), canaries, crosschecks, trust, v.last_rejection, v.gpu or v.cpu)
     console.print(table)
 
 
@@ -418,6 +463,78 @@ def workers_flag(name: str, reason: str = typer.Option(..., help="why its result
     except RegistryError as exc:
         raise fail(str(exc))
     console.print(f"worker {name}: {'trusted again' if clear else 'flagged'}")
+
+
+@workers_app.command("trust")
+def workers_trust(name: str, clear: bool = typer.Option(False, "--clear", help="stop trusting it")) -> None:
+    """Trust a worker: its results become canary references for its hardware class."""
+    from orchestrator.db import session_scope
+    from orchestrator.workers import RegistryError, set_trust
+
+    settings = load_settings()
+    _ensure_schema(settings)
+    try:
+        with session_scope(_engine(settings)) as session:
+            set_trust(session, name, not clear)
+    except RegistryError as exc:
+        raise fail(str(exc))
+    console.print(f"worker {name}: {'no longer trusted' if clear else 'trusted: its results become canary references'}")
+
+
+@canaries_app.command("list")
+def canaries_list() -> None:
+    """The known greedy outputs canaries are judged against, by hardware class."""
+    from sqlalchemy import select
+
+    from orchestrator.db import CanaryReferenceRow, session_scope
+
+    settings = load_settings()
+    _ensure_schema(settings)
+    with session_scope(_engine(settings)) as session:
+        refs = session.scalars(select(CanaryReferenceRow).order_by(CanaryReferenceRow.model,
+                                                                   CanaryReferenceRow.quant)).all()
+        if not refs:
+            console.print("no canary references yet: tokenfarm canaries pin SWEEP.yaml, or tokenfarm workers trust NAME")
+            return
+        table = Table("model", "quant", "engine", "test", "hardware class", "output sha256", "source")
+        for r in refs:
+            table.add_row(r.model, r.quant, r.engine, r.test, r.hardware_class, r.output_sha256[:16], r.source)
+    console.print(table)
+
+
+@canaries_app.command("pin")
+def canaries_pin(file: Path = typer.Argument(..., help="sweep YAML file whose canaries to pin")) -> None:
+    """Run a sweep's canary candidates here, once each, and keep their greedy outputs as references
+    for this machine's hardware class (needs the worker package and the models here)."""
+    import socket
+
+    from orchestrator.checks import add_reference, canary_candidates, hardware_class
+    from orchestrator.db import session_scope
+    from orchestrator.sweep import SweepError, expand, load_spec
+    from worker import hardware
+    from worker.tasks import execute
+
+    settings = load_settings()
+    try:
+        spec = load_spec(file)
+        jobs = expand(spec, base_dir=file.parent, models_dir=settings.effective_models_dir)
+    except SweepError as exc:
+        raise fail(f"{file}: {exc}")
+    _ensure_schema(settings)
+    engine = _engine(settings)
+    hw_class = hardware_class(hardware.summary())
+    n_judged = 0
+    for job in canary_candidates(jobs):
+        # The greedy tokens do not depend on repetitions: one run, no warm-up.
+        with console.status(f"pinning {job.model} {job.quant} {job.test}"):
+            result = execute(job.model_copy(update={"repetitions": 1, "n_warmup": 0}), settings)
+        if result.status != "ok":
+            raise fail(f"{job.model} {job.quant} {job.test}: {result.error}")
+        with session_scope(engine) as session:
+            n_judged += add_reference(session, job, hw_class, result.output_sha256, f"pin on {socket.gethostname()}")
+        console.print(f"{job.model} {job.quant} {job.test} on {hw_class}: {result.output_sha256[:16]}", highlight=False)
+    if n_judged:
+        console.print(f"{n_judged} canaries that waited for a reference were judged")
 
 
 @models_app.command("list")

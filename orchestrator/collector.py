@@ -21,7 +21,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from orchestrator.db import RESULT_KEY_COLUMNS, JobRow, RejectionRow, ResultRow, WorkerRow, session_scope
+from orchestrator import checks
+from orchestrator.db import RESULT_KEY_COLUMNS, CheckRow, JobRow, RejectionRow, ResultRow, WorkerRow, session_scope
 from worker.contract import Envelope, Job, Result, kind_of_test, utc_now
 from worker.trust import verify
 
@@ -71,12 +72,13 @@ def implausibilities(result: Result, worker: WorkerRow | None) -> list[str]:
 
 @dataclass
 class Known:
-    """The rows a batch of messages touches, read up front in three queries rather than three per
+    """The rows a batch of messages touches, read up front in four queries rather than four per
     message; ingestion then runs without a round trip. `stored`: jobs whose result is stored."""
 
     workers: dict[str, WorkerRow]
     jobs: dict[str, JobRow]
     stored: set[str]
+    checks: dict[str, CheckRow]  # the batch's canary and cross-check jobs
 
 
 def preload(session: Session, bodies: list[object]) -> Known:
@@ -84,10 +86,11 @@ def preload(session: Session, bodies: list[object]) -> Known:
     job_ids = {b["job_id"] for b in bodies if isinstance(b, dict) and isinstance(b.get("job_id"), str) and b["job_id"]}
     workers = {w.name: w for w in session.scalars(select(WorkerRow).where(WorkerRow.name.in_(names)))} if names else {}
     if not job_ids:
-        return Known(workers, {}, set())
+        return Known(workers, {}, set(), {})
     jobs = {j.id: j for j in session.scalars(select(JobRow).where(JobRow.id.in_(job_ids)))}
     stored = set(session.scalars(select(ResultRow.job_id).where(ResultRow.job_id.in_(job_ids))))
-    return Known(workers, jobs, stored)
+    held = {c.job_id: c for c in session.scalars(select(CheckRow).where(CheckRow.job_id.in_(job_ids)))}
+    return Known(workers, jobs, stored, held)
 
 
 def ingest(session: Session, body: object, max_attempts: int = 3, known: Known | None = None) -> Outcome:
@@ -128,7 +131,8 @@ def ingest(session: Session, body: object, max_attempts: int = 3, known: Known |
         return Outcome("started", env.job_id)
     if env.result is None:
         return _reject(session, name, env.job_id, "a result message without a result", worker)
-    if env.job_id in known.stored:
+    check = known.checks.get(env.job_id)
+    if env.job_id in known.stored or (check is not None and check.result is not None):
         return _reject(session, name, env.job_id, "replay: a result for this job is already stored", worker)
     if row.worker and row.worker != name:
         return _reject(session, name, env.job_id, f"job is assigned to worker {row.worker!r}", worker)
@@ -138,6 +142,7 @@ def ingest(session: Session, body: object, max_attempts: int = 3, known: Known |
     if result.worker != name:
         problems.append(f"result claims worker {result.worker!r} inside a message from {name!r}")
     problems += implausibilities(result, worker)
+    problems += checks.misrouted(check, name)
     if problems:
         reason = "; ".join(problems)
         row.state, row.error = "failed", f"result rejected: {reason}"
@@ -145,9 +150,16 @@ def ingest(session: Session, body: object, max_attempts: int = 3, known: Known |
     if result.status == "failed" and result.transient and row.attempts < max_attempts:
         # Not stored: the job goes back on the queue, after a pause that grows with each attempt.
         row.state, row.error = "queued", f"attempt {row.attempts} failed, retrying: {result.error}"
+        if check is not None and check.kind == checks.CROSSCHECK:
+            checks.unroute(check)  # goes again to a chosen worker of the class, not the shared queue
+            return Outcome("retry", env.job_id, result.error)
         return Outcome("retry", env.job_id, result.error, job=job, delay_s=2.0 ** row.attempts)
-    session.add(result_row(result))
-    known.stored.add(env.job_id)
+    if check is not None:
+        checks.settle(session, check, job, result, worker)
+    else:
+        session.add(result_row(result))
+        known.stored.add(env.job_id)
+        checks.after_stored(session, job, result, worker)
     row.state = "done" if result.status == "ok" else "failed"
     row.error = result.error or None
     row.worker = name
@@ -164,7 +176,8 @@ def dropped_on_restart(session: Session, worker: str, hello_at, max_attempts: in
     after `worker_dead_after_s`, matters because a restarted worker is never silent long enough."""
     rows = session.scalars(select(JobRow).where(JobRow.state == "running", JobRow.worker == worker))
     lost = [row for row in rows if _aware(row.updated_at) < _aware(hello_at)]
-    return [job for row in lost if (job := give_back(row, "its worker restarted during the job", max_attempts))]
+    jobs = [job for row in lost if (job := give_back(row, "its worker restarted during the job", max_attempts))]
+    return checks.without_crosschecks(session, jobs, unroute_them=True)
 
 
 def give_back(row: JobRow, why: str, max_attempts: int) -> Job | None:
@@ -201,7 +214,7 @@ def requeue_lost(session: Session, dead_after_s: float, max_attempts: int,
         why = f"ran past the {job_timeout_s:.0f} s time limit" if hung else "the worker was lost during the job"
         if job := give_back(row, why, max_attempts):
             resend.append(job)
-    return resend
+    return checks.without_crosschecks(session, resend, unroute_them=True)
 
 
 def _aware(ts):

@@ -88,6 +88,12 @@ class WorkerRow(Base):
     n_rejected: Mapped[int] = mapped_column(Integer, default=0)
     flagged: Mapped[bool] = mapped_column(Boolean, default=False)
     flag_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Marked by the operator (`tokenfarm workers trust`): its results become canary references.
+    trusted: Mapped[bool] = mapped_column(Boolean, default=False)
+    n_canary_passed: Mapped[int] = mapped_column(Integer, default=0)
+    n_canary_failed: Mapped[int] = mapped_column(Integer, default=0)
+    n_crosscheck_agreed: Mapped[int] = mapped_column(Integer, default=0)
+    n_crosscheck_disagreed: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class RejectionRow(Base):
@@ -99,6 +105,58 @@ class RejectionRow(Base):
     worker: Mapped[str] = mapped_column(String(200), index=True)
     job_id: Mapped[str] = mapped_column(String(36), default="")
     reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class CheckRow(Base):
+    """A job the orchestrator can verify: a canary (its greedy output is known) or a cross-check
+    (a second worker of the same hardware class repeats a job). Its own job row goes to the
+    workers like any other; only this table says what it is, so nothing on the wire does.
+
+    Its Result is kept here, not in `results`, so rankings count every measurement once.
+    """
+
+    __tablename__ = "checks"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    sweep_id: Mapped[str] = mapped_column(ForeignKey("sweeps.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "canary" or "crosscheck"
+    # crosscheck: the job it repeats; a tie-break also names the cross-check whose disagreement it settles.
+    origin_job_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    vote_of: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    tolerance: Mapped[float] = mapped_column(Float, default=0.25)
+    excluded_workers: Mapped[list] = mapped_column(JSON, default=list)
+    target_worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    hardware_class: Mapped[str] = mapped_column(String(300), default="")
+    greedy_key: Mapped[str] = mapped_column(String(64), default="")
+    output_sha256: Mapped[str] = mapped_column(String(64), default="")
+    expected_sha256: Mapped[str] = mapped_column(String(64), default="")
+    # pending, then pass / fail / unjudged (canary), agree / disagree / skipped (crosscheck), void (the run failed).
+    verdict: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, onupdate=utc_now)
+
+
+class CanaryReferenceRow(Base):
+    """The greedy output a job must produce on one hardware class, from a pin or a trusted worker."""
+
+    __tablename__ = "canary_references"
+
+    # orchestrator.checks.greedy_key: every Job field the greedy tokens depend on (model source
+    # sha256, quant, engine, test, prompts, engine config), hashed.
+    greedy_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hardware_class: Mapped[str] = mapped_column(String(300), primary_key=True)
+    output_sha256: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(500))
+    model_sha256: Mapped[str] = mapped_column(String(64), default="")
+    quant: Mapped[str] = mapped_column(String(16))
+    engine: Mapped[str] = mapped_column(String(32))
+    test: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(300))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
 

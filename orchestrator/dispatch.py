@@ -10,10 +10,11 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from orchestrator import checks
 from orchestrator.collector import requeue_lost
 from orchestrator.db import JobRow, SweepRow, session_scope
 from orchestrator.sweep import SweepSpec
-from worker.broker import JOBS_QUEUE, RUN_JOB_TASK
+from worker.broker import JOBS_QUEUE, RUN_JOB_TASK, worker_queue
 from worker.contract import Job
 
 
@@ -54,7 +55,26 @@ def resend_unfinished(engine: Engine, app: Celery, sweep_id: str, dead_after_s: 
         lost = requeue_lost(session, dead_after_s, max_attempts)
         queued = [Job.model_validate(spec) for spec in session.scalars(
             select(JobRow.spec).where(JobRow.sweep_id == sweep_id, JobRow.state == "queued").order_by(JobRow.index))]
+        queued = checks.without_crosschecks(session, queued, unroute_them=False)
     # Lost jobs of other sweeps go out too: they are just as stuck.
     jobs = {j.job_id: j for j in [*lost, *queued]}
     send(app, list(jobs.values()))
     return len(jobs)
+
+
+def send_to_worker(app: Celery, job: Job, worker: str) -> None:
+    """One job to one worker's own queue (worker.broker.worker_queue)."""
+    app.send_task(RUN_JOB_TASK, args=[job.model_dump(mode="json")], task_id=job.job_id, queue=worker_queue(worker))
+
+
+def send_crosschecks(engine: Engine, app: Celery, dead_after_s: float) -> int:
+    """Send each cross-check whose original has its result to a second live worker of its class.
+
+    Sent inside the transaction that marks them sent: a broker error rolls the marks back and
+    the next call tries again (a commit lost after a send only makes a duplicate, refused as a replay).
+    """
+    with session_scope(engine) as session:
+        due = checks.route_crosschecks(session, dead_after_s)
+        for job, worker in due:
+            send_to_worker(app, job, worker)
+    return len(due)

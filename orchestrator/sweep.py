@@ -97,6 +97,9 @@ class SweepSpec(BaseModel):
         if any(not 0.0 <= x <= 1.0 for x in v):
             raise ValueError("values must lie in [0, 1]")
         return v
+    # Override the orchestrator's TOKENFARM_CANARY_FRACTION / TOKENFARM_CROSSCHECK_FRACTION.
+    canary_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    crosscheck_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
     # mtp: the torch engine's trained heads (`tokenfarm models train-mtp`); each list multiplies
     # only the jobs of the technique that reads it.
     n_mtp: list[int] = Field(default_factory=lambda: [2], min_length=1)

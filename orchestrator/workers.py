@@ -1,6 +1,6 @@
 """The worker registry: who may join, with which token, and what the farm knows of each.
 
-Owns issuing tokens, flagging, and the per-worker view `tokenfarm workers` prints. Verifying
+Owns issuing tokens, flagging and trusting, and the per-worker view `tokenfarm workers` prints. Verifying
 messages is the collector's job; this module only manages the rows it checks against.
 """
 
@@ -42,6 +42,14 @@ def set_flag(session: Session, name: str, flagged: bool, reason: str = "") -> No
     row.flagged, row.flag_reason = flagged, (reason or None) if flagged else None
 
 
+def set_trust(session: Session, name: str, trusted: bool) -> None:
+    """A trusted worker's results become canary references for its hardware class."""
+    row = session.get(WorkerRow, name)
+    if row is None:
+        raise RegistryError(f"no worker named {name!r}: list them with `tokenfarm workers`")
+    row.trusted = trusted
+
+
 @dataclass
 class WorkerView:
     name: str
@@ -55,6 +63,11 @@ class WorkerView:
     gpu: str
     cpu: str
     engines: list[str]
+    trusted: bool = False
+    n_canary_passed: int = 0
+    n_canary_failed: int = 0
+    n_crosscheck_agreed: int = 0
+    n_crosscheck_disagreed: int = 0
 
 
 def list_workers(session: Session) -> list[WorkerView]:
@@ -66,7 +79,8 @@ def list_workers(session: Session) -> list[WorkerView]:
         hw = caps.get("hardware") or {}
         views.append(WorkerView(row.name, row.last_seen, row.n_done, row.n_failed, row.n_rejected, row.flagged,
                                 row.flag_reason or "", last or "", hw.get("gpu", ""), hw.get("cpu", ""),
-                                caps.get("engines", [])))
+                                caps.get("engines", []), row.trusted, row.n_canary_passed, row.n_canary_failed,
+                                row.n_crosscheck_agreed, row.n_crosscheck_disagreed))
     return views
 
 

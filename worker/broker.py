@@ -22,6 +22,12 @@ JOBS_QUEUE = "tokenfarm.jobs"
 RESULTS_QUEUE = "tokenfarm.results"
 RUN_JOB_TASK = "tokenfarm.run_job"
 
+
+def worker_queue(name: str) -> str:
+    """A worker's own queue, beside the shared one: for jobs meant for that worker alone (a
+    cross-check must run on a second machine, not whichever takes it first)."""
+    return f"tokenfarm.worker.{name}"
+
 results_exchange = Exchange("tokenfarm.results", type="direct", durable=True)
 results_queue = Queue(RESULTS_QUEUE, results_exchange, routing_key="result", durable=True)
 

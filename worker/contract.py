@@ -7,10 +7,12 @@ nothing of Celery, SQL or any engine.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
+import struct
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -268,6 +270,38 @@ def _mean_stdev(rates: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(math.fsum((r - mean) ** 2 for r in rates) / (len(rates) - 1))
 
 
+def tokens_sha256(tokens: Sequence[int]) -> str:
+    """sha256 of one sequence of token ids, each encoded as a little-endian int32."""
+    return hashlib.sha256(struct.pack(f"<{len(tokens)}i", *tokens)).hexdigest()
+
+
+def combine_sha256(digests: Sequence[str]) -> str:
+    """output_sha256 from per-sequence tokens_sha256 digests already computed."""
+    return hashlib.sha256(b"".join(bytes.fromhex(d) for d in digests)).hexdigest()
+
+
+def output_sha256(sequences: Sequence[Sequence[int]]) -> str:
+    """A result's greedy-output identity: sha256 over its sequences' tokens_sha256 digests (32 raw
+    bytes each), in order. A plain decode is one sequence; a prompt set, one per prompt.
+
+    Hashing digests rather than the concatenated ids keeps sequence boundaries, and lets the
+    collector recompute a prompt set's hash from the per-prompt hashes a Speculation carries.
+    """
+    return combine_sha256([tokens_sha256(s) for s in sequences])
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first token where a and b differ; None when identical."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def is_sha256(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 class Speculation(BaseModel):
     """What a spec or lookup job measured beyond tok/s, summed over its timed repetitions."""
 
@@ -287,12 +321,19 @@ class Speculation(BaseModel):
     # Losslessness: the technique's greedy tokens against the baseline's, per prompt.
     first_mismatch: list[int | None] = Field(description="per prompt: index of the first differing token; None: identical")
     lossless: bool
+    # Per prompt, tokens_sha256 of the last repetition's tokens: the baseline's and the technique's.
+    # The collector checks the losslessness claim against them (equal hashes iff no mismatch).
+    baseline_sha256: list[str] = Field(default_factory=list)
+    output_sha256: list[str] = Field(default_factory=list)
 
     @classmethod
     def measured(cls, n_tokens: int, baseline_samples_ns: list[int], samples_ns: list[int], n_drafted: int,
                  n_accepted: int, n_passes: int, drafted_at: list[int], accepted_at: list[int], draft_ns: int,
-                 verify_ns: int, first_mismatch: list[int | None]) -> "Speculation":
-        """The block from raw counts, every ratio derived here so engines cannot disagree on one."""
+                 verify_ns: int, baseline_tokens: Sequence[Sequence[int]],
+                 tokens: Sequence[Sequence[int]]) -> "Speculation":
+        """The block from raw counts and per-prompt tokens, every ratio, verdict and hash derived
+        here so engines cannot disagree on one."""
+        first_mismatch = [first_difference(b, t) for b, t in zip(baseline_tokens, tokens, strict=True)]
         base_avg, _ = summarize(n_tokens, baseline_samples_ns)
         avg, _ = summarize(n_tokens, samples_ns)
         return cls(
@@ -303,6 +344,8 @@ class Speculation(BaseModel):
             acceptance_by_position=[a / d if d else 0.0 for a, d in zip(accepted_at, drafted_at)],
             draft_ns=draft_ns, verify_ns=verify_ns,
             first_mismatch=first_mismatch, lossless=all(m is None for m in first_mismatch),
+            baseline_sha256=[tokens_sha256(b) for b in baseline_tokens],
+            output_sha256=[tokens_sha256(t) for t in tokens],
         )
 
 
@@ -336,6 +379,10 @@ class Result(BaseModel):
     avg_ts: float = 0.0
     stddev_ts: float = 0.0
     load_ns: int = 0
+    # output_sha256(...) of the greedy tokens of the last repetition: the decoded tokens (pp: the
+    # one token after the prompt); over a prompt set, the baseline's tokens of every prompt in
+    # order. Canaries and cross-checks compare it; empty only on failed results.
+    output_sha256: str = ""
     stats: Stats = Stats()
     # Time from an empty cache to the first greedy token for n_prompt tokens (pp and pg, depth 0).
     ttft_samples_ns: list[int] = Field(default_factory=list)
@@ -420,6 +467,8 @@ class Result(BaseModel):
             problems.append("stats.median_ts does not match the samples")
         if not self.model_sha256:
             problems.append("model_sha256 is missing")
+        if not is_sha256(self.output_sha256):
+            problems.append("output_sha256 is missing or not a sha256 hex digest")
         if self.technique != "baseline":
             problems += self._speculation_problems(n_tokens, mean)
         return problems
@@ -452,6 +501,22 @@ class Result(BaseModel):
             problems.append(f"{len(s.first_mismatch)} losslessness verdicts for {self.n_prompts} prompts")
         if s.lossless != all(m is None for m in s.first_mismatch):
             problems.append("lossless disagrees with the per-prompt first mismatches")
+        return problems + self._token_hash_problems()
+
+    def _token_hash_problems(self) -> list[str]:
+        """The losslessness claim against the token hashes: a prompt is identical iff its hashes are."""
+        s = self.speculation
+        if len(s.baseline_sha256) != self.n_prompts or len(s.output_sha256) != self.n_prompts:
+            return [f"{len(s.baseline_sha256)} baseline and {len(s.output_sha256)} technique token hashes "
+                    f"for {self.n_prompts} prompts"]
+        if not all(is_sha256(h) for h in [*s.baseline_sha256, *s.output_sha256]):
+            return ["a per-prompt token hash is not a sha256 hex digest"]
+        problems = [f"prompt {i}: first_mismatch {m!r} contradicts the token hashes, which "
+                    f"{'agree' if b == t else 'differ'}"
+                    for i, (m, b, t) in enumerate(zip(s.first_mismatch, s.baseline_sha256, s.output_sha256))
+                    if (m is None) != (b == t)]
+        if self.output_sha256 and self.output_sha256 != combine_sha256(s.baseline_sha256):
+            problems.append("output_sha256 is not the hash of the per-prompt baseline token hashes")
         return problems
 
 

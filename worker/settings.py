@@ -39,6 +39,13 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(default=3600.0, gt=0)
     # Attempts before a job that keeps killing workers is failed for good.
     max_attempts: int = Field(default=3, ge=1)
+    # Orchestrator only. Canaries: copies of a sweep's jobs whose greedy output is known, at least
+    # one per model when above 0. Cross-checks: copies re-run on a second worker of the same
+    # hardware class, at least one per sweep when above 0, agreeing within crosscheck_tolerance
+    # (relative tok/s difference). A sweep file's canary_fraction / crosscheck_fraction win.
+    canary_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    crosscheck_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    crosscheck_tolerance: float = Field(default=0.25, gt=0.0)
     # Where derived models (quantizations) and fetched catalogue models are cached.
     models_dir: Path | None = None
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Sequence
 
-from worker.contract import PROMPT_CATEGORIES, Job, Speculation
+from worker.contract import PROMPT_CATEGORIES, Job, Speculation, first_difference  # noqa: F401 (re-exported)
 from worker.engines.base import EngineError, SpeculativeBackend
 from worker.models import vocab_mismatch
 
@@ -173,14 +173,6 @@ def speculative(target: SpeculativeBackend, drafter, prompt: Sequence[int], n_ge
     return run
 
 
-def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
-    """Index of the first token where a and b differ; None when identical."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
 def prompt_tokens(target: SpeculativeBackend, job: Job) -> list[list[int]]:
     """The job's prompts, each as one user turn in the target's chat template, tokenized."""
     texts = load_prompts(job.prompt_category, job.n_prompts)
@@ -251,7 +243,6 @@ def measure_prompts(target: SpeculativeBackend, job: Job, prompts: list[list[int
         return PromptMeasurement(base_samples, None, base_tokens, base_tokens)
     spec = Speculation.measured(
         job.n_gen * len(prompts), base_samples, samples, total.n_drafted, total.n_accepted, total.n_passes,
-        total.drafted_at, total.accepted_at, total.draft_ns, total.verify_ns,
-        [first_difference(b, t) for b, t in zip(base_tokens, tokens)],
+        total.drafted_at, total.accepted_at, total.draft_ns, total.verify_ns, base_tokens, tokens,
     )
     return PromptMeasurement(samples, spec, base_tokens, tokens)

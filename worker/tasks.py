@@ -19,8 +19,8 @@ from pydantic import ValidationError
 
 from worker import __version__, hardware
 from worker.broker import RUN_JOB_TASK, publish_envelope
-from worker.contract import (TECHNIQUE_FIELDS, Capabilities, Conditions, Envelope, Job, Result, sample_stats,
-                             summarize, tok_s, utc_now)
+from worker.contract import (TECHNIQUE_FIELDS, Capabilities, Conditions, Envelope, Job, Result, output_sha256,
+                             sample_stats, summarize, tok_s, utc_now)
 from worker.engines import EngineError, create_backend
 from worker.measure import Measurement, decode_context, measure, roofline_tok_s
 from worker.models import CATALOGUE, ModelError, held_models, read_facts, resolve, sha256_file
@@ -67,7 +67,7 @@ def measure_over_prompts(job: Job, target, settings: Settings) -> tuple[object, 
     finally:
         if draft is not None:
             draft.close()
-    extra.update(n_prompts=len(prompts), speculation=m.speculation)
+    extra.update(n_prompts=len(prompts), speculation=m.speculation, output_sha256=output_sha256(m.baseline_tokens))
     return m, extra
 
 
@@ -94,7 +94,8 @@ def execute(job: Job, settings: Settings) -> Result:
             elif job.prompt_category:
                 m, extra = measure_over_prompts(job, backend, settings)
             else:
-                m, extra = measure(backend, job), {}
+                m = measure(backend, job)
+                extra = {"output_sha256": output_sha256([m.tokens])}
             energy_after_mj = hardware.gpu_energy_mj()
             versions = {**base_versions, **backend.versions(), **hardware.library_versions()}
             conditions = Conditions(
@@ -202,7 +203,7 @@ def register(app: Celery, settings: Settings) -> None:
 
 def start(settings: Settings, loglevel: str = "INFO") -> None:
     """Serve jobs until stopped: one measurement at a time, in this process."""
-    from worker.broker import JOBS_QUEUE, create_app
+    from worker.broker import JOBS_QUEUE, create_app, worker_queue
 
     if not settings.worker_token:
         raise SystemExit("error: no worker token: on the orchestrator run `tokenfarm workers add "
@@ -210,9 +211,10 @@ def start(settings: Settings, loglevel: str = "INFO") -> None:
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     register(app, settings)
-    Heartbeat(app, settings, capabilities(settings, [JOBS_QUEUE])).start()
+    queues = [JOBS_QUEUE, worker_queue(settings.worker_name)]
+    Heartbeat(app, settings, capabilities(settings, queues)).start()
     argv = [
-        "worker", f"--hostname={settings.worker_name}@%h", f"--queues={JOBS_QUEUE}",
+        "worker", f"--hostname={settings.worker_name}@%h", f"--queues={','.join(queues)}",
         # solo pool: the measurement runs in this process, with nothing else competing for cores.
         "--pool=solo", "--concurrency=1", f"--loglevel={loglevel}",
         "--without-gossip", "--without-mingle",

@@ -57,6 +57,9 @@ def redis_url():
 def service_env(data_dir: Path, database_url: str = "", broker_url: str = "") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENFARM_")}
     env.update(TOKENFARM_DATA_DIR=str(data_dir), TOKENFARM_MODELS_DIR=str(MODELS_DIR))
+    # No extra check jobs unless a test asks for them (tests/integration/test_checks.py does),
+    # so the other tests can count their jobs.
+    env.update(TOKENFARM_CANARY_FRACTION="0", TOKENFARM_CROSSCHECK_FRACTION="0")
     if database_url:
         env["TOKENFARM_DATABASE_URL"] = database_url
     if broker_url:
@@ -75,13 +78,14 @@ def register_worker(env: dict[str, str], name: str) -> str:
 
 
 @contextmanager
-def worker_process(env: dict[str, str], name: str, log_path: Path):
-    """A real worker process with its own token; a worker never gets the database URL."""
+def worker_process(env: dict[str, str], name: str, log_path: Path, entry: list[str] | None = None):
+    """A real worker process with its own token; a worker never gets the database URL.
+    entry: what to run instead of `python -m worker` (a test's dishonest worker)."""
     token = register_worker(env, name)
     worker_env = {k: v for k, v in env.items() if k != "TOKENFARM_DATABASE_URL"}
     worker_env["TOKENFARM_WORKER_TOKEN"] = token
     with log_path.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "worker", "--name", name], env=worker_env,
+        proc = subprocess.Popen([sys.executable, *(entry or ["-m", "worker"]), "--name", name], env=worker_env,
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
         yield proc

@@ -9,7 +9,7 @@ from orchestrator.dispatch import record
 from orchestrator.sweep import SweepSpec, expand
 from orchestrator.workers import add_worker, flagged_names, list_workers, set_flag
 from worker.broker import signed_body
-from worker.contract import Capabilities, Envelope, Hardware, ModelFacts, Result, summarize
+from worker.contract import Capabilities, Envelope, Hardware, ModelFacts, Result, output_sha256, summarize
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def result_for(job, **update):
     r = Result(job_id=job.job_id, sweep_id=job.sweep_id, status="ok", worker="w1", model=job.model,
                model_sha256="c" * 64, source_sha256=job.model_sha256, quant=job.quant, test=job.test,
                n_prompt=job.n_prompt, n_gen=job.n_gen, n_depth=job.n_depth, repetitions=job.repetitions,
-               samples_ns=samples, avg_ts=avg, stddev_ts=std)
+               samples_ns=samples, avg_ts=avg, stddev_ts=std, output_sha256=output_sha256([[1, 2, 3, 4]]))
     return r.model_copy(update=update)
 
 

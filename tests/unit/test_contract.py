@@ -3,7 +3,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from worker.contract import Envelope, Job, Result, summarize, format_test_name
+from worker.contract import Envelope, Job, Result, format_test_name, output_sha256, summarize
 
 
 def make_job(**kw) -> Job:
@@ -17,7 +17,7 @@ def ok_result(job: Job, samples=(1_000_000_000, 1_100_000_000, 900_000_000)) -> 
     return Result(job_id=job.job_id, sweep_id=job.sweep_id, status="ok", worker="w", model=job.model,
                   model_sha256="b" * 64, source_sha256=job.model_sha256, quant=job.quant, test=job.test,
                   n_prompt=job.n_prompt, n_gen=job.n_gen, n_depth=job.n_depth, repetitions=job.repetitions,
-                  samples_ns=list(samples), avg_ts=avg, stddev_ts=std)
+                  samples_ns=list(samples), avg_ts=avg, stddev_ts=std, output_sha256=output_sha256([[1, 2, 3]]))
 
 
 def test_llama_bench_test_names():

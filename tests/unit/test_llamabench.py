@@ -38,7 +38,8 @@ def test_records_become_results_with_llama_bench_tests_and_quants():
     assert {r.quant for r in results} == {"Q4_K_M"}
     for (_, rec), r in zip(records, results):
         assert r.avg_ts == pytest.approx(rec["avg_ts"]) and r.samples_ns == rec["samples_ns"]
-        assert r.inconsistencies() == ["model_sha256 is missing"]  # llama-bench does not hash models
+        # llama-bench neither hashes models nor keeps the tokens it generated
+        assert r.inconsistencies() == ["model_sha256 is missing", "output_sha256 is missing or not a sha256 hex digest"]
     # Export gives the same llama-bench fields back.
     back = to_record(results[1])
     for key in ("n_prompt", "n_gen", "n_depth", "samples_ns", "n_threads", "n_gpu_layers", "flash_attn",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.contract import Job, Result, summarize
+from worker.contract import Job, Result, output_sha256, summarize
 from worker.speculative import (
     LookupDrafter, ModelDrafter, PairError, check_vocab_pair, first_difference, greedy, load_prompts,
     measure_prompts, speculative,
@@ -179,7 +179,8 @@ def result_for(job: Job, target: FakeBackend, drafter) -> Result:
                   model_sha256="a" * 64, draft_sha256="b" * 64, quant=job.quant, technique=job.technique,
                   test=job.test, n_gen=job.n_gen, repetitions=job.repetitions, samples_ns=m.samples_ns,
                   avg_ts=avg, stddev_ts=std, prompt_category=job.prompt_category, n_prompts=job.n_prompts,
-                  draft_model=job.draft_model, n_draft=job.n_draft, speculation=m.speculation)
+                  draft_model=job.draft_model, n_draft=job.n_draft, speculation=m.speculation,
+                  output_sha256=output_sha256(m.baseline_tokens))
 
 
 def test_measured_statistics_are_consistent_and_acceptance_matches_the_draft():

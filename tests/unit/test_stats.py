@@ -76,14 +76,14 @@ def test_roofline_counts_weights_and_the_kv_cache_at_depth():
 
 
 def test_a_pg_result_is_checked_against_prompt_plus_generated_tokens_and_its_stats():
-    from worker.contract import Result, summarize
+    from worker.contract import Result, output_sha256, summarize
 
     j = job(kind="pg", n_prompt=64, n_gen=16, repetitions=3, model_sha256="a" * 64)
     samples = [900_000_000, 1_000_000_000, 1_100_000_000]
     avg, std = summarize(80, samples)
     r = Result(job_id=j.job_id, sweep_id=j.sweep_id, status="ok", worker="w", model=j.model, model_sha256="b" * 64,
                quant=j.quant, test=j.test, n_prompt=64, n_gen=16, repetitions=3, samples_ns=samples,
-               avg_ts=avg, stddev_ts=std, stats=sample_stats(80, samples))
+               avg_ts=avg, stddev_ts=std, stats=sample_stats(80, samples), output_sha256=output_sha256([[7]]))
     assert r.inconsistencies(j) == []
     forged = r.model_copy(update={"stats": r.stats.model_copy(update={"median_ts": 1000.0})})
     assert "stats.median_ts does not match the samples" in forged.inconsistencies(j)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from worker.contract import QUANTS, Job, Speculation
+from worker.contract import QUANTS, Job, Speculation, output_sha256
 from worker.engines.base import EngineError
 from worker.engines.torch.backend import TorchBackend
 from worker.engines.torch.mtp import MTPError, load_heads
@@ -63,7 +63,7 @@ def measure_technique(backend: TorchBackend, job: Job, model_path: Path, model_s
     prompts, as the llama.cpp engine's speculation reports it) and the Result fields it adds:
     the shared `Speculation` block and, for spec, the draft's sha256.
     """
-    from worker.speculative import first_difference, prompt_tokens
+    from worker.speculative import prompt_tokens
 
     model = backend.model
     device = backend.device
@@ -132,6 +132,8 @@ def measure_technique(backend: TorchBackend, job: Job, model_path: Path, model_s
     extra["speculation"] = Speculation.measured(
         job.n_gen * len(prompts), base_samples, samples, stats.n_drafted, stats.n_accepted, stats.n_passes,
         stats.drafted_by_position, stats.accepted_by_position, stats.draft_ns, stats.verify_ns,
-        [first_difference(b, t) for b, t in zip(base_tokens, tech_tokens)],
+        base_tokens, tech_tokens,
     )
+    # The job's greedy identity is the baseline's, so it compares with any run of the same prompts.
+    extra["output_sha256"] = output_sha256(base_tokens)
     return Measurement(samples_ns=samples, tokens=tech_tokens[-1] if tech_tokens else []), extra
