@@ -169,13 +169,18 @@ def model_facts() -> pd.DataFrame:
     return _frame(lambda e: _read(e, query))
 
 
-def _flag_column(eng: Engine) -> str | None:
-    """The workers table's trust column, if a later issue has added one."""
+# What the farm knows of a worker's honesty (never its token: the dashboard has no use for it).
+TRUST_COLUMNS = ("flagged", "trusted", "flag_reason", "n_rejected", "n_canary_passed", "n_canary_failed",
+                 "n_crosscheck_agreed", "n_crosscheck_disagreed")
+
+
+def _trust_columns(eng: Engine) -> list[str]:
+    """The trust columns this database has (an older schema lacks the canary and cross-check counts)."""
     insp = inspect(eng)
     if not insp.has_table("workers"):
-        return None
-    cols = {c["name"] for c in insp.get_columns("workers")}
-    return next((c for c in ("flagged", "status", "trust") if c in cols), None)
+        return []
+    have = {c["name"] for c in insp.get_columns("workers")}
+    return [c for c in TRUST_COLUMNS if c in have]
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
@@ -196,12 +201,13 @@ def workers() -> pd.DataFrame:
         hw = _read(eng, select(R.worker, *[(_js if p in texts else _j)(*_path(p)).label(p.rsplit(".", 1)[-1])
                                            for p in HARDWARE_PATHS]).where(R.job_id.in_(latest)))
         frame = counts.merge(hw, on="worker", how="left")
-        frame["trust"] = "no trust records yet"
-        column = _flag_column(eng)
-        if column:
+        columns = _trust_columns(eng)
+        if columns:
             with eng.connect() as conn:
-                marks = dict(conn.execute(text(f"SELECT name, {column} FROM workers")).all())
-            frame["trust"] = [_trust(marks.get(w), column) for w in frame["worker"]]
+                marks = pd.DataFrame(conn.execute(text(f"SELECT name AS worker, {', '.join(columns)} FROM workers")).all(),
+                                     columns=["worker", *columns])
+            frame = frame.merge(marks, on="worker", how="left")
+        frame["trust"] = [_trust(row) for row in frame.to_dict("records")]
         frame["gpu"] = frame["gpu"].fillna("")
         frame["hardware"] = [g or f"{c} ({int(n or 0)} cores)" for g, c, n in
                              zip(frame["gpu"], frame["cpu"], frame["n_cpu_cores"])]
@@ -209,12 +215,12 @@ def workers() -> pd.DataFrame:
     return _frame(build)
 
 
-def _trust(mark, column: str) -> str:
-    if mark is None:
-        return "unknown"
-    if column == "flagged":
-        return "flagged" if mark else "trusted"
-    return str(mark)
+def _trust(worker: dict) -> str:
+    if pd.isna(worker.get("flagged")):
+        return "unknown"  # results in the database from a worker no longer registered
+    if worker["flagged"]:
+        return "flagged"
+    return "trusted" if worker.get("trusted") else "registered"
 
 
 def flagged_workers() -> frozenset[str]:

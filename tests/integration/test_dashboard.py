@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard.sample_data import seed as seed_sample
 from orchestrator.collector import result_row
-from orchestrator.db import make_engine, session_scope, upgrade
+from orchestrator.db import WorkerRow, make_engine, session_scope, upgrade
 from orchestrator.workers import add_worker, set_flag
 from orchestrator.dispatch import record
 from orchestrator.ranking import TIERS_GB
@@ -143,7 +143,9 @@ def test_a_flagged_worker_never_ranks(seeded):
     with session_scope(engine) as s:
         add_worker(s, "rtx4090")
         add_worker(s, "rtx3090")
+        add_worker(s, "h100")
         set_flag(s, "rtx4090", True, "failed a canary")
+        s.get(WorkerRow, "h100").trusted = True
     engine.dispose()
     at = open_page("leaderboard")
     hardware = set(at.dataframe[-1].value["hardware"])
@@ -151,7 +153,10 @@ def test_a_flagged_worker_never_ranks(seeded):
     assert "NVIDIA GeForce RTX 4090" not in hardware
     workers = open_page("workers")
     trust = dict(zip(workers.dataframe[1].value["worker"], workers.dataframe[1].value["trust"]))
-    assert trust["rtx4090"] == "flagged" and trust["rtx3090"] == "trusted" and trust["nuc"] == "unknown"
+    assert trust["rtx4090"] == "flagged" and trust["rtx3090"] == "registered" and trust["nuc"] == "unknown"
+    assert trust["h100"] == "trusted"
+    shown = workers.dataframe[1].value.set_index("worker")
+    assert shown.loc["rtx4090", "flag_reason"] == "failed a canary"
 
 
 def test_techniques_page_shows_speedup_breakeven_and_losslessness(seeded):

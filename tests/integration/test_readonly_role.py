@@ -33,6 +33,10 @@ def test_dashboard_role_reads_tables_created_later_and_cannot_write(pg_url):
         ro = create_engine(pg_url.replace("postgres@", "tokenfarm_ro:ro-secret@"))
         with ro.connect() as c:
             assert c.execute(text("SELECT count(*) FROM results")).scalar() == 0
+            assert c.execute(text("SELECT count(*) FROM workers WHERE NOT flagged")).scalar() == 0
+        # The workers' signing secrets stay with the collector.
+        with ro.connect() as c, pytest.raises(DBAPIError, match="permission denied"):
+            c.execute(text("SELECT token FROM workers"))
         with ro.connect() as c, pytest.raises(DBAPIError, match="read-only|permission denied"):
             c.execute(text("INSERT INTO workers (name, token, created_at, n_done, n_failed, n_rejected, flagged) "
                            "VALUES ('x', 'y', now(), 0, 0, 0, false)"))
