@@ -502,11 +502,11 @@ def import_llama_bench(
 def models_train_mtp(
     base: str = typer.Argument(..., help="catalogue name or path to a GGUF file (trained on its F32 dequantization)"),
     heads: int = typer.Option(2, "--heads", min=1, max=8, help="MTP heads to train (n_mtp)"),
-    n_chat: int = typer.Option(448, help="chat requests the base answers to make the training text"),
-    n_code: int = typer.Option(384, help="code requests the base answers to make the training text"),
-    n_cont: int = typer.Option(128, help="greedy tokens generated per request"),
+    n_chat: int = typer.Option(160, help="chat requests the base answers to make the training text"),
+    n_code: int = typer.Option(128, help="code requests the base answers to make the training text"),
+    n_cont: int = typer.Option(96, help="greedy tokens generated per request"),
     epochs: int = typer.Option(3, min=1, help="passes over the training text"),
-    lr: float = typer.Option(1e-3, help="peak learning rate (warm-up, then cosine decay)"),
+    lr: float = typer.Option(2e-3, help="peak learning rate (warm-up, then cosine decay)"),
     n_head_vocab: int = typer.Option(8192, min=0, help="tokens the heads may propose (most frequent first); 0: all"),
     threads: int = typer.Option(0, min=0, help="torch threads; 0: torch's default"),
 ) -> None:
