@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-mtp", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--p-min", type=float, nargs="+", default=[0.0], help="MTP: stop proposing below this head probability")
+    ap.add_argument("--p-min", type=float, nargs="+", default=[0.0, 0.3], help="MTP: stop proposing below this head probability")
     ap.add_argument("--categories", nargs="+", default=["chat", "code"], help="MTP: prompt categories")
     ap.add_argument("--n-prompts", type=int, default=0, help="MTP: prompts of each category; 0: all")
     ap.add_argument("--skip-moe", action="store_true")
