@@ -12,6 +12,7 @@ been trained first (`tokenfarm models train-mtp smollm2-135m --heads 2`).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -109,16 +110,51 @@ def upcycle(dense: Transformer, n_expert: int, n_expert_used: int, seed: int = 0
     return moe.eval()
 
 
+def mtp_figures(backend: TorchBackend, path, sha: str, settings, args, category: str, n_mtp: int, p_min: float) -> None:
+    """One MTP job over a category's chat-templated prompts, baseline timed in the same job."""
+    job = Job(job_id="bench", sweep_id="bench", index=0, model=args.model, quant="F32", engine="torch",
+              technique="mtp", kind="tg", n_gen=args.n_gen, n_mtp=n_mtp, p_min=p_min, repetitions=args.reps,
+              n_warmup=1, prompt_category=category, n_prompts=args.n_prompts)
+    try:
+        m, extra = measure_technique(backend, job, path, sha, settings.effective_models_dir)
+    except Exception as exc:  # a missing head file is a figure we cannot print, not a crash
+        print(f"mtp {category} n_mtp={n_mtp}: not measured ({exc})")
+        return
+    s = extra["speculation"]
+    acc = s.acceptance_by_position
+    # Head k's proposal counts only when heads 1..k-1 were right: its own hit rate is the ratio.
+    given_previous = [a / b if b else 0.0 for a, b in zip(acc, [1.0, *acc[:-1]])]
+    base_step_ns = statistics.fmean(s.baseline_samples_ns) / (args.n_gen * len(s.first_mismatch))
+    reps = len(m.samples_ns)
+
+    def per_pass(ns: int) -> float:  # in units of one plain decode step
+        return ns / max(1, s.n_passes) / base_step_ns
+
+    print(f"mtp {category} n_mtp={n_mtp} p_min={p_min}: {s.baseline_avg_ts:.1f} -> "
+          f"{s.baseline_avg_ts * s.speedup:.1f} tok/s, speedup {s.speedup:.2f}x; acceptance by head "
+          f"{[round(a, 3) for a in acc]} (given the heads before: {[round(a, 3) for a in given_previous]}); "
+          f"{1 + s.mean_accepted_per_pass:.2f} tokens/pass; a pass costs {per_pass(s.verify_ns):.2f} (verify) + "
+          f"{per_pass(s.draft_ns):.2f} (draft) plain steps; lossless {s.lossless}"
+          f"{'' if s.lossless else ' (first mismatch per prompt: ' + str(s.first_mismatch) + ')'}; {reps} reps")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--n-mtp", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--n-mtp", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--p-min", type=float, nargs="+", default=[0.0, 0.3], help="MTP: stop proposing below this head probability")
+    ap.add_argument("--categories", nargs="+", default=["chat", "code"], help="MTP: prompt categories")
+    ap.add_argument("--n-prompts", type=int, default=0, help="MTP: prompts of each category; 0: all")
     ap.add_argument("--skip-moe", action="store_true")
+    ap.add_argument("--skip-decode", action="store_true", help="skip torch vs llama.cpp decode and the roofline")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # Other processes share the cores: the load says how much the figures can be trusted.
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores; "
+          f"torch {torch.__version__}, {args.threads} threads")
     settings = load_settings()
     path, _ = resolve(args.model, "F32", settings.effective_models_dir)
     sha = sha256_file(path)
@@ -127,6 +163,15 @@ def main() -> None:
     model = backend.model
     first = backend.tokenize("The", add_bos=True)[-1]
 
+    if not args.skip_decode:
+        decode_figures(model, path, first, args)
+    mtp_section(backend, path, sha, settings, args)
+    backend.close()
+    if not args.skip_moe:
+        moe_figures(path, first, args)
+
+
+def decode_figures(model: Transformer, path, first: int, args) -> None:
     gbps = triad_gbps()
     nbytes = decode_bytes(model)
     roofline = gbps * 1e9 / nbytes
@@ -140,37 +185,34 @@ def main() -> None:
           f"llama.cpp {l_tok_s:.1f} tok/s ({100 * l_tok_s / roofline:.0f} %); torch / llama.cpp = {t_tok_s / l_tok_s:.2f}; "
           f"tokens agree for {agree}/{len(t_tokens)}")
 
-    for n_mtp in args.n_mtp:
-        job = Job(job_id="bench", sweep_id="bench", index=0, model=args.model, quant="F32", engine="torch",
-                  technique="mtp", kind="tg", n_gen=args.n_gen, n_mtp=n_mtp, repetitions=args.reps, n_warmup=1)
-        try:
-            m, extra = measure_technique(backend, job, path, sha, settings.effective_models_dir)
-        except Exception as exc:  # a missing head file is a figure we cannot print, not a crash
-            print(f"mtp n_mtp={n_mtp}: not measured ({exc})")
-            continue
-        mtp_tok_s = statistics.fmean(args.n_gen * 1e9 / ns for ns in m.samples_ns)
-        acc = extra["acceptance_by_position"]
-        # Head k's proposal counts only when heads 1..k-1 were right: its own hit rate is the ratio.
-        given_previous = [a / b if b else 0.0 for a, b in zip(acc, [1.0, *acc[:-1]])]
-        print(f"mtp n_mtp={n_mtp}: {mtp_tok_s:.1f} tok/s, speedup {extra['speedup']:.2f}x, "
-              f"acceptance by head {[round(a, 3) for a in acc]} (given the heads before: {[round(a, 3) for a in given_previous]}), "
-              f"mean accepted {extra['mean_accepted_len']:.2f}/pass, lossless {extra['lossless']}"
-              f"{'' if extra['lossless'] else ' (first divergence at ' + str(extra['first_divergence']) + ')'}, "
-              f"draft {extra['draft_ns'] / 1e9:.2f} s, verify {extra['verify_ns'] / 1e9:.2f} s")
-    backend.close()
 
-    if not args.skip_moe:
-        dense = TorchBackend("cpu", "float32")
-        dense.load(path, EngineConfig(n_threads=args.threads), args.n_gen + 16)
-        moe = upcycle(dense.model, 8, 2)
-        d_tok_s, _ = torch_decode_tok_s(dense.model, first, args.n_gen // 2, args.reps)
-        m_tok_s, _ = torch_decode_tok_s(moe, first, args.n_gen // 2, args.reps)
-        d_bytes, m_bytes = decode_bytes(dense.model), decode_bytes(moe, n_expert_used=2)
-        n_total = sum(p.numel() for p in moe.parameters())
-        print(f"MoE 8x top-2 (upcycled, {n_total / 1e6:.0f} M params, {m_bytes / 1e6:.0f} MB active a token) "
-              f"{m_tok_s:.1f} tok/s vs dense {d_tok_s:.1f}: MoE / dense = {m_tok_s / d_tok_s:.2f}; "
-              f"roofline ratio (dense bytes / MoE active bytes) = {d_bytes / m_bytes:.2f}")
-        dense.close()
+def mtp_section(backend: TorchBackend, path, sha: str, settings, args) -> None:
+    from worker.engines.torch.mtp import read_provenance
+
+    training = read_provenance(path).get("training", {})
+    if training:
+        print(f"MTP heads: trained on {training.get('n_train_positions')} positions in "
+              f"{training.get('generate_s', 0) + training.get('train_s', 0):.0f} s; held-out accuracy by head "
+              f"{[round(a, 3) for a in training.get('heldout_accuracy_by_head', [])]}, held-out chain acceptance "
+              f"{[round(a, 3) for a in training.get('heldout_chain_acceptance', [])]}")
+    for category in args.categories:
+        for n_mtp in args.n_mtp:
+            for p_min in args.p_min:
+                mtp_figures(backend, path, sha, settings, args, category, n_mtp, p_min)
+
+
+def moe_figures(path, first: int, args) -> None:
+    dense = TorchBackend("cpu", "float32")
+    dense.load(path, EngineConfig(n_threads=args.threads), args.n_gen + 16)
+    moe = upcycle(dense.model, 8, 2)
+    d_tok_s, _ = torch_decode_tok_s(dense.model, first, args.n_gen // 2, args.reps)
+    m_tok_s, _ = torch_decode_tok_s(moe, first, args.n_gen // 2, args.reps)
+    d_bytes, m_bytes = decode_bytes(dense.model), decode_bytes(moe, n_expert_used=2)
+    n_total = sum(p.numel() for p in moe.parameters())
+    print(f"MoE 8x top-2 (upcycled, {n_total / 1e6:.0f} M params, {m_bytes / 1e6:.0f} MB active a token) "
+          f"{m_tok_s:.1f} tok/s vs dense {d_tok_s:.1f}: MoE / dense = {m_tok_s / d_tok_s:.2f}; "
+          f"roofline ratio (dense bytes / MoE active bytes) = {d_bytes / m_bytes:.2f}")
+    dense.close()
 
 
 if __name__ == "__main__":

@@ -619,14 +619,17 @@ def import_llama_bench(
 def models_train_mtp(
     base: str = typer.Argument(..., help="catalogue name or path to a GGUF file (trained on its F32 dequantization)"),
     heads: int = typer.Option(2, "--heads", min=1, max=8, help="MTP heads to train (n_mtp)"),
-    n_seq: int = typer.Option(64, help="prompts the base continues to make the training text"),
-    n_cont: int = typer.Option(64, help="greedy tokens generated per prompt"),
-    epochs: int = typer.Option(6, min=1, help="passes over the training positions"),
-    lr: float = typer.Option(2e-3, help="peak learning rate (one-cycle schedule)"),
-    n_head_vocab: int = typer.Option(4096, min=0, help="tokens the heads may propose (most frequent first); 0: all"),
+    n_chat: int = typer.Option(160, help="chat requests the base answers to make the training text"),
+    n_code: int = typer.Option(128, help="code requests the base answers to make the training text"),
+    n_cont: int = typer.Option(96, help="greedy tokens generated per request"),
+    epochs: int = typer.Option(3, min=1, help="passes over the training text"),
+    lr: float = typer.Option(2e-3, help="peak learning rate (warm-up, then cosine decay)"),
+    n_head_vocab: int = typer.Option(8192, min=0, help="tokens the heads may propose (most frequent first); 0: all"),
     threads: int = typer.Option(0, min=0, help="torch threads; 0: torch's default"),
 ) -> None:
     """Train MTP heads on a frozen base by self-distillation and save them beside its F32 file."""
+    import time
+
     from worker.models import ModelError, resolve, sha256_file
 
     try:
@@ -642,14 +645,18 @@ def models_train_mtp(
         path, _ = resolve(base, "F32", settings.effective_models_dir)
     except ModelError as exc:
         raise fail(str(exc))
-    cfg = TrainConfig(n_mtp=heads, n_seq=n_seq, n_cont=n_cont, epochs=epochs, lr=lr, n_head_vocab=n_head_vocab)
+    cfg = TrainConfig(n_mtp=heads, n_chat=n_chat, n_code=n_code, n_cont=n_cont, epochs=epochs, lr=lr,
+                      n_head_vocab=n_head_vocab)
+    t0 = time.perf_counter()
     out, report = train_and_save(path, sha256_file(path), cfg, progress=lambda m: console.print(m, highlight=False))
     console.print(f"heads: {out}")
-    console.print(f"generated {report.n_train_positions + report.n_heldout_positions} positions in "
-                  f"{report.generate_s:.0f} s, trained in {report.train_s:.0f} s; final loss "
-                  f"{report.loss_by_epoch[-1]:.3f} per head")
+    console.print(f"{report.n_requests} requests ({report.n_benchmark_prompts_dropped} dropped as benchmark prompts); "
+                  f"generated {report.n_train_positions + report.n_heldout_positions} positions in "
+                  f"{report.generate_s:.0f} s, trained in {report.train_s:.0f} s, {time.perf_counter() - t0:.0f} s in all; "
+                  f"final loss {report.loss_by_epoch[-1]:.3f} per head")
     for k, (acc, chain) in enumerate(zip(report.heldout_accuracy_by_head, report.heldout_chain_acceptance)):
         console.print(f"head {k + 1}: held-out accuracy {acc:.3f}, greedy chain reaches it {chain:.3f}")
+    console.print(f"held-out tokens per pass if drafting were free: {report.heldout_tokens_per_pass:.2f}")
 
 
 @app.command()

@@ -95,7 +95,7 @@ class Job(BaseModel):
     draft_sha256: str | None = Field(default=None, description="expected sha256 of the draft's source file")
     draft_quant: str | None = None
     n_draft: int = Field(default=0, ge=0, le=64, description="most tokens drafted per target pass")
-    p_min: float = Field(default=0.0, ge=0.0, le=1.0, description="spec: stop drafting below this top probability")
+    p_min: float = Field(default=0.0, ge=0.0, le=1.0, description="spec, mtp: stop drafting below this top probability")
     ngram_max: int = Field(default=0, ge=0, le=16, description="lookup: longest n-gram matched")
     # mtp: the target's own trained multi-token-prediction heads propose (torch engine only).
     n_mtp: int = Field(default=0, ge=0, le=16, description="mtp: heads proposing per target pass")

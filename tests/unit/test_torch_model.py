@@ -53,6 +53,34 @@ def test_cached_decode_equals_full_forward(config):
     assert torch.equal(torch.cat(step_logits, 1).argmax(-1), full_logits.argmax(-1))
 
 
+@pytest.mark.parametrize("config", [DENSE, MOE], ids=["dense", "moe"])
+@torch.inference_mode()
+def test_prepacked_products_equal_the_plain_ones(config):
+    """pack_linears (oneDNN's prepacked weights, fused QKV and gate/up) computes the same model,
+    and a row's result does not depend on how many rows share the product: verifying drafted
+    tokens in one pass scores each exactly as decoding it alone."""
+    from worker.engines.torch.model import pack_linears
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    plain, packed = random_model(config), random_model(config)
+    assert pack_linears(packed) > 0
+    ids = tokens(12, config.n_vocab, batch=2)
+    for start, T in ((0, 9), (9, 1), (10, 2)):
+        a, b = plain.new_cache(16, 2), packed.new_cache(16, 2)
+        plain(ids[:, :start], 0, a) if start else None
+        packed(ids[:, :start], 0, b) if start else None
+        la, ha = plain(ids[:, start:start + T], start, a)
+        lb, hb = packed(ids[:, start:start + T], start, b)
+        torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(hb, ha, atol=1e-4, rtol=1e-4)
+    out = packed.output
+    x = torch.randn(4, config.n_embd)
+    rows = out(x)
+    with_output_only = torch.ops.mkldnn._linear_pointwise(x[:1], out.packed, None, "none", [], "")
+    assert torch.equal(rows[:1], with_output_only)
+
+
 @torch.inference_mode()
 def test_chunked_prefill_with_last_logits_equals_full_forward():
     model = random_model(DENSE)

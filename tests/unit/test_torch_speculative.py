@@ -40,8 +40,8 @@ def plain(model: Transformer) -> list[int]:
 
 def with_drafter(model: Transformer, drafter, n_draft: int):
     cache = model.new_cache(64)
-    model(torch.tensor([PROMPT[:-1]]), 0, cache)
-    return generate(model, cache, PROMPT, N_GEN, drafter=drafter, n_draft=n_draft)
+    _, hidden = model(torch.tensor([PROMPT[:-1]]), 0, cache)
+    return generate(model, cache, PROMPT, N_GEN, drafter=drafter, n_draft=n_draft, prompt_hidden=hidden[0])
 
 
 def random_heads(model: Transformer, n_mtp: int, seed: int, vocab: torch.Tensor | None = None) -> MTPHeads:
@@ -54,12 +54,69 @@ def random_heads(model: Transformer, n_mtp: int, seed: int, vocab: torch.Tensor 
 
 
 @pytest.mark.parametrize("n_mtp", [1, 3])
-def test_greedy_mtp_reproduces_plain_greedy(n_mtp):
+@pytest.mark.parametrize("vocab", [None, [0, 2, 3, 5, 9, 11, 17, 22, 30]], ids=["full-vocab", "reduced-vocab"])
+@pytest.mark.parametrize("p_min", [0.0, 0.06])
+def test_greedy_mtp_reproduces_plain_greedy(n_mtp, vocab, p_min):
+    # A reduced drafting vocabulary and a confidence threshold change what is proposed, never
+    # what is kept: verification with the full output head decides.
     model = random_model(TARGET, 0)
-    out = with_drafter(model, MTPDrafter(random_heads(model, n_mtp, 1)), n_mtp)
+    heads = random_heads(model, n_mtp, 1, None if vocab is None else torch.tensor(vocab))
+    out = with_drafter(model, MTPDrafter(heads, 64, p_min), n_mtp)
     assert out.tokens == plain(model)
-    assert out.stats.n_passes < N_GEN or out.stats.n_accepted == 0
-    assert len(out.stats.drafted_by_position) == n_mtp
+    assert out.stats.n_drafted > 0
+    if p_min == 0.0:
+        assert len(out.stats.drafted_by_position) == n_mtp
+    else:  # some proposals fall below the threshold (random heads are unsure)
+        assert out.stats.n_drafted < n_mtp * out.stats.n_passes
+
+
+def test_heads_that_reproduce_the_target_are_always_accepted():
+    """A target whose attention adds nothing (each token's logits depend on that token alone),
+    with heads that recompute it: each head's block is the target's layer and reads only the
+    token's embedding. Every proposal of the chain is then the target's own token, which checks
+    that each head reads the right token and the right previous head's rows, pass after pass."""
+    cfg = ModelConfig(n_layer=1, n_embd=32, n_head=4, n_kv_head=2, n_ff=64, n_vocab=37)
+    model = random_model(cfg, 0)
+    E = cfg.n_embd
+    heads = MTPHeads(model, 3)
+    with torch.no_grad():
+        model.blocks[0].attn.wo.weight.zero_()
+        e = model.tok_embd.weight
+        e.copy_(e / e.pow(2).mean(-1, keepdim=True).sqrt())  # unit RMS: the head's norm keeps it
+        for head in heads.heads:
+            head.block.load_state_dict(model.blocks[0].state_dict())
+            head.proj.weight.copy_(torch.cat((torch.zeros(E, E), torch.eye(E)), dim=1))
+            head.embd_norm.eps = 0.0
+            head.out_norm.weight.copy_(model.norm.weight)
+    out = with_drafter(model, MTPDrafter(heads.eval(), 64), 3)
+    assert out.tokens == plain(model)
+    assert out.stats.acceptance_by_position == [1.0] * 3
+    assert out.stats.n_passes <= N_GEN // 4 + 1
+
+
+def test_cached_proposals_equal_the_teacher_forced_chain():
+    """What decoding proposes with the heads' KV cache is what training computes over the whole
+    sequence (MTPHeads.chain): the same rows, the same attention, the same positions."""
+    model = random_model(TARGET, 0)
+    heads = random_heads(model, 3, 1)
+    seq = PROMPT + [4, 8, 15, 16, 23, 4, 2]
+    with torch.inference_mode():
+        _, hidden = model(torch.tensor([seq]))
+        outs = heads.chain(hidden, torch.tensor([seq]))
+        ctx = heads.new_context(64)
+        # Committed in irregular steps, as passes accept different numbers of proposals.
+        ctx.start(0, hidden[0, :len(PROMPT) - 1])
+        for n in (len(PROMPT), len(PROMPT) + 1, len(PROMPT) + 4, len(seq)):
+            ctx.add_hidden(ctx.n_hidden, hidden[0, ctx.n_hidden:n - 1])
+            first = ctx.propose(seq[:n], 1)
+            # Head 1's proposal after seq[:n] is its teacher-forced row at position n - 2.
+            expected = int(heads.logits(outs[0][0, n - 2], 0).argmax())
+            assert first == [expected]
+        drafts = ctx.propose(seq, 3)
+    # Deeper heads read the proposals before them; teacher-forced, they read seq. Where the
+    # proposals happen to be wrong the rows differ, so compare the first head's only, and the
+    # chain's length.
+    assert len(drafts) == 3 and drafts[0] == int(heads.logits(outs[0][0, len(seq) - 2], 0).argmax())
 
 
 def test_lookup_replaying_text_it_has_seen_reproduces_plain_greedy():
@@ -115,8 +172,13 @@ def test_mtp_heads_round_trip_through_safetensors(tmp_path):
     assert torch.equal(loaded.vocab, vocab)
     for (name, a), (_, b) in zip(heads.heads.state_dict().items(), loaded.heads.state_dict().items()):
         assert torch.equal(a, b), name
-    hidden = torch.randn(TARGET.n_embd)
-    assert loaded.propose(hidden, 5) == heads.propose(hidden, 5)
+    hidden = torch.randn(5, TARGET.n_embd)
+    proposals = []
+    for h in (heads, loaded):
+        ctx = h.new_context(16)
+        ctx.start(0, hidden)
+        proposals.append(ctx.propose([1, 2, 3, 4, 5, 6], 2))
+    assert proposals[0] == proposals[1] and len(proposals[0]) == 2
     assert read_provenance(base_path)["training"]["loss_by_epoch"] == [1.0]
     assert load_heads(model, base_path, n_mtp=1).n_mtp == 1
     with pytest.raises(MTPError, match="holds 2"):
@@ -166,16 +228,37 @@ def test_sampled_speculation_first_token_follows_the_target():
     assert (counts / n - p).abs().max() < 0.045
 
 
-def test_training_rows_pair_each_hidden_state_with_the_tokens_after_it():
-    from worker.engines.torch.mtp_train import choose_vocab, training_rows
+def test_training_rows_start_where_decoding_first_proposes():
+    from worker.engines.torch.mtp_train import Continuation, choose_vocab, collate
 
-    tokens = torch.arange(20).view(2, 10)  # (B, L): token value = position (+10 in row 2)
-    hidden = tokens[..., None].float().repeat(1, 1, 4)  # (B, L, E): hidden row i holds i
-    h, y = training_rows(tokens, hidden, n_prompt=3, n_mtp=2)
-    # Rows start at the last prompt position (2) and stop where x[i + 3] still exists.
-    assert h[:, 0].tolist() == [2, 3, 4, 5, 6, 12, 13, 14, 15, 16]
-    # Head k (1-based) at position i reads x[i + k] and learns x[i + k + 1].
-    assert y[0].tolist() == [3, 4, 5] and y[-1].tolist() == [17, 18, 19]
-    vocab = choose_vocab(y, [0, 0, 0], n_vocab=50, n_head_vocab=8)
+    # Two sequences of 10 and 7 tokens with prompts of 3 and 4: token value = position + 100 * b.
+    seqs = [Continuation(torch.arange(10) + 100 * b, torch.zeros(9 - 3 * b, 4), n_prompt)
+            for b, n_prompt in ((0, 3), (1, 4))]
+    seqs[1].tokens = seqs[1].tokens[:7]
+    tokens, hidden, rows = collate(seqs, n_mtp=2)
+    assert tokens.shape == (2, 10) and hidden.shape == (2, 10, 4)
+    # Head k (0-based) at row i reads token i + k + 1 and learns i + k + 2: rows from the
+    # prompt's last position while the target is a generated token.
+    b, i = rows[0]
+    assert list(zip(b.tolist(), i.tolist())) == [(0, p) for p in range(2, 8)] + [(1, p) for p in range(3, 5)]
+    b, i = rows[1]
+    assert list(zip(b.tolist(), i.tolist())) == [(0, p) for p in range(2, 7)] + [(1, 3)]
+    assert tokens[b, i + 3].tolist() == [5, 6, 7, 8, 9, 106]
+    vocab = choose_vocab(tokens, [0, 0, 0], n_vocab=500, n_head_vocab=8)
     assert len(vocab) == 8 and 0 in vocab.tolist()  # the most frequent token is kept
-    assert choose_vocab(y, [], n_vocab=50, n_head_vocab=0) is None
+    assert choose_vocab(tokens, [], n_vocab=50, n_head_vocab=0) is None
+
+
+def test_left_padded_batch_decodes_like_each_sequence_alone():
+    """generate_batch pads prompts of unequal length on the left and masks the padding: each
+    row's greedy continuation and hidden states are those of the sequence decoded alone."""
+    from worker.engines.torch.mtp_train import generate_batch
+
+    model = random_model(TARGET, 0)
+    prompts = [PROMPT, PROMPT[2:], [7]]
+    batch = generate_batch(model, prompts, 6)
+    for p, got in zip(prompts, batch):
+        alone = generate_batch(model, [p], 6)[0]
+        assert got.tokens.tolist() == alone.tokens.tolist()
+        assert got.n_prompt == len(p) and got.hidden.shape == (len(p) + 5, TARGET.n_embd)
+        torch.testing.assert_close(got.hidden, alone.hidden, rtol=1e-4, atol=1e-4)

@@ -16,7 +16,7 @@ from worker.contract import EngineConfig
 from worker.engines.base import EngineError
 from worker.engines.torch.gguf_loader import GGUFError, GGUFVocab, load_model
 from worker.engines.torch.kv_cache import KVCache
-from worker.engines.torch.model import Transformer
+from worker.engines.torch.model import Transformer, pack_linears
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,6 +44,9 @@ class TorchBackend:
             torch.set_num_threads(config.n_threads)
         try:
             self._model = load_model(Path(path), self.dtype, self.device)
+            # oneDNN's prepacked weights: a pass over a few tokens (speculative verification)
+            # costs about what one token does, as it would in llama.cpp (model.Linear).
+            pack_linears(self._model)
             self._vocab = GGUFVocab(Path(path))
         except (GGUFError, OSError, ValueError) as e:
             self.close()

@@ -52,6 +52,78 @@ class ModelConfig:
             raise ValueError(f"n_expert_used {self.n_expert_used} must be in 1..n_expert ({self.n_expert})")
 
 
+# --- Matrix products on the CPU ------------------------------------------------------------
+# Through MKL, an F32 product of a few rows (2-4: a speculative verification pass) costs 2-3
+# times one row on a CPU, because the weight is repacked on every call; a pass verifying k
+# proposals would then cost nearly k decode steps and no speculation could pay. oneDNN's
+# prepacked weight is streamed once for a few rows as for one (and each output element is the
+# same whatever the number of rows). `pack_linears` prepacks a model's matrices, Q, K and V
+# as one and gate and up as one (fewer, larger calls: oneDNN's call costs more than MKL's).
+# One row of a small matrix still goes to MKL's matrix-vector product, which is faster there;
+# the output matrix, the largest, always to oneDNN, which is faster there for one row too.
+
+
+def _prepack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 4)
+
+
+def _packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    n_rows = x.numel() // x.shape[-1]
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(n_rows, x.shape[-1]), packed, None, "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _several_rows(x: torch.Tensor) -> bool:
+    return x.numel() > x.shape[-1] and not torch.is_grad_enabled()
+
+
+class Linear(nn.Linear):
+    """nn.Linear (no bias) that multiplies with a prepacked weight once `pack`ed (see above)."""
+
+    # Matrices at least this large always take the prepacked path (the output matrix).
+    PACKED_ALWAYS_NUMEL = 4 * 1024 * 1024
+
+    packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        """Prepack the weight for oneDNN (a copy: the weight itself stays, for the embedding it
+        may be tied to and for state_dict); pack again after the weight changes."""
+        self.packed = _prepack(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and not torch.is_grad_enabled() and (
+                x.numel() > x.shape[-1] or self.weight.numel() >= self.PACKED_ALWAYS_NUMEL):
+            return _packed_product(x, self.packed)
+        return F.linear(x, self.weight)
+
+
+def pack_linears(module: nn.Module) -> int:
+    """Prepack module's matrices for oneDNN when it runs in float32 on the CPU and this torch has
+    oneDNN; returns how many products were packed (0: the plain path is used throughout)."""
+    linears = [m for m in module.modules() if isinstance(m, Linear)]
+    if not linears or not torch.backends.mkldnn.is_available():
+        return 0
+    w = linears[0].weight
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        return 0
+    fused: set[int] = set()
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.qkv_packed = _prepack(torch.cat((m.wq.weight, m.wk.weight, m.wv.weight)))
+            fused |= {id(m.wq), id(m.wk), id(m.wv)}
+            n += 1
+        elif isinstance(m, FeedForward):
+            m.gate_up_packed = _prepack(torch.cat((m.w_gate.weight, m.w_up.weight)))
+            fused |= {id(m.w_gate), id(m.w_up)}
+            n += 1
+    for lin in linears:
+        if id(lin) not in fused:
+            lin.pack()
+            n += 1
+    return n
+
+
 class RMSNorm(nn.Module):
     def __init__(self, n_embd: int, eps: float) -> None:
         super().__init__()
@@ -97,10 +169,11 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.wq = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.wq = Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
+        self.wk = Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.wv = Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.wo = Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.qkv_packed: torch.Tensor | None = None  # pack_linears
 
     def forward(
         self,
@@ -110,21 +183,31 @@ class Attention(nn.Module):
         start_pos: int,
         cache: KVCache | None,
         layer: int,
+        key_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_head, self.head_dim), cos, sin)  # (B, T, H, D)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin)  # (B, T, H_kv, D)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, H_kv, D)
+        if self.qkv_packed is not None and _several_rows(x):
+            H, H_kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+            q, k, v = _packed_product(x, self.qkv_packed).split((H, H_kv, H_kv), dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = apply_rope(q.view(B, T, self.n_head, self.head_dim), cos, sin)  # (B, T, H, D)
+        k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)  # (B, T, H_kv, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, H_kv, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H*, T, D)
         if cache is not None:
             k, v = cache.write(layer, start_pos, k, v)  # (B, H_kv, S, D)
-        if T == 1:
+        if T == 1 and key_valid is None:
             mask = None  # one new token sees every position written so far
         else:
             S = k.shape[2]
             q_pos = torch.arange(S - T, S, device=x.device)[:, None]
             k_pos = torch.arange(S, device=x.device)[None, :]
             mask = k_pos <= q_pos  # (T, S): causal, offset by the cached positions
+            if key_valid is not None:
+                # Padding is hidden from every query; a padding query still sees itself, since
+                # a row with nothing to attend to is NaN and NaN would leak through the values.
+                mask = mask & key_valid[:, None, None, :S] | (k_pos == q_pos)  # (B, 1, T, S)
         # enable_gqa maps query head h to kv head h // (H / H_kv), as llama.cpp does.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
@@ -135,11 +218,15 @@ class FeedForward(nn.Module):
 
     def __init__(self, n_embd: int, n_ff: int) -> None:
         super().__init__()
-        self.w_gate = nn.Linear(n_embd, n_ff, bias=False)
-        self.w_up = nn.Linear(n_embd, n_ff, bias=False)
-        self.w_down = nn.Linear(n_ff, n_embd, bias=False)
+        self.w_gate = Linear(n_embd, n_ff, bias=False)
+        self.w_up = Linear(n_embd, n_ff, bias=False)
+        self.w_down = Linear(n_ff, n_embd, bias=False)
+        self.gate_up_packed: torch.Tensor | None = None  # pack_linears
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_packed is not None and _several_rows(x):
+            gate, up = _packed_product(x, self.gate_up_packed).chunk(2, dim=-1)
+            return self.w_down(F.silu(gate) * up)
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -158,7 +245,7 @@ class MoE(nn.Module):
     def __init__(self, n_embd: int, n_ff: int, n_expert: int, n_expert_used: int) -> None:
         super().__init__()
         self.n_expert, self.n_expert_used = n_expert, n_expert_used
-        self.router = nn.Linear(n_embd, n_expert, bias=False)
+        self.router = Linear(n_embd, n_expert, bias=False)
         # Stacked like GGUF's ffn_*_exps tensors, so loading is one copy per tensor.
         self.w_gate = nn.Parameter(torch.empty(n_expert, n_ff, n_embd))  # (X, F, E)
         self.w_up = nn.Parameter(torch.empty(n_expert, n_ff, n_embd))  # (X, F, E)
@@ -202,8 +289,9 @@ class Block(nn.Module):
             else FeedForward(config.n_embd, config.n_ff)
         )
 
-    def forward(self, x, cos, sin, start_pos: int, cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, cache, layer)
+    def forward(self, x, cos, sin, start_pos: int, cache: KVCache | None, layer: int,
+                key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, cache, layer, key_valid)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -214,7 +302,7 @@ class Transformer(nn.Module):
         self.tok_embd = nn.Embedding(config.n_vocab, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.output = nn.Linear(config.n_embd, config.n_vocab, bias=False)
+        self.output = Linear(config.n_embd, config.n_vocab, bias=False)
         if tied_output:
             self.output.weight = self.tok_embd.weight
         # A plain attribute, not a buffer: Module.to(dtype) would cast a buffer to bf16 and
@@ -243,6 +331,7 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         cache: KVCache | None = None,
         all_logits: bool = True,
+        key_valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run tokens (B, T) placed at positions [start_pos, start_pos + T).
 
@@ -251,6 +340,9 @@ class Transformer(nn.Module):
         Returns (logits, hidden): logits (B, T, V), or (B, 1, V) for the last position only
         when all_logits is False (prefill has no use for the others); hidden (B, T, E) is the
         final normalised hidden state of every position.
+
+        key_valid (B, S), for batches of unequal sequences (left-padded): False at padding
+        positions, which no query attends to; S covers every position attended to so far.
         """
         if cache is None and start_pos != 0:
             raise ValueError("without a KV cache the tokens must start at position 0")
@@ -258,7 +350,7 @@ class Transformer(nn.Module):
         cos, sin = self._rope_tables(start_pos, T)
         x = self.tok_embd(tokens)  # (B, T, E)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, start_pos, cache, layer)
+            x = block(x, cos, sin, start_pos, cache, layer, key_valid)
         hidden = self.norm(x)  # (B, T, E)
         logits = self.output(hidden if all_logits else hidden[:, -1:])  # (B, T or 1, V)
         return logits, hidden

@@ -84,22 +84,37 @@ class SpecStats:
 
 
 class Drafter(Protocol):
+    def start(self, seq: list[int], hidden: torch.Tensor | None) -> None:
+        """A new sequence: seq[:-1] is in the target's cache; hidden (len(seq) - 1, E) their
+        final hidden states from the prefill, when the caller kept them."""
+
     def propose(self, seq: list[int], hidden: torch.Tensor | None, n: int,
                 temperature: float) -> tuple[list[int], torch.Tensor | None]:
         """Up to n tokens to follow seq, and their draft distributions (n, V) when sampled
-        from one (None: the proposals are deterministic, q is one-hot)."""
+        from one (None: the proposals are deterministic, q is one-hot). hidden (T, E): the
+        target's hidden states of the T positions committed by the last pass (None before
+        the first), seq[-T - 1:-1]."""
 
 
 class MTPDrafter:
-    """Proposals from MTP heads, chained on the target's last hidden state."""
+    """Proposals from MTP heads, chained on the target's hidden states, with a context of their
+    own (mtp.MTPContext) that follows the committed sequence."""
 
-    def __init__(self, heads: MTPHeads) -> None:
-        self.heads = heads
+    def __init__(self, heads: MTPHeads, n_ctx: int, p_min: float = 0.0) -> None:
+        self.heads, self.p_min = heads, p_min
+        self.context = heads.new_context(n_ctx)
+
+    def start(self, seq, hidden):
+        # Without the prompt's hidden states the heads' context begins at the pending token.
+        n = 0 if hidden is None else hidden.shape[0]
+        self.context.start(len(seq) - 1 - n, hidden)
 
     def propose(self, seq, hidden, n, temperature):
-        if hidden is None or n < 1:
+        if hidden is not None:
+            self.context.add_hidden(len(seq) - 1 - hidden.shape[0], hidden)
+        if n < 1 or self.context.n_hidden == 0:
             return [], None
-        return self.heads.propose(hidden, seq[-1], n), None
+        return self.context.propose(seq, n, self.p_min), None
 
 
 class LookupDrafter:
@@ -107,6 +122,9 @@ class LookupDrafter:
 
     def __init__(self, ngram_max: int, n_draft: int, ngram_min: int = 1) -> None:
         self.ngram_max, self.ngram_min, self.n_draft = ngram_max, ngram_min, n_draft
+
+    def start(self, seq, hidden):
+        pass
 
     def propose(self, seq, hidden, n, temperature):
         n = min(n, self.n_draft)
@@ -134,6 +152,9 @@ class ModelDrafter:
 
     def reset(self) -> None:
         self.in_cache = []
+
+    def start(self, seq, hidden):
+        self.reset()
 
     @torch.inference_mode()
     def propose(self, seq, hidden, n, temperature):
@@ -206,20 +227,24 @@ class Generation:
 @torch.inference_mode()
 def generate(model: Transformer, cache: KVCache, seq: list[int], n_gen: int,
              drafter: Drafter | None = None, n_draft: int = 0, temperature: float = 0.0,
-             generator: torch.Generator | None = None) -> Generation:
+             generator: torch.Generator | None = None, prompt_hidden: torch.Tensor | None = None) -> Generation:
     """n_gen tokens after seq. seq[:-1] must already be in the cache at positions
-    [0, len(seq) - 1); seq[-1] is the pending token the first pass runs."""
+    [0, len(seq) - 1); seq[-1] is the pending token the first pass runs. prompt_hidden
+    (len(seq) - 1, E): the prefill's hidden states of seq[:-1], for drafters that read them."""
     device = model.tok_embd.weight.device
     seq = list(seq)
     pos = len(seq) - 1
     stats = SpecStats()
     produced: list[int] = []
     hidden: torch.Tensor | None = None
+    if drafter is not None:
+        drafter.start(seq, prompt_hidden)
     while len(produced) < n_gen:
         # Never draft past n_gen: the target's own token always comes on top.
         n_max = min(n_draft, n_gen - len(produced) - 1) if drafter is not None else 0
         t0 = time.perf_counter_ns()
-        drafts, q = drafter.propose(seq, hidden, n_max, temperature) if n_max > 0 else ([], None)
+        # Called even for n_max = 0: a drafter with a context of its own must see every pass.
+        drafts, q = drafter.propose(seq, hidden, n_max, temperature) if drafter is not None else ([], None)
         synchronize(device)
         t1 = time.perf_counter_ns()
         ids = torch.tensor([[seq[-1], *drafts]], device=device)  # (1, 1 + k)
@@ -244,5 +269,5 @@ def generate(model: Transformer, cache: KVCache, seq: list[int], n_gen: int,
         seq.extend(new)
         produced.extend(new)
         pos += 1 + n_acc
-        hidden = h[0, n_acc]  # (E,): the position whose next token is nxt
+        hidden = h[0, :n_acc + 1]  # (1 + n_acc, E): the positions this pass committed
     return Generation(tokens=produced[:n_gen], stats=stats)

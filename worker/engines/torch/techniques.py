@@ -75,7 +75,7 @@ def measure_technique(backend: TorchBackend, job: Job, model_path: Path, model_s
     draft: TorchBackend | None = None
     if job.technique == "mtp":
         try:
-            drafter = MTPDrafter(load_heads(model, model_path, job.n_mtp, base_sha256=model_sha256))
+            drafter = MTPDrafter(load_heads(model, model_path, job.n_mtp, base_sha256=model_sha256), n_ctx, job.p_min)
         except MTPError as exc:
             raise EngineError(str(exc)) from exc
     elif job.technique == "lookup":
@@ -87,18 +87,21 @@ def measure_technique(backend: TorchBackend, job: Job, model_path: Path, model_s
         raise EngineError(f"technique {job.technique!r} is not one the torch engine runs as speculation")
 
     def run(seq: list[int], with_drafter: bool, seed: int) -> tuple[int, list[int], SpecStats]:
+        prompt_hidden = None
         with torch.inference_mode():
             if len(seq) > 1:
-                model(torch.tensor([seq[:-1]], device=device), 0, cache, all_logits=False)
+                # The prefill is untimed for both; its hidden states are the MTP heads' context,
+                # which the heads themselves read inside the timed decode.
+                _, h = model(torch.tensor([seq[:-1]], device=device), 0, cache, all_logits=False)
+                prompt_hidden = h[0]  # (P - 1, E)
         g = torch.Generator(device=device).manual_seed(seed)
         d = drafter if with_drafter else None
         if isinstance(d, ModelDrafter):
-            d.reset()
             d.generator = g
         synchronize(device)
         t0 = time.perf_counter_ns()
         out = generate(model, cache, seq, job.n_gen, drafter=d, n_draft=n_draft if d else 0,
-                       temperature=job.temperature, generator=g)
+                       temperature=job.temperature, generator=g, prompt_hidden=prompt_hidden)
         synchronize(device)
         return time.perf_counter_ns() - t0, out.tokens, out.stats
 
