@@ -202,7 +202,8 @@ def _local_source(ref: str, models_dir: Path | None) -> Path | None:
 
 
 def technique_options(spec: SweepSpec, technique: str, drafts: list[tuple[str, str | None, str]]) -> list[dict]:
-    """The Job fields each technique varies over: spec by draft x n_draft x p_min, lookup by ngram_max x n_draft."""
+    """The Job fields each technique varies over: spec by draft x n_draft x p_min, mtp by n_mtp x p_min,
+    lookup by ngram_max x n_draft."""
     if technique == "spec":
         return [dict(draft_model=ref, draft_sha256=sha, draft_quant=quant, n_draft=n, p_min=p, temperature=t)
                 for ref, sha, quant in drafts for n in spec.n_draft for p in spec.p_min for t in spec.temperature]
@@ -210,7 +211,7 @@ def technique_options(spec: SweepSpec, technique: str, drafts: list[tuple[str, s
         return [dict(ngram_max=g, n_draft=n, temperature=t)
                 for g in spec.ngram_max for n in spec.n_draft for t in spec.temperature]
     if technique == "mtp":
-        return [dict(n_mtp=n, temperature=t) for n in spec.n_mtp for t in spec.temperature]
+        return [dict(n_mtp=n, p_min=p, temperature=t) for n in spec.n_mtp for p in spec.p_min for t in spec.temperature]
     return [{}]
 
 

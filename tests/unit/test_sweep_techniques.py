@@ -46,3 +46,10 @@ def test_job_refuses_techniques_without_their_options():
     with pytest.raises(ValidationError, match="ngram_max"):
         Job(**common, technique="lookup", engine="torch", n_draft=2)
     assert Job(**common, technique="mtp", engine="torch", n_mtp=2).n_mtp == 2
+
+
+def test_mtp_jobs_vary_over_the_confidence_threshold_and_lookup_does_not():
+    jobs = expand(spec(engines=["torch"], techniques=["mtp", "lookup"], n_mtp=[1], p_min=[0.0, 0.3],
+                       n_draft=[3], ngram_max=[3]))
+    assert sorted(j.p_min for j in jobs if j.technique == "mtp") == [0.0, 0.3]
+    assert [j.p_min for j in jobs if j.technique == "lookup"] == [0.0]
