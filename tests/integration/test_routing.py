@@ -16,7 +16,8 @@ import redis
 from sqlalchemy import create_engine, func, select
 
 from orchestrator.db import JobRow, ResultRow, SweepRow, WorkerRow, session_scope
-from tests.integration.conftest import service_env, tokenfarm, wait_until, worker_process
+from tests.integration.conftest import MODELS_DIR, service_env, tokenfarm, wait_until, worker_process
+from worker.models import fetch
 
 pytestmark = pytest.mark.integration
 
@@ -96,13 +97,14 @@ def test_a_job_too_big_for_every_worker_is_refused_at_submit_and_nothing_is_reco
 
 def test_routing_puts_each_job_on_a_worker_of_its_class(tmp_path, pg_url, redis_url, smollm2):
     env = farm_env(tmp_path, pg_url, redis_url)
-    # pp16 at depth 0 fits the 1 GB class; at depth 16384 its KV cache and attention scores need the 2 GB one.
-    sweep = sweep_file(tmp_path, "classes", "models: [smollm2-135m]\nn_prompt: [16]\nn_gen: []\n"
-                       "n_depth: [0, 16384]\nrepetitions: 1\nn_warmup: 0\n")
+    fetch("gemma3-270m", MODELS_DIR)
+    # SmolLM2 fits the 1 GB class; Gemma 3 270M, with its 262k-token vocabulary, needs the 2 GB one.
+    sweep = sweep_file(tmp_path, "classes", "models: [smollm2-135m, gemma3-270m]\nn_prompt: [16]\nn_gen: []\n"
+                       "repetitions: 1\nn_warmup: 0\n")
     with worker_process(capped(env, GIB), "tiny", tmp_path / "tiny.log"):
         ready(tmp_path / "tiny.log")
         refused = tokenfarm(env, "sweep", "submit", str(sweep))
-        assert refused.returncode != 0 and "@ d16384" in refused.stderr
+        assert refused.returncode != 0 and "gemma3-270m Q4_K_M pp16" in refused.stderr
         submitted = tokenfarm(env, "sweep", "submit", str(sweep), "--allow-unfit")
         assert submitted.returncode == 0, submitted.stderr
         # The small job runs on the small worker; the large one waits for a worker of its class.
@@ -120,8 +122,8 @@ def test_routing_puts_each_job_on_a_worker_of_its_class(tmp_path, pg_url, redis_
     with worker_process(capped(env, 4 * GIB), "roomy", tmp_path / "roomy.log"):
         waited = tokenfarm(env, "sweep", "wait", "classes", "--timeout", "300")
     assert waited.returncode == 0, waited.stdout + waited.stderr + (tmp_path / "roomy.log").read_text()[-3000:]
-    by_test = {r.test: r.worker for r in results(pg_url)}
-    assert by_test == {"pp16": "tiny", "pp16 @ d16384": "roomy"}
+    by_model = {r.model: r.worker for r in results(pg_url)}
+    assert by_model == {"smollm2-135m": "tiny", "gemma3-270m": "roomy"}
 
 
 def test_a_sweep_over_two_models_on_one_worker_loads_each_model_once(tmp_path, pg_url, redis_url, smollm2):
