@@ -178,6 +178,7 @@ def test_an_out_of_memory_job_fails_with_that_reason_and_the_worker_goes_on(tmp_
         assert proc.poll() is None, "the worker died"
     assert waited.returncode == 1, waited.stdout + waited.stderr
     by_test = {r.test: r for r in results(f"sqlite:///{tmp_path / 'data' / 'tokenfarm.sqlite3'}")}
+    assert set(by_test) == {"tg4 @ d8000000", "tg4"}, waited.stdout + waited.stderr
     oom = by_test["tg4 @ d8000000"]
     assert oom.status == "failed" and "out of memory" in oom.result["error"]
     assert by_test["tg4"].status == "ok"
