@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Only worker-side imports at the top: the simulated workers are spawned processes that import
 # this module, and a restart after a kill should cost what a worker's start costs.
 
-from worker.broker import JOBS_QUEUE, create_app, signed_body  # noqa: E402
-from worker.contract import Envelope, Hardware, Job, ModelFacts, Result, output_sha256, summarize  # noqa: E402
+from worker.broker import create_app, signed_body, worker_queues  # noqa: E402
+from worker.contract import Capabilities, Envelope, Hardware, Job, ModelFacts, Result, output_sha256, summarize  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -62,7 +62,9 @@ def simulate(broker_url: str, workers: dict[str, str], seed: int, heartbeat_s: f
     app = create_app(settings)
     rng = random.Random(seed)
     names = list(workers)
-    jobs_queue = Queue(JOBS_QUEUE, Exchange(JOBS_QUEUE), routing_key=JOBS_QUEUE)
+    # Every simulated worker is a 16 GiB CPU box running llama.cpp: it serves the queues of those classes.
+    caps = Capabilities(engines=["llamacpp"], offered_ram_bytes=16 << 30)
+    jobs_queues = [Queue(q, Exchange(q), routing_key=q) for q in worker_queues(caps)]
     with app.connection_for_write() as conn:
         producer = conn.Producer(serializer="json")
 
@@ -80,7 +82,7 @@ def simulate(broker_url: str, workers: dict[str, str], seed: int, heartbeat_s: f
         for name in names:
             publish(Envelope(kind="hello", worker=name))
         last_beat = last_restore = time.monotonic()
-        with conn.Consumer([jobs_queue], accept=["json"], callbacks=[on_job], prefetch_count=len(names)) as consumer:
+        with conn.Consumer(jobs_queues, accept=["json"], callbacks=[on_job], prefetch_count=len(names)) as consumer:
             while True:
                 now = time.monotonic()
                 if now - last_beat > heartbeat_s:

@@ -81,8 +81,14 @@ def sweep_submit(
     file: Path = typer.Argument(..., help="sweep YAML file"),
     wait: bool = typer.Option(False, "--wait", help="collect results until every job finished"),
     timeout: Optional[float] = typer.Option(None, help="with --wait: give up after this many seconds"),
+    allow_unfit: bool = typer.Option(False, "--allow-unfit",
+                                     help="queue jobs no registered worker can fit (they wait for one that can)"),
 ) -> None:
-    """Expand a sweep into jobs, record them, send them to the workers."""
+    """Expand a sweep into jobs, record them, send them to the workers.
+
+    Jobs no registered worker can fit (memory class, engine) are named and nothing is sent,
+    unless --allow-unfit. Before any worker has announced itself, every job is queued.
+    """
     from orchestrator import dispatch
     from orchestrator.checks import record_checks
     from orchestrator.db import session_scope
@@ -100,11 +106,13 @@ def sweep_submit(
         raise fail(f"{file}: {exc}")
     _ensure_schema(settings)
     engine = _engine(settings)
+    celery = create_app(settings)
+    if not allow_unfit:
+        _refuse_unfit(settings, engine, celery, jobs)
     plan = _plan_checks(settings, spec, jobs)
     with session_scope(engine) as session:
         sweep_id = dispatch.record(session, spec, plan.jobs)
         record_checks(session, plan, settings.crosscheck_tolerance)
-    celery = create_app(settings)
     dispatch.send(celery, plan.to_send)
     console.print(f"sweep [bold]{spec.name}[/] {sweep_id}: {len(jobs)} jobs queued"
                   + (f" (+{len(plan.canaries)} canaries, +{len(plan.crosschecks)} cross-checks)"
@@ -119,6 +127,40 @@ def _plan_checks(settings: Settings, spec, jobs):
     canary = spec.canary_fraction if spec.canary_fraction is not None else settings.canary_fraction
     cross = spec.crosscheck_fraction if spec.crosscheck_fraction is not None else settings.crosscheck_fraction
     return plan_checks(jobs, canary, cross, seed=jobs[0].sweep_id)
+
+
+def _refuse_unfit(settings: Settings, engine, celery, jobs) -> None:
+    """Exit naming the jobs no registered worker can fit; warn when no worker has announced itself."""
+    from sqlalchemy import select
+
+    from orchestrator import dispatch
+    from orchestrator.collector import Collector, collect
+    from orchestrator.db import WorkerRow, session_scope
+
+    with session_scope(engine) as session:
+        registered = session.scalars(select(WorkerRow.name).limit(1)).first() is not None
+    # Workers announce what they offer on the results queue; take in what waits there first, so
+    # a worker started a moment ago counts.
+    if registered:
+        deadline = time.monotonic() + 1.0
+        collect(celery, Collector(engine, app=celery, max_attempts=settings.max_attempts),
+                lambda: time.monotonic() > deadline)
+    with session_scope(engine) as session:
+        workers = dispatch.known_capabilities(session)
+    if not workers:
+        err.print("[yellow]warning:[/] no worker has announced what it offers yet; every job is queued and "
+                  "waits for a worker that fits it", highlight=False, soft_wrap=True)
+        return
+    unfit = dispatch.unfit_jobs(jobs, workers)
+    if not unfit:
+        return
+    for u in unfit[:20]:
+        err.print(f"  {u.describe()}", highlight=False, soft_wrap=True)
+    if len(unfit) > 20:
+        err.print(f"  ... and {len(unfit) - 20} more", highlight=False)
+    raise fail(f"{len(unfit)} of {len(jobs)} jobs fit no registered worker ({len(workers)} known); nothing was "
+               "recorded or sent. Lower the context or quant, add a worker that fits, or pass --allow-unfit "
+               "to queue them for one that joins later")
 
 
 def _open_sweep(settings: Settings, ref: str):
@@ -707,7 +749,7 @@ def demo(sweep: Path = typer.Option(Path("examples/demo.yaml"), help="the sweep 
     code = 0
     try:
         try:
-            sweep_submit(sweep, wait=True, timeout=timeout)
+            sweep_submit(sweep, wait=True, timeout=timeout, allow_unfit=False)
         except typer.Exit as exit_:
             code = exit_.exit_code
         leaderboard(None)

@@ -1,21 +1,77 @@
 """Jobs to the broker: record first, then send, so every message has a row to land on.
 
-Knows the Celery app and the database session it is handed; never measures anything.
+Each job goes to the queue of its engine and memory class (the Celery router in worker/broker.py),
+and a sweep is checked first against the workers that announced what they offer: a job no
+registered worker can fit is refused at submit instead of waiting forever. Knows the Celery app
+and the database session it is handed; never measures anything.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from celery import Celery
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from orchestrator import checks
 from orchestrator.collector import requeue_lost
-from orchestrator.db import JobRow, SweepRow, session_scope
+from orchestrator.db import JobRow, SweepRow, WorkerRow, session_scope
 from orchestrator.sweep import SweepSpec
-from worker.broker import JOBS_QUEUE, RUN_JOB_TASK, worker_queue
-from worker.contract import Job
+from worker.broker import RUN_JOB_TASK, worker_queue
+from worker.contract import Capabilities, Job
+from worker.memory import GIB, class_gb, fits, memory_kind, offered_bytes
+
+
+@dataclass
+class Unfit:
+    """A job no known worker serves, and the best any worker with its engine offers."""
+
+    job: Job
+    kind: str
+    largest_bytes: int
+    largest_worker: str
+
+    def describe(self) -> str:
+        j = self.job
+        memory = "VRAM" if self.kind == "vram" else "RAM"
+        need_class = class_gb(j.need_bytes)
+        if not self.largest_worker:
+            largest = f"no worker runs the {j.engine} engine"
+        elif not self.largest_bytes:
+            largest = f"no worker with {j.engine} has a GPU" if self.kind == "vram" else "no worker says how much RAM it has"
+        else:
+            largest = f"the largest worker with {j.engine}, {self.largest_worker}, offers {self.largest_bytes / GIB:.2f} GiB"
+        return (f"{j.model} {j.quant} {j.test} ({j.engine}{', ' + j.technique if j.technique != 'baseline' else ''}): "
+                f"needs {j.need_bytes / GIB:.2f} GiB of {memory} "
+                f"({f'{need_class} GB class' if need_class else 'above every class'}); {largest}")
+
+
+def known_capabilities(session: Session) -> dict[str, Capabilities]:
+    """Capabilities of every registered worker that has announced them (hello or heartbeat)."""
+    known = {}
+    for name, caps in session.execute(select(WorkerRow.name, WorkerRow.capabilities)
+                                      .where(WorkerRow.capabilities.is_not(None))):
+        try:
+            known[name] = Capabilities.model_validate(caps)
+        except ValidationError:
+            continue  # an older worker's announcement; it says nothing this check can use
+    return known
+
+
+def unfit_jobs(jobs: list[Job], workers: dict[str, Capabilities]) -> list[Unfit]:
+    """The jobs none of `workers` would take from their queues (worker/memory.py `fits`)."""
+    unfit = []
+    for job in jobs:
+        if any(fits(caps, job) for caps in workers.values()):
+            continue
+        kind = memory_kind(job)
+        offers = sorted((offered_bytes(caps, kind), name) for name, caps in workers.items() if job.engine in caps.engines)
+        largest_bytes, largest_worker = offers[-1] if offers else (0, "")
+        unfit.append(Unfit(job, kind, largest_bytes, largest_worker))
+    return unfit
 
 
 def record(session: Session, spec: SweepSpec, jobs: list[Job]) -> str:
@@ -30,12 +86,13 @@ def record(session: Session, spec: SweepSpec, jobs: list[Job]) -> str:
 
 
 def send(app: Celery, jobs: list[Job], countdown_s: float = 0.0) -> None:
-    # The job id doubles as the Celery task id, so broker logs and the database line up.
+    # The job id doubles as the Celery task id, so broker logs and the database line up; the
+    # app's router picks each job's queue.
     with app.producer_or_acquire() as producer:
         for job in jobs:
             # argsrepr: Celery would otherwise render the whole job for its logs, message by message.
             app.send_task(RUN_JOB_TASK, args=[job.model_dump(mode="json")], task_id=job.job_id,
-                          queue=JOBS_QUEUE, producer=producer, countdown=countdown_s or None,
+                          producer=producer, countdown=countdown_s or None,
                           argsrepr=f"[job {job.job_id}: {job.model} {job.quant} {job.test}]")
 
 

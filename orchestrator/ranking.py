@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Iterable
 
 from worker.contract import kind_of_test, Result
+from worker.memory import TIERS_GB
 
-TIERS_GB: tuple[int, ...] = (8, 12, 16, 24, 32, 48, 80)
 _GIB = 1 << 30
 # Room for the KV cache, compute buffers and the runtime beside the weights.
 _OVERHEAD_BYTES = 512 << 20

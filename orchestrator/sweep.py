@@ -2,7 +2,8 @@
 
 Pure: reads the file and GGUF headers, touches neither the broker nor the database. Jobs come
 out model-major (model, then quant, then engine settings), so a worker loads each model once
-and derived quantizations are made once per sweep.
+and derived quantizations are made once per sweep, each with the memory it needs estimated
+(worker/memory.py), which routes it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from worker.contract import PROMPT_CATEGORIES, QUANTS, EngineConfig, Engine, Job, Technique
 from worker.derive import parse_moe_name
+from worker.memory import job_need_bytes
 from worker.models import (CATALOGUE, ModelError, catalogue_path, check_gguf, read_facts, sha256_file, vocab_mismatch,
                            vocab_texts)
 
@@ -258,7 +260,11 @@ def expand(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("
                             n_warmup=spec.n_warmup, prompt_source=spec.prompt_source, seed=spec.seed, config=config,
                             prompt_category=category, n_prompts=spec.n_prompts if category else 0, **options,
                         ))
-    return jobs
+    facts_cache: dict = {}
+    try:
+        return [j.model_copy(update={"need_bytes": job_need_bytes(j, models_dir, facts_cache)}) for j in jobs]
+    except ModelError as exc:
+        raise SweepError(f"cannot estimate the memory of a job: {exc}") from exc
 
 
 def _check_pairs(target: str, drafts: list[tuple[str, str | None, str]], models_dir: Path | None) -> None:

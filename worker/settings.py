@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     canary_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     crosscheck_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     crosscheck_tolerance: float = Field(default=0.25, gt=0.0)
+    # Memory a worker offers jobs (0: all the box has); jobs are routed to workers by what they
+    # offer, so an owner sharing the box can keep some for themselves.
+    max_ram_bytes: int = Field(default=0, ge=0)
+    max_vram_bytes: int = Field(default=0, ge=0)
     # Where derived models (quantizations) and fetched catalogue models are cached.
     models_dir: Path | None = None
 

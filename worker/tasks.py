@@ -2,6 +2,7 @@
 
 Thin on purpose: parse, resolve the model file, load the engine, call the measurement core,
 send the Result. Any failure becomes a failed Result with its reason, and the worker goes on.
+The loaded model is kept for the next job when that job runs the same file the same way.
 """
 
 from __future__ import annotations
@@ -21,23 +22,13 @@ from worker import __version__, hardware
 from worker.broker import RUN_JOB_TASK, publish_envelope
 from worker.contract import (TECHNIQUE_FIELDS, Capabilities, Conditions, Envelope, Job, Result, output_sha256,
                              sample_stats, summarize, tok_s, utc_now)
-from worker.engines import EngineError, create_backend
+from worker.engines import Backend, EngineError, create_backend
 from worker.measure import Measurement, decode_context, measure, roofline_tok_s
+from worker.memory import context_size
 from worker.models import CATALOGUE, ModelError, held_models, read_facts, resolve, sha256_file
 from worker.settings import Settings
 
 log = logging.getLogger("tokenfarm.worker")
-
-
-def context_size(job: Job) -> int:
-    need = job.n_depth + (job.n_prompt + job.n_gen if job.kind == "pg" else max(job.n_prompt, job.n_gen)) + 16
-    if job.prompt_category:
-        from worker.speculative import load_prompts
-
-        # A token is at least one byte of text; 256 more for the chat template's markers.
-        longest = max(len(t.encode("utf-8")) for t in load_prompts(job.prompt_category, job.n_prompts))
-        need = longest + 256 + job.n_gen + job.n_draft + 16
-    return ((need + 255) // 256) * 256
 
 
 def draft_file(job: Job, models_dir: Path) -> Path:
@@ -71,19 +62,55 @@ def measure_over_prompts(job: Job, target, settings: Settings) -> tuple[object, 
     return m, extra
 
 
-def execute(job: Job, settings: Settings) -> Result:
-    """Run one job to a Result; never raises for a problem with the job itself."""
+class LoadedModel:
+    """The model a worker keeps loaded between jobs (model affinity).
+
+    Kept while consecutive jobs run the same file (by sha256) on the same engine with the same
+    engine settings and no larger a context; anything else closes it before loading, so two
+    models never share the memory a job was routed by. A failed job drops it: after a corrupt
+    file or an out-of-memory error the engine's state is not to be trusted.
+    """
+
+    def __init__(self) -> None:
+        self.backend: Backend | None = None
+        self._key: tuple | None = None
+        self._n_ctx = 0
+
+    def acquire(self, engine: str, path: Path, model_sha256: str, config, n_ctx: int) -> tuple[Backend, int, bool]:
+        """(backend, load_ns, reused): load_ns is the time this job spent loading, 0 when reused."""
+        key = (engine, str(path), model_sha256, config)
+        if self.backend is not None and key == self._key and n_ctx <= self._n_ctx:
+            return self.backend, 0, True
+        self.drop()
+        backend = create_backend(engine)
+        t0 = time.perf_counter_ns()
+        backend.load(path, config, n_ctx)
+        load_ns = time.perf_counter_ns() - t0
+        self.backend, self._key, self._n_ctx = backend, key, n_ctx
+        return backend, load_ns, False
+
+    def drop(self) -> None:
+        backend, self.backend, self._key, self._n_ctx = self.backend, None, None, 0
+        if backend is not None:
+            backend.close()
+
+
+def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None) -> Result:
+    """Run one job to a Result; never raises for a problem with the job itself.
+
+    With `loaded`, the model stays loaded for the caller's next job; without, it is closed.
+    """
     worker = settings.worker_name
     started = utc_now()
     base_versions = {"tokenfarm": __version__, "python": platform.python_version()}
+    keep = loaded is not None
+    loaded = loaded if keep else LoadedModel()
+    hardware.reset_peak_rss()  # a kept model stays resident and is counted in this job's peak
     try:
         path, source_sha = resolve(job.model, job.quant, settings.effective_models_dir, job.model_sha256)
         facts = read_facts(path)
         model_sha = sha256_file(path)
-        backend = create_backend(job.engine)
-        t0 = time.perf_counter_ns()
-        backend.load(path, job.config, context_size(job))
-        load_ns = time.perf_counter_ns() - t0
+        backend, load_ns, reused = loaded.acquire(job.engine, path, model_sha, job.config, context_size(job))
         extra: dict = {}
         try:
             energy_before_mj = hardware.gpu_energy_mj()
@@ -100,16 +127,19 @@ def execute(job: Job, settings: Settings) -> Result:
             versions = {**base_versions, **backend.versions(), **hardware.library_versions()}
             conditions = Conditions(
                 **backend.conditions(), peak_rss_bytes=hardware.peak_rss_bytes(),
-                peak_vram_bytes=hardware.gpu_used_bytes(),
+                peak_vram_bytes=hardware.gpu_used_bytes(), model_reused=reused,
                 energy_per_token_j=energy_per_token_j(job, energy_before_mj, energy_after_mj),
             )
         finally:
-            backend.close()
+            if not keep:
+                loaded.drop()
     except (ModelError, EngineError) as exc:
+        loaded.drop()
         return Result.failed(job, worker, str(exc), hardware=hardware.summary(), versions=base_versions,
                              started_at=started, transient=getattr(exc, "transient", False))
     except Exception as exc:  # an engine bug must not take the worker down with it
         log.exception("job %s failed", job.job_id)
+        loaded.drop()
         return Result.failed(job, worker, f"{type(exc).__name__}: {exc}", hardware=hardware.summary(),
                              versions=base_versions, started_at=started)
     fields = {**{f: getattr(job, f) for f in TECHNIQUE_FIELDS}, **extra}
@@ -151,11 +181,21 @@ def decode_figures(job: Job, m: Measurement, facts, hw, avg_ts: float) -> dict:
             "roofline_pct": 100 * decode_ts / ceiling if ceiling else 0.0}
 
 
-def capabilities(settings: Settings, queues: list[str]) -> Capabilities:
+def capabilities(settings: Settings) -> Capabilities:
+    """What this worker announces, the queues it will consume among it."""
+    from worker.broker import JOBS_QUEUE, worker_queue, worker_queues
+
     engines = [name for name, module in (("llamacpp", "llama_cpp"), ("torch", "torch"))
                if importlib.util.find_spec(module) is not None]
-    return Capabilities(engines=engines, hardware=hardware.summary(), models=held_models(settings.effective_models_dir),
-                        queues=queues, version=__version__)
+    hw = hardware.summary()
+    caps = Capabilities(engines=engines, hardware=hw, models=held_models(settings.effective_models_dir),
+                        version=__version__,
+                        offered_ram_bytes=min(hw.ram_bytes, settings.max_ram_bytes or hw.ram_bytes),
+                        offered_vram_bytes=min(hw.vram_bytes, settings.max_vram_bytes or hw.vram_bytes))
+    # Its own queue first: a job sent to this worker alone (a cross-check) is not kept waiting.
+    queues = [worker_queue(settings.worker_name),
+              *([JOBS_QUEUE] if settings.broker_is_embedded else worker_queues(caps))]
+    return caps.model_copy(update={"queues": queues})
 
 
 class Heartbeat(threading.Thread):
@@ -179,6 +219,8 @@ class Heartbeat(threading.Thread):
 
 
 def register(app: Celery, settings: Settings) -> None:
+    loaded = LoadedModel()  # one per worker process: the solo pool runs one job at a time
+
     @app.task(name=RUN_JOB_TASK, bind=True)
     def run_job(self, job_json: dict) -> None:
         try:
@@ -191,9 +233,10 @@ def register(app: Celery, settings: Settings) -> None:
                          settings.worker_token)
         log.info("job %s: %s %s %s", job.job_id, job.model, job.quant, job.test)
         try:
-            result = execute(job, settings)
+            result = execute(job, settings, loaded)
         except Exception as exc:  # a bug in building the Result must still end the job, not hang it
             log.exception("job %s: no result could be built", job.job_id)
+            loaded.drop()
             result = Result.failed(job, settings.worker_name, f"internal error: {type(exc).__name__}: {exc}",
                                    hardware=hardware.summary())
         publish_envelope(app, Envelope(kind="result", job_id=job.job_id, worker=settings.worker_name, result=result),
@@ -203,7 +246,7 @@ def register(app: Celery, settings: Settings) -> None:
 
 def start(settings: Settings, loglevel: str = "INFO") -> None:
     """Serve jobs until stopped: one measurement at a time, in this process."""
-    from worker.broker import JOBS_QUEUE, create_app, worker_queue
+    from worker.broker import create_app
 
     if not settings.worker_token:
         raise SystemExit("error: no worker token: on the orchestrator run `tokenfarm workers add "
@@ -211,10 +254,11 @@ def start(settings: Settings, loglevel: str = "INFO") -> None:
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     register(app, settings)
-    queues = [JOBS_QUEUE, worker_queue(settings.worker_name)]
-    Heartbeat(app, settings, capabilities(settings, queues)).start()
+    caps = capabilities(settings)
+    log.info("serving %d queues: %s", len(caps.queues), ", ".join(caps.queues))
+    Heartbeat(app, settings, caps).start()
     argv = [
-        "worker", f"--hostname={settings.worker_name}@%h", f"--queues={','.join(queues)}",
+        "worker", f"--hostname={settings.worker_name}@%h", f"--queues={','.join(caps.queues)}",
         # solo pool: the measurement runs in this process, with nothing else competing for cores.
         "--pool=solo", "--concurrency=1", f"--loglevel={loglevel}",
         "--without-gossip", "--without-mingle",

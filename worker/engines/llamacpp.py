@@ -104,7 +104,8 @@ class LlamaCppBackend:
         mparams.n_gpu_layers = 999 if config.n_gpu_layers < 0 else config.n_gpu_layers
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
-            raise EngineError(f"llama.cpp could not load {path}: the file is corrupt or its architecture is unsupported")
+            raise EngineError(f"llama.cpp could not load {path}: the file is corrupt, its architecture is unsupported, "
+                              "or its weights do not fit in memory")
         self._model = model
         n_threads = config.n_threads or default_n_threads()
         cparams = llama_cpp.llama_context_default_params()
@@ -121,7 +122,8 @@ class LlamaCppBackend:
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             self.close()
-            raise EngineError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}: out of memory?")
+            raise EngineError(f"out of memory: llama.cpp could not allocate a context of {n_ctx} tokens "
+                              f"(KV cache and compute buffers) for {path}; lower the context")
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(model)

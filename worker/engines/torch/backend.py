@@ -53,9 +53,12 @@ class TorchBackend:
             raise EngineError(f"torch could not load {path}: {e}") from e
         try:
             self._cache = self._model.new_cache(n_ctx)
-        except torch.OutOfMemoryError as e:
+        except RuntimeError as e:
+            # CUDA raises torch.OutOfMemoryError (a RuntimeError); the CPU allocator a plain
+            # RuntimeError ("can't allocate memory"). Either way the worker must go on.
             self.close()
-            raise EngineError(f"no room for a KV cache of {n_ctx} tokens on {self.device}: lower n_ctx") from e
+            raise EngineError(f"out of memory: no room for a KV cache of {n_ctx} tokens on {self.device} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); lower the context") from e
         self._n_batch = config.n_batch
         self._n_past = 0
         self._synchronize()

@@ -1,0 +1,258 @@
+"""The memory a job needs, and the memory classes jobs are routed by.
+
+Owns the estimate, in bytes, of what one job holds at its peak (weights, the KV cache at the
+job's context, a draft model or MTP heads, the engine's compute buffers, the runtime itself, a
+margin) and the ladder of memory classes a worker serves. The orchestrator makes the estimate
+at submit time: from the GGUF header where the file to run is at hand, else from the catalogue's
+recorded shape and the quant's bits per weight. Pure arithmetic apart from reading headers; it
+knows nothing of Celery, the database, or any engine's code (only the sizes engines allocate).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from worker.contract import Capabilities, Job, ModelFacts
+
+GIB = 1 << 30
+# The leaderboard's VRAM tiers (GB): a row's tier is the smallest that fits it.
+TIERS_GB: tuple[int, ...] = (8, 12, 16, 24, 32, 48, 80)
+# Routing needs the small end (home-lab cards and boards under 8 GB) and the large end (RAM boxes,
+# 96-141 GB cards) that the leaderboard folds into its first and last tiers.
+CLASSES_GB: tuple[int, ...] = (1, 2, 4, 6, *TIERS_GB, 128, 256, 512)
+# A box serves a class if it offers this much less than the class's nominal size: a "24 GB" card
+# reports 23.99 GiB, an 80 GB H100 79.6 GiB, a 16 GB machine ~15.5 GiB of MemTotal. The margin in
+# the estimate is what pays for it.
+CLASS_SLACK = 0.05
+
+MemoryKind = Literal["ram", "vram"]
+
+# Bits per weight of llama.cpp's quant presets, the mixes included (K-quant presets keep some
+# tensors, e.g. attn_v and ffn_down, a step up). Used only before a derived file exists.
+BITS_PER_WEIGHT: dict[str, float] = {
+    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625,
+    "Q5_K_M": 5.7, "Q5_K_S": 5.55, "Q5_1": 6.0, "Q5_0": 5.5,
+    "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_1": 5.0, "Q4_0": 4.5, "IQ4_NL": 4.5, "IQ4_XS": 4.25,
+    "Q3_K_L": 4.3, "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q2_K": 3.0,
+}
+# K-quants need rows that are multiples of 256; narrower models (SmolLM2's 576) fall back to
+# 32-wide types for most tensors, which llama.cpp picks a step up (Q4_K -> Q5_0, Q2_K -> Q4_0 ...).
+FALLBACK_BITS_PER_WEIGHT: dict[str, float] = {
+    "Q6_K": 8.5, "Q5_K_M": 6.5, "Q5_K_S": 6.0, "Q4_K_M": 6.0, "Q4_K_S": 5.5, "IQ4_XS": 5.0,
+    "Q3_K_L": 5.5, "Q3_K_M": 5.0, "Q3_K_S": 4.5, "Q2_K": 4.5,
+}
+# The token embedding stays at Q8_0 or above in every preset below 8 bits (SmolLM2: Q8_0 from
+# Q2_K to Q6_K); counting it so keeps the estimate an upper bound for small models, where it is
+# a fifth of the parameters.
+EMBEDDING_BITS_PER_WEIGHT = 8.5
+K_QUANT_ROW = 256
+
+# What the process itself holds before any model: Python, the worker's libraries and the engine
+# (measured: see tests/integration/test_memory.py), and on a GPU the CUDA context and cuBLAS
+# workspace (not measured on this farm's CI; a common figure).
+RUNTIME_BYTES: dict[tuple[MemoryKind, str], int] = {
+    ("ram", "llamacpp"): 128 << 20,
+    ("ram", "torch"): 640 << 20,
+    ("vram", "llamacpp"): 640 << 20,
+    ("vram", "torch"): 640 << 20,
+}
+# The worker reads a model's GGUF header before loading it (worker/models.read_facts), and gguf-py
+# holds small arrays for every vocabulary entry and merge meanwhile: measured 3.4 KiB per token for
+# SmolLM2 (49k tokens, with merges), 2.7 KiB for Gemma 3 (262k). A host-RAM peak of its own, before
+# the weights are read; for a small model with a large vocabulary it is the job's peak.
+HEADER_BYTES_PER_TOKEN = 3584
+# On top of every allocation the estimate counts: allocator slack, graph nodes, fragmentation.
+MARGIN = 0.15
+
+
+# The memories each engine's jobs can be bound by. The torch engine runs on the CPU as the worker
+# creates it (worker/engines), so its jobs need host RAM whatever n_gpu_layers says.
+ENGINE_MEMORY: dict[str, tuple[MemoryKind, ...]] = {"llamacpp": ("vram", "ram"), "torch": ("ram",)}
+
+
+def memory_kind(job: Job) -> MemoryKind:
+    """The memory that bounds a job: VRAM when llama.cpp offloads layers, host RAM otherwise."""
+    return "vram" if job.engine == "llamacpp" and job.config.n_gpu_layers != 0 else "ram"
+
+
+def context_size(job: Job) -> int:
+    """The context the worker creates for a job, in tokens (a multiple of 256)."""
+    need = job.n_depth + (job.n_prompt + job.n_gen if job.kind == "pg" else max(job.n_prompt, job.n_gen)) + 16
+    if job.prompt_category:
+        from worker.speculative import load_prompts
+
+        # A token is at least one byte of text; 256 more for the chat template's markers.
+        longest = max(len(t.encode("utf-8")) for t in load_prompts(job.prompt_category, job.n_prompts))
+        need = longest + 256 + job.n_gen + job.n_draft + 16
+    return ((need + 255) // 256) * 256
+
+
+def kv_bytes_per_token(facts: ModelFacts, bytes_per_element: int) -> int:
+    """K and V of one position over every layer; facts carry it for llama.cpp's f16 cache."""
+    return facts.kv_bytes_per_token * bytes_per_element // 2
+
+
+def _compute_bytes(facts: ModelFacts, n_tokens: int, n_ctx: int, flash_attn: bool) -> int:
+    """The largest activations of one forward pass over n_tokens, in f32.
+
+    Logits over the vocabulary, the attention scores (unless flash attention tiles them), and a
+    few hidden-width buffers; llama.cpp's graph allocator reuses the rest between layers.
+    """
+    n_ff = 4 * facts.n_embd  # not in the header facts; the usual ratio, and a few buffers of it
+    scores = 0 if flash_attn else facts.n_head * n_ctx
+    return 4 * n_tokens * (facts.n_vocab + scores + 2 * n_ff + 4 * facts.n_embd)
+
+
+def _layer_params(facts: ModelFacts) -> int:
+    embeddings = facts.n_vocab * facts.n_embd
+    return max(0, facts.n_params - embeddings) // max(1, facts.n_layer)
+
+
+def estimate_need_bytes(job: Job, facts: ModelFacts, draft_facts: ModelFacts | None = None) -> int:
+    """Bytes of the bounding memory (memory_kind) a job needs at its peak.
+
+    llama.cpp: the file's tensor data (memory-mapped, resident once read), an f16 KV cache at
+    the job's context (sliding-window layers counted whole), compute buffers for one
+    micro-batch; in host RAM, at least what reading the header takes. torch: every tensor dequantized to
+    f32 while the file is still mapped, an f32 cache (a second one for a technique, which
+    allocates its own), compute for one n_batch chunk. A spec job adds its draft the same way;
+    an mtp job its heads (one block and a 2D -> D projection each, f32). Partial offload puts
+    n_gpu_layers / n_layer of the weights and cache on the device.
+    """
+    kind = memory_kind(job)
+    n_ctx = context_size(job)
+    torch = job.engine == "torch"
+
+    def model_bytes(f: ModelFacts) -> int:
+        if torch:
+            weights = 4 * f.n_params + f.weight_bytes
+            kv = kv_bytes_per_token(f, 4) * n_ctx * (2 if job.technique != "baseline" else 1)
+        else:
+            weights = f.weight_bytes
+            kv = kv_bytes_per_token(f, 2) * n_ctx
+        if kind == "vram" and 0 < job.config.n_gpu_layers < f.n_layer:
+            share = job.config.n_gpu_layers / f.n_layer
+            weights, kv = int(weights * share), int(kv * share)
+        n_tokens = min(job.config.n_batch if torch else job.config.n_ubatch, job.config.n_batch, n_ctx)
+        return weights + kv + _compute_bytes(f, n_tokens, n_ctx, job.config.flash_attn and not torch)
+
+    total = model_bytes(facts)
+    if job.technique == "spec" and draft_facts is not None:
+        total += model_bytes(draft_facts)
+    if job.technique == "mtp":
+        total += 4 * job.n_mtp * (_layer_params(facts) + 2 * facts.n_embd * facts.n_embd)
+    if kind == "ram":
+        total = max(total, HEADER_BYTES_PER_TOKEN * facts.n_vocab)
+    return int(total * (1 + MARGIN)) + RUNTIME_BYTES[(kind, job.engine)]
+
+
+def scaled_to_quant(facts: ModelFacts, quant: str) -> ModelFacts:
+    """Facts of `facts`' model requantized to `quant`, before the derived file exists."""
+    bits = BITS_PER_WEIGHT[quant]
+    if facts.n_embd % K_QUANT_ROW:
+        bits = FALLBACK_BITS_PER_WEIGHT.get(quant, bits)
+    n_embedding = min(facts.n_params, facts.n_vocab * facts.n_embd)
+    weight_bytes = math.ceil((n_embedding * max(bits, EMBEDDING_BITS_PER_WEIGHT)
+                              + (facts.n_params - n_embedding) * bits) / 8)
+    return facts.model_copy(update={"weight_bytes": weight_bytes, "size_bytes": weight_bytes, "file_type": quant})
+
+
+def upcycled(parent: ModelFacts, n_ff: int, n_expert: int) -> ModelFacts:
+    """Facts of a Mixtral-style F32 upcycle (worker/derive.py) of a dense parent."""
+    ffn = 3 * parent.n_embd * n_ff * parent.n_layer
+    n_params = parent.n_params + (n_expert - 1) * ffn + n_expert * parent.n_embd * parent.n_layer
+    return parent.model_copy(update={"n_params": n_params, "weight_bytes": 4 * n_params, "size_bytes": 4 * n_params,
+                                     "file_type": "F32", "n_expert": n_expert})
+
+
+def facts_for(ref: str, quant: str, models_dir: Path | None) -> ModelFacts:
+    """The facts of the file a worker will run for (ref, quant), from whatever is at hand here.
+
+    The file itself where this machine has it (a path model, a fetched catalogue model, a
+    derived quant already made); else its source's header scaled to the quant; else the
+    catalogue's recorded shape. Raises ModelError for an unknown name or a broken file.
+    """
+    from worker.derive import parse_moe_name
+    from worker.models import CATALOGUE, ModelError, catalogue_path, derived_path, read_facts, sha256_file
+
+    source: Path | None
+    if ref in CATALOGUE:
+        path = catalogue_path(ref, models_dir) if models_dir else None
+        source = path if path is not None and path.exists() else None
+        source_sha = CATALOGUE[ref].sha256
+        fallback = CATALOGUE[ref].facts()
+    elif (moe := parse_moe_name(ref)) is not None:
+        parent, cfg = moe
+        source, source_sha = None, ""
+        if models_dir:
+            name = f"{CATALOGUE[parent].sha256[:16]}.{ref.removeprefix(parent + '-')}.F32.gguf"
+            path = Path(models_dir) / "derived" / name
+            source = path if path.exists() else None
+        fallback = upcycled(CATALOGUE[parent].facts(), CATALOGUE[parent].n_ff, cfg.n_expert)
+    else:
+        source, source_sha, fallback = Path(ref).expanduser(), "", None
+        if not source.exists():
+            raise ModelError(f"model file {source} does not exist")
+    if source is None:
+        return fallback if fallback.file_type == quant else scaled_to_quant(fallback, quant)
+    facts = read_facts(source)
+    if facts.file_type == quant:
+        return facts
+    if models_dir:
+        derived = derived_path(source_sha or sha256_file(source), quant, models_dir)
+        if derived.exists():
+            return read_facts(derived)
+    return scaled_to_quant(facts, quant)
+
+
+def job_need_bytes(job: Job, models_dir: Path | None, cache: dict | None = None) -> int:
+    """estimate_need_bytes with the facts found by facts_for; `cache` spares re-reading headers."""
+    cache = {} if cache is None else cache
+
+    def facts(ref: str, quant: str) -> ModelFacts:
+        if (ref, quant) not in cache:
+            cache[(ref, quant)] = facts_for(ref, quant, models_dir)
+        return cache[(ref, quant)]
+
+    draft = None
+    if job.technique == "spec" and job.draft_model:
+        from worker.models import CATALOGUE, read_facts
+
+        quant = job.draft_quant
+        if quant is None:
+            quant = CATALOGUE[job.draft_model].quant if job.draft_model in CATALOGUE else \
+                read_facts(Path(job.draft_model)).file_type
+        draft = facts(job.draft_model, quant)
+    return estimate_need_bytes(job, facts(job.model, job.quant), draft)
+
+
+def class_gb(need_bytes: int) -> int | None:
+    """The smallest class that holds need_bytes; None above the largest."""
+    for gb in CLASSES_GB:
+        if need_bytes <= gb * GIB:
+            return gb
+    return None
+
+
+def served_classes_gb(offered_bytes: int) -> tuple[int, ...]:
+    """Every class a box offering this much memory can take jobs of."""
+    return tuple(gb for gb in CLASSES_GB if offered_bytes >= gb * GIB * (1 - CLASS_SLACK))
+
+
+def offered_bytes(caps: Capabilities, kind: MemoryKind) -> int:
+    """What a worker offers jobs of a memory kind (its own cap, else all it has)."""
+    if kind == "vram":
+        return caps.offered_vram_bytes or caps.hardware.vram_bytes
+    return caps.offered_ram_bytes or caps.hardware.ram_bytes
+
+
+def fits(caps: Capabilities, job: Job) -> bool:
+    """Whether a worker serves the queue this job is routed to: its engine, its memory class."""
+    if job.engine not in caps.engines:
+        return False
+    if not job.need_bytes:
+        return True  # never estimated: it goes to the shared queue every worker consumes
+    need = class_gb(job.need_bytes)
+    return need is not None and need in served_classes_gb(offered_bytes(caps, memory_kind(job)))
