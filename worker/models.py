@@ -85,28 +85,38 @@ CATALOGUE: dict[str, CatalogueModel] = {
 }
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, remembered in a sidecar keyed by size and mtime (hashing is not free)."""
+def _remembered(path: Path, what: str, compute):
+    """compute(path), remembered in a sidecar file keyed by the file's size and mtime: hashing a
+    model and parsing its header (a 262k-token vocabulary takes gguf-py seconds) are not free,
+    and every job asks again."""
     path = Path(path)
     st = path.stat()
-    sidecar = path.with_name(path.name + ".sha256.json")
+    sidecar = path.with_name(f"{path.name}.{what}.json")
     key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     try:
         cached = json.loads(sidecar.read_text())
         if {k: cached.get(k) for k in key} == key:
-            return cached["sha256"]
+            return cached[what]
     except (OSError, ValueError, KeyError):
         pass
+    value = compute(path)
+    try:
+        sidecar.write_text(json.dumps({**key, what: value}))
+    except OSError:
+        pass  # a read-only model folder still works, only slower next time
+    return value
+
+
+def sha256_file(path: Path) -> str:
+    return _remembered(path, "sha256", _sha256)
+
+
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(1 << 20):
             digest.update(block)
-    value = digest.hexdigest()
-    try:
-        sidecar.write_text(json.dumps({**key, "sha256": value}))
-    except OSError:
-        pass  # a read-only model folder still works, only slower next time
-    return value
+    return digest.hexdigest()
 
 
 def held_models(models_dir: Path) -> list[str]:
@@ -217,7 +227,16 @@ def _tensor_table(reader) -> list[tuple[str, str, int, int, int]]:
 
 
 def read_facts(path: Path):
-    """Facts from the GGUF header and tensor table; raises ModelError on a corrupt file.
+    """Facts from the GGUF header and tensor table (remembered beside the file); raises
+    ModelError on a corrupt file."""
+    from worker.contract import ModelFacts
+
+    check_gguf(path)
+    return ModelFacts.model_validate(_remembered(path, "facts", lambda p: _read_facts(p).model_dump(mode="json")))
+
+
+def _read_facts(path: Path):
+    """Facts from the GGUF header and tensor table.
 
     Active parameters and bytes count what one decode step passes through: an MoE layer's
     routed experts (`*_exps`) scaled by used/total, shared experts (`*_shexp`) and the router
