@@ -31,15 +31,20 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _ram_bytes() -> int:
+def _proc_bytes(path: str, key: str) -> int:
+    """A "Key:  N kB" line of a Linux /proc file, in bytes; 0 where there is none."""
     try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
+        with open(path, encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def _ram_bytes() -> int:
+    return _proc_bytes("/proc/meminfo", "MemTotal")
 
 
 def _n_cores() -> int:
@@ -150,13 +155,8 @@ def gpu_used_bytes() -> int:
 
 def peak_rss_bytes() -> int:
     """Peak resident set of this process since the last reset_peak_rss (else since it started)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    if peak := _proc_bytes("/proc/self/status", "VmHWM"):
+        return peak
     # Not Linux: the lifetime peak (ru_maxrss, KiB), which no reset can lower.
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 

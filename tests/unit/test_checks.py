@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from orchestrator import checks
 from orchestrator.collector import ingest, requeue_lost
-from orchestrator.db import CheckRow, JobRow, ResultRow, WorkerRow, make_engine, session_scope, upgrade
+from orchestrator.db import CheckRow, JobRow, ResultRow, WorkerRow, session_scope
 from orchestrator.dispatch import record
 from orchestrator.store import load_results
 from orchestrator.sweep import SweepSpec, expand
@@ -24,13 +24,6 @@ CPU = Hardware(cpu="Test CPU 9000", n_cpu_cores=2)
 OTHER_CPU = Hardware(cpu="Another CPU")
 TRUE_TOKENS = output_sha256([[11, 12, 13, 14]])
 FORGED_TOKENS = output_sha256([[11, 12, 13, 99]])
-
-
-@pytest.fixture
-def engine(data_dir):
-    url = f"sqlite:///{data_dir / 'db.sqlite3'}"
-    upgrade(url)
-    return make_engine(url)
 
 
 @pytest.fixture

@@ -4,19 +4,12 @@ import pytest
 from sqlalchemy import func, select
 
 from orchestrator.collector import ingest, requeue_lost
-from orchestrator.db import RESULT_KEY_COLUMNS, JobRow, RejectionRow, ResultRow, WorkerRow, make_engine, session_scope, upgrade
+from orchestrator.db import RESULT_KEY_COLUMNS, JobRow, RejectionRow, ResultRow, WorkerRow, session_scope
 from orchestrator.dispatch import record
 from orchestrator.sweep import SweepSpec, expand
 from orchestrator.workers import add_worker, flagged_names, list_workers, set_flag
 from worker.broker import signed_body
 from worker.contract import Capabilities, Envelope, Hardware, ModelFacts, Result, output_sha256, summarize
-
-
-@pytest.fixture
-def engine(data_dir):
-    url = f"sqlite:///{data_dir / 'db.sqlite3'}"
-    upgrade(url)
-    return make_engine(url)
 
 
 @pytest.fixture
