@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Iterable
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.db import CanaryReferenceRow, CheckRow, JobRow, ResultRow, WorkerRow
 from worker.broker import worker_queue
-from worker.contract import Hardware, Job, Result, kind_of_test, utc_now
+from worker.contract import Capabilities, Hardware, Job, Result, kind_of_test, utc_now
 
 log = logging.getLogger("tokenfarm.checks")
 
@@ -382,16 +383,29 @@ def route_crosschecks(session: Session, dead_after_s: float, rng: random.Random 
             check.excluded_workers = [stored.worker]
         # Only workers that announced their own queue: one that does not listen there would
         # leave the cross-check waiting forever.
+        # Same class, yet one box may offer less memory than another (TOKENFARM_MAX_*_BYTES).
+        job = Job.model_validate(row.spec)
         candidates = [w for w in live if w.name not in (check.excluded_workers or [])
                       and worker_class(w) == check.hardware_class
-                      and worker_queue(w.name) in (w.capabilities or {}).get("queues", [])]
+                      and worker_queue(w.name) in (w.capabilities or {}).get("queues", [])
+                      and _can_fit(w, job)]
         if not candidates:
             _skip(check, row, f"no {'third' if check.vote_of else 'second'} live worker of class {check.hardware_class}")
             continue
         target = rng.choice(candidates).name
         check.target_worker, check.sent_at = target, utc_now()
-        due.append((Job.model_validate(row.spec), target))
+        due.append((job, target))
     return due
+
+
+def _can_fit(worker: WorkerRow, job: Job) -> bool:
+    from worker.memory import fits
+
+    try:
+        caps = Capabilities.model_validate(worker.capabilities or {})
+    except ValidationError:
+        return False
+    return fits(caps, job)
 
 
 def without_crosschecks(session: Session, jobs: list[Job], unroute_them: bool) -> list[Job]:

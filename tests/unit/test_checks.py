@@ -29,11 +29,14 @@ FORGED_TOKENS = output_sha256([[11, 12, 13, 99]])
 @pytest.fixture
 def tokens(engine):
     with session_scope(engine) as s:
-        tokens = {name: add_worker(s, name) for name in ("w1", "w2", "w3", "odd", "old")}
+        tokens = {name: add_worker(s, name) for name in ("w1", "w2", "w3", "odd", "old", "small")}
     for name in tokens:
         hw = OTHER_CPU if name == "odd" else CPU
         queues = [JOBS_QUEUE] if name == "old" else [JOBS_QUEUE, worker_queue(name)]
-        hello = Envelope(kind="hello", worker=name, capabilities=Capabilities(hardware=hw, queues=queues))
+        # "small": the same CPU, but its owner offers too little RAM for any of these jobs.
+        offered = (64 << 20) if name == "small" else (16 << 30)
+        hello = Envelope(kind="hello", worker=name, capabilities=Capabilities(
+            engines=["llamacpp"], hardware=hw, queues=queues, offered_ram_bytes=offered))
         with session_scope(engine) as s:
             assert ingest(s, signed_body(hello, tokens[name])).action == "hello"
     return tokens
@@ -201,7 +204,8 @@ def test_a_cross_check_goes_to_a_second_worker_of_the_class_and_agrees(engine, t
             ((job, target),) = checks.route_crosschecks(s, 60, random.Random(seed))
             targets.add(target)
             s.rollback()
-    # Never the original's worker, another class, or a worker not listening on its own queue.
+    # Never the original's worker, another class, a worker not listening on its own queue, or
+    # one that cannot fit the job.
     assert targets == {"w2", "w3"}
     with session_scope(engine) as s:
         ((job, target),) = checks.route_crosschecks(s, 60, random.Random(0))
