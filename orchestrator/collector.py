@@ -30,6 +30,9 @@ log = logging.getLogger("tokenfarm.collector")
 
 # A decode figure this far above the memory-bandwidth bound cannot be real.
 ROOFLINE_MARGIN = 1.5
+# A collector commits what it takes within a second or two; a result unacknowledged this long
+# was taken by one that stopped.
+STALE_RESULT_S = 30.0
 
 
 @dataclass
@@ -133,6 +136,9 @@ def ingest(session: Session, body: object, max_attempts: int = 3, known: Known |
         return _reject(session, name, env.job_id, "a result message without a result", worker)
     check = known.checks.get(env.job_id)
     if env.job_id in known.stored or (check is not None and check.result is not None):
+        if _redelivered(session, env.job_id, env.result, check):
+            # A collector stored it and stopped before acknowledging: the queue gave it again.
+            return Outcome("duplicate", env.job_id)
         return _reject(session, name, env.job_id, "replay: a result for this job is already stored", worker)
     if row.worker and row.worker != name:
         return _reject(session, name, env.job_id, f"job is assigned to worker {row.worker!r}", worker)
@@ -168,6 +174,12 @@ def ingest(session: Session, body: object, max_attempts: int = 3, known: Known |
     else:
         worker.n_failed += 1
     return Outcome("stored", env.job_id)
+
+
+def _redelivered(session: Session, job_id: str, result: Result, check) -> bool:
+    stored = check.result if check is not None and check.result is not None else getattr(
+        session.get(ResultRow, job_id), "result", None)
+    return stored == result.model_dump(mode="json")
 
 
 def dropped_on_restart(session: Session, worker: str, hello_at, max_attempts: int) -> list[Job]:
@@ -293,13 +305,19 @@ def collect(celery, collector: Collector, done: Callable[[], bool], tick_s: floa
     Survives broker outages: the consumer is rebuilt after a connection error, and nothing is
     acknowledged before it is committed, so a message in flight during an outage comes back.
     """
-    from worker.broker import results_consumer
+    from worker.broker import restore_stale_results, results_consumer
 
     connection_errors = (OSError, *celery.connection_for_read().connection_errors)
     while True:
         try:
             with results_consumer(celery, collector.on_message, prefetch_count=2 * collector.batch_size) as conn:
+                next_restore = 0.0
                 while True:
+                    if time.monotonic() > next_restore:
+                        # What a collector killed mid-batch took, back on the queue (see the function).
+                        if n := restore_stale_results(conn, STALE_RESULT_S):
+                            log.warning("%d results held by a collector that stopped are back on the queue", n)
+                        next_restore = time.monotonic() + 10.0
                     deadline = time.monotonic() + tick_s
                     # Take what is waiting (up to a batch), then commit it in one transaction.
                     while collector.n_pending < collector.batch_size and time.monotonic() < deadline:

@@ -12,6 +12,8 @@ transport reads its queues round-robin, which would interleave models and defeat
 
 from __future__ import annotations
 
+import json
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -162,6 +164,31 @@ def publish_envelope(app: Celery, envelope: Envelope, token: str) -> None:
     with app.producer_or_acquire() as producer:
         publish_results(producer, signed_body(envelope, token), retry=True,
                         retry_policy={"max_retries": 20, "interval_start": 0.5, "interval_step": 1, "interval_max": 5})
+
+
+def restore_stale_results(conn, older_than_s: float) -> int:
+    """Put back on the results queue what a collector took and never acknowledged, older than
+    older_than_s: it died between taking a batch and committing it. Returns how many.
+
+    kombu restores unacknowledged messages only after the visibility timeout (an hour, for the
+    jobs' sake) and only for all queues at once; results are handled within a second, so a
+    result held this long has no live holder. Redis only: the embedded broker has no such state.
+    """
+    channel = conn.default_channel
+    qos = channel.qos
+    if not hasattr(qos, "unacked_index_key"):
+        return 0
+    client = channel._create_client()
+    n_restored = 0
+    for tag in client.zrangebyscore(qos.unacked_index_key, 0, time.time() - older_than_s):
+        raw = client.hget(qos.unacked_key, tag)
+        if raw is None:
+            continue
+        _message, _exchange, routing_key = json.loads(raw)
+        if routing_key in (RESULTS_QUEUE, results_queue.routing_key):
+            qos.restore_by_tag(tag, client)
+            n_restored += 1
+    return n_restored
 
 
 @contextmanager

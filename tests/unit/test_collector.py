@@ -61,9 +61,16 @@ def test_result_stored_once_and_key_columns_agree_with_the_json(engine, jobs):
     body = envelope(result_for(job))
     with session_scope(engine) as s:
         assert ingest(s, body).action == "stored"
+    # The same signed message again (a collector stopped between commit and ack): no harm, no blame.
     with session_scope(engine) as s:
-        replay = ingest(s, body)
+        assert ingest(s, body).action == "duplicate"
+    # Another result for the stored job is a replay, refused and counted.
+    with session_scope(engine) as s:
+        replay = ingest(s, envelope(result_for(job, samples_ns=[1_100_000, 1_300_000],
+                                               **dict(zip(("avg_ts", "stddev_ts"), summarize(job.n_tokens, [1_100_000, 1_300_000]))))))
         assert replay.action == "rejected" and "replay" in replay.reason
+    with session_scope(engine) as s:
+        assert s.get(WorkerRow, "w1").n_rejected == 1
     with session_scope(engine) as s:
         assert s.scalar(select(func.count()).select_from(ResultRow)) == 1
         row = s.get(ResultRow, job.job_id)

@@ -1,0 +1,35 @@
+"""The results queue on real Redis: what a stopped collector held comes back, and only results."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from kombu import Queue
+
+from worker.broker import JOBS_QUEUE, RESULTS_QUEUE, create_app, publish_envelope, restore_stale_results, results_queue
+from worker.contract import Envelope
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def test_results_a_stopped_collector_held_come_back_and_running_jobs_stay_put(redis_url):
+    app = create_app(Settings(broker_url=redis_url))
+    publish_envelope(app, Envelope(kind="heartbeat", worker="w1"), "t" * 64)
+    app.send_task("tokenfarm.run_job", args=[{}], queue=JOBS_QUEUE)
+    held = []
+    dead = app.connection_for_read()
+    # A collector takes a result and a worker takes a job; neither acknowledges.
+    dead.Consumer([results_queue], callbacks=[lambda body, m: held.append(m)], accept=["json"]).consume()
+    dead.Consumer([Queue(JOBS_QUEUE)], channel=dead.channel(), callbacks=[lambda body, m: held.append(m)],
+                  accept=["json"]).consume()
+    while len(held) < 2:
+        dead.drain_events(timeout=5)
+    lists = redis.Redis.from_url(redis_url)
+    with app.connection_for_read() as conn:
+        assert restore_stale_results(conn, older_than_s=3600) == 0  # too young to be a dead holder's
+        assert lists.llen(RESULTS_QUEUE) == 0
+        assert restore_stale_results(conn, older_than_s=0) == 1  # the result, not the running job
+    assert lists.llen(RESULTS_QUEUE) == 1 and lists.llen(JOBS_QUEUE) == 0
+    assert lists.hlen("unacked") == 1  # the job's message, still held by its worker
+    dead.close()
