@@ -17,14 +17,13 @@ def test_results_a_stopped_collector_held_come_back_and_running_jobs_stay_put(re
     app = create_app(Settings(broker_url=redis_url))
     publish_envelope(app, Envelope(kind="heartbeat", worker="w1"), "t" * 64)
     app.send_task("tokenfarm.run_job", args=[{}], queue=JOBS_QUEUE)
-    held = []
+    # A collector takes a result and a worker takes a job; neither acknowledges. A synchronous
+    # get, not a consumer: a consumer's BRPOP may still be pending on the server and would take
+    # the restored result straight back.
     dead = app.connection_for_read()
-    # A collector takes a result and a worker takes a job; neither acknowledges.
-    dead.Consumer([results_queue], callbacks=[lambda body, m: held.append(m)], accept=["json"]).consume()
-    dead.Consumer([Queue(JOBS_QUEUE)], channel=dead.channel(), callbacks=[lambda body, m: held.append(m)],
-                  accept=["json"]).consume()
-    while len(held) < 2:
-        dead.drain_events(timeout=5)
+    held = [Queue(name).bind(dead.channel()).get(no_ack=False, accept=["json"])
+            for name in (RESULTS_QUEUE, JOBS_QUEUE)]
+    assert all(message is not None for message in held)
     lists = redis.Redis.from_url(redis_url)
     with app.connection_for_read() as conn:
         assert restore_stale_results(conn, older_than_s=3600) == 0  # too young to be a dead holder's
