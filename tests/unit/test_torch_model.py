@@ -57,8 +57,8 @@ def test_cached_decode_equals_full_forward(config):
 @torch.inference_mode()
 def test_prepacked_products_equal_the_plain_ones(config):
     """pack_linears (oneDNN's prepacked weights, fused QKV and gate/up) computes the same model,
-    and a row's result does not depend on how many rows share the product: verifying drafted
-    tokens in one pass scores each exactly as decoding it alone."""
+    through MKL for a few rows and oneDNN for many, and the output matrix (always oneDNN)
+    scores a row the same however many rows share the product."""
     from worker.engines.torch.model import pack_linears
 
     if not torch.backends.mkldnn.is_available():

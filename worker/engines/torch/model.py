@@ -53,14 +53,19 @@ class ModelConfig:
 
 
 # --- Matrix products on the CPU ------------------------------------------------------------
-# Through MKL, an F32 product of a few rows (2-4: a speculative verification pass) costs 2-3
-# times one row on a CPU, because the weight is repacked on every call; a pass verifying k
-# proposals would then cost nearly k decode steps and no speculation could pay. oneDNN's
-# prepacked weight is streamed once for a few rows as for one (and each output element is the
-# same whatever the number of rows). `pack_linears` prepacks a model's matrices, Q, K and V
-# as one and gate and up as one (fewer, larger calls: oneDNN's call costs more than MKL's).
-# One row of a small matrix still goes to MKL's matrix-vector product, which is faster there;
-# the output matrix, the largest, always to oneDNN, which is faster there for one row too.
+# A speculative verification pass multiplies a few rows (1 + the proposals) by every matrix;
+# it pays only if that costs about what one row costs, the weights being read once either way.
+# Measured on 2 cores (benchmarks/torch_engine.py prints it as "a pass costs ... plain steps"):
+# MKL's F32 product of 2 or 3 rows streams the weight like its matrix-vector product of one
+# (a whole forward over 2 tokens: 1.03-1.10x one token), but from 4 rows on it switches to a
+# routine that repacks the weight on every call (1.4-1.5x). oneDNN's prepacked weight costs
+# about the same for 1 to 4 rows (1.3-1.4x one MKL row, at every count). So below
+# PACKED_MIN_ROWS rows a product goes to MKL, from it to oneDNN (`pack_linears` prepacks a
+# model's matrices, Q, K and V as one and gate and up as one: fewer, larger calls); the output
+# matrix, the largest, always to oneDNN, which is as fast there for one row too. Rounding then
+# differs between a row computed alone and within a pass; greedy outputs are compared with plain
+# decoding in every technique job for that reason.
+PACKED_MIN_ROWS = 4
 
 
 def _prepack(weight: torch.Tensor) -> torch.Tensor:
@@ -73,8 +78,8 @@ def _packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _several_rows(x: torch.Tensor) -> bool:
-    return x.numel() > x.shape[-1] and not torch.is_grad_enabled()
+def _many_rows(x: torch.Tensor) -> bool:
+    return x.numel() >= PACKED_MIN_ROWS * x.shape[-1] and not torch.is_grad_enabled()
 
 
 class Linear(nn.Linear):
@@ -91,8 +96,8 @@ class Linear(nn.Linear):
         self.packed = _prepack(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and not torch.is_grad_enabled() and (
-                x.numel() > x.shape[-1] or self.weight.numel() >= self.PACKED_ALWAYS_NUMEL):
+        if self.packed is not None and (_many_rows(x) or self.weight.numel() >= self.PACKED_ALWAYS_NUMEL
+                                        and not torch.is_grad_enabled()):
             return _packed_product(x, self.packed)
         return F.linear(x, self.weight)
 
@@ -186,7 +191,7 @@ class Attention(nn.Module):
         key_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        if self.qkv_packed is not None and _several_rows(x):
+        if self.qkv_packed is not None and _many_rows(x):
             H, H_kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
             q, k, v = _packed_product(x, self.qkv_packed).split((H, H_kv, H_kv), dim=-1)
         else:
@@ -224,7 +229,7 @@ class FeedForward(nn.Module):
         self.gate_up_packed: torch.Tensor | None = None  # pack_linears
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_packed is not None and _several_rows(x):
+        if self.gate_up_packed is not None and _many_rows(x):
             gate, up = _packed_product(x, self.gate_up_packed).chunk(2, dim=-1)
             return self.w_down(F.silu(gate) * up)
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
