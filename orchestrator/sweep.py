@@ -196,7 +196,11 @@ def _model_identity(ref: str, base_dir: Path) -> tuple[str, str | None, str]:
 
 
 def _local_source(ref: str, models_dir: Path | None) -> Path | None:
-    """The model's source file if this machine has it (the orchestrator need not)."""
+    """The model's source file if this machine has it (the orchestrator need not); for an
+    upcycled MoE, its parent's, whose vocabulary it keeps."""
+    moe = parse_moe_name(ref)
+    if moe is not None:
+        ref = moe[0]
     if ref in CATALOGUE:
         path = catalogue_path(ref, models_dir) if models_dir else None
         return path if path is not None and path.exists() else None

@@ -13,13 +13,17 @@ transport reads its queues round-robin, which would interleave models and defeat
 from __future__ import annotations
 
 import json
+import os
 import time
+import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.transport import filesystem as kombu_filesystem
 from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps as kombu_dumps
 
 from worker.contract import Capabilities, Envelope, Job
 from worker.settings import Settings
@@ -119,10 +123,38 @@ class RedisTransport(kombu_redis.Transport):
     Channel = _RedisChannel
 
 
+class _FilesystemChannel(kombu_filesystem.Channel):
+    """kombu's filesystem channel, publishing each message whole.
+
+    kombu creates a message's file empty and then writes it; a consumer listing the folder in
+    between takes the file, reads nothing, and fails to decode it (the embedded collector died on
+    that once, mid-sweep, and the message was gone). The message is written under a name no
+    consumer matches and renamed into place, which the filesystem does at once. The name keeps
+    kombu's form (milliseconds first), so consumers still take messages in the order sent.
+    """
+
+    def _put(self, queue, payload, **kwargs):
+        name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        path = os.path.join(self.data_folder_out, name)
+        partial = path + ".partial"
+        try:
+            with open(partial, "wb") as f:
+                f.write(kombu_dumps(payload).encode())
+            os.replace(partial, path)
+        except OSError as exc:
+            raise kombu_filesystem.ChannelError(f"cannot add message file {path!r}: {exc}") from exc
+
+
+class FilesystemTransport(kombu_filesystem.Transport):
+    Channel = _FilesystemChannel
+
+
 def create_app(settings: Settings) -> Celery:
     app = Celery("tokenfarm", broker=settings.effective_broker_url, set_as_current=False)
     if settings.effective_broker_url.startswith("redis://"):
         app.conf.broker_transport = f"{__name__}:RedisTransport"
+    elif settings.effective_broker_url.startswith("filesystem://"):
+        app.conf.broker_transport = f"{__name__}:FilesystemTransport"
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

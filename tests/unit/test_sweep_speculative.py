@@ -71,3 +71,19 @@ def test_a_draft_with_another_vocabulary_is_refused_from_the_headers(tmp_path):
         expand(spec_sweep(**{**spec, "draft_models": [str(other)]}))
     with pytest.raises(SweepError, match="3 tokens, the target's 4"):
         expand(spec_sweep(**{**spec, "draft_models": [str(shorter)]}))
+
+
+def test_an_upcycled_moe_target_is_checked_against_its_parent_s_vocabulary(tmp_path):
+    """A derived MoE has no file of its own on the orchestrator: the pair check reads its
+    catalogue parent's header, whose vocabulary the upcycle keeps."""
+    from worker.models import catalogue_path
+
+    models_dir = tmp_path / "models"
+    parent = catalogue_path("smollm2-135m", models_dir)
+    parent.parent.mkdir(parents=True)
+    tiny_gguf(parent, ["<s>", "a", "b", "c"])
+    other = tiny_gguf(tmp_path / "other.gguf", ["<s>", "a", "x", "c"])
+    spec = spec_sweep(models=["smollm2-135m-moe8x2"], draft_models=[str(other)], prompt_categories=["qa"],
+                      techniques=["spec"])
+    with pytest.raises(SweepError, match=r"cannot serve target 'smollm2-135m-moe8x2'.*token 2 is b'x'"):
+        expand(spec, sweep_id="s", models_dir=models_dir)

@@ -319,3 +319,22 @@ def test_distillation_text_is_kept_per_request_and_reused(tmp_path, monkeypatch)
     generated.clear()
     distillation_text(base, first, TrainConfig(n_cont=4, n_batch_gen=2), cache, lambda m: None)
     assert len(generated) == 3
+
+
+def test_heads_on_an_moe_base_start_from_it_and_decode_losslessly(tmp_path):
+    """On an MoE base the heads' blocks are MoE blocks too (DeepSeek-V3's form): they start as
+    the identity like a dense head's, decode losslessly, and survive a save/load round trip."""
+    import dataclasses
+
+    moe = random_model(dataclasses.replace(TARGET, n_expert=4, n_expert_used=2), 0)
+    heads = MTPHeads(moe, 2)
+    heads.init_from_base()
+    x = torch.randn(1, 5, TARGET.n_embd)
+    cos, sin = moe._rope_tables(0, 5)
+    block_out = heads.heads[0].block(x, cos, sin, 0, None, 0)
+    torch.testing.assert_close(block_out, x)  # residual branches start at zero
+    assert with_drafter(moe, MTPDrafter(heads.eval(), 64), 2).tokens == plain(moe)
+    path = tmp_path / "moe.gguf"
+    save_heads(heads, path, {"base_sha256": ""})
+    again = load_heads(moe, path)
+    assert with_drafter(moe, MTPDrafter(again, 64), 2).tokens == plain(moe)

@@ -106,7 +106,8 @@ class MTPHeads(nn.Module):
             for head in self.heads:
                 head.block.load_state_dict(base.blocks[-1].state_dict())
                 head.block.attn.wo.weight.zero_()
-                head.block.ffn.w_down.weight.zero_()
+                down = head.block.ffn.w_down  # a Linear, or an MoE's stacked experts (X, E, F)
+                (down if isinstance(down, nn.Parameter) else down.weight).zero_()
                 eye = torch.eye(E, dtype=head.proj.weight.dtype, device=head.proj.weight.device)
                 head.proj.weight.copy_(torch.cat((eye, torch.zeros_like(eye)), dim=1))
 
