@@ -57,8 +57,8 @@ class ModelConfig:
 # it pays only if that costs about what one row costs, the weights being read once either way.
 # Measured on 2 cores (benchmarks/torch_engine.py prints it as "a pass costs ... plain steps"):
 # MKL's F32 product of 2 or 3 rows streams the weight like its matrix-vector product of one
-# (a whole forward over 2 tokens: 1.03-1.10x one token), but from 4 rows on it switches to a
-# routine that repacks the weight on every call (1.4-1.5x). oneDNN's prepacked weight costs
+# (a whole forward over 2 tokens: 1.03-1.10x one token), but from 4 rows on it takes another
+# routine, which costs 1.4-1.5x. oneDNN's prepacked weight costs
 # about the same for 1 to 4 rows (1.3-1.4x one MKL row, at every count). So below
 # PACKED_MIN_ROWS rows a product goes to MKL, from it to oneDNN (`pack_linears` prepacks a
 # model's matrices, Q, K and V as one and gate and up as one: fewer, larger calls); the output
