@@ -661,7 +661,7 @@ def import_llama_bench(
 def models_train_mtp(
     base: str = typer.Argument(..., help="catalogue name or path to a GGUF file (trained on its F32 dequantization)"),
     heads: int = typer.Option(2, "--heads", min=1, max=8, help="MTP heads to train (n_mtp)"),
-    n_chat: int = typer.Option(1400, help="chat requests the base answers to make the training text"),
+    n_chat: int = typer.Option(2400, help="chat requests the base answers to make the training text"),
     n_code: int = typer.Option(1400, help="code requests the base answers to make the training text"),
     n_cont: int = typer.Option(128, help="greedy tokens generated per request"),
     epochs: int = typer.Option(6, min=1, help="passes over the training text"),

@@ -53,16 +53,29 @@ def test_cached_decode_equals_full_forward(config):
     assert torch.equal(torch.cat(step_logits, 1).argmax(-1), full_logits.argmax(-1))
 
 
-@pytest.mark.parametrize("config", [DENSE, MOE], ids=["dense", "moe"])
-@torch.inference_mode()
-def test_prepacked_products_equal_the_plain_ones(config):
-    """pack_linears (oneDNN's prepacked weights, fused QKV and gate/up) computes the same model,
-    through MKL for a few rows and oneDNN for many, and the output matrix (always oneDNN)
-    scores a row the same however many rows share the product."""
-    from worker.engines.torch.model import pack_linears
+@pytest.fixture
+def routing():
+    """The process-wide matrix routing, restored after the test (calibration changes it)."""
+    from worker.engines.torch import model as m
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN")
+    saved = (m.mkl_row_counts(), m._calibrated)
+    yield m
+    m.set_mkl_row_counts(saved[0])
+    m._calibrated = saved[1]
+
+
+@pytest.mark.parametrize("mkl_rows", [{1, 2, 3}, set()], ids=["mkl-few-rows", "onednn-all"])
+@pytest.mark.parametrize("config", [DENSE, MOE], ids=["dense", "moe"])
+@torch.inference_mode()
+def test_prepacked_products_equal_the_plain_ones(config, mkl_rows, routing):
+    """pack_linears (oneDNN's prepacked weights, fused QKV and gate/up) computes the same model
+    whichever row counts go to MKL, and the output matrix (always oneDNN) scores a row the same
+    however many rows share the product."""
+    from worker.engines.torch.model import pack_linears
+
+    routing.set_mkl_row_counts(mkl_rows)
     plain, packed = random_model(config), random_model(config)
     assert pack_linears(packed) > 0
     ids = tokens(12, config.n_vocab, batch=2)
@@ -79,6 +92,44 @@ def test_prepacked_products_equal_the_plain_ones(config):
     rows = out(x)
     with_output_only = torch.ops.mkldnn._linear_pointwise(x[:1], out.packed, None, "none", [], "")
     assert torch.equal(rows[:1], with_output_only)
+
+
+@torch.inference_mode()
+def test_routing_sends_the_chosen_row_counts_to_mkl(routing, monkeypatch):
+    model = random_model(DENSE)
+    assert routing.pack_linears(model) > 0
+    calls = []
+    real = routing._packed_product
+    monkeypatch.setattr(routing, "_packed_product", lambda x, w: calls.append(x.shape[-2]) or real(x, w))
+    cache = model.new_cache(16)
+    routing.set_mkl_row_counts({1})
+    model(tokens(2, DENSE.n_vocab), 0, cache)
+    n_two_rows = len(calls)
+    calls.clear()
+    model(tokens(1, DENSE.n_vocab), 2, cache)
+    # One row through MKL; this model's output matrix is below PACKED_ALWAYS_NUMEL, so it too.
+    assert calls == []
+    routing.set_mkl_row_counts(set())
+    calls.clear()
+    model(tokens(1, DENSE.n_vocab), 3, cache)
+    assert len(calls) == n_two_rows > 1  # QKV, wo, gate/up, down per layer, then the output
+
+
+@torch.inference_mode()
+def test_calibration_keeps_the_faster_routine_per_row_count(routing):
+    model = random_model(DENSE)
+    routing.pack_linears(model)
+    timings = routing.calibrate_routing(model, n_reps=2, force=True)
+    chosen = set(timings["mkl_row_counts"])
+    assert chosen == set(routing.mkl_row_counts())
+    for n_rows in range(1, routing.ROUTED_MAX_ROWS + 1):
+        faster = timings[f"mkl_{n_rows}_rows_ms"] < timings[f"onednn_{n_rows}_rows_ms"]
+        assert (n_rows in chosen) == faster
+    # Once per process: a second call measures nothing and returns the same choice.
+    routing.set_mkl_row_counts({1, 2, 3} - chosen)
+    assert routing.calibrate_routing(model) is timings
+    # A model without prepacked weights leaves the routing alone.
+    assert routing.calibrate_routing(random_model(DENSE), force=True) == {}
 
 
 @torch.inference_mode()

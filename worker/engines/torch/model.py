@@ -13,6 +13,9 @@ H_kv n_kv_head, D head_dim, V n_vocab.
 
 from __future__ import annotations
 
+import logging
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.engines.torch.kv_cache import KVCache
+
+log = logging.getLogger("tokenfarm.torch")
 
 
 @dataclass(frozen=True)
@@ -55,17 +60,33 @@ class ModelConfig:
 # --- Matrix products on the CPU ------------------------------------------------------------
 # A speculative verification pass multiplies a few rows (1 + the proposals) by every matrix;
 # it pays only if that costs about what one row costs, the weights being read once either way.
-# Measured on 2 cores (benchmarks/torch_engine.py prints it as "a pass costs ... plain steps"):
-# MKL's F32 product of 2 or 3 rows streams the weight like its matrix-vector product of one
-# (a whole forward over 2 tokens: 1.03-1.10x one token), but from 4 rows on it takes another
-# routine, which costs 1.4-1.5x. oneDNN's prepacked weight costs
-# about the same for 1 to 4 rows (1.3-1.4x one MKL row, at every count). So below
-# PACKED_MIN_ROWS rows a product goes to MKL, from it to oneDNN (`pack_linears` prepacks a
-# model's matrices, Q, K and V as one and gate and up as one: fewer, larger calls); the output
-# matrix, the largest, always to oneDNN, which is as fast there for one row too. Rounding then
-# differs between a row computed alone and within a pass; greedy outputs are compared with plain
-# decoding in every technique job for that reason.
-PACKED_MIN_ROWS = 4
+# Two routines can do it, and which is faster depends on the CPU:
+# - MKL (F.linear). On a 2-core Intel Xeon its product of 1 to 3 rows streamed the weights
+#   once (a forward over 2 tokens cost 1.03-1.10x one token), and took a slower routine from
+#   4 rows (1.4-1.5x). On a 2-core AMD EPYC (Zen 4) the same forward cost 1.5-1.7x for 2 or 3
+#   tokens, and one token took 1.3-1.5x what oneDNN took.
+# - oneDNN with a prepacked weight (`pack_linears` prepacks a model's matrices, Q, K and V as
+#   one and gate and up as one: fewer, larger calls): about the same cost for 1 to 4 rows on
+#   both machines, 1.3-1.4x one MKL row on the Xeon, the fastest routine on the EPYC.
+# So the row counts that go to MKL (`mkl_row_counts`) are measured once per process on the
+# model being loaded (`calibrate_routing`); from 4 rows, and for the output matrix (the
+# largest), products always go to oneDNN. Rounding then differs between a row computed alone
+# and within a pass; greedy outputs are compared with plain decoding in every technique job
+# for that reason.
+ROUTED_MAX_ROWS = 3  # row counts up to this are routed by measurement; more: oneDNN
+# Until calibrated: what the Xeon measured (the unit tests use it, and a model never calibrated).
+_mkl_row_counts: frozenset[int] = frozenset({1, 2, 3})
+_calibrated: dict[str, object] | None = None
+
+
+def mkl_row_counts() -> frozenset[int]:
+    """Row counts whose products go to MKL rather than to oneDNN's prepacked weights."""
+    return _mkl_row_counts
+
+
+def set_mkl_row_counts(counts) -> None:
+    global _mkl_row_counts
+    _mkl_row_counts = frozenset(int(n) for n in counts if 1 <= int(n) <= ROUTED_MAX_ROWS)
 
 
 def _prepack(weight: torch.Tensor) -> torch.Tensor:
@@ -79,7 +100,9 @@ def _packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 def _many_rows(x: torch.Tensor) -> bool:
-    return x.numel() >= PACKED_MIN_ROWS * x.shape[-1] and not torch.is_grad_enabled()
+    """Whether x's product goes to oneDNN's prepacked weight (see above); training (autograd)
+    always takes F.linear, which has a backward."""
+    return x.numel() // x.shape[-1] not in _mkl_row_counts and not torch.is_grad_enabled()
 
 
 class Linear(nn.Linear):
@@ -122,11 +145,51 @@ def pack_linears(module: nn.Module) -> int:
             m.gate_up_packed = _prepack(torch.cat((m.w_gate.weight, m.w_up.weight)))
             fused |= {id(m.w_gate), id(m.w_up)}
             n += 1
+        elif isinstance(m, MoE):
+            m.experts_packed = [(_prepack(torch.cat((m.w_gate[e], m.w_up[e]))), _prepack(m.w_down[e]))
+                                for e in range(m.n_expert)]
+            n += 2 * m.n_expert
     for lin in linears:
         if id(lin) not in fused:
             lin.pack()
             n += 1
     return n
+
+
+@torch.inference_mode()
+def calibrate_routing(model: "Transformer", n_reps: int = 5, force: bool = False) -> dict[str, object]:
+    """Route each row count up to ROUTED_MAX_ROWS to whichever routine runs a whole forward
+    pass of `model` faster on this machine, and return the timings (ms, median) behind the
+    choice. A whole pass, not one matrix: its weights do not fit in cache, so it streams them
+    from memory as decoding does. Once per process (the CPU does not change); `force` again.
+    A model without prepacked weights (not CPU float32, or no oneDNN) is left as it is."""
+    global _calibrated
+    if _calibrated is not None and not force:
+        return _calibrated
+    if model.output.packed is None:
+        return {}
+    chosen, timings = set(), {}
+    cache = model.new_cache(ROUTED_MAX_ROWS)  # every pass writes positions from 0 again
+    for n_rows in range(1, ROUTED_MAX_ROWS + 1):
+        ids = torch.zeros(1, n_rows, dtype=torch.long, device=model.output.weight.device)
+        samples: dict[bool, list[int]] = {True: [], False: []}
+        for rep in range(n_reps + 1):  # the first round warms both routines up
+            # Alternating, so that a burst of load elsewhere weighs on both alike.
+            for via_mkl in (True, False):
+                set_mkl_row_counts(chosen | {n_rows} if via_mkl else chosen)
+                t0 = time.perf_counter_ns()
+                model(ids, 0, cache, all_logits=True)
+                if rep:
+                    samples[via_mkl].append(time.perf_counter_ns() - t0)
+        mkl_ms, onednn_ms = (statistics.median(samples[v]) / 1e6 for v in (True, False))
+        timings[f"mkl_{n_rows}_rows_ms"], timings[f"onednn_{n_rows}_rows_ms"] = mkl_ms, onednn_ms
+        if mkl_ms < onednn_ms:
+            chosen.add(n_rows)
+    set_mkl_row_counts(chosen)
+    _calibrated = {**timings, "mkl_row_counts": sorted(chosen)}
+    log.info("matrix routing: rows %s through MKL, the rest through oneDNN (%s)", sorted(chosen),
+             ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    return _calibrated
 
 
 class RMSNorm(nn.Module):
@@ -136,6 +199,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused operation
         # The mean of squares in float32 even for bf16 activations, as llama.cpp does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -161,6 +226,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     gives the same result as the original checkpoint.
     """
     n_rot = cos.shape[-1] * 2
+    if x.dtype == torch.float32 and n_rot == x.shape[-1]:
+        # The same four products as below in three operations: each pair as a complex number
+        # times cos + i sin. A decode step runs this 60 times, and on a CPU each operation's
+        # overhead counts against 25 ms of matrix products.
+        pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))  # (B, T, H, n_rot / 2)
+        return torch.view_as_real(pairs * torch.complex(cos, sin)[:, None, :]).flatten(-2)
     rot, rest = x[..., :n_rot], x[..., n_rot:]
     pairs = rot.float().unflatten(-1, (-1, 2))  # (B, T, H, n_rot / 2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
@@ -255,6 +326,9 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(n_expert, n_ff, n_embd))  # (X, F, E)
         self.w_up = nn.Parameter(torch.empty(n_expert, n_ff, n_embd))  # (X, F, E)
         self.w_down = nn.Parameter(torch.empty(n_expert, n_embd, n_ff))  # (X, E, F)
+        # Per expert, gate and up as one and down, prepacked by pack_linears: an expert's few
+        # rows are routed like a dense matrix's (the routing section above).
+        self.experts_packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -276,8 +350,13 @@ class MoE(nn.Module):
             start += n
             tokens = slots // self.n_expert_used  # (n,)
             h = x[tokens]  # (n, E)
-            h = F.silu(h @ self.w_gate[e].T) * (h @ self.w_up[e].T)  # (n, F)
-            h = (h @ self.w_down[e].T) * flat_weight[slots, None]  # (n, E)
+            if self.experts_packed is not None and _many_rows(h):
+                gate, up = _packed_product(h, self.experts_packed[e][0]).chunk(2, dim=-1)  # (n, F) each
+                h = _packed_product(F.silu(gate) * up, self.experts_packed[e][1])  # (n, E)
+            else:
+                h = F.silu(h @ self.w_gate[e].T) * (h @ self.w_up[e].T)  # (n, F)
+                h = h @ self.w_down[e].T  # (n, E)
+            h = h * flat_weight[slots, None]
             out.index_add_(0, tokens, h)
         return out.view(shape)
 
