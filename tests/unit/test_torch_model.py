@@ -60,10 +60,11 @@ def routing():
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN")
-    saved = (m.mkl_row_counts(), m._calibrated)
+    saved = (m.mkl_row_counts(), dict(m._calibrated))
     yield m
     m.set_mkl_row_counts(saved[0])
-    m._calibrated = saved[1]
+    m._calibrated.clear()
+    m._calibrated.update(saved[1])
 
 
 @pytest.mark.parametrize("mkl_rows", [{1, 2, 3}, set()], ids=["mkl-few-rows", "onednn-all"])
@@ -125,9 +126,11 @@ def test_calibration_keeps_the_faster_routine_per_row_count(routing):
     for n_rows in range(1, routing.ROUTED_MAX_ROWS + 1):
         faster = timings[f"mkl_{n_rows}_rows_ms"] < timings[f"onednn_{n_rows}_rows_ms"]
         assert (n_rows in chosen) == faster
-    # Once per process: a second call measures nothing and returns the same choice.
+    # Once per process and thread count: a second call measures nothing, and routes as chosen
+    # again (a calibration on another thread count may have changed it).
     routing.set_mkl_row_counts({1, 2, 3} - chosen)
     assert routing.calibrate_routing(model) is timings
+    assert routing.mkl_row_counts() == chosen
     # A model without prepacked weights leaves the routing alone.
     assert routing.calibrate_routing(random_model(DENSE), force=True) == {}
 

@@ -76,7 +76,7 @@ class ModelConfig:
 ROUTED_MAX_ROWS = 3  # row counts up to this are routed by measurement; more: oneDNN
 # Until calibrated: what the Xeon measured (the unit tests use it, and a model never calibrated).
 _mkl_row_counts: frozenset[int] = frozenset({1, 2, 3})
-_calibrated: dict[str, object] | None = None
+_calibrated: dict[int, dict[str, object]] = {}  # by torch's thread count: the choice can differ
 
 
 def mkl_row_counts() -> frozenset[int]:
@@ -161,11 +161,13 @@ def calibrate_routing(model: "Transformer", n_reps: int = 5, force: bool = False
     """Route each row count up to ROUTED_MAX_ROWS to whichever routine runs a whole forward
     pass of `model` faster on this machine, and return the timings (ms, median) behind the
     choice. A whole pass, not one matrix: its weights do not fit in cache, so it streams them
-    from memory as decoding does. Once per process (the CPU does not change); `force` again.
-    A model without prepacked weights (not CPU float32, or no oneDNN) is left as it is."""
-    global _calibrated
-    if _calibrated is not None and not force:
-        return _calibrated
+    from memory as decoding does. Once per process and thread count (the CPU does not change);
+    `force` measures again. A model without prepacked weights (not CPU float32, or no oneDNN)
+    is left as it is."""
+    n_threads = torch.get_num_threads()
+    if n_threads in _calibrated and not force:
+        set_mkl_row_counts(_calibrated[n_threads]["mkl_row_counts"])
+        return _calibrated[n_threads]
     if model.output.packed is None:
         return {}
     chosen, timings = set(), {}
@@ -186,10 +188,10 @@ def calibrate_routing(model: "Transformer", n_reps: int = 5, force: bool = False
         if mkl_ms < onednn_ms:
             chosen.add(n_rows)
     set_mkl_row_counts(chosen)
-    _calibrated = {**timings, "mkl_row_counts": sorted(chosen)}
-    log.info("matrix routing: rows %s through MKL, the rest through oneDNN (%s)", sorted(chosen),
-             ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    return _calibrated
+    _calibrated[n_threads] = {**timings, "mkl_row_counts": sorted(chosen)}
+    log.info("matrix routing on %d threads: rows %s through MKL, the rest through oneDNN (%s)", n_threads,
+             sorted(chosen), ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    return _calibrated[n_threads]
 
 
 class RMSNorm(nn.Module):
