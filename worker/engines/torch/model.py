@@ -99,9 +99,9 @@ def _packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _many_rows(x: torch.Tensor) -> bool:
-    """Whether x's product goes to oneDNN's prepacked weight (see above); training (autograd)
-    always takes F.linear, which has a backward."""
+def _to_onednn(x: torch.Tensor) -> bool:
+    """Whether x's product goes to oneDNN's prepacked weight (by its row count, see above); training
+    (autograd) always takes F.linear, which has a backward."""
     return x.numel() // x.shape[-1] not in _mkl_row_counts and not torch.is_grad_enabled()
 
 
@@ -119,7 +119,7 @@ class Linear(nn.Linear):
         self.packed = _prepack(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and (_many_rows(x) or self.weight.numel() >= self.PACKED_ALWAYS_NUMEL
+        if self.packed is not None and (_to_onednn(x) or self.weight.numel() >= self.PACKED_ALWAYS_NUMEL
                                         and not torch.is_grad_enabled()):
             return _packed_product(x, self.packed)
         return F.linear(x, self.weight)
@@ -202,7 +202,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused operation
+            # Fused: a decode step runs 61 norms, and on a CPU each operation has its overhead.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # The mean of squares in float32 even for bf16 activations, as llama.cpp does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -264,7 +265,7 @@ class Attention(nn.Module):
         key_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        if self.qkv_packed is not None and _many_rows(x):
+        if self.qkv_packed is not None and _to_onednn(x):
             H, H_kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
             q, k, v = _packed_product(x, self.qkv_packed).split((H, H_kv, H_kv), dim=-1)
         else:
@@ -302,7 +303,7 @@ class FeedForward(nn.Module):
         self.gate_up_packed: torch.Tensor | None = None  # pack_linears
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_packed is not None and _many_rows(x):
+        if self.gate_up_packed is not None and _to_onednn(x):
             gate, up = _packed_product(x, self.gate_up_packed).chunk(2, dim=-1)
             return self.w_down(F.silu(gate) * up)
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
@@ -352,7 +353,7 @@ class MoE(nn.Module):
             start += n
             tokens = slots // self.n_expert_used  # (n,)
             h = x[tokens]  # (n, E)
-            if self.experts_packed is not None and _many_rows(h):
+            if self.experts_packed is not None and _to_onednn(h):
                 gate, up = _packed_product(h, self.experts_packed[e][0]).chunk(2, dim=-1)  # (n, F) each
                 h = _packed_product(F.silu(gate) * up, self.experts_packed[e][1])  # (n, E)
             else:
