@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from orchestrator.db import CanaryReferenceRow, CheckRow, JobRow, ResultRow, WorkerRow
+from orchestrator.db import CanaryReferenceRow, CheckRow, JobRow, ResultRow, WorkerRow, as_utc
 from worker.broker import worker_queue
 from worker.contract import Capabilities, Hardware, Job, Result, kind_of_test, utc_now
 
@@ -340,13 +340,7 @@ def _live_workers(session: Session, dead_after_s: float) -> list[WorkerRow]:
     cutoff = utc_now() - timedelta(seconds=dead_after_s)
     return [w for w in session.scalars(select(WorkerRow).where(WorkerRow.flagged.is_(False),
                                                                  WorkerRow.last_seen.is_not(None)))
-            if _aware(w.last_seen) >= cutoff]
-
-
-def _aware(ts):
-    from datetime import timezone
-
-    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+            if as_utc(w.last_seen) >= cutoff]
 
 
 def _skip(check: CheckRow, row: JobRow, reason: str) -> None:

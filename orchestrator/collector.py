@@ -22,7 +22,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from orchestrator import checks
-from orchestrator.db import RESULT_KEY_COLUMNS, CheckRow, JobRow, RejectionRow, ResultRow, WorkerRow, session_scope
+from orchestrator.db import (RESULT_KEY_COLUMNS, CheckRow, JobRow, RejectionRow, ResultRow, WorkerRow, as_utc,
+                             session_scope)
 from worker.contract import Envelope, Job, Result, kind_of_test, utc_now
 from worker.trust import verify
 
@@ -187,7 +188,7 @@ def dropped_on_restart(session: Session, worker: str, hello_at, max_attempts: in
     marked running on it were lost with its previous process. Giving them back now, instead of
     after `worker_dead_after_s`, matters because a restarted worker is never silent long enough."""
     rows = session.scalars(select(JobRow).where(JobRow.state == "running", JobRow.worker == worker))
-    lost = [row for row in rows if _aware(row.updated_at) < _aware(hello_at)]
+    lost = [row for row in rows if as_utc(row.updated_at) < as_utc(hello_at)]
     jobs = [job for row in lost if (job := give_back(row, "its worker restarted during the job", max_attempts))]
     return checks.without_crosschecks(session, jobs, unroute_them=True)
 
@@ -219,21 +220,14 @@ def requeue_lost(session: Session, dead_after_s: float, max_attempts: int,
     ).all()
     resend: list[Job] = []
     for row, last_seen in lost:
-        alive = last_seen is not None and _aware(last_seen) >= cutoff
-        hung = (now - _aware(row.updated_at)).total_seconds() > job_timeout_s
+        alive = last_seen is not None and as_utc(last_seen) >= cutoff
+        hung = (now - as_utc(row.updated_at)).total_seconds() > job_timeout_s
         if alive and not hung:
             continue
         why = f"ran past the {job_timeout_s:.0f} s time limit" if hung else "the worker was lost during the job"
         if job := give_back(row, why, max_attempts):
             resend.append(job)
     return checks.without_crosschecks(session, resend, unroute_them=True)
-
-
-def _aware(ts):
-    # SQLite hands back naive datetimes for timezone-aware columns.
-    from datetime import timezone
-
-    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
 
 
 class Collector:

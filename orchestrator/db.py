@@ -7,7 +7,7 @@ worker measured is ever lost to a schema that lags behind. Alembic (migrations/)
 from __future__ import annotations
 
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +16,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from worker.contract import utc_now
+
+
+def as_utc(ts: datetime) -> datetime:
+    """A timestamp read back from the database, timezone-aware: SQLite returns naive ones for
+    timezone-aware columns (all stored in UTC)."""
+    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
 
 JOB_STATES = ("queued", "running", "done", "failed")
 

@@ -8,8 +8,10 @@ and the database session it is handed; never measures anything.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from celery import Celery
 from pydantic import ValidationError
@@ -19,11 +21,14 @@ from sqlalchemy.orm import Session
 
 from orchestrator import checks
 from orchestrator.collector import requeue_lost
-from orchestrator.db import JobRow, SweepRow, WorkerRow, session_scope
+from orchestrator.db import CheckRow, JobRow, SweepRow, WorkerRow, as_utc, session_scope
 from orchestrator.sweep import SweepSpec
-from worker.broker import RUN_JOB_TASK, worker_queue
-from worker.contract import Capabilities, Job
+from worker.broker import RUN_JOB_TASK, drop_taken, held_jobs, put_back, worker_queue
+from worker.contract import Capabilities, Job, utc_now
 from worker.memory import GIB, class_gb, fits, memory_kind, offered_bytes
+
+log = logging.getLogger("tokenfarm.dispatch")
+
 
 
 @dataclass
@@ -114,12 +119,16 @@ def resend_lost(engine: Engine, app: Celery, dead_after_s: float, max_attempts: 
 
 
 def resend_unfinished(engine: Engine, app: Celery, sweep_id: str, dead_after_s: float, max_attempts: int) -> int:
-    """`sweep resume`: send again every job of the sweep that is still queued, and those of dead workers."""
+    """`sweep resume`: send again every job of the sweep that is still queued, and those of dead
+    workers. A queued job whose message waits in a queue is not sent twice (on Redis, which can tell)."""
+    held = held_jobs(app) or {}
+    waiting = {job_id for job_id, copies in held.items() if any(c.taken_at is None for c in copies)}
     with session_scope(engine) as session:
         lost = requeue_lost(session, dead_after_s, max_attempts)
         queued = [Job.model_validate(spec) for spec in session.scalars(
             select(JobRow.spec).where(JobRow.sweep_id == sweep_id, JobRow.state == "queued").order_by(JobRow.index))]
-        queued = checks.without_crosschecks(session, queued, unroute_them=False)
+        queued = [j for j in checks.without_crosschecks(session, queued, unroute_them=False)
+                  if j.job_id not in waiting]
     # Lost jobs of other sweeps go out too: they are just as stuck.
     jobs = {j.job_id: j for j in [*lost, *queued]}
     send(app, list(jobs.values()))
@@ -142,3 +151,110 @@ def send_crosschecks(engine: Engine, app: Celery, dead_after_s: float) -> int:
         for job, worker in due:
             send_to_worker(app, job, worker)
     return len(due)
+
+
+class BrokerAudit:
+    """Keeps the broker's job messages in line with the database after an outage.
+
+    A job the database calls queued is in the broker: waiting in a queue, or taken by a worker
+    that is about to say "started". Redis loses one in two ways. Going down between a worker's
+    BRPOP and kombu's record of the taken message: the message is gone, and is sent again. A
+    worker's connection dying while it holds a message it has not run: kombu would put it back
+    only after the visibility timeout, an hour; the audit puts it back now. A Redis restarted
+    without its data loses every waiting job at once. And a finished job's message still marked
+    taken (its worker was killed mid-job, the job was re-sent and done elsewhere) is dropped:
+    an hour later kombu would hand it out again, for a run whose result is refused as a replay.
+
+    A job is judged once it has been in its state grace_s, a taken message once it was taken
+    grace_s ago (or its countdown ended that long ago), and nothing is done until two audits in a
+    row find the same: a message moving back to its queue can be missed by one look.
+
+    An audit reads every waiting message (about 1.3 s for 10,000 on two busy cores), so audits are
+    spaced every_s apart, or further when they are slow, to keep them under 5 % of a core.
+    """
+
+    def __init__(self, grace_s: float, every_s: float = 10.0) -> None:
+        self.grace_s = grace_s
+        self.every_s = every_s
+        self._suspects: dict[str, tuple] = {}  # job id -> (its row's updated_at, planned action) when last seen
+        self._next_at = 0.0
+        self.n_runs, self.n_sent, self.busy_s = 0, 0, 0.0  # for benchmarks/farm_load.py
+
+    def maybe_run(self, engine: Engine, app: Celery) -> int:
+        """run() when the last audit was long enough ago; what it returns, else 0."""
+        if time.monotonic() < self._next_at:
+            return 0
+        started = time.monotonic()
+        try:
+            n = self.run(engine, app)
+            self.n_sent += n
+            return n
+        finally:
+            took_s = time.monotonic() - started
+            self.n_runs, self.busy_s = self.n_runs + 1, self.busy_s + took_s
+            self._next_at = time.monotonic() + max(self.every_s, 20 * took_s)
+
+    def run(self, engine: Engine, app: Celery) -> int:
+        """One audit; returns how many queued jobs went back to the broker (sent again or put
+        back). The embedded broker cannot be audited (it keeps no record of what a worker took): 0."""
+        held = held_jobs(app)
+        if held is None:
+            return 0
+        now = utc_now()
+        cutoff, stale_before = now - timedelta(seconds=self.grace_s), now.timestamp() - self.grace_s
+
+        def stale(copy) -> bool:  # taken, and its holder should long have said "started"
+            return copy.taken_at is not None and max(copy.taken_at, copy.eta or 0.0) < stale_before
+
+        resend: list[Job] = []
+        restore, drop = [], []
+        suspects: dict[str, tuple] = {}
+        taken_ids = [job_id for job_id, copies in held.items() if any(c.taken_at is not None for c in copies)]
+        with session_scope(engine) as session:
+            # Ids and times only: a large sweep keeps thousands of jobs queued, each with its spec.
+            rows = session.execute(select(JobRow.id, JobRow.state, JobRow.updated_at).where(
+                (JobRow.state == "queued") | JobRow.id.in_(taken_ids))).all()
+            rows = [(job_id, state, at) for job_id, state, at in rows if state != "running" and as_utc(at) < cutoff]
+            crosschecks = {c.job_id: c for c in session.scalars(select(CheckRow).where(
+                CheckRow.kind == checks.CROSSCHECK, CheckRow.job_id.in_([job_id for job_id, _, _ in rows])))}
+            for job_id, state, updated_at in rows:
+                copies = held.get(job_id, [])
+                check = crosschecks.get(job_id)
+                if state != "queued":  # done or failed: a taken copy is a dead holder's leftover
+                    plan = ("drop", tuple(c.tag for c in copies if stale(c)))
+                    if not plan[1]:
+                        continue
+                elif check is not None and check.sent_at is None:
+                    continue  # not sent yet: route_crosschecks sends it once its original is done
+                elif any(not stale(c) for c in copies):
+                    continue  # waiting, or taken by a worker about to start it
+                elif copies:
+                    newest = max(copies, key=lambda c: c.taken_at)
+                    plan = ("put back", (newest.tag,), tuple(c.tag for c in copies if c is not newest))
+                else:
+                    plan = ("send again",)
+                if self._suspects.get(job_id) != (updated_at, plan):
+                    suspects[job_id] = (updated_at, plan)  # the next audit confirms
+                    continue
+                if plan[0] == "drop":
+                    log.info("job %s is %s: %d taken copies of its message dropped", job_id, state, len(plan[1]))
+                    drop += plan[1]
+                    continue
+                log.warning("job %s: %s", job_id, "taken by a worker that never ran it; put back" if copies
+                            else "its message was lost by the broker; sent again")
+                session.get(JobRow, job_id).updated_at = now  # queued anew: not judged again for grace_s
+                if plan[0] == "put back":
+                    restore += plan[1]
+                    drop += plan[2]
+                elif check is not None:
+                    checks.unroute(check)  # route_crosschecks sends it to a chosen worker again
+                else:
+                    resend.append(Job.model_validate(session.get(JobRow, job_id).spec))
+        self._suspects = suspects
+        if drop:
+            drop_taken(app, drop)
+        if restore:
+            put_back(app, restore)
+        if resend:
+            send(app, resend)
+        return len(restore) + len(resend)

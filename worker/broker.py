@@ -17,6 +17,8 @@ import os
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Iterator
 
 from celery import Celery
@@ -221,6 +223,90 @@ def restore_stale_results(conn, older_than_s: float) -> int:
             qos.restore_by_tag(tag, client)
             n_restored += 1
     return n_restored
+
+
+@dataclass(frozen=True)
+class HeldJob:
+    """A job's message as the broker holds it: waiting in a queue, or taken by a consumer and
+    not yet acknowledged (`taken_at` set)."""
+
+    queue: str
+    taken_at: float | None = None  # unix time a consumer took it
+    eta: float | None = None  # unix time before which it must not run (a retry sent with a countdown)
+    tag: str = ""  # the delivery tag of a taken message, to put it back
+
+
+def _held_job(message: object, queue: str, taken_at: float | None = None, tag: str = "") -> tuple[str, HeldJob] | None:
+    """(job id, HeldJob) of a kombu message that carries a job; None for anything else."""
+    headers = message.get("headers") if isinstance(message, dict) else None
+    if not isinstance(headers, dict) or headers.get("task") != RUN_JOB_TASK or not headers.get("id"):
+        return None
+    eta = headers.get("eta")
+    try:
+        eta_unix = datetime.fromisoformat(eta).timestamp() if eta else None
+    except (TypeError, ValueError):
+        eta_unix = None
+    return str(headers["id"]), HeldJob(queue, taken_at, eta_unix, tag)
+
+
+def held_jobs(app: Celery) -> dict[str, list[HeldJob]] | None:
+    """Every job message the broker holds, each copy, by job id; None where it cannot say (the
+    embedded broker keeps no record of what a consumer took).
+
+    The queues are read before the taken set: kombu moves a message from a queue to the taken
+    set, so in that order a message in motion is seen at least once. It can still be missed
+    moving back (kombu's own restore); callers confirm an absence with a second look.
+    Reads every waiting message whole (Redis has no cheaper way to list a queue's ids), about
+    2.6 kB a job: call it every few seconds, not in a loop.
+    """
+    if not str(app.conf.broker_url).startswith("redis://"):
+        return None
+    held: dict[str, list[HeldJob]] = {}
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        client = channel.client
+        for key in client.scan_iter(match="tokenfarm.*", _type="list"):
+            name = key.decode() if isinstance(key, bytes) else key
+            queue = name.split(channel.sep)[0]  # kombu's priority levels are lists named queue + sep + level
+            if queue == RESULTS_QUEUE:
+                continue
+            for start in range(0, client.llen(key), 1000):
+                for payload in client.lrange(key, start, start + 999):
+                    try:
+                        found = _held_job(json.loads(payload), queue)
+                    except ValueError:
+                        continue
+                    if found:
+                        held.setdefault(found[0], []).append(found[1])
+        taken_at = {(t.decode() if isinstance(t, bytes) else t): score
+                    for t, score in client.zrange(channel.unacked_index_key, 0, -1, withscores=True)}
+        for tag, raw in client.hgetall(channel.unacked_key).items():
+            tag = tag.decode() if isinstance(tag, bytes) else tag
+            try:
+                message, _exchange, routing_key = json.loads(raw)
+            except (ValueError, TypeError):
+                continue
+            if found := _held_job(message, str(routing_key), taken_at.get(tag, 0.0), tag):
+                held.setdefault(found[0], []).append(found[1])
+    return held
+
+
+def put_back(app: Celery, tags: list[str]) -> None:
+    """Return taken, unacknowledged messages to their queues (kombu's own restore, by tag)."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for tag in tags:
+            channel.qos.restore_by_tag(tag, channel.client)
+
+
+def drop_taken(app: Celery, tags: list[str]) -> None:
+    """Acknowledge taken messages on behalf of a holder that is gone: kombu forgets them."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        with channel.client.pipeline() as pipe:
+            for tag in tags:
+                pipe.zrem(channel.unacked_index_key, tag).hdel(channel.unacked_key, tag)
+            pipe.execute()
 
 
 @contextmanager

@@ -13,7 +13,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 from sqlalchemy import create_engine, func, select
@@ -101,38 +103,71 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to run a private broker")
-def test_the_broker_down_for_seconds_mid_sweep_loses_nothing(tmp_path, pg_url, smollm2):
+@contextmanager
+def private_redis(data_dir: Path, persistent: bool) -> Iterator[tuple[str, Callable[[], None]]]:
+    """A redis-server of the test's own: (its URL, a function that stops and restarts it).
+    persistent: appendonly keeps the queues across a restart, as a production Redis does;
+    without it a restart starts empty."""
     port = _free_port()
-    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-           "--dir", str(tmp_path)]
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+           "--appendonly", "yes" if persistent else "no", "--dir", str(data_dir)]
 
-    def start_redis() -> subprocess.Popen:
+    def start() -> subprocess.Popen:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode == 0, 20)
         return proc
 
-    redis_proc = start_redis()
-    env = chaos_env(tmp_path, pg_url, f"redis://127.0.0.1:{port}/0")
-    sweep = tmp_path / "fast.yaml"
-    sweep.write_text(FAST.format(name="outage"))
+    procs = [start()]
+
+    def restart() -> None:
+        subprocess.run(["redis-cli", "-p", str(port), "shutdown", *([] if persistent else ["nosave"])], capture_output=True)
+        procs[0].wait(timeout=20)
+        time.sleep(4.0)
+        procs[0] = start()
+
     try:
+        yield f"redis://127.0.0.1:{port}/0", restart
+    finally:
+        procs[0].terminate()
+        procs[0].wait(timeout=20)
+
+
+needs_redis_server = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to run a private broker")
+
+
+@needs_redis_server
+def test_the_broker_down_for_seconds_mid_sweep_loses_nothing(tmp_path, pg_url, smollm2):
+    with private_redis(tmp_path, persistent=True) as (broker_url, restart):
+        env = chaos_env(tmp_path, pg_url, broker_url)
+        sweep = tmp_path / "fast.yaml"
+        sweep.write_text(FAST.format(name="outage"))
         with worker_process(env, "patient", tmp_path / "patient.log"):
             waiter = subprocess.Popen([TOKENFARM, "sweep", "submit", str(sweep),
                                        "--wait", "--timeout", "400"], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True)
             assert wait_until(lambda: n_results(pg_url) >= 1, 120)
-            # appendonly keeps the queues across the outage, as a production Redis does.
-            subprocess.run(["redis-cli", "-p", str(port), "shutdown"], capture_output=True)
-            redis_proc.wait(timeout=20)
-            time.sleep(4.0)
-            redis_proc = start_redis()
+            restart()
             out, errs = waiter.communicate(timeout=420)
         assert waiter.returncode == 0, out + errs
         assert n_results(pg_url) == 5
-    finally:
-        redis_proc.terminate()
-        redis_proc.wait(timeout=20)
+
+
+@needs_redis_server
+def test_jobs_a_broker_restarted_without_its_data_lost_are_sent_again(tmp_path, pg_url, smollm2):
+    with private_redis(tmp_path, persistent=False) as (broker_url, restart):
+        env = chaos_env(tmp_path, pg_url, broker_url)
+        sweep = tmp_path / "fast.yaml"
+        sweep.write_text(FAST.format(name="amnesia"))
+        assert tokenfarm(env, "sweep", "submit", str(sweep)).returncode == 0
+        restart()  # every queued job's message is gone; the database still has them queued
+        started = time.monotonic()
+        with worker_process(env, "patient", tmp_path / "patient.log"):
+            waited = tokenfarm(env, "sweep", "wait", "amnesia", "--timeout", "300")
+        assert waited.returncode == 0, waited.stdout + waited.stderr
+        assert "its message was lost by the broker; sent again" in waited.stderr
+        assert n_results(pg_url) == 5
+        assert {j.state for j in job_rows(pg_url)} == {"done"}
+        print(f"5 lost jobs sent again and stored in {time.monotonic() - started:.1f} s")
 
 
 def _postgres_bin() -> Path | None:
