@@ -23,7 +23,7 @@ from orchestrator import checks
 from orchestrator.collector import requeue_lost
 from orchestrator.db import CheckRow, JobRow, SweepRow, WorkerRow, as_utc, session_scope
 from orchestrator.sweep import SweepSpec
-from worker.broker import RUN_JOB_TASK, drop_taken, held_jobs, put_back, worker_queue
+from worker.broker import RUN_JOB_TASK, broker_snapshot, drop_taken, put_back, worker_queue
 from worker.contract import Capabilities, Job, utc_now
 from worker.memory import GIB, class_gb, fits, memory_kind, offered_bytes
 
@@ -121,7 +121,8 @@ def resend_lost(engine: Engine, app: Celery, dead_after_s: float, max_attempts: 
 def resend_unfinished(engine: Engine, app: Celery, sweep_id: str, dead_after_s: float, max_attempts: int) -> int:
     """`sweep resume`: send again every job of the sweep that is still queued, and those of dead
     workers. A queued job whose message waits in a queue is not sent twice (on Redis, which can tell)."""
-    held = held_jobs(app) or {}
+    snapshot = broker_snapshot(app)
+    held = snapshot.jobs if snapshot else {}
     waiting = {job_id for job_id, copies in held.items() if any(c.taken_at is None for c in copies)}
     with session_scope(engine) as session:
         lost = requeue_lost(session, dead_after_s, max_attempts)
@@ -167,7 +168,9 @@ class BrokerAudit:
 
     A job is judged once it has been in its state grace_s, a taken message once it was taken
     grace_s ago (or its countdown ended that long ago), and nothing is done until two audits in a
-    row find the same: a message moving back to its queue can be missed by one look.
+    row find the same: a message moving back to its queue can be missed by one look, and a
+    collector may not have committed the "started" it holds. No audit judges while results wait
+    in the queue: the database is behind the broker then (a collector saturated, or not running).
 
     An audit reads every waiting message (about 1.3 s for 10,000 on two busy cores), so audits are
     spaced every_s apart, or further when they are slow, to keep them under 5 % of a core.
@@ -197,9 +200,14 @@ class BrokerAudit:
     def run(self, engine: Engine, app: Celery) -> int:
         """One audit; returns how many queued jobs went back to the broker (sent again or put
         back). The embedded broker cannot be audited (it keeps no record of what a worker took): 0."""
-        held = held_jobs(app)
-        if held is None:
+        snapshot = broker_snapshot(app)
+        if snapshot is None:
             return 0
+        if snapshot.n_results_waiting:
+            # A collector is behind: a job whose "started" waits in the queue looks lost. Judge
+            # nothing now; what was suspected stays suspected for the next audit.
+            return 0
+        held = snapshot.jobs
         now = utc_now()
         cutoff, stale_before = now - timedelta(seconds=self.grace_s), now.timestamp() - self.grace_s
 

@@ -249,19 +249,31 @@ def _held_job(message: object, queue: str, taken_at: float | None = None, tag: s
     return str(headers["id"]), HeldJob(queue, taken_at, eta_unix, tag)
 
 
-def held_jobs(app: Celery) -> dict[str, list[HeldJob]] | None:
-    """Every job message the broker holds, each copy, by job id; None where it cannot say (the
-    embedded broker keeps no record of what a consumer took).
+@dataclass(frozen=True)
+class BrokerSnapshot:
+    """The job messages a broker holds, each copy, by job id; and how many results were waiting
+    for a collector just after they were read (while any wait, the database lags the broker)."""
+
+    jobs: dict[str, list[HeldJob]]
+    n_results_waiting: int
+
+
+def broker_snapshot(app: Celery) -> BrokerSnapshot | None:
+    """What the broker holds now; None where it cannot say (the embedded broker keeps no record
+    of what a consumer took).
 
     The queues are read before the taken set: kombu moves a message from a queue to the taken
     set, so in that order a message in motion is seen at least once. It can still be missed
-    moving back (kombu's own restore); callers confirm an absence with a second look.
+    moving back (kombu's own restore); callers confirm an absence with a second look. The results
+    queue is counted last: a worker sends "started" before it acknowledges its job, so a job gone
+    from both sets was announced in a message now waiting, taken by a collector, or stored.
     Reads every waiting message whole (Redis has no cheaper way to list a queue's ids), about
     2.6 kB a job: call it every few seconds, not in a loop.
     """
     if not str(app.conf.broker_url).startswith("redis://"):
         return None
     held: dict[str, list[HeldJob]] = {}
+    results_keys = []
     with app.connection_for_write() as conn:
         channel = conn.default_channel
         client = channel.client
@@ -269,6 +281,7 @@ def held_jobs(app: Celery) -> dict[str, list[HeldJob]] | None:
             name = key.decode() if isinstance(key, bytes) else key
             queue = name.split(channel.sep)[0]  # kombu's priority levels are lists named queue + sep + level
             if queue == RESULTS_QUEUE:
+                results_keys.append(key)
                 continue
             for start in range(0, client.llen(key), 1000):
                 for payload in client.lrange(key, start, start + 999):
@@ -288,7 +301,8 @@ def held_jobs(app: Celery) -> dict[str, list[HeldJob]] | None:
                 continue
             if found := _held_job(message, str(routing_key), taken_at.get(tag, 0.0), tag):
                 held.setdefault(found[0], []).append(found[1])
-    return held
+        n_results = sum(client.llen(key) for key in results_keys)
+    return BrokerSnapshot(held, n_results)
 
 
 def put_back(app: Celery, tags: list[str]) -> None:

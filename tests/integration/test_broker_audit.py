@@ -14,7 +14,8 @@ from sqlalchemy import create_engine, select
 from orchestrator.db import JobRow, session_scope, upgrade
 from orchestrator.dispatch import BrokerAudit, record, send
 from orchestrator.sweep import SweepSpec, expand
-from worker.broker import create_app, held_jobs, job_queue
+from worker.broker import RESULTS_QUEUE, broker_snapshot, create_app, job_queue, publish_envelope
+from worker.contract import Envelope
 from tests.integration.conftest import service_env, tokenfarm
 from worker.settings import Settings
 
@@ -62,11 +63,25 @@ def test_a_lost_message_is_sent_again_after_two_audits_and_nothing_else_is(farm,
     assert waiting_ids(client, queue) == Counter(j.job_id for j in jobs)
 
 
+def test_nothing_is_judged_while_results_wait_for_a_collector(farm, redis_url):
+    engine, app, jobs = farm
+    send(app, jobs[1:])  # the first job was taken and acknowledged: its "started" waits below
+    publish_envelope(app, Envelope(kind="started", job_id=jobs[0].job_id, worker="w1"), "t" * 64)
+    audit = BrokerAudit(grace_s=0.0)
+    assert audit.run(engine, app) == 0 and audit.run(engine, app) == 0
+    assert broker_snapshot(app).n_results_waiting == 1
+    # With the queue empty the audits judge again: nothing will store that "started" here, so
+    # the job's message is gone as far as the database can tell, and it is sent again.
+    redis.Redis.from_url(redis_url).delete(RESULTS_QUEUE)
+    assert audit.run(engine, app) == 0
+    assert audit.run(engine, app) == 1
+
+
 def test_a_job_queued_less_than_the_grace_period_is_not_judged(farm, redis_url):
     engine, app, jobs = farm
     audit = BrokerAudit(grace_s=3600.0)  # nothing was sent, but everything was queued just now
     assert audit.run(engine, app) == 0 and audit.run(engine, app) == 0
-    assert held_jobs(app) == {}
+    assert broker_snapshot(app).jobs == {}
 
 
 def test_a_job_taken_and_never_run_is_put_back_and_a_delayed_retry_is_left_alone(farm, redis_url):
@@ -80,12 +95,12 @@ def test_a_job_taken_and_never_run_is_put_back_and_a_delayed_retry_is_left_alone
     taker = Queue(job_queue(stranded)).bind(holder.channel())
     assert all(taker.get(no_ack=False, accept=["json"]) is not None for _ in range(2))
     send(app, [waiting])
-    (s,), (d,), (w,) = (held_jobs(app)[j.job_id] for j in jobs)
+    (s,), (d,), (w,) = (broker_snapshot(app).jobs[j.job_id] for j in jobs)
     assert s.taken_at and d.taken_at and d.eta and w.taken_at is None
     audit = BrokerAudit(grace_s=0.0)
     assert audit.run(engine, app) == 0
     assert audit.run(engine, app) == 1
-    (s,), (d,), (w,) = (held_jobs(app)[j.job_id] for j in jobs)
+    (s,), (d,), (w,) = (broker_snapshot(app).jobs[j.job_id] for j in jobs)
     assert s.taken_at is None  # back in its queue, not copied
     assert d.taken_at is not None
     client = redis.Redis.from_url(redis_url)
@@ -108,7 +123,7 @@ def test_a_finished_jobs_message_left_taken_is_dropped_and_a_running_jobs_is_kep
         s.get(JobRow, failed.job_id).state = "failed"
     audit = BrokerAudit(grace_s=0.0)
     assert audit.run(engine, app) == 0 and audit.run(engine, app) == 0  # nothing sent: only forgotten
-    held = held_jobs(app)
+    held = broker_snapshot(app).jobs
     assert killed.job_id not in held and held[running.job_id][0].taken_at is not None
     holder.close()
 
@@ -120,13 +135,13 @@ def test_a_running_job_is_never_the_audits_business(farm, redis_url):
             row.state = "running"
     audit = BrokerAudit(grace_s=0.0)
     assert audit.run(engine, app) == 0 and audit.run(engine, app) == 0
-    assert held_jobs(app) == {}
+    assert broker_snapshot(app).jobs == {}
 
 
 def test_the_embedded_broker_is_not_audited(farm, tmp_path):
     engine, _app, _jobs = farm
     embedded = create_app(Settings(data_dir=tmp_path))
-    assert held_jobs(embedded) is None
+    assert broker_snapshot(embedded) is None
     assert BrokerAudit(grace_s=0.0).run(engine, embedded) == 0
 
 
