@@ -37,6 +37,12 @@ def chaos_env(tmp_path: Path, database_url: str, broker_url: str) -> dict[str, s
     return env
 
 
+def sweep_file(tmp_path: Path, template: str, name: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(template.format(name=name))
+    return path
+
+
 def job_rows(url: str) -> list[JobRow]:
     engine = create_engine(url)
     with session_scope(engine) as s:
@@ -55,8 +61,7 @@ def n_results(url: str) -> int:
 
 def test_a_job_of_a_worker_killed_mid_job_is_redone_elsewhere_and_stored_once(tmp_path, pg_url, redis_url, smollm2):
     env = chaos_env(tmp_path, pg_url, redis_url)
-    sweep = tmp_path / "slow.yaml"
-    sweep.write_text(SLOW.format(name="slow"))
+    sweep = sweep_file(tmp_path, SLOW, "slow")
     assert tokenfarm(env, "sweep", "submit", str(sweep)).returncode == 0
     # Nobody collects yet, so run a collector that records "started" while worker A works.
     collector = subprocess.Popen([TOKENFARM, "collector"], env=env,
@@ -82,8 +87,7 @@ def test_a_job_of_a_worker_killed_mid_job_is_redone_elsewhere_and_stored_once(tm
 
 def test_the_collector_restarted_mid_sweep_loses_nothing(tmp_path, pg_url, redis_url, smollm2):
     env = chaos_env(tmp_path, pg_url, redis_url)
-    sweep = tmp_path / "fast.yaml"
-    sweep.write_text(FAST.format(name="fast"))
+    sweep = sweep_file(tmp_path, FAST, "fast")
     with worker_process(env, "steady", tmp_path / "steady.log"):
         first = subprocess.Popen([TOKENFARM, "sweep", "submit", str(sweep), "--wait"],
                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -139,8 +143,7 @@ needs_redis_server = pytest.mark.skipif(shutil.which("redis-server") is None, re
 def test_the_broker_down_for_seconds_mid_sweep_loses_nothing(tmp_path, pg_url, smollm2):
     with private_redis(tmp_path, persistent=True) as (broker_url, restart):
         env = chaos_env(tmp_path, pg_url, broker_url)
-        sweep = tmp_path / "fast.yaml"
-        sweep.write_text(FAST.format(name="outage"))
+        sweep = sweep_file(tmp_path, FAST, "outage")
         with worker_process(env, "patient", tmp_path / "patient.log"):
             waiter = subprocess.Popen([TOKENFARM, "sweep", "submit", str(sweep),
                                        "--wait", "--timeout", "400"], env=env, stdout=subprocess.PIPE,
@@ -156,8 +159,7 @@ def test_the_broker_down_for_seconds_mid_sweep_loses_nothing(tmp_path, pg_url, s
 def test_jobs_a_broker_restarted_without_its_data_lost_are_sent_again(tmp_path, pg_url, smollm2):
     with private_redis(tmp_path, persistent=False) as (broker_url, restart):
         env = chaos_env(tmp_path, pg_url, broker_url)
-        sweep = tmp_path / "fast.yaml"
-        sweep.write_text(FAST.format(name="amnesia"))
+        sweep = sweep_file(tmp_path, FAST, "amnesia")
         assert tokenfarm(env, "sweep", "submit", str(sweep)).returncode == 0
         restart()  # every queued job's message is gone; the database still has them queued
         started = time.monotonic()
@@ -199,8 +201,7 @@ def test_the_database_down_for_seconds_mid_sweep_loses_nothing(tmp_path, redis_u
     pg("start")
     url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     env = chaos_env(tmp_path, url, redis_url)
-    sweep = tmp_path / "fast.yaml"
-    sweep.write_text(FAST.format(name="db-outage"))
+    sweep = sweep_file(tmp_path, FAST, "db-outage")
     try:
         with worker_process(env, "patient", tmp_path / "patient.log"):
             waiter = subprocess.Popen([TOKENFARM, "sweep", "submit", str(sweep), "--wait", "--timeout", "400"],
