@@ -30,7 +30,6 @@ from worker.memory import GIB, class_gb, fits, memory_kind, offered_bytes
 log = logging.getLogger("tokenfarm.dispatch")
 
 
-
 @dataclass
 class Unfit:
     """A job no known worker serves, and the best any worker with its engine offers."""
