@@ -195,7 +195,7 @@ def run(args, url: str) -> None:
     sim_cpu_s = 0.0
     next_kill = time.monotonic() + args.kill_every_s
     last_check = time.monotonic()
-    audit = dispatch.BrokerAudit(settings.worker_dead_after_s)
+    upkeep = dispatch.Upkeep(settings)  # the orchestrator's own recovery, as `sweep wait` runs it
     collector = Collector(engine, batch_size=500, app=app, max_attempts=settings.max_attempts)
     services_cpu = {pid: cpu_s(pid) for pid in service_pids(engine, args.redis)}
     t0 = time.perf_counter()
@@ -218,17 +218,14 @@ def run(args, url: str) -> None:
             counts = sweep_progress(s, sweep_id)
         finished = counts.get("done", 0) + counts.get("failed", 0)
         progress_at.append((time.perf_counter() - t0, finished))
+        upkeep.maybe_run(engine, app)
         if now - last_check > 2.0:
-            # The orchestrator's own recovery, as `sweep wait` runs it: jobs of silent workers.
-            dispatch.resend_lost(engine, app, settings.worker_dead_after_s, settings.max_attempts)
             recent = [n for t, n in progress_at if t > progress_at[-1][0] - args.stall_s]
             if progress_at[-1][0] > args.stall_s and recent and recent[0] == finished < len(jobs):
                 # What an operator's `tokenfarm sweep resume` would do; counted, as it should not be needed.
                 dispatch.resend_unfinished(engine, app, sweep_id, settings.worker_dead_after_s, settings.max_attempts)
                 resumes += 1
             last_check = now
-        # As `sweep wait` runs it: queued jobs whose message the broker does not hold.
-        audit.maybe_run(engine, app)
         return finished >= len(jobs) or time.perf_counter() - t0 > args.timeout_s
 
     collect(app, collector, done, tick_s=0.2)
@@ -261,6 +258,7 @@ def run(args, url: str) -> None:
           f"processes shared the cores and the wall-clock figures are low)")
     print(f"workers: {args.workers} simulated in {args.procs} processes, {kills} processes killed with SIGKILL "
           f"and restarted; sweep resumes needed: {resumes}")
+    audit = upkeep.audit
     print(f"broker audits: {audit.n_runs}, {1e3 * audit.busy_s / max(1, audit.n_runs):.0f} ms each "
           f"(wall clock, queues read whole), jobs sent again or put back: {audit.n_sent}")
     print(f"messages: {collector.counts}")

@@ -215,25 +215,20 @@ def _wait(settings: Settings, engine, celery, sweep_id: str, n_jobs: int, timeou
     from orchestrator.checks import describe, verdict_counts
     from orchestrator.collector import Collector, collect, sweep_progress
     from orchestrator.db import session_scope
-    from orchestrator.dispatch import BrokerAudit, resend_lost, send_crosschecks
+    from orchestrator.dispatch import Upkeep
     from orchestrator.store import failed_jobs
 
     deadline = time.monotonic() + timeout if timeout else None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    state = {"next_check": time.monotonic() + 2.0, "finished": 0, "timed_out": False}
-    audit = BrokerAudit(settings.worker_dead_after_s)
+    state = {"finished": 0, "timed_out": False}
+    upkeep = Upkeep(settings)
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("waiting for a worker (start one: tokenfarm worker start)", total=n_jobs)
 
         def done() -> bool:
             try:
-                if time.monotonic() > state["next_check"]:
-                    # Jobs of workers that died mid-job go back on the queue.
-                    resend_lost(engine, celery, settings.worker_dead_after_s, settings.max_attempts, settings.job_timeout_s)
-                    send_crosschecks(engine, celery, settings.worker_dead_after_s)
-                    state["next_check"] = time.monotonic() + 2.0
-                # Queued jobs whose message a broker outage lost go back on the queue.
-                audit.maybe_run(engine, celery)
+                # Jobs of workers that died mid-job, or whose message the broker lost, go back on the queue.
+                upkeep.maybe_run(engine, celery)
                 with session_scope(engine) as session:
                     counts = sweep_progress(session, sweep_id)
             except (OperationalError, OSError, *celery.connection_for_write().connection_errors) as exc:
@@ -401,7 +396,7 @@ def leaderboard(tier: Optional[int] = typer.Option(None, help="only what fits th
 def collector() -> None:
     """Store results from the queue until stopped (the deployment's only database writer)."""
     from orchestrator.collector import Collector, collect
-    from orchestrator.dispatch import BrokerAudit, resend_lost, send_crosschecks
+    from orchestrator.dispatch import Upkeep
     from worker.broker import create_app
 
     settings = load_settings()
@@ -410,18 +405,13 @@ def collector() -> None:
     console.print(f"collecting results from {_redact_broker(settings)}")
     celery = create_app(settings)
     c.app = celery
-    next_check = [0.0]
-    audit = BrokerAudit(settings.worker_dead_after_s)
+    upkeep = Upkeep(settings)
 
     def maintain() -> bool:
-        if time.monotonic() > next_check[0]:
-            try:
-                resend_lost(c.engine, celery, settings.worker_dead_after_s, settings.max_attempts, settings.job_timeout_s)
-                send_crosschecks(c.engine, celery, settings.worker_dead_after_s)
-                audit.maybe_run(c.engine, celery)
-            except Exception as exc:  # a service outage: the next tick retries
-                err.print(f"could not re-send lost jobs yet: {exc}")
-            next_check[0] = time.monotonic() + 2.0
+        try:
+            upkeep.maybe_run(c.engine, celery)
+        except Exception as exc:  # a service outage: the next tick retries
+            err.print(f"could not re-send lost jobs yet: {exc}")
         return False
 
     collect(celery, c, maintain, tick_s=1.0)

@@ -26,6 +26,7 @@ from orchestrator.sweep import SweepSpec
 from worker.broker import RUN_JOB_TASK, broker_snapshot, drop_taken, put_back, worker_queue
 from worker.contract import Capabilities, Job, utc_now
 from worker.memory import GIB, class_gb, fits, memory_kind, offered_bytes
+from worker.settings import Settings
 
 log = logging.getLogger("tokenfarm.dispatch")
 
@@ -265,3 +266,25 @@ class BrokerAudit:
         if resend:
             send(app, resend)
         return len(restore) + len(resend)
+
+
+class Upkeep:
+    """The orchestrator's own recovery, run by every loop that collects results (`sweep wait`,
+    `tokenfarm collector`): every every_s, the running jobs of silent or hung workers go back
+    on the queue and due cross-checks go out; every audit period, the broker audit."""
+
+    def __init__(self, settings: Settings, every_s: float = 2.0) -> None:
+        self.settings = settings
+        self.every_s = every_s
+        self.audit = BrokerAudit(settings.worker_dead_after_s)
+        self._next_at = 0.0
+
+    def maybe_run(self, engine: Engine, app: Celery) -> None:
+        """Raises what an unavailable database or broker raises; the next call tries again."""
+        if time.monotonic() < self._next_at:
+            return
+        self._next_at = time.monotonic() + self.every_s
+        s = self.settings
+        resend_lost(engine, app, s.worker_dead_after_s, s.max_attempts, s.job_timeout_s)
+        send_crosschecks(engine, app, s.worker_dead_after_s)
+        self.audit.maybe_run(engine, app)
