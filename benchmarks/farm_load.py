@@ -26,9 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Only worker-side imports at the top: the simulated workers are spawned processes that import
 # this module, and a restart after a kill should cost what a worker's start costs.
 
-from worker.broker import create_app, signed_body, worker_queues  # noqa: E402
-from worker.contract import Capabilities, Envelope, Hardware, Job, ModelFacts, Result, output_sha256, summarize  # noqa: E402
-from worker.settings import Settings  # noqa: E402
+from farm.broker import create_app, signed_body, worker_queues  # noqa: E402
+from farm.contract import Capabilities, Envelope, Hardware, Job, ModelFacts, Result  # noqa: E402
+from farm.identity import output_sha256
+from farm.settings import Settings  # noqa: E402
+from farm.stats import summarize  # noqa: E402
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
@@ -56,7 +58,7 @@ def simulate(broker_url: str, workers: dict[str, str], seed: int, heartbeat_s: f
     """
     from kombu import Exchange, Queue
 
-    from worker.broker import publish_results
+    from farm.broker import publish_results
 
     settings = Settings(broker_url=broker_url, heartbeat_s=heartbeat_s, visibility_timeout_s=visibility_timeout_s)
     app = create_app(settings)

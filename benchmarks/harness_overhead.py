@@ -18,11 +18,12 @@ from pathlib import Path
 
 import llama_cpp
 
-from worker.contract import EngineConfig, Job, sample_stats
+from farm.contract import EngineConfig, Job
+from farm.settings import load_settings
+from farm.stats import sample_stats
 from worker.engines.llamacpp import LlamaCppBackend, default_n_threads
 from worker.measure import input_tokens, measure
 from worker.models import resolve
-from worker.settings import load_settings
 
 
 class BareLoop:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from farm.contract import EngineConfig, Job
+from farm.modelfiles import read_facts
+from farm.settings import load_settings
 from worker import hardware
-from worker.contract import EngineConfig, Job
 from worker.engines.llamacpp import LlamaCppBackend, default_n_threads
 from worker.measure import decode_context, measure, roofline_tok_s
-from worker.models import read_facts, resolve
-from worker.settings import load_settings
+from worker.models import resolve
 
 
 def main() -> None:

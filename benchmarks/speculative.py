@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.contract import EngineConfig
+from farm.contract import EngineConfig
+from farm.identity import first_difference
+from farm.prompts import load_prompts
 from worker.engines.llamacpp import LlamaCppBackend
 from worker.models import resolve
-from worker.speculative import ModelDrafter, first_difference, greedy, load_prompts, speculative
+from worker.speculative import ModelDrafter, greedy, speculative
 
 MODELS_DIR = Path(os.environ.get("TOKENFARM_MODELS_DIR", Path.home() / ".local/share/tokenfarm/models"))
 

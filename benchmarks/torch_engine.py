@@ -19,13 +19,19 @@ import time
 import numpy as np
 import torch
 
-from worker.contract import EngineConfig, Job
+from farm.contract import EngineConfig, Job
+from farm.modelfiles import sha256_file
+from farm.settings import load_settings
 from worker.engines.torch import TorchBackend
-from worker.engines.torch.model import ModelConfig, Transformer, calibrate_routing, pack_linears
+from worker.engines.torch.model import (
+    ModelConfig,
+    Transformer,
+    calibrate_routing,
+    pack_linears,
+)
 from worker.engines.torch.speculative import generate
 from worker.engines.torch.techniques import measure_technique
-from worker.models import resolve, sha256_file
-from worker.settings import load_settings
+from worker.models import resolve
 
 
 def triad_gbps(n: int = 16_000_000, reps: int = 5) -> float:

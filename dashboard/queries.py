@@ -7,7 +7,7 @@ shared with the CLI.
 With 100,000 results a page cannot load every stored Result: queries group by the results
 table's key columns in SQL and pull the few JSON fields they need as aggregates; only the
 detail page reads one whole Result. Figures outside the key columns (TTFT, peak memory,
-roofline, acceptance, ...) are read by JSON path into `worker.contract.Result`; every path is
+roofline, acceptance, ...) are read by JSON path into `farm.contract.Result`; every path is
 listed in JSON_PATHS, which a unit test checks against the schema. A Result stored before a
 field existed reads NULL there, and the pages show an empty state instead of failing.
 """
@@ -24,9 +24,9 @@ from sqlalchemy import case, create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import aliased
 
+from farm.settings import load_settings
 from orchestrator.db import JobRow, ResultRow, SweepRow
 from orchestrator.ranking import Filters, Measurement, rank
-from worker.settings import load_settings
 
 TTL_S = 30
 R = ResultRow

@@ -1,7 +1,7 @@
 """Plausible synthetic results for the dashboard's tests and its load benchmark.
 
 It writes sweeps, jobs and results straight into an upgraded database in bulk (SQLAlchemy Core
-executemany). Every result is a `worker.contract.Result` built through the schema (stats,
+executemany). Every result is a `farm.contract.Result` built through the schema (stats,
 conditions, model facts, hardware, speculation) and self-consistent the way the collector checks
 it: avg_ts and stddev_ts from the samples, speedup from the baseline samples, acceptance from the
 counts. Every job is a valid `Job`. The app never calls it; it knows nothing of Streamlit.
@@ -18,9 +18,18 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy.engine import Engine
 
+from farm.contract import (
+    PROMPT_CATEGORIES,
+    Conditions,
+    Hardware,
+    Job,
+    ModelFacts,
+    Result,
+    format_test_name,
+)
+from farm.identity import combine_sha256, output_sha256, tokens_sha256
+from farm.stats import sample_stats, summarize
 from orchestrator.db import JobRow, ResultRow, SweepRow
-from worker.contract import (PROMPT_CATEGORIES, Conditions, Hardware, Job, ModelFacts, Result, Speculation,
-                             combine_sha256, format_test_name, output_sha256, sample_stats, summarize, tokens_sha256)
 
 # (name, arch, total params, active params, n_expert, n_expert_used, (n_layer, n_kv_head, head_dim)):
 # three MoE among dense models.

@@ -2,8 +2,8 @@
 
 from alembic import context
 
+from farm.settings import load_settings
 from orchestrator.db import Base, make_engine
-from worker.settings import load_settings
 
 config = context.config
 target_metadata = Base.metadata

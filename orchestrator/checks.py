@@ -32,9 +32,16 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from orchestrator.db import CanaryReferenceRow, CheckRow, JobRow, ResultRow, WorkerRow, as_utc
-from worker.broker import worker_queue
-from worker.contract import Capabilities, Hardware, Job, Result, kind_of_test, utc_now
+from farm.broker import worker_queue
+from farm.contract import Capabilities, Hardware, Job, Result, kind_of_test, utc_now
+from orchestrator.db import (
+    CanaryReferenceRow,
+    CheckRow,
+    JobRow,
+    ResultRow,
+    WorkerRow,
+    as_utc,
+)
 
 log = logging.getLogger("tokenfarm.checks")
 
@@ -393,7 +400,7 @@ def route_crosschecks(session: Session, dead_after_s: float, rng: random.Random 
 
 
 def _can_fit(worker: WorkerRow, job: Job) -> bool:
-    from worker.memory import fits
+    from farm.memory import fits
 
     try:
         caps = Capabilities.model_validate(worker.capabilities or {})

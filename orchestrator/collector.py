@@ -21,11 +21,20 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from farm.contract import Envelope, Job, Result, kind_of_test, utc_now
+from farm.signing import verify
 from orchestrator import checks
-from orchestrator.db import (RESULT_KEY_COLUMNS, CheckRow, JobRow, RejectionRow, ResultRow, WorkerRow, as_utc,
-                             session_scope)
-from worker.contract import Envelope, Job, Result, kind_of_test, utc_now
-from worker.trust import verify
+from orchestrator.db import (
+    RESULT_KEY_COLUMNS,
+    CheckRow,
+    JobRow,
+    RejectionRow,
+    ResultRow,
+    WorkerRow,
+    as_utc,
+    session_scope,
+)
+from orchestrator.validation import result_problems
 
 log = logging.getLogger("tokenfarm.collector")
 
@@ -145,7 +154,7 @@ def ingest(session: Session, body: object, max_attempts: int = 3, known: Known |
         return _reject(session, name, env.job_id, f"job is assigned to worker {row.worker!r}", worker)
     result: Result = env.result
     job = Job.model_validate(row.spec)
-    problems = result.inconsistencies(job)
+    problems = result_problems(result, job)
     if result.worker != name:
         problems.append(f"result claims worker {result.worker!r} inside a message from {name!r}")
     problems += implausibilities(result, worker)
@@ -299,7 +308,7 @@ def collect(celery, collector: Collector, done: Callable[[], bool], tick_s: floa
     Survives broker outages: the consumer is rebuilt after a connection error, and nothing is
     acknowledged before it is committed, so a message in flight during an outage comes back.
     """
-    from worker.broker import restore_stale_results, results_consumer
+    from orchestrator.broker_audit import restore_stale_results, results_consumer
 
     connection_errors = (OSError, *celery.connection_for_read().connection_errors)
     while True:

@@ -1,6 +1,6 @@
 """Jobs to the broker: record first, then send, so every message has a row to land on.
 
-Each job goes to the queue of its engine and memory class (the Celery router in worker/broker.py),
+Each job goes to the queue of its engine and memory class (the Celery router in farm/broker.py),
 and a sweep is checked first against the workers that announced what they offer: a job no
 registered worker can fit is refused at submit instead of waiting forever. Knows the Celery app
 and the database session it is handed; never measures anything.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from celery import Celery
 from pydantic import ValidationError
@@ -19,14 +19,15 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from farm.broker import RUN_JOB_TASK, worker_queue
+from farm.contract import Capabilities, Job, utc_now
+from farm.memory import GIB, class_gb, fits, memory_kind, offered_bytes
+from farm.settings import Settings
 from orchestrator import checks
+from orchestrator.broker_audit import broker_snapshot, drop_taken, put_back
 from orchestrator.collector import requeue_lost
 from orchestrator.db import CheckRow, JobRow, SweepRow, WorkerRow, as_utc, session_scope
 from orchestrator.sweep import SweepSpec
-from worker.broker import RUN_JOB_TASK, broker_snapshot, drop_taken, put_back, worker_queue
-from worker.contract import Capabilities, Job, utc_now
-from worker.memory import GIB, class_gb, fits, memory_kind, offered_bytes
-from worker.settings import Settings
 
 log = logging.getLogger("tokenfarm.dispatch")
 
@@ -68,7 +69,7 @@ def known_capabilities(session: Session) -> dict[str, Capabilities]:
 
 
 def unfit_jobs(jobs: list[Job], workers: dict[str, Capabilities]) -> list[Unfit]:
-    """The jobs none of `workers` would take from their queues (worker/memory.py `fits`)."""
+    """The jobs none of `workers` would take from their queues (farm/memory.py `fits`)."""
     unfit = []
     for job in jobs:
         if any(fits(caps, job) for caps in workers.values()):
@@ -137,7 +138,7 @@ def resend_unfinished(engine: Engine, app: Celery, sweep_id: str, dead_after_s: 
 
 
 def send_to_worker(app: Celery, job: Job, worker: str) -> None:
-    """One job to one worker's own queue (worker.broker.worker_queue)."""
+    """One job to one worker's own queue (farm.broker.worker_queue)."""
     app.send_task(RUN_JOB_TASK, args=[job.model_dump(mode="json")], task_id=job.job_id, queue=worker_queue(worker))
 
 

@@ -17,9 +17,17 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
+from farm.contract import (
+    EngineConfig,
+    Hardware,
+    ModelFacts,
+    Result,
+    format_test_name,
+    tokens_per_run,
+    utc_now,
+)
+from farm.stats import sample_stats, summarize, tok_s
 from orchestrator.db import JobRow, ResultRow, SweepRow
-from worker.contract import (EngineConfig, Hardware, ModelFacts, Result, format_test_name, sample_stats,
-                             summarize, tok_s, tokens_per_run, utc_now)
 
 # Namespace for ids of imported rows: the same line imported twice gets the same job id.
 IMPORT_NAMESPACE = uuid.UUID("6f1d0c52-4a3e-4d0b-9d7e-1b7f3c9a2e51")

@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Iterable
 
-from worker.contract import kind_of_test, Result
-from worker.memory import TIERS_GB
+from farm.contract import Result, kind_of_test
+from farm.memory import TIERS_GB
 
 _GIB = 1 << 30
 # Room for the KV cache, compute buffers and the runtime beside the weights.

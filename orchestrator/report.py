@@ -12,9 +12,9 @@ import io
 import json
 from typing import Iterable
 
+from farm.contract import Result
 from orchestrator.llamabench import to_record
 from orchestrator.ranking import LeaderRow
-from worker.contract import Result
 
 FORMATS = ("md", "csv", "json", "jsonl")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from farm.contract import Result
 from orchestrator.db import JobRow, ResultRow, SweepRow
-from worker.contract import Result
 
 
 def load_results(session: Session, sweep_id: str | None = None, status: str | None = None,

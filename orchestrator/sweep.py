@@ -3,7 +3,7 @@
 Pure: reads the file and GGUF headers, touches neither the broker nor the database. Jobs come
 out model-major (model, then quant, then engine settings), so a worker loads each model once
 and derived quantizations are made once per sweep, each with the memory it needs estimated
-(worker/memory.py), which routes it.
+(farm/memory.py), which routes it.
 """
 
 from __future__ import annotations
@@ -16,11 +16,26 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from worker.contract import PROMPT_CATEGORIES, QUANTS, EngineConfig, Engine, Job, Technique
-from worker.derive import parse_moe_name
-from worker.memory import job_need_bytes
-from worker.models import (CATALOGUE, ModelError, catalogue_path, check_gguf, read_facts, sha256_file, vocab_mismatch,
-                           vocab_texts)
+from farm.contract import (
+    PROMPT_CATEGORIES,
+    QUANTS,
+    Engine,
+    EngineConfig,
+    Job,
+    Technique,
+)
+from farm.memory import job_need_bytes
+from farm.modelfiles import (
+    CATALOGUE,
+    ModelError,
+    catalogue_path,
+    check_gguf,
+    parse_moe_name,
+    read_facts,
+    sha256_file,
+    vocab_mismatch,
+    vocab_texts,
+)
 
 
 class SweepError(Exception):

@@ -12,8 +12,8 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from farm.signing import new_token
 from orchestrator.db import RejectionRow, WorkerRow
-from worker.trust import new_token
 
 
 class RegistryError(Exception):

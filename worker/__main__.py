@@ -2,7 +2,7 @@
 
 import argparse
 
-from worker.settings import load_settings
+from farm.settings import load_settings
 from worker.tasks import start
 
 parser = argparse.ArgumentParser(prog="python -m worker", description="Serve tokenfarm measurement jobs.")

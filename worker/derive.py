@@ -2,8 +2,8 @@
 
 Owns the MoE upcycler (a dense llama GGUF in, a llama GGUF with E experts per layer out, written
 with the `gguf` package) and the names that refer to derived models in sweeps
-(`smollm2-135m-moe8x2`). Requantizing is delegated to `worker.models.resolve`, which records
-provenance; this module never runs a model.
+(`smollm2-135m-moe8x2`, parsed in farm/modelfiles.py). Requantizing and caching are
+worker/models.py's, which records provenance; this module never runs a model.
 
 MoE shapes, in ggml order (ne0 first) as llama.cpp expects them:
     E: n_expert, D: n_embd, F: n_ff
@@ -12,54 +12,15 @@ MoE shapes, in ggml order (ne0 first) as llama.cpp expects them:
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from worker.models import CATALOGUE, ModelError, check_gguf, resolve, sha256_file
-
-# The ladder the issue asks to prove measurements on, from highest fidelity down.
-QUANT_LADDER = ("F32", "F16", "Q8_0", "Q4_K_M", "Q4_0", "Q2_K")
-
-# `<parent>-moe<E>x<K>`: perturbed experts and a random router (a real MoE whose routing varies
-# by token); `-copy`: identical experts and a zero router (output equals the parent's).
-MOE_NAME = re.compile(r"^(?P<parent>.+)-moe(?P<n_expert>\d+)x(?P<n_used>\d+)(?P<copy>-copy)?$")
+from farm.modelfiles import ModelError, UpcycleConfig, check_gguf
 
 _FFN = ("ffn_gate", "ffn_up", "ffn_down")
-
-
-@dataclass(frozen=True)
-class UpcycleConfig:
-    n_expert: int = 8
-    n_expert_used: int = 2
-    # Noise on each expert's weights, relative to the std of the dense weight; 0: exact copies.
-    noise: float = 0.0
-    router: str = "zero"  # "zero" or "random"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.n_expert_used <= self.n_expert:
-            raise ModelError(f"experts used ({self.n_expert_used}) must be between 1 and the expert count ({self.n_expert})")
-        if self.router not in ("zero", "random"):
-            raise ModelError(f"router {self.router!r}: use 'zero' or 'random'")
-        if self.noise < 0:
-            raise ModelError("noise must be >= 0")
-
-
-def parse_moe_name(ref: str) -> tuple[str, UpcycleConfig] | None:
-    """(parent catalogue name, how to upcycle it) for a derived MoE name; None for other names."""
-    m = MOE_NAME.match(ref)
-    if m is None or m["parent"] not in CATALOGUE:
-        return None
-    if m["copy"]:
-        cfg = UpcycleConfig(int(m["n_expert"]), int(m["n_used"]))
-    else:
-        cfg = UpcycleConfig(int(m["n_expert"]), int(m["n_used"]), noise=0.05, router="random", seed=0)
-    return m["parent"], cfg
 
 
 def _copy_metadata(reader, writer, cfg: UpcycleConfig) -> None:
@@ -161,25 +122,3 @@ def upcycle(source: Path, target: Path, cfg: UpcycleConfig) -> Path:
     writer.close()
     os.replace(partial, target)
     return target
-
-
-def moe_path(name: str, models_dir: Path) -> Path:
-    """The derived MoE file for a name like `smollm2-135m-moe8x2`, built on first use and cached."""
-    parsed = parse_moe_name(name)
-    if parsed is None:
-        raise ModelError(f"{name!r} is not a derived MoE name: use <catalogue model>-moe<E>x<K>[-copy], e.g. smollm2-135m-moe8x2")
-    parent, cfg = parsed
-    dense_f32, parent_sha = resolve(parent, "F32", models_dir)
-    target = Path(models_dir) / "derived" / f"{parent_sha[:16]}.{name.removeprefix(parent + '-')}.F32.gguf"
-    if not target.exists():
-        upcycle(dense_f32, target, cfg)
-        target.with_name(target.name + ".provenance.json").write_text(json.dumps({
-            "derived_by": "tokenfarm upcycle", "parent": parent, "parent_sha256": parent_sha,
-            "parent_f32": str(dense_f32), "parent_f32_sha256": sha256_file(dense_f32), **asdict(cfg),
-        }, indent=2))
-    return target
-
-
-def quant_ladder(model: str, models_dir: Path, quants: tuple[str, ...] = QUANT_LADDER) -> list[tuple[str, Path]]:
-    """Every quant of the ladder for `model`, derived through resolve (which records provenance)."""
-    return [(q, resolve(model, q, models_dir)[0]) for q in quants]

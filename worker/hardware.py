@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from worker.contract import Hardware
+from farm.contract import Hardware
 
 
 def _cpu_model() -> str:

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Sequence
 
-from worker.contract import Job
+from farm.contract import Job, Speculation
+from farm.identity import first_difference, tokens_sha256
+from farm.stats import summarize
 from worker.engines.base import Backend
 
 
@@ -107,3 +109,25 @@ def roofline_tok_s(bandwidth_gbps: float, active_bytes: int, kv_bytes_per_token:
     if bandwidth_gbps <= 0 or active_bytes <= 0:
         return 0.0
     return bandwidth_gbps * 1e9 / bytes_per_token
+
+
+def speculation_block(n_tokens: int, baseline_samples_ns: list[int], samples_ns: list[int], n_drafted: int,
+             n_accepted: int, n_passes: int, drafted_at: list[int], accepted_at: list[int], draft_ns: int,
+             verify_ns: int, baseline_tokens: Sequence[Sequence[int]],
+             tokens: Sequence[Sequence[int]]) -> Speculation:
+    """The block from raw counts and per-prompt tokens, every ratio, verdict and hash derived
+    here so engines cannot disagree on one."""
+    first_mismatch = [first_difference(b, t) for b, t in zip(baseline_tokens, tokens, strict=True)]
+    base_avg, _ = summarize(n_tokens, baseline_samples_ns)
+    avg, _ = summarize(n_tokens, samples_ns)
+    return Speculation(
+        baseline_samples_ns=baseline_samples_ns, baseline_avg_ts=base_avg, speedup=avg / base_avg,
+        n_drafted=n_drafted, n_accepted=n_accepted, n_passes=n_passes,
+        acceptance_rate=n_accepted / n_drafted if n_drafted else 0.0,
+        mean_accepted_per_pass=n_accepted / n_passes if n_passes else 0.0,
+        acceptance_by_position=[a / d if d else 0.0 for a, d in zip(accepted_at, drafted_at)],
+        draft_ns=draft_ns, verify_ns=verify_ns,
+        first_mismatch=first_mismatch, lossless=all(m is None for m in first_mismatch),
+        baseline_sha256=[tokens_sha256(b) for b in baseline_tokens],
+        output_sha256=[tokens_sha256(t) for t in tokens],
+    )

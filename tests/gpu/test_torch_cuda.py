@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from worker.contract import EngineConfig  # noqa: E402
+from farm.contract import EngineConfig  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,

@@ -8,7 +8,7 @@ Run as `python tests/integration/lying_worker.py --name NAME` (test-only; never 
 import argparse
 
 import worker.tasks
-from worker.settings import load_settings
+from farm.settings import load_settings
 
 _real_resolve = worker.tasks.resolve
 

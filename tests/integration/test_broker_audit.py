@@ -11,13 +11,14 @@ import redis
 from kombu import Queue
 from sqlalchemy import create_engine, select
 
+from farm.broker import RESULTS_QUEUE, create_app, job_queue, publish_envelope
+from farm.contract import Envelope
+from farm.settings import Settings
+from orchestrator.broker_audit import broker_snapshot
 from orchestrator.db import JobRow, session_scope, upgrade
 from orchestrator.dispatch import BrokerAudit, record, send
 from orchestrator.sweep import SweepSpec, expand
-from worker.broker import RESULTS_QUEUE, broker_snapshot, create_app, job_queue, publish_envelope
-from worker.contract import Envelope
 from tests.integration.conftest import service_env, tokenfarm
-from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 

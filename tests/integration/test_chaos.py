@@ -21,7 +21,13 @@ import pytest
 from sqlalchemy import create_engine, func, select
 
 from orchestrator.db import JobRow, ResultRow, session_scope
-from tests.integration.conftest import TOKENFARM, service_env, tokenfarm, wait_until, worker_process
+from tests.integration.conftest import (
+    TOKENFARM,
+    service_env,
+    tokenfarm,
+    wait_until,
+    worker_process,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -3,20 +3,20 @@ on a seeded database carrying the fields later issues add, and on PostgreSQL rea
 
 from __future__ import annotations
 
-
 import pytest
 from sqlalchemy import text
 from streamlit.testing.v1 import AppTest
 
 from dashboard.sample_data import seed as seed_sample
+from farm.contract import ModelFacts, Result
+from farm.stats import summarize
 from orchestrator.collector import result_row
 from orchestrator.db import WorkerRow, make_engine, session_scope, upgrade
-from orchestrator.workers import add_worker, set_flag
 from orchestrator.dispatch import record
 from orchestrator.ranking import TIERS_GB
 from orchestrator.sweep import SweepSpec, expand
+from orchestrator.workers import add_worker, set_flag
 from tests.conftest import REPO
-from worker.contract import ModelFacts, Result, summarize
 
 pytestmark = pytest.mark.integration
 APP = str(REPO / "dashboard" / "app.py")

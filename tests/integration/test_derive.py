@@ -7,11 +7,12 @@ import json
 import gguf
 import pytest
 
+from farm.contract import EngineConfig
+from farm.modelfiles import QUANT_LADDER, UpcycleConfig, parse_moe_name, read_facts
 from tests.integration.conftest import MODELS_DIR
-from worker.contract import EngineConfig
-from worker.derive import QUANT_LADDER, UpcycleConfig, parse_moe_name, quant_ladder, upcycle
+from worker.derive import upcycle
 from worker.engines.llamacpp import LlamaCppBackend
-from worker.models import resolve, read_facts
+from worker.models import quant_ladder, resolve
 
 pytestmark = pytest.mark.integration
 

@@ -13,11 +13,12 @@ import sys
 
 import pytest
 
+from farm.contract import Job
+from farm.memory import facts_for, job_need_bytes, scaled_to_quant
+from farm.modelfiles import CATALOGUE, catalogue_path, read_facts
+from farm.settings import Settings
 from tests.integration.conftest import MODELS_DIR
-from worker.contract import Job
-from worker.memory import facts_for, job_need_bytes, scaled_to_quant
-from worker.models import CATALOGUE, catalogue_path, fetch, read_facts, resolve
-from worker.settings import Settings
+from worker.models import fetch, resolve
 from worker.tasks import execute
 
 pytestmark = pytest.mark.integration
@@ -27,8 +28,8 @@ MIB = 1 << 20
 PROBE = """
 import json, sys
 from pathlib import Path
-from worker.contract import Job
-from worker.settings import Settings
+from farm.contract import Job
+from farm.settings import Settings
 from worker.tasks import execute
 r = execute(Job.model_validate_json(sys.argv[1]), Settings(worker_name="probe", models_dir=Path(sys.argv[2])))
 print(json.dumps({"status": r.status, "error": r.error, "peak_rss_bytes": r.conditions.peak_rss_bytes}))

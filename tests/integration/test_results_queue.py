@@ -6,9 +6,10 @@ import pytest
 import redis
 from kombu import Queue
 
-from worker.broker import JOBS_QUEUE, RESULTS_QUEUE, create_app, publish_envelope, restore_stale_results, results_queue
-from worker.contract import Envelope
-from worker.settings import Settings
+from farm.broker import JOBS_QUEUE, RESULTS_QUEUE, create_app, publish_envelope
+from farm.contract import Envelope
+from farm.settings import Settings
+from orchestrator.broker_audit import restore_stale_results
 
 pytestmark = pytest.mark.integration
 

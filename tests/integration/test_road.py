@@ -11,9 +11,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, select
 
-from orchestrator.db import RESULT_KEY_COLUMNS, JobRow, ResultRow, SweepRow, session_scope
+from farm.modelfiles import CATALOGUE, sha256_file
+from orchestrator.db import (
+    RESULT_KEY_COLUMNS,
+    JobRow,
+    ResultRow,
+    SweepRow,
+    session_scope,
+)
 from tests.integration.conftest import service_env, tokenfarm, worker_process
-from worker.models import CATALOGUE, sha256_file
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,13 @@ import redis
 from sqlalchemy import create_engine, func, select
 
 from orchestrator.db import JobRow, ResultRow, SweepRow, WorkerRow, session_scope
-from tests.integration.conftest import MODELS_DIR, service_env, tokenfarm, wait_until, worker_process
+from tests.integration.conftest import (
+    MODELS_DIR,
+    service_env,
+    tokenfarm,
+    wait_until,
+    worker_process,
+)
 from worker.models import fetch
 
 pytestmark = pytest.mark.integration

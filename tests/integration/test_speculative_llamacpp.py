@@ -7,9 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from farm.contract import EngineConfig, Job
+from farm.prompts import load_prompts
+from orchestrator.validation import result_problems
 from tests.integration.conftest import MODELS_DIR
-from worker.contract import EngineConfig, Job
-from worker.speculative import LookupDrafter, ModelDrafter, PairError, check_vocab_pair, greedy, load_prompts, speculative
+from worker.speculative import (
+    LookupDrafter,
+    ModelDrafter,
+    check_vocab_pair,
+    greedy,
+    speculative,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -86,8 +94,8 @@ def test_decode_after_a_rejection_equals_decode_without_speculation(target, prom
 
 
 def test_a_draft_with_another_vocabulary_is_refused_before_any_measurement(tmp_path, paths, smollm2):
+    from farm.settings import Settings
     from orchestrator.sweep import SweepError, SweepSpec, expand
-    from worker.settings import Settings
     from worker.tasks import execute
 
     # Same weights, one token's text changed in place (same length, so the file stays valid GGUF).
@@ -102,7 +110,7 @@ def test_a_draft_with_another_vocabulary_is_refused_before_any_measurement(tmp_p
     result = execute(job, Settings(data_dir=tmp_path / "data", models_dir=MODELS_DIR, worker_name="w"))
     assert result.status == "failed" and result.speculation is None
     assert "token 49151 is b'ectablX' in the draft but b'ectable' in the target" in result.error
-    assert result.inconsistencies(job) == []
+    assert result_problems(result, job) == []
     spec = SweepSpec(name="s", models=[{"name": "smollm2-135m", "quants": ["F32"]}], techniques=["spec"],
                      draft_models=[str(other)], prompt_categories=["qa"], n_prompt=[], n_gen=[8])
     with pytest.raises(SweepError, match="ectablX"):

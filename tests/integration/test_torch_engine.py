@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("llama_cpp")
 
-from worker.contract import EngineConfig  # noqa: E402
+from farm.contract import EngineConfig  # noqa: E402
 from worker.engines.base import EngineError  # noqa: E402
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,9 @@ pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 pytest.importorskip("llama_cpp")
 
-from worker.contract import EngineConfig, Job  # noqa: E402
-from worker.settings import Settings  # noqa: E402
+from farm.contract import EngineConfig, Job  # noqa: E402
+from farm.settings import Settings  # noqa: E402
+from orchestrator.validation import result_problems
 
 pytestmark = pytest.mark.integration
 
@@ -52,9 +53,9 @@ def test_mtp_job_without_heads_fails_with_the_fix(f32_copy, tmp_path):
 def test_mtp_and_lookup_jobs_are_lossless_and_consistent(f32_copy, tmp_path):
     import torch
 
+    from farm.modelfiles import sha256_file
     from worker.engines.torch.gguf_loader import load_model
     from worker.engines.torch.mtp import MTPHeads, save_heads
-    from worker.models import sha256_file
     from worker.tasks import execute
 
     sha = sha256_file(f32_copy)
@@ -69,7 +70,7 @@ def test_mtp_and_lookup_jobs_are_lossless_and_consistent(f32_copy, tmp_path):
     for j in (job(f32_copy, "mtp", n_mtp=2), job(f32_copy, "lookup", n_draft=3, ngram_max=3)):
         r = execute(j, settings(tmp_path))
         assert r.status == "ok", r.error
-        assert r.inconsistencies(j) == []
+        assert result_problems(r, j) == []
         spec = r.speculation
         assert spec.lossless is True and spec.first_mismatch == [None, None]
         assert len(spec.acceptance_by_position) >= 1 and all(0 <= a <= 1 for a in spec.acceptance_by_position)

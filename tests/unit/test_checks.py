@@ -10,6 +10,10 @@ import random
 import pytest
 from sqlalchemy import func, select
 
+from farm.broker import JOBS_QUEUE, signed_body, worker_queue
+from farm.contract import Capabilities, Envelope, Hardware, Result
+from farm.identity import output_sha256
+from farm.stats import summarize
 from orchestrator import checks
 from orchestrator.collector import ingest, requeue_lost
 from orchestrator.db import CheckRow, JobRow, ResultRow, WorkerRow, session_scope
@@ -17,8 +21,6 @@ from orchestrator.dispatch import record
 from orchestrator.store import load_results
 from orchestrator.sweep import SweepSpec, expand
 from orchestrator.workers import add_worker, flagged_names, list_workers
-from worker.broker import JOBS_QUEUE, signed_body, worker_queue
-from worker.contract import Capabilities, Envelope, Hardware, Result, output_sha256, summarize
 
 CPU = Hardware(cpu="Test CPU 9000", n_cpu_cores=2)
 OTHER_CPU = Hardware(cpu="Another CPU")

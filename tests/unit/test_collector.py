@@ -3,13 +3,22 @@
 import pytest
 from sqlalchemy import func, select
 
+from farm.broker import signed_body
+from farm.contract import Capabilities, Envelope, Hardware, ModelFacts, Result
+from farm.identity import output_sha256
+from farm.stats import summarize
 from orchestrator.collector import ingest, requeue_lost
-from orchestrator.db import RESULT_KEY_COLUMNS, JobRow, RejectionRow, ResultRow, WorkerRow, session_scope
+from orchestrator.db import (
+    RESULT_KEY_COLUMNS,
+    JobRow,
+    RejectionRow,
+    ResultRow,
+    WorkerRow,
+    session_scope,
+)
 from orchestrator.dispatch import record
 from orchestrator.sweep import SweepSpec, expand
 from orchestrator.workers import add_worker, flagged_names, list_workers, set_flag
-from worker.broker import signed_body
-from worker.contract import Capabilities, Envelope, Hardware, ModelFacts, Result, output_sha256, summarize
 
 
 @pytest.fixture

@@ -3,7 +3,10 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from worker.contract import Envelope, Job, Result, format_test_name, output_sha256, summarize
+from farm.contract import Envelope, Job, Result, format_test_name
+from farm.identity import output_sha256
+from farm.stats import summarize
+from orchestrator.validation import result_problems
 
 
 def make_job(**kw) -> Job:
@@ -53,28 +56,28 @@ def test_statistics_are_per_repetition_rates():
 
 def test_consistent_result_has_no_problems():
     job = make_job()
-    assert ok_result(job).inconsistencies(job) == []
+    assert result_problems(ok_result(job), job) == []
 
 
 def test_forged_average_is_detected():
     job = make_job()
     forged = ok_result(job).model_copy(update={"avg_ts": 1e6})
-    assert any("avg_ts" in p for p in forged.inconsistencies(job))
+    assert any("avg_ts" in p for p in result_problems(forged, job))
 
 
 def test_sample_count_must_match_repetitions():
     job = make_job()
     short = ok_result(job, samples=(1_000_000_000, 1_000_000_000))
-    assert any("samples" in p or "repetitions" in p for p in short.inconsistencies(job))
+    assert any("samples" in p or "repetitions" in p for p in result_problems(short, job))
 
 
 def test_result_for_another_test_is_detected():
     job = make_job()
     other = ok_result(job).model_copy(update={"test": "tg999"})
-    assert any(p.startswith("test is") for p in other.inconsistencies(job))
+    assert any(p.startswith("test is") for p in result_problems(other, job))
 
 
 def test_failed_result_must_give_a_reason():
     job = make_job()
-    assert Result.failed(job, "w", "").inconsistencies(job) == ["a failed result must say why"]
-    assert Result.failed(job, "w", "not a GGUF file").inconsistencies(job) == []
+    assert result_problems(Result.failed(job, "w", ""), job) == ["a failed result must say why"]
+    assert result_problems(Result.failed(job, "w", "not a GGUF file"), job) == []

@@ -1,4 +1,4 @@
-"""The dashboard's JSON paths and its synthetic results against worker/contract.py, so they cannot drift."""
+"""The dashboard's JSON paths and its synthetic results against farm/contract.py, so they cannot drift."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import uuid
 import pytest
 
 from dashboard import queries, sample_data
-from worker.contract import Job, Result
+from farm.contract import Job, Result
+from orchestrator.validation import result_problems
 
 SCHEMA = Result.model_json_schema()
 
@@ -73,7 +74,7 @@ def test_synthetic_results_are_valid_and_self_consistent():
     techniques = set()
     for spec, data in pairs:
         result = Result.model_validate(data)
-        assert result.inconsistencies(Job.model_validate(spec)) == [], data["job_id"]
+        assert result_problems(result, Job.model_validate(spec)) == [], data["job_id"]
         techniques.add(result.technique)
     assert techniques == {"baseline", "spec", "lookup"}
     assert any(d["status"] == "failed" for _, d in pairs)

@@ -1,9 +1,9 @@
 """The embedded broker delivers a sweep's jobs in the order they were sent (model-major)."""
 
+from farm.broker import JOBS_QUEUE, create_app
+from farm.settings import Settings
 from orchestrator.dispatch import send
 from orchestrator.sweep import SweepSpec, expand
-from worker.broker import JOBS_QUEUE, create_app
-from worker.settings import Settings
 
 
 def test_jobs_sent_in_a_burst_come_out_of_the_embedded_broker_in_order(data_dir):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from worker import broker
-from worker.settings import Settings
+from farm import broker
+from farm.settings import Settings
 
 
 def test_a_message_appears_only_once_written_in_full(tmp_path, monkeypatch):

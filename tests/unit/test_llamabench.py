@@ -4,7 +4,14 @@ import json
 
 import pytest
 
-from orchestrator.llamabench import LlamaBenchError, parse, quant_from_model_type, to_record, to_result
+from orchestrator.llamabench import (
+    LlamaBenchError,
+    parse,
+    quant_from_model_type,
+    to_record,
+    to_result,
+)
+from orchestrator.validation import result_problems
 from tests.conftest import REPO
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -39,7 +46,7 @@ def test_records_become_results_with_llama_bench_tests_and_quants():
     for (_, rec), r in zip(records, results):
         assert r.avg_ts == pytest.approx(rec["avg_ts"]) and r.samples_ns == rec["samples_ns"]
         # llama-bench neither hashes models nor keeps the tokens it generated
-        assert r.inconsistencies() == ["model_sha256 is missing", "output_sha256 is missing or not a sha256 hex digest"]
+        assert result_problems(r) == ["model_sha256 is missing", "output_sha256 is missing or not a sha256 hex digest"]
     # Export gives the same llama-bench fields back.
     back = to_record(results[1])
     for key in ("n_prompt", "n_gen", "n_depth", "samples_ns", "n_threads", "n_gpu_layers", "flash_attn",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from worker.contract import Job
+from farm.contract import Job
 from worker.measure import input_tokens, measure
 
 

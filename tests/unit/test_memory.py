@@ -4,14 +4,27 @@ import itertools
 
 import pytest
 
+from farm.broker import JOBS_QUEUE, job_queue, worker_queues
+from farm.contract import Capabilities, EngineConfig, Job
+from farm.memory import (
+    CLASSES_GB,
+    GIB,
+    MARGIN,
+    RUNTIME_BYTES,
+    TIERS_GB,
+    class_gb,
+    context_size,
+    estimate_need_bytes,
+    fits,
+    kv_bytes_per_token,
+    memory_kind,
+    scaled_to_quant,
+    served_classes_gb,
+    upcycled,
+)
+from farm.modelfiles import CATALOGUE
 from orchestrator.dispatch import unfit_jobs
 from orchestrator.sweep import SweepSpec, expand
-from worker.broker import JOBS_QUEUE, job_queue, worker_queues
-from worker.contract import Capabilities, EngineConfig, Hardware, Job
-from worker.memory import (CLASSES_GB, GIB, MARGIN, RUNTIME_BYTES, TIERS_GB, class_gb, context_size,
-                           estimate_need_bytes, fits, kv_bytes_per_token, memory_kind, scaled_to_quant,
-                           served_classes_gb, upcycled)
-from worker.models import CATALOGUE
 
 SMOL = CATALOGUE["smollm2-135m"].facts()
 

@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
-from worker.models import ModelError, read_facts
+from farm.modelfiles import ModelError, read_facts
 
 # Shapes of the synthetic model, in numpy order (rows, cols); ggml order is the reverse.
 N_LAYER, N_EMBD, N_HEAD, N_KV_HEAD, N_FF, N_VOCAB, N_EXPERT, N_USED = 2, 64, 4, 2, 96, 40, 4, 2

@@ -1,5 +1,14 @@
-from worker.contract import ModelFacts, Result, summarize
-from orchestrator.ranking import Filters, Measurement, estimated_memory_bytes, leaderboard, pool, rank, tier_for
+from farm.contract import ModelFacts, Result
+from farm.stats import summarize
+from orchestrator.ranking import (
+    Filters,
+    Measurement,
+    estimated_memory_bytes,
+    leaderboard,
+    pool,
+    rank,
+    tier_for,
+)
 
 
 def res(model, quant, test, n, ts, size=100 << 20, status="ok", sha=None):

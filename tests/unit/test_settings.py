@@ -1,4 +1,4 @@
-from worker.settings import Settings
+from farm.settings import Settings
 
 
 def test_embedded_defaults_live_under_the_data_dir(data_dir):

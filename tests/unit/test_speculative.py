@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from worker.contract import Job, Result, output_sha256, summarize
+from farm.contract import PROMPT_CATEGORIES, Job, Result
+from farm.identity import first_difference, output_sha256
+from farm.prompts import load_prompts
+from farm.stats import summarize
+from orchestrator.validation import result_problems
 from worker.speculative import (
-    LookupDrafter, ModelDrafter, PairError, check_vocab_pair, first_difference, greedy, load_prompts,
-    measure_prompts, speculative,
+    LookupDrafter,
+    ModelDrafter,
+    PairError,
+    check_vocab_pair,
+    greedy,
+    measure_prompts,
+    speculative,
 )
-from worker.contract import PROMPT_CATEGORIES
 
 N_VOCAB = 97
 
@@ -187,12 +195,12 @@ def test_measured_statistics_are_consistent_and_acceptance_matches_the_draft():
     job = spec_job()
     target = FakeBackend()
     agreeing = result_for(job, target, ModelDrafter(FakeBackend(), job.n_draft))
-    assert agreeing.inconsistencies(job) == []
+    assert result_problems(agreeing, job) == []
     s = agreeing.speculation
     assert s.acceptance_rate == 1.0 and s.lossless and s.first_mismatch == [None] * 3
     assert s.acceptance_by_position == [1.0, 1.0, 1.0]
     never = result_for(job, target, ModelDrafter(FakeBackend(next_token=lambda h: 0), job.n_draft))
-    assert never.inconsistencies(job) == [] and never.speculation.acceptance_rate == 0.0
+    assert result_problems(never, job) == [] and never.speculation.acceptance_rate == 0.0
 
 
 def test_forged_speculation_statistics_are_caught():
@@ -207,10 +215,10 @@ def test_forged_speculation_statistics_are_caught():
         "position": s.model_copy(update={"acceptance_by_position": [1.0, 2.0, 1.0]}),
     }
     for word, bad in forged.items():
-        problems = good.model_copy(update={"speculation": bad}).inconsistencies(job)
+        problems = result_problems(good.model_copy(update={"speculation": bad}), job)
         assert any(word in p for p in problems), (word, problems)
-    assert good.model_copy(update={"speculation": None}).inconsistencies(job)
-    assert good.model_copy(update={"n_draft": 8}).inconsistencies(job)
+    assert result_problems(good.model_copy(update={"speculation": None}), job)
+    assert result_problems(good.model_copy(update={"n_draft": 8}), job)
 
 
 def test_a_spec_job_needs_its_options():

@@ -5,8 +5,10 @@ import statistics
 
 import pytest
 
+from farm.contract import format_test_name, kind_of_test, tokens_per_run
+from farm.stats import sample_stats, t975
+from orchestrator.validation import result_problems
 from tests.unit.test_measure import FakeBackend, job
-from worker.contract import format_test_name, kind_of_test, sample_stats, t975, tokens_per_run
 from worker.measure import decode_context, measure, roofline_tok_s
 
 
@@ -76,7 +78,9 @@ def test_roofline_counts_weights_and_the_kv_cache_at_depth():
 
 
 def test_a_pg_result_is_checked_against_prompt_plus_generated_tokens_and_its_stats():
-    from worker.contract import Result, output_sha256, summarize
+    from farm.contract import Result
+    from farm.identity import output_sha256
+    from farm.stats import summarize
 
     j = job(kind="pg", n_prompt=64, n_gen=16, repetitions=3, model_sha256="a" * 64)
     samples = [900_000_000, 1_000_000_000, 1_100_000_000]
@@ -84,13 +88,13 @@ def test_a_pg_result_is_checked_against_prompt_plus_generated_tokens_and_its_sta
     r = Result(job_id=j.job_id, sweep_id=j.sweep_id, status="ok", worker="w", model=j.model, model_sha256="b" * 64,
                quant=j.quant, test=j.test, n_prompt=64, n_gen=16, repetitions=3, samples_ns=samples,
                avg_ts=avg, stddev_ts=std, stats=sample_stats(80, samples), output_sha256=output_sha256([[7]]))
-    assert r.inconsistencies(j) == []
+    assert result_problems(r, j) == []
     forged = r.model_copy(update={"stats": r.stats.model_copy(update={"median_ts": 1000.0})})
-    assert "stats.median_ts does not match the samples" in forged.inconsistencies(j)
+    assert "stats.median_ts does not match the samples" in result_problems(forged, j)
 
 
 def test_roofline_and_energy_figures_of_a_worker_result():
-    from worker.contract import Hardware, ModelFacts
+    from farm.contract import Hardware, ModelFacts
     from worker.measure import Measurement
     from worker.tasks import decode_figures, energy_per_token_j
 
@@ -114,7 +118,7 @@ def test_float_mean_and_stdev_agree_with_the_exact_ones():
     import random
     import statistics
 
-    from worker.contract import summarize
+    from farm.stats import summarize
 
     rng = random.Random(3)
     for n in (2, 3, 5, 30):

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from farm.modelfiles import CATALOGUE
 from orchestrator.sweep import SweepError, SweepSpec, expand, load_spec
-from worker.models import CATALOGUE
 
 
 def write(tmp_path: Path, text: str) -> Path:

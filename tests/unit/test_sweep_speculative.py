@@ -76,7 +76,7 @@ def test_a_draft_with_another_vocabulary_is_refused_from_the_headers(tmp_path):
 def test_an_upcycled_moe_target_is_checked_against_its_parent_s_vocabulary(tmp_path):
     """A derived MoE has no file of its own on the orchestrator: the pair check reads its
     catalogue parent's header, whose vocabulary the upcycle keeps."""
-    from worker.models import catalogue_path
+    from farm.modelfiles import catalogue_path
 
     models_dir = tmp_path / "models"
     parent = catalogue_path("smollm2-135m", models_dir)

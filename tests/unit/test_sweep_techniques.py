@@ -1,13 +1,12 @@
 """Sweep expansion of the speculation and MTP techniques: each option list multiplies only the
 jobs of the technique that reads it, and a Job refuses options its technique cannot run."""
 
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from farm.contract import Job
 from orchestrator.sweep import SweepError, SweepSpec, expand
-from worker.contract import Job
 
 
 def spec(**kw) -> SweepSpec:

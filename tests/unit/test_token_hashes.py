@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import struct
 
+from farm.contract import Job
+from farm.identity import combine_sha256, output_sha256, tokens_sha256
+from orchestrator.validation import result_problems
 from tests.unit.test_speculative import FakeBackend, result_for, spec_job
-from worker.contract import Job, Speculation, combine_sha256, output_sha256, tokens_sha256
-from worker.measure import measure
+from worker.measure import measure, speculation_block
 from worker.speculative import ModelDrafter
 
 
@@ -38,7 +40,7 @@ def test_the_measurement_core_keeps_the_greedy_tokens_it_hashes():
 
 
 def test_speculation_measured_derives_verdicts_and_hashes_from_the_tokens():
-    s = Speculation.measured(10, [100, 100], [50, 50], 4, 2, 3, [2, 2], [1, 1], 10, 20,
+    s = speculation_block(10, [100, 100], [50, 50], 4, 2, 3, [2, 2], [1, 1], 10, 20,
                              baseline_tokens=[[1, 2, 3], [4, 5]], tokens=[[1, 2, 3], [4, 6]])
     assert s.first_mismatch == [None, 1] and s.lossless is False
     assert s.baseline_sha256 == [tokens_sha256([1, 2, 3]), tokens_sha256([4, 5])]
@@ -48,25 +50,25 @@ def test_speculation_measured_derives_verdicts_and_hashes_from_the_tokens():
 def test_a_forged_lossless_claim_is_refused():
     job = spec_job()
     good = result_for(job, FakeBackend(), ModelDrafter(FakeBackend(), job.n_draft))
-    assert good.inconsistencies(job) == []
+    assert result_problems(good, job) == []
     s = good.speculation
     assert s.lossless and s.baseline_sha256 == s.output_sha256
     # The technique's tokens really differed on prompt 1, but the worker claims it reproduced them.
     diverged = list(s.output_sha256)
     diverged[1] = tokens_sha256([9, 9, 9])
     forged = good.model_copy(update={"speculation": s.model_copy(update={"output_sha256": diverged})})
-    problems = forged.inconsistencies(job)
+    problems = result_problems(forged, job)
     assert any("prompt 1: first_mismatch None contradicts the token hashes" in p for p in problems), problems
     # The opposite lie: identical tokens reported as diverged (lossless False, consistent with first_mismatch).
     smeared = s.model_copy(update={"first_mismatch": [None, 3, None], "lossless": False})
-    assert any("prompt 1: first_mismatch 3" in p for p in good.model_copy(update={"speculation": smeared}).inconsistencies(job))
+    assert any("prompt 1: first_mismatch 3" in p for p in result_problems(good.model_copy(update={"speculation": smeared}), job))
 
 
 def test_result_hashes_must_be_present_and_agree_with_the_per_prompt_ones():
     job = spec_job()
     good = result_for(job, FakeBackend(), ModelDrafter(FakeBackend(), job.n_draft))
-    assert any("output_sha256 is missing" in p for p in good.model_copy(update={"output_sha256": ""}).inconsistencies(job))
+    assert any("output_sha256 is missing" in p for p in result_problems(good.model_copy(update={"output_sha256": ""}), job))
     other = good.model_copy(update={"output_sha256": output_sha256([[1]])})
-    assert any("per-prompt baseline token hashes" in p for p in other.inconsistencies(job))
+    assert any("per-prompt baseline token hashes" in p for p in result_problems(other, job))
     short = good.model_copy(update={"speculation": good.speculation.model_copy(update={"baseline_sha256": []})})
-    assert any("token hashes for 3 prompts" in p for p in short.inconsistencies(job))
+    assert any("token hashes for 3 prompts" in p for p in result_problems(short, job))

@@ -10,7 +10,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from worker.engines.torch.kv_cache import KVCache  # noqa: E402
-from worker.engines.torch.model import MoE, FeedForward, ModelConfig, Transformer, apply_rope  # noqa: E402
+from worker.engines.torch.model import (  # noqa: E402
+    FeedForward,
+    ModelConfig,
+    MoE,
+    Transformer,
+    apply_rope,
+)
 
 DENSE = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, n_ff=96, n_vocab=101, rope_base=10000.0)
 MOE = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, n_ff=48, n_vocab=101, n_expert=4, n_expert_used=2)

@@ -10,9 +10,19 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
 from worker.engines.torch.model import ModelConfig, Transformer  # noqa: E402
-from worker.engines.torch.mtp import MTPError, MTPHeads, load_heads, read_provenance, save_heads  # noqa: E402
+from worker.engines.torch.mtp import (  # noqa: E402
+    MTPError,
+    MTPHeads,
+    load_heads,
+    read_provenance,
+    save_heads,
+)
 from worker.engines.torch.speculative import (  # noqa: E402
-    LookupDrafter, ModelDrafter, MTPDrafter, accept_sampled, generate,
+    LookupDrafter,
+    ModelDrafter,
+    MTPDrafter,
+    accept_sampled,
+    generate,
 )
 
 TARGET = ModelConfig(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, n_ff=64, n_vocab=37)
@@ -271,7 +281,12 @@ def test_training_on_the_base_s_own_text_teaches_the_heads(soft_weight):
     loss (with and without the soft labels) line up."""
     import random
 
-    from worker.engines.torch.mtp_train import TrainConfig, evaluate, generate_batch, train_epoch
+    from worker.engines.torch.mtp_train import (
+        TrainConfig,
+        evaluate,
+        generate_batch,
+        train_epoch,
+    )
 
     base = random_model(TARGET, 0, std=0.5)
     for p in base.parameters():

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from worker.contract import EngineConfig
+from farm.contract import EngineConfig
 
 
 class EngineError(Exception):

@@ -17,7 +17,7 @@ import llama_cpp
 import llama_cpp._logger
 import numpy as np
 
-from worker.contract import EngineConfig
+from farm.contract import EngineConfig
 from worker.engines.base import EngineError
 
 # llama.cpp's load chatter would bury the worker's own log.

@@ -12,11 +12,16 @@ from typing import Sequence
 
 import torch
 
-from worker.contract import EngineConfig
+from farm.contract import EngineConfig
 from worker.engines.base import EngineError
 from worker.engines.torch.gguf_loader import GGUFError, GGUFVocab, load_model
 from worker.engines.torch.kv_cache import KVCache
-from worker.engines.torch.model import Transformer, calibrate_routing, mkl_row_counts, pack_linears
+from worker.engines.torch.model import (
+    Transformer,
+    calibrate_routing,
+    mkl_row_counts,
+    pack_linears,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -6,7 +6,7 @@ distribution they will be measured on. The requests are varied and written for t
 chat questions from templates (worker/data/mtp_chat.json, worker/data/mtp_prompts.txt), code
 requests asking for new code in a dozen languages, and edits of functions taken from the
 Python standard library's own source (worker/data/mtp_code.json). The benchmark prompts
-(worker/data/prompts/*.jsonl) are never used, and a request that equals one is dropped.
+(farm/data/prompts/*.jsonl) are never used, and a request that equals one is dropped.
 
 The continuations are generated in left-padded batches with the base's KV cache (one decode
 step reads the weights once for the whole batch). Head k at position i learns the base's token

@@ -18,25 +18,32 @@ from pathlib import Path
 
 import torch
 
-from worker.contract import QUANTS, Job, Speculation, output_sha256
+from farm.contract import QUANTS, Job
+from farm.identity import output_sha256
 from worker.engines.base import EngineError
 from worker.engines.torch.backend import TorchBackend
 from worker.engines.torch.mtp import MTPError, load_heads
 from worker.engines.torch.speculative import (
-    LookupDrafter, ModelDrafter, MTPDrafter, SpecStats, generate, synchronize,
+    LookupDrafter,
+    ModelDrafter,
+    MTPDrafter,
+    SpecStats,
+    generate,
+    synchronize,
 )
-from worker.measure import Measurement
+from worker.measure import Measurement, speculation_block
 
 
 def _draft_backend(job: Job, target: TorchBackend, models_dir: Path, n_ctx: int) -> tuple[TorchBackend, str]:
-    from worker.models import read_facts, resolve, sha256_file
+    from farm.modelfiles import read_facts, sha256_file
+    from worker.models import resolve
 
     draft_ref = job.draft_model
     source = Path(draft_ref).expanduser()
     quant = job.draft_quant
     if quant is None:
         # Without a quant the draft runs as its file is (catalogue entries: their own quant).
-        from worker.models import CATALOGUE
+        from farm.modelfiles import CATALOGUE
 
         quant = CATALOGUE[draft_ref].quant if draft_ref in CATALOGUE else read_facts(source).file_type
     if quant not in QUANTS:
@@ -132,7 +139,7 @@ def measure_technique(backend: TorchBackend, job: Job, model_path: Path, model_s
             draft.close()
 
     # Sampled decoding is not meant to equal greedy: its "mismatch" is recorded all the same.
-    extra["speculation"] = Speculation.measured(
+    extra["speculation"] = speculation_block(
         job.n_gen * len(prompts), base_samples, samples, stats.n_drafted, stats.n_accepted, stats.n_passes,
         stats.drafted_by_position, stats.accepted_by_position, stats.draft_ns, stats.verify_ns,
         base_tokens, tech_tokens,

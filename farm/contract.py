@@ -1,18 +1,16 @@
 """Job and Result: the one schema that crosses the wire between orchestrator and workers.
 
 Both sides import this module, so it stays light (pydantic only). Every output format, the
-database's key columns and the collector's checks are derived from these fields. It knows
-nothing of Celery, SQL or any engine.
+database's key columns and the collector's checks are derived from these fields. It holds the
+models and the invariants a single message can check on itself; the statistics (farm/stats.py),
+output hashes (farm/identity.py) and the collector's checks against a Job
+(orchestrator/validation.py) live beside it. It knows nothing of Celery, SQL or any engine.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import statistics
-import struct
 from datetime import datetime, timezone
-from typing import Literal, Sequence
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,7 +24,7 @@ QUANTS: tuple[str, ...] = (
 )
 
 Technique = Literal["baseline", "spec", "lookup", "mtp"]
-# Prompt sets under worker/data/prompts/, chosen to stress speculation differently.
+# Prompt sets under farm/data/prompts/, chosen to stress speculation differently.
 PROMPT_CATEGORIES: tuple[str, ...] = ("code", "summarisation", "qa", "rewriting", "math", "chat")
 Engine = Literal["llamacpp", "torch"]
 # pg: prefill n_prompt then decode n_gen in one timed run (llama-bench's `pp512+tg128`).
@@ -100,7 +98,7 @@ class Job(BaseModel):
     # mtp: the target's own trained multi-token-prediction heads propose (torch engine only).
     n_mtp: int = Field(default=0, ge=0, le=16, description="mtp: heads proposing per target pass")
     temperature: float = Field(default=0.0, ge=0.0, description="0: greedy; above: sampled speculation")
-    # Set by the orchestrator at submit (worker/memory.py); the job's queue is its memory class.
+    # Set by the orchestrator at submit (farm/memory.py); the job's queue is its memory class.
     # 0: not estimated (a job recorded before routing), sent to the queue every worker consumes.
     need_bytes: int = Field(default=0, ge=0, description="estimated peak memory of the job")
 
@@ -226,87 +224,6 @@ class Conditions(BaseModel):
     energy_per_token_j: float | None = None
 
 
-# Coefficient of variation above which a result is flagged noisy (a busy or throttling machine).
-NOISY_CV = 0.05
-
-# Two-sided 95 % Student t critical values for 1..30 degrees of freedom.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t975(dof: int) -> float:
-    """The 97.5 % quantile of Student's t; beyond the table, the Cornish-Fisher expansion."""
-    if dof < 1:
-        raise ValueError("a t quantile needs at least one degree of freedom")
-    if dof <= len(_T975):
-        return _T975[dof - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
-
-
-def sample_stats(n_tokens: int, samples_ns: list[int], noisy_cv: float = NOISY_CV) -> Stats:
-    """Median, extremes, a 95 % confidence interval of the mean (Student t) and the CV of tok/s."""
-    rates = [tok_s(n_tokens, ns) for ns in samples_ns]
-    mean, std = _mean_stdev(rates)
-    if len(rates) < 2:
-        return Stats(median_ts=mean, min_ts=mean, max_ts=mean, ci95_low_ts=mean, ci95_high_ts=mean)
-    half = t975(len(rates) - 1) * std / math.sqrt(len(rates))
-    cv = std / mean
-    return Stats(median_ts=statistics.median(rates), min_ts=min(rates), max_ts=max(rates),
-                 ci95_low_ts=mean - half, ci95_high_ts=mean + half, cv=cv, noisy=cv > noisy_cv)
-
-
-def tok_s(n_tokens: int, ns: int) -> float:
-    return n_tokens * 1e9 / ns
-
-
-def summarize(n_tokens: int, samples_ns: list[int]) -> tuple[float, float]:
-    """Mean and sample stddev of per-repetition tok/s, as llama-bench's avg_ts / stddev_ts."""
-    return _mean_stdev([tok_s(n_tokens, ns) for ns in samples_ns])
-
-
-def _mean_stdev(rates: list[float]) -> tuple[float, float]:
-    # Two-pass float sums: statistics.stdev is exact through Fractions and costs the collector
-    # a third of a millisecond per result, for digits far below every tolerance it checks.
-    mean = math.fsum(rates) / len(rates)
-    if len(rates) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(math.fsum((r - mean) ** 2 for r in rates) / (len(rates) - 1))
-
-
-def tokens_sha256(tokens: Sequence[int]) -> str:
-    """sha256 of one sequence of token ids, each encoded as a little-endian int32."""
-    return hashlib.sha256(struct.pack(f"<{len(tokens)}i", *tokens)).hexdigest()
-
-
-def combine_sha256(digests: Sequence[str]) -> str:
-    """output_sha256 from per-sequence tokens_sha256 digests already computed."""
-    return hashlib.sha256(b"".join(bytes.fromhex(d) for d in digests)).hexdigest()
-
-
-def output_sha256(sequences: Sequence[Sequence[int]]) -> str:
-    """A result's greedy-output identity: sha256 over its sequences' tokens_sha256 digests (32 raw
-    bytes each), in order. A plain decode is one sequence; a prompt set, one per prompt.
-
-    Hashing digests rather than the concatenated ids keeps sequence boundaries, and lets the
-    collector recompute a prompt set's hash from the per-prompt hashes a Speculation carries.
-    """
-    return combine_sha256([tokens_sha256(s) for s in sequences])
-
-
-def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
-    """Index of the first token where a and b differ; None when identical."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def is_sha256(value: str) -> bool:
-    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
-
-
 class Speculation(BaseModel):
     """What a spec or lookup job measured beyond tok/s, summed over its timed repetitions."""
 
@@ -330,29 +247,6 @@ class Speculation(BaseModel):
     # The collector checks the losslessness claim against them (equal hashes iff no mismatch).
     baseline_sha256: list[str] = Field(default_factory=list)
     output_sha256: list[str] = Field(default_factory=list)
-
-    @classmethod
-    def measured(cls, n_tokens: int, baseline_samples_ns: list[int], samples_ns: list[int], n_drafted: int,
-                 n_accepted: int, n_passes: int, drafted_at: list[int], accepted_at: list[int], draft_ns: int,
-                 verify_ns: int, baseline_tokens: Sequence[Sequence[int]],
-                 tokens: Sequence[Sequence[int]]) -> "Speculation":
-        """The block from raw counts and per-prompt tokens, every ratio, verdict and hash derived
-        here so engines cannot disagree on one."""
-        first_mismatch = [first_difference(b, t) for b, t in zip(baseline_tokens, tokens, strict=True)]
-        base_avg, _ = summarize(n_tokens, baseline_samples_ns)
-        avg, _ = summarize(n_tokens, samples_ns)
-        return cls(
-            baseline_samples_ns=baseline_samples_ns, baseline_avg_ts=base_avg, speedup=avg / base_avg,
-            n_drafted=n_drafted, n_accepted=n_accepted, n_passes=n_passes,
-            acceptance_rate=n_accepted / n_drafted if n_drafted else 0.0,
-            mean_accepted_per_pass=n_accepted / n_passes if n_passes else 0.0,
-            acceptance_by_position=[a / d if d else 0.0 for a, d in zip(accepted_at, drafted_at)],
-            draft_ns=draft_ns, verify_ns=verify_ns,
-            first_mismatch=first_mismatch, lossless=all(m is None for m in first_mismatch),
-            baseline_sha256=[tokens_sha256(b) for b in baseline_tokens],
-            output_sha256=[tokens_sha256(t) for t in tokens],
-        )
-
 
 class Result(BaseModel):
     """What a worker sends back for one Job, ok or failed."""
@@ -424,107 +318,6 @@ class Result(BaseModel):
             config=job.config, **{f: getattr(job, f) for f in TECHNIQUE_FIELDS}, **extra,
         )
 
-    def inconsistencies(self, job: Job | None = None) -> list[str]:
-        """Why this Result cannot be what it claims; empty when it is self-consistent.
-
-        A worker is untrusted, so the collector recomputes what can be recomputed.
-        """
-        problems: list[str] = []
-        if job is not None:
-            for field in ("job_id", "sweep_id", "model", "quant", "technique", "test",
-                          "n_prompt", "n_gen", "n_depth"):
-                want = job.test if field == "test" else getattr(job, field)
-                if getattr(self, field) != want:
-                    problems.append(f"{field} is {getattr(self, field)!r}, the job asked for {want!r}")
-            if self.backend != job.engine:
-                problems.append(f"backend is {self.backend!r}, the job asked for {job.engine!r}")
-            if job.model_sha256 and self.source_sha256 and self.source_sha256 != job.model_sha256:
-                problems.append("source_sha256 differs from the job's model_sha256")
-            for field in TECHNIQUE_FIELDS:
-                if field == "n_prompts" and job.n_prompts == 0:
-                    continue  # 0 asks for the whole category; the result says how many that was
-                if getattr(self, field) != getattr(job, field):
-                    problems.append(f"{field} is {getattr(self, field)!r}, the job asked for {getattr(job, field)!r}")
-        if self.status == "failed":
-            if not self.error:
-                problems.append("a failed result must say why")
-            return problems
-        if job is not None and self.repetitions != job.repetitions:
-            problems.append(f"repetitions is {self.repetitions}, the job asked for {job.repetitions}")
-        if len(self.samples_ns) != self.repetitions:
-            problems.append(f"{len(self.samples_ns)} samples for {self.repetitions} repetitions")
-        if any(ns <= 0 for ns in self.samples_ns):
-            problems.append("a sample is not a positive duration")
-        if problems or not self.samples_ns:
-            return problems or ["no samples"]
-        n_tokens = tokens_per_run(kind_of_test(self.test), self.n_prompt, self.n_gen)
-        if self.prompt_category and not self.test.startswith("pp"):
-            n_tokens = self.n_gen * self.n_prompts
-            if self.n_prompts < 1:
-                return problems + ["a result over prompts must say how many (n_prompts)"]
-        mean, std = summarize(n_tokens, self.samples_ns)
-        if not math.isclose(mean, self.avg_ts, rel_tol=1e-6):
-            problems.append(f"avg_ts {self.avg_ts:.6g} does not match the samples ({mean:.6g})")
-        if not math.isclose(std, self.stddev_ts, rel_tol=1e-6, abs_tol=1e-9):
-            problems.append(f"stddev_ts {self.stddev_ts:.6g} does not match the samples ({std:.6g})")
-        if self.stats.median_ts and not math.isclose(
-                self.stats.median_ts, sample_stats(n_tokens, self.samples_ns).median_ts, rel_tol=1e-6):
-            problems.append("stats.median_ts does not match the samples")
-        if not self.model_sha256:
-            problems.append("model_sha256 is missing")
-        if not is_sha256(self.output_sha256):
-            problems.append("output_sha256 is missing or not a sha256 hex digest")
-        if self.technique != "baseline":
-            problems += self._speculation_problems(n_tokens, mean)
-        return problems
-
-    def _speculation_problems(self, n_tokens: int, avg_ts: float) -> list[str]:
-        s = self.speculation
-        if s is None:
-            return [f"a {self.technique} result must carry its speculation statistics"]
-        problems: list[str] = []
-        if self.technique == "spec" and not self.draft_sha256:
-            problems.append("draft_sha256 is missing")
-        if len(s.baseline_samples_ns) != self.repetitions or any(ns <= 0 for ns in s.baseline_samples_ns):
-            problems.append("baseline_samples_ns must hold one positive duration per repetition")
-        else:
-            base, _ = summarize(n_tokens, s.baseline_samples_ns)
-            if not math.isclose(base, s.baseline_avg_ts, rel_tol=1e-6):
-                problems.append(f"baseline_avg_ts {s.baseline_avg_ts:.6g} does not match its samples ({base:.6g})")
-            if not math.isclose(s.speedup, avg_ts / base, rel_tol=1e-6):
-                problems.append(f"speedup {s.speedup:.6g} is not avg_ts / baseline_avg_ts ({avg_ts / base:.6g})")
-        if s.n_accepted > s.n_drafted:
-            problems.append("more tokens accepted than drafted")
-        rate = s.n_accepted / s.n_drafted if s.n_drafted else 0.0
-        if not 0.0 <= s.acceptance_rate <= 1.0 or not math.isclose(s.acceptance_rate, rate, abs_tol=1e-9):
-            problems.append(f"acceptance_rate {s.acceptance_rate:.6g} is not n_accepted / n_drafted ({rate:.6g})")
-        if any(not 0.0 <= a <= 1.0 for a in s.acceptance_by_position):
-            problems.append("an acceptance by position lies outside [0, 1]")
-        if s.n_passes and not math.isclose(s.mean_accepted_per_pass, s.n_accepted / s.n_passes, abs_tol=1e-9):
-            problems.append("mean_accepted_per_pass is not n_accepted / n_passes")
-        if len(s.first_mismatch) != self.n_prompts:
-            problems.append(f"{len(s.first_mismatch)} losslessness verdicts for {self.n_prompts} prompts")
-        if s.lossless != all(m is None for m in s.first_mismatch):
-            problems.append("lossless disagrees with the per-prompt first mismatches")
-        return problems + self._token_hash_problems()
-
-    def _token_hash_problems(self) -> list[str]:
-        """The losslessness claim against the token hashes: a prompt is identical iff its hashes are."""
-        s = self.speculation
-        if len(s.baseline_sha256) != self.n_prompts or len(s.output_sha256) != self.n_prompts:
-            return [f"{len(s.baseline_sha256)} baseline and {len(s.output_sha256)} technique token hashes "
-                    f"for {self.n_prompts} prompts"]
-        if not all(is_sha256(h) for h in [*s.baseline_sha256, *s.output_sha256]):
-            return ["a per-prompt token hash is not a sha256 hex digest"]
-        problems = [f"prompt {i}: first_mismatch {m!r} contradicts the token hashes, which "
-                    f"{'agree' if b == t else 'differ'}"
-                    for i, (m, b, t) in enumerate(zip(s.first_mismatch, s.baseline_sha256, s.output_sha256))
-                    if (m is None) != (b == t)]
-        if self.output_sha256 and self.output_sha256 != combine_sha256(s.baseline_sha256):
-            problems.append("output_sha256 is not the hash of the per-prompt baseline token hashes")
-        return problems
-
-
 # Technique options a Result echoes from its Job (the break-even map groups by them).
 TECHNIQUE_FIELDS = ("prompt_category", "n_prompts", "draft_model", "draft_quant", "n_draft", "p_min", "ngram_max",
                     "n_mtp", "temperature")
@@ -548,7 +341,7 @@ class Capabilities(BaseModel):
 class Envelope(BaseModel):
     """A message on the results queue: a worker's hello or heartbeat, a job started, or its Result.
 
-    `signature` is an HMAC of the rest under the worker's token (worker/trust.py).
+    `signature` is an HMAC of the rest under the worker's token (farm/signing.py).
     """
 
     model_config = ConfigDict(extra="forbid")

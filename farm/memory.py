@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from worker.contract import Capabilities, Job, ModelFacts
+from farm.contract import Capabilities, Job, ModelFacts
 
 GIB = 1 << 30
 # The leaderboard's VRAM tiers (GB): a row's tier is the smallest that fits it.
@@ -81,7 +81,7 @@ def context_size(job: Job) -> int:
     """The context the worker creates for a job, in tokens (a multiple of 256)."""
     need = job.n_depth + (job.n_prompt + job.n_gen if job.kind == "pg" else max(job.n_prompt, job.n_gen)) + 16
     if job.prompt_category:
-        from worker.speculative import load_prompts
+        from farm.prompts import load_prompts
 
         # A token is at least one byte of text; 256 more for the chat template's markers.
         longest = max(len(t.encode("utf-8")) for t in load_prompts(job.prompt_category, job.n_prompts))
@@ -175,8 +175,15 @@ def facts_for(ref: str, quant: str, models_dir: Path | None) -> ModelFacts:
     derived quant already made); else its source's header scaled to the quant; else the
     catalogue's recorded shape. Raises ModelError for an unknown name or a broken file.
     """
-    from worker.derive import parse_moe_name
-    from worker.models import CATALOGUE, ModelError, catalogue_path, derived_path, read_facts, sha256_file
+    from farm.modelfiles import (
+        CATALOGUE,
+        ModelError,
+        catalogue_path,
+        derived_path,
+        parse_moe_name,
+        read_facts,
+        sha256_file,
+    )
 
     source: Path | None
     if ref in CATALOGUE:
@@ -219,7 +226,7 @@ def job_need_bytes(job: Job, models_dir: Path | None, cache: dict | None = None)
 
     draft = None
     if job.technique == "spec" and job.draft_model:
-        from worker.models import CATALOGUE, read_facts
+        from farm.modelfiles import CATALOGUE, read_facts
 
         quant = job.draft_quant
         if quant is None:

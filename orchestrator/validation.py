@@ -1,0 +1,115 @@
+"""Validation of what a worker sends: a Result checked against its Job and against itself.
+
+The worker is untrusted, so everything that can be recomputed from the samples and hashes a
+Result carries is recomputed here. Pure: no database, no broker; the collector calls it and
+decides what a refusal means.
+"""
+
+from __future__ import annotations
+
+import math
+
+from farm.contract import TECHNIQUE_FIELDS, Job, Result, kind_of_test, tokens_per_run
+from farm.identity import combine_sha256, is_sha256
+from farm.stats import sample_stats, summarize
+
+
+def result_problems(result: Result, job: Job | None = None) -> list[str]:
+    """Why this Result cannot be what it claims; empty when it is result-consistent.
+
+    A worker is untrusted, so the collector recomputes what can be recomputed.
+    """
+    problems: list[str] = []
+    if job is not None:
+        for field in ("job_id", "sweep_id", "model", "quant", "technique", "test",
+                      "n_prompt", "n_gen", "n_depth"):
+            want = job.test if field == "test" else getattr(job, field)
+            if getattr(result, field) != want:
+                problems.append(f"{field} is {getattr(result, field)!r}, the job asked for {want!r}")
+        if result.backend != job.engine:
+            problems.append(f"backend is {result.backend!r}, the job asked for {job.engine!r}")
+        if job.model_sha256 and result.source_sha256 and result.source_sha256 != job.model_sha256:
+            problems.append("source_sha256 differs from the job's model_sha256")
+        for field in TECHNIQUE_FIELDS:
+            if field == "n_prompts" and job.n_prompts == 0:
+                continue  # 0 asks for the whole category; the result says how many that was
+            if getattr(result, field) != getattr(job, field):
+                problems.append(f"{field} is {getattr(result, field)!r}, the job asked for {getattr(job, field)!r}")
+    if result.status == "failed":
+        if not result.error:
+            problems.append("a failed result must say why")
+        return problems
+    if job is not None and result.repetitions != job.repetitions:
+        problems.append(f"repetitions is {result.repetitions}, the job asked for {job.repetitions}")
+    if len(result.samples_ns) != result.repetitions:
+        problems.append(f"{len(result.samples_ns)} samples for {result.repetitions} repetitions")
+    if any(ns <= 0 for ns in result.samples_ns):
+        problems.append("a sample is not a positive duration")
+    if problems or not result.samples_ns:
+        return problems or ["no samples"]
+    n_tokens = tokens_per_run(kind_of_test(result.test), result.n_prompt, result.n_gen)
+    if result.prompt_category and not result.test.startswith("pp"):
+        n_tokens = result.n_gen * result.n_prompts
+        if result.n_prompts < 1:
+            return problems + ["a result over prompts must say how many (n_prompts)"]
+    mean, std = summarize(n_tokens, result.samples_ns)
+    if not math.isclose(mean, result.avg_ts, rel_tol=1e-6):
+        problems.append(f"avg_ts {result.avg_ts:.6g} does not match the samples ({mean:.6g})")
+    if not math.isclose(std, result.stddev_ts, rel_tol=1e-6, abs_tol=1e-9):
+        problems.append(f"stddev_ts {result.stddev_ts:.6g} does not match the samples ({std:.6g})")
+    if result.stats.median_ts and not math.isclose(
+            result.stats.median_ts, sample_stats(n_tokens, result.samples_ns).median_ts, rel_tol=1e-6):
+        problems.append("stats.median_ts does not match the samples")
+    if not result.model_sha256:
+        problems.append("model_sha256 is missing")
+    if not is_sha256(result.output_sha256):
+        problems.append("output_sha256 is missing or not a sha256 hex digest")
+    if result.technique != "baseline":
+        problems += _speculation_problems(result, n_tokens, mean)
+    return problems
+
+def _speculation_problems(result: Result, n_tokens: int, avg_ts: float) -> list[str]:
+    s = result.speculation
+    if s is None:
+        return [f"a {result.technique} result must carry its speculation statistics"]
+    problems: list[str] = []
+    if result.technique == "spec" and not result.draft_sha256:
+        problems.append("draft_sha256 is missing")
+    if len(s.baseline_samples_ns) != result.repetitions or any(ns <= 0 for ns in s.baseline_samples_ns):
+        problems.append("baseline_samples_ns must hold one positive duration per repetition")
+    else:
+        base, _ = summarize(n_tokens, s.baseline_samples_ns)
+        if not math.isclose(base, s.baseline_avg_ts, rel_tol=1e-6):
+            problems.append(f"baseline_avg_ts {s.baseline_avg_ts:.6g} does not match its samples ({base:.6g})")
+        if not math.isclose(s.speedup, avg_ts / base, rel_tol=1e-6):
+            problems.append(f"speedup {s.speedup:.6g} is not avg_ts / baseline_avg_ts ({avg_ts / base:.6g})")
+    if s.n_accepted > s.n_drafted:
+        problems.append("more tokens accepted than drafted")
+    rate = s.n_accepted / s.n_drafted if s.n_drafted else 0.0
+    if not 0.0 <= s.acceptance_rate <= 1.0 or not math.isclose(s.acceptance_rate, rate, abs_tol=1e-9):
+        problems.append(f"acceptance_rate {s.acceptance_rate:.6g} is not n_accepted / n_drafted ({rate:.6g})")
+    if any(not 0.0 <= a <= 1.0 for a in s.acceptance_by_position):
+        problems.append("an acceptance by position lies outside [0, 1]")
+    if s.n_passes and not math.isclose(s.mean_accepted_per_pass, s.n_accepted / s.n_passes, abs_tol=1e-9):
+        problems.append("mean_accepted_per_pass is not n_accepted / n_passes")
+    if len(s.first_mismatch) != result.n_prompts:
+        problems.append(f"{len(s.first_mismatch)} losslessness verdicts for {result.n_prompts} prompts")
+    if s.lossless != all(m is None for m in s.first_mismatch):
+        problems.append("lossless disagrees with the per-prompt first mismatches")
+    return problems + _token_hash_problems(result)
+
+def _token_hash_problems(result: Result) -> list[str]:
+    """The losslessness claim against the token hashes: a prompt is identical iff its hashes are."""
+    s = result.speculation
+    if len(s.baseline_sha256) != result.n_prompts or len(s.output_sha256) != result.n_prompts:
+        return [f"{len(s.baseline_sha256)} baseline and {len(s.output_sha256)} technique token hashes "
+                f"for {result.n_prompts} prompts"]
+    if not all(is_sha256(h) for h in [*s.baseline_sha256, *s.output_sha256]):
+        return ["a per-prompt token hash is not a sha256 hex digest"]
+    problems = [f"prompt {i}: first_mismatch {m!r} contradicts the token hashes, which "
+                f"{'agree' if b == t else 'differ'}"
+                for i, (m, b, t) in enumerate(zip(s.first_mismatch, s.baseline_sha256, s.output_sha256))
+                if (m is None) != (b == t)]
+    if result.output_sha256 and result.output_sha256 != combine_sha256(s.baseline_sha256):
+        problems.append("output_sha256 is not the hash of the per-prompt baseline token hashes")
+    return problems
