@@ -23,12 +23,7 @@ from farm.contract import EngineConfig, Job
 from farm.modelfiles import sha256_file
 from farm.settings import load_settings
 from worker.engines.torch import TorchBackend
-from worker.engines.torch.model import (
-    ModelConfig,
-    Transformer,
-    calibrate_routing,
-    pack_linears,
-)
+from worker.engines.torch.model import ModelConfig, Transformer
 from worker.engines.torch.speculative import generate
 from worker.engines.torch.techniques import measure_technique
 from worker.models import resolve
@@ -169,10 +164,6 @@ def main() -> None:
     backend.load(path, EngineConfig(n_threads=args.threads), args.n_gen + 64)
     model = backend.model
     first = backend.tokenize("The", add_bos=True)[-1]
-    routing = calibrate_routing(model)  # measured when the backend loaded; cached
-    print("matrix routing (a whole forward over 1-3 tokens, ms): " + ", ".join(
-        f"{k.removesuffix('_ms')} {v:.1f}" for k, v in routing.items() if k.endswith("_ms"))
-        + f"; MKL takes rows {routing.get('mkl_row_counts')}, oneDNN the rest")
 
     if not args.skip_decode:
         decode_figures(model, path, first, args)
@@ -217,7 +208,6 @@ def moe_figures(path, first: int, args) -> None:
     dense = TorchBackend("cpu", "float32")
     dense.load(path, EngineConfig(n_threads=args.threads), args.n_gen + 16)
     moe = upcycle(dense.model, 8, 2)
-    pack_linears(moe)  # as TorchBackend.load does for the dense model
     d_tok_s, _ = torch_decode_tok_s(dense.model, first, args.n_gen // 2, args.reps)
     m_tok_s, _ = torch_decode_tok_s(moe, first, args.n_gen // 2, args.reps)
     d_bytes, m_bytes = decode_bytes(dense.model), decode_bytes(moe, n_expert_used=2)

@@ -16,12 +16,7 @@ from farm.contract import EngineConfig
 from worker.engines.base import EngineError
 from worker.engines.torch.gguf_loader import GGUFError, GGUFVocab, load_model
 from worker.engines.torch.kv_cache import KVCache
-from worker.engines.torch.model import (
-    Transformer,
-    calibrate_routing,
-    mkl_row_counts,
-    pack_linears,
-)
+from worker.engines.torch.model import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,11 +44,6 @@ class TorchBackend:
             torch.set_num_threads(config.n_threads)
         try:
             self._model = load_model(Path(path), self.dtype, self.device)
-            # oneDNN's prepacked weights: a pass over a few tokens (speculative verification)
-            # costs about what one token does, as it would in llama.cpp (model.Linear).
-            if pack_linears(self._model):
-                # Which routine multiplies 1-3 rows fastest differs between CPUs (model.py).
-                calibrate_routing(self._model)
             self._vocab = GGUFVocab(Path(path))
         except (GGUFError, OSError, ValueError) as e:
             self.close()
@@ -121,9 +111,6 @@ class TorchBackend:
     def conditions(self) -> dict:
         """Settings the engine really ran with: threads after torch's defaulting, the cache dtype."""
         flags = {"device": str(self.device), "n_batch": self._n_batch}
-        if self._model is not None and self._model.output.packed is not None:
-            # Row counts multiplied through MKL, the rest through oneDNN (model.py): "1,2,3" or "none".
-            flags["mkl_rows"] = ",".join(map(str, sorted(mkl_row_counts()))) or "none"
         return {"n_threads": torch.get_num_threads(), "kv_type": str(self.dtype).removeprefix("torch."),
                 "flags": flags}
 

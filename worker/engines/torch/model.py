@@ -13,9 +13,6 @@ H_kv n_kv_head, D head_dim, V n_vocab.
 
 from __future__ import annotations
 
-import logging
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.engines.torch.kv_cache import KVCache
-
-log = logging.getLogger("tokenfarm.torch")
 
 
 @dataclass(frozen=True)
@@ -57,141 +52,12 @@ class ModelConfig:
             raise ValueError(f"n_expert_used {self.n_expert_used} must be in 1..n_expert ({self.n_expert})")
 
 
-# --- Matrix products on the CPU ------------------------------------------------------------
-# A speculative verification pass multiplies a few rows (1 + the proposals) by every matrix;
-# it pays only if that costs about what one row costs, the weights being read once either way.
-# Two routines can do it, and which is faster depends on the CPU:
-# - MKL (F.linear). On a 2-core Intel Xeon its product of 1 to 3 rows streamed the weights
-#   once (a forward over 2 tokens cost 1.03-1.10x one token), and took a slower routine from
-#   4 rows (1.4-1.5x). On a 2-core AMD EPYC (Zen 4) the same forward cost 1.5-1.7x for 2 or 3
-#   tokens, and one token took 1.3-1.5x what oneDNN took.
-# - oneDNN with a prepacked weight (`pack_linears` prepacks a model's matrices, Q, K and V as
-#   one and gate and up as one: fewer, larger calls): about the same cost for 1 to 4 rows on
-#   both machines, 1.3-1.4x one MKL row on the Xeon, the fastest routine on the EPYC.
-# So the row counts that go to MKL (`mkl_row_counts`) are measured once per process on the
-# model being loaded (`calibrate_routing`); from 4 rows, and for the output matrix (the
-# largest), products always go to oneDNN. Rounding then differs between a row computed alone
-# and within a pass; greedy outputs are compared with plain decoding in every technique job
-# for that reason.
-ROUTED_MAX_ROWS = 3  # row counts up to this are routed by measurement; more: oneDNN
-# Until calibrated: what the Xeon measured (the unit tests use it, and a model never calibrated).
-_mkl_row_counts: frozenset[int] = frozenset({1, 2, 3})
-_calibrated: dict[int, dict[str, object]] = {}  # by torch's thread count: the choice can differ
-
-
-def mkl_row_counts() -> frozenset[int]:
-    """Row counts whose products go to MKL rather than to oneDNN's prepacked weights."""
-    return _mkl_row_counts
-
-
-def set_mkl_row_counts(counts) -> None:
-    global _mkl_row_counts
-    _mkl_row_counts = frozenset(int(n) for n in counts if 1 <= int(n) <= ROUTED_MAX_ROWS)
-
-
-def _prepack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 4)
-
-
-def _packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    n_rows = x.numel() // x.shape[-1]
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(n_rows, x.shape[-1]), packed, None, "none", [], "")
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def _to_onednn(x: torch.Tensor) -> bool:
-    """Whether x's product goes to oneDNN's prepacked weight (by its row count, see above); training
-    (autograd) always takes F.linear, which has a backward."""
-    return x.numel() // x.shape[-1] not in _mkl_row_counts and not torch.is_grad_enabled()
-
-
 class Linear(nn.Linear):
-    """nn.Linear (no bias) that multiplies with a prepacked weight once `pack`ed (see above)."""
+    """nn.Linear without bias, multiplied by F.linear (MKL on the CPU) at every row count.
 
-    # Matrices at least this large always take the prepacked path (the output matrix).
-    PACKED_ALWAYS_NUMEL = 4 * 1024 * 1024
-
-    packed: torch.Tensor | None = None
-
-    def pack(self) -> None:
-        """Prepack the weight for oneDNN (a copy: the weight itself stays, for the embedding it
-        may be tied to and for state_dict); pack again after the weight changes."""
-        self.packed = _prepack(self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and (_to_onednn(x) or self.weight.numel() >= self.PACKED_ALWAYS_NUMEL
-                                        and not torch.is_grad_enabled()):
-            return _packed_product(x, self.packed)
-        return F.linear(x, self.weight)
-
-
-def pack_linears(module: nn.Module) -> int:
-    """Prepack module's matrices for oneDNN when it runs in float32 on the CPU and this torch has
-    oneDNN; returns how many products were packed (0: the plain path is used throughout)."""
-    linears = [m for m in module.modules() if isinstance(m, Linear)]
-    if not linears or not torch.backends.mkldnn.is_available():
-        return 0
-    w = linears[0].weight
-    if w.device.type != "cpu" or w.dtype != torch.float32:
-        return 0
-    fused: set[int] = set()
-    n = 0
-    for m in module.modules():
-        if isinstance(m, Attention):
-            m.qkv_packed = _prepack(torch.cat((m.wq.weight, m.wk.weight, m.wv.weight)))
-            fused |= {id(m.wq), id(m.wk), id(m.wv)}
-            n += 1
-        elif isinstance(m, FeedForward):
-            m.gate_up_packed = _prepack(torch.cat((m.w_gate.weight, m.w_up.weight)))
-            fused |= {id(m.w_gate), id(m.w_up)}
-            n += 1
-        elif isinstance(m, MoE):
-            m.experts_packed = [(_prepack(torch.cat((m.w_gate[e], m.w_up[e]))), _prepack(m.w_down[e]))
-                                for e in range(m.n_expert)]
-            n += 2 * m.n_expert
-    for lin in linears:
-        if id(lin) not in fused:
-            lin.pack()
-            n += 1
-    return n
-
-
-@torch.inference_mode()
-def calibrate_routing(model: "Transformer", n_reps: int = 5, force: bool = False) -> dict[str, object]:
-    """Route each row count up to ROUTED_MAX_ROWS to whichever routine runs a whole forward
-    pass of `model` faster on this machine, and return the timings (ms, median) behind the
-    choice. A whole pass, not one matrix: its weights do not fit in cache, so it streams them
-    from memory as decoding does. Once per process and thread count (the CPU does not change);
-    `force` measures again. A model without prepacked weights (not CPU float32, or no oneDNN)
-    is left as it is."""
-    n_threads = torch.get_num_threads()
-    if n_threads in _calibrated and not force:
-        set_mkl_row_counts(_calibrated[n_threads]["mkl_row_counts"])
-        return _calibrated[n_threads]
-    if model.output.packed is None:
-        return {}
-    chosen, timings = set(), {}
-    cache = model.new_cache(ROUTED_MAX_ROWS)  # every pass writes positions from 0 again
-    for n_rows in range(1, ROUTED_MAX_ROWS + 1):
-        ids = torch.zeros(1, n_rows, dtype=torch.long, device=model.output.weight.device)
-        samples: dict[bool, list[int]] = {True: [], False: []}
-        for rep in range(n_reps + 1):  # the first round warms both routines up
-            # Alternating, so that a burst of load elsewhere weighs on both alike.
-            for via_mkl in (True, False):
-                set_mkl_row_counts(chosen | {n_rows} if via_mkl else chosen)
-                t0 = time.perf_counter_ns()
-                model(ids, 0, cache, all_logits=True)
-                if rep:
-                    samples[via_mkl].append(time.perf_counter_ns() - t0)
-        mkl_ms, onednn_ms = (statistics.median(samples[v]) / 1e6 for v in (True, False))
-        timings[f"mkl_{n_rows}_rows_ms"], timings[f"onednn_{n_rows}_rows_ms"] = mkl_ms, onednn_ms
-        if mkl_ms < onednn_ms:
-            chosen.add(n_rows)
-    set_mkl_row_counts(chosen)
-    _calibrated[n_threads] = {**timings, "mkl_row_counts": sorted(chosen)}
-    log.info("matrix routing on %d threads: rows %s through MKL, the rest through oneDNN (%s)", n_threads,
-             sorted(chosen), ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    return _calibrated[n_threads]
+    It replaced routing of 1-3-row products between MKL and oneDNN prepacked weights through
+    private oneDNN ops (mkldnn._linear_pointwise) and process-wide state (issue 12): only public APIs here.
+    Decode speed before and after is in the README's paragraph on the torch engine's CPU path."""
 
 
 class RMSNorm(nn.Module):
@@ -252,7 +118,6 @@ class Attention(nn.Module):
         self.wk = Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
         self.wv = Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
         self.wo = Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
-        self.qkv_packed: torch.Tensor | None = None  # pack_linears
 
     def forward(
         self,
@@ -265,11 +130,7 @@ class Attention(nn.Module):
         key_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        if self.qkv_packed is not None and _to_onednn(x):
-            H, H_kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-            q, k, v = _packed_product(x, self.qkv_packed).split((H, H_kv, H_kv), dim=-1)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = apply_rope(q.view(B, T, self.n_head, self.head_dim), cos, sin)  # (B, T, H, D)
         k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)  # (B, T, H_kv, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, H_kv, D)
@@ -300,12 +161,8 @@ class FeedForward(nn.Module):
         self.w_gate = Linear(n_embd, n_ff, bias=False)
         self.w_up = Linear(n_embd, n_ff, bias=False)
         self.w_down = Linear(n_ff, n_embd, bias=False)
-        self.gate_up_packed: torch.Tensor | None = None  # pack_linears
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_packed is not None and _to_onednn(x):
-            gate, up = _packed_product(x, self.gate_up_packed).chunk(2, dim=-1)
-            return self.w_down(F.silu(gate) * up)
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -329,9 +186,6 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(n_expert, n_ff, n_embd))  # (X, F, E)
         self.w_up = nn.Parameter(torch.empty(n_expert, n_ff, n_embd))  # (X, F, E)
         self.w_down = nn.Parameter(torch.empty(n_expert, n_embd, n_ff))  # (X, E, F)
-        # Per expert, gate and up as one and down, prepacked by pack_linears: an expert's few
-        # rows are routed like a dense matrix's (the routing section above).
-        self.experts_packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -353,12 +207,8 @@ class MoE(nn.Module):
             start += n
             tokens = slots // self.n_expert_used  # (n,)
             h = x[tokens]  # (n, E)
-            if self.experts_packed is not None and _to_onednn(h):
-                gate, up = _packed_product(h, self.experts_packed[e][0]).chunk(2, dim=-1)  # (n, F) each
-                h = _packed_product(F.silu(gate) * up, self.experts_packed[e][1])  # (n, E)
-            else:
-                h = F.silu(h @ self.w_gate[e].T) * (h @ self.w_up[e].T)  # (n, F)
-                h = h @ self.w_down[e].T  # (n, E)
+            h = F.silu(h @ self.w_gate[e].T) * (h @ self.w_up[e].T)  # (n, F)
+            h = h @ self.w_down[e].T  # (n, E)
             h = h * flat_weight[slots, None]
             out.index_add_(0, tokens, h)
         return out.view(shape)

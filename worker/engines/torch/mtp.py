@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from worker.engines.torch.kv_cache import KVCache
-from worker.engines.torch.model import Block, Linear, RMSNorm, Transformer, pack_linears
+from worker.engines.torch.model import Block, Linear, RMSNorm, Transformer
 
 HEADS_SUFFIX = ".mtp.safetensors"
 PROVENANCE_SUFFIX = ".mtp.json"
@@ -127,22 +127,15 @@ class MTPHeads(nn.Module):
         return self.output_linear()(self.heads[k].out_norm(h))
 
     def output_linear(self) -> Linear:
-        """The heads' output as a Linear (prepacked like the base's when the base is), for decoding."""
+        """The heads' output as a Linear, for decoding."""
         if self.vocab is None:
             return self.base.output
         w = self.output_weight()
         if self._output is None or self._output.weight.device != w.device or self._output.weight.dtype != w.dtype:
             out = Linear(w.shape[1], w.shape[0], bias=False, device="meta")
             out.weight = nn.Parameter(w.detach(), requires_grad=False)
-            if self.base.output.packed is not None:
-                out.pack()
             self._output = out
         return self._output
-
-    def pack(self) -> None:
-        """Prepack the heads' matrices for oneDNN if their base's are (model.Linear)."""
-        if self.base.output.packed is not None:
-            pack_linears(self.heads)
 
     def to_token(self, index: torch.Tensor) -> torch.Tensor:
         """Token ids of indices into the heads' vocabulary."""
@@ -292,5 +285,4 @@ def load_heads(base: Transformer, base_path: Path, n_mtp: int | None = None, bas
     state = {name: t for name, t in tensors.items() if int(name.split(".")[0]) < n}
     heads.heads.load_state_dict(state, strict=True)
     heads = heads.to(device=device, dtype=dtype).eval()
-    heads.pack()
     return heads
