@@ -43,8 +43,11 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/tokenfarm demo
 
+# --durations=15 so CI's log names the slow tests. PYTEST_ARGS="-n 2" runs two xdist workers, each
+# with its own Redis database (TOKENFARM_TEST_REDIS_URL + N) and its own PostgreSQL template.
+PYTEST_ARGS ?=
 test: install-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,19 +1,23 @@
 """What machine a measurement ran on: a summary stored with every Result.
 
 Reads /proc, platform facts, NVML where `pynvml` is importable, and measures memory bandwidth
-with a STREAM-style triad (numpy on host RAM; torch on a CUDA device where present). It never
+with a STREAM-style triad (numpy on host RAM; torch on a CUDA device where present), once per
+boot, kept in a small file keyed by the kernel's boot id. It never
 touches an engine and knows nothing of models.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import platform
 import resource
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -184,10 +188,43 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def bandwidth_cache_path() -> Path:
+    """Per user, outside any data dir: every worker process on this boot shares one measurement."""
+    override = os.environ.get("TOKENFARM_BANDWIDTH_CACHE")
+    return Path(override) if override else Path(tempfile.gettempdir()) / f"tokenfarm-bandwidth-{os.getuid()}.json"
+
+
 @lru_cache(maxsize=1)
 def bandwidth() -> tuple[float, float]:
-    """(host, device) GB/s, measured once per process: a second of probing per job would add up."""
-    return host_bandwidth_gbps(), device_bandwidth_gbps()
+    """(host, device) GB/s, measured once per boot: the DRAM and the device do not change until a
+    reboot, and a second of probing in every worker process (every test's worker) would add up.
+    Without a boot id (not Linux) the figure is measured once per process."""
+    boot_id, path = _boot_id(), bandwidth_cache_path()
+    if boot_id:
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("boot_id") == boot_id:
+                return float(cached["host_gbps"]), float(cached["device_gbps"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+    host_gbps, device_gbps = host_bandwidth_gbps(), device_bandwidth_gbps()
+    if boot_id and host_gbps > 0:
+        try:
+            # Written aside then renamed, so a process starting at the same moment reads a whole file or none.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"boot_id": boot_id, "host_gbps": host_gbps, "device_gbps": device_gbps}, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return host_gbps, device_gbps
 
 
 @lru_cache(maxsize=1)

@@ -9,6 +9,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -28,28 +29,72 @@ def smollm2() -> Path:
     return fetch("smollm2-135m", MODELS_DIR)
 
 
-@pytest.fixture
-def pg_url():
+def xdist_index() -> int:
+    """0 without xdist, N for xdist's worker gwN: what keeps parallel test workers apart."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(name.removeprefix("gw")) if name.startswith("gw") else 0
+
+
+def _db_url(name: str) -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+@contextmanager
+def _database(template: str | None = None):
     from sqlalchemy import create_engine, text
 
     name = f"tokenfarm_test_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+        c.execute(text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
+    try:
+        yield name
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_template():
+    """A database migrated to head once per session: each test's copy is a file copy on the server,
+    which costs milliseconds where an Alembic run costs seconds."""
+    from orchestrator.db import upgrade
+
+    with _database() as name:
+        upgrade(_db_url(name))
+        yield name
+
+
+@pytest.fixture
+def pg_url(pg_template):
+    """A fresh PostgreSQL database at the schema's head, copied from the session's template."""
+    with _database(template=pg_template) as name:
+        yield _db_url(name)
+
+
+@pytest.fixture
+def pg_empty_url():
+    """A fresh PostgreSQL database with no schema, for the tests of migrating one."""
+    with _database() as name:
+        yield _db_url(name)
+
+
+def redis_test_url() -> str:
+    """TOKENFARM_TEST_REDIS_URL names the first database; xdist worker gwN takes that number + N."""
+    parts = urlsplit(REDIS_TEST_URL)
+    base = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{base + xdist_index()}"))
 
 
 @pytest.fixture
 def redis_url():
     import redis
 
-    client = redis.Redis.from_url(REDIS_TEST_URL)
-    client.flushdb()
-    yield REDIS_TEST_URL
+    url = redis_test_url()
+    client = redis.Redis.from_url(url)
+    client.flushdb()  # only this test worker's own database
+    yield url
     client.flushdb()
     client.close()
 

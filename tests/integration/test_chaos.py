@@ -75,9 +75,13 @@ def test_a_job_of_a_worker_killed_mid_job_is_redone_elsewhere_and_stored_once(tm
     try:
         with worker_process(env, "victim", tmp_path / "victim.log") as victim:
             assert wait_until(lambda: any(j.state == "running" and j.worker == "victim" for j in job_rows(pg_url)), 120)
-            time.sleep(1.0)  # well inside the measurement
             os.kill(victim.pid, signal.SIGKILL)
             killed_at = time.monotonic()
+            victim.wait(timeout=30)
+            # The kill struck mid-job: nothing was stored and the job is still the victim's.
+            assert n_results(pg_url) == 0
+            assert [(j.state, j.worker) for j in job_rows(pg_url)] == [("running", "victim")]
+            assert results_waiting(redis_url) == 0, "the victim finished before it was killed"
     finally:
         collector.terminate()
         collector.wait(timeout=30)
@@ -100,11 +104,27 @@ def test_the_collector_restarted_mid_sweep_loses_nothing(tmp_path, pg_url, redis
         assert wait_until(lambda: n_results(pg_url) >= 1, 120)
         first.kill()  # the orchestrator dies mid-sweep; results keep arriving in the queue
         first.wait()
-        time.sleep(2.0)
+        n_stored_at_kill = n_results(pg_url)
+        assert n_stored_at_kill < 5, "every job was stored before the collector was killed"
+        # A result that arrives while nobody collects: the restarted collector must pick it up.
+        assert wait_until(lambda: results_waiting(redis_url) >= 1 or n_results(pg_url) == 5, 120)
         waited = tokenfarm(env, "sweep", "wait", "fast", "--timeout", "300")
     assert waited.returncode == 0, waited.stderr
     assert n_results(pg_url) == 5
     assert {j.state for j in job_rows(pg_url)} == {"done"}
+
+
+def results_waiting(broker_url: str) -> int:
+    """Result messages in the queue that no collector has taken yet."""
+    import redis
+
+    from farm.broker import RESULTS_QUEUE
+
+    client = redis.Redis.from_url(broker_url)
+    try:
+        return client.llen(RESULTS_QUEUE)
+    finally:
+        client.close()
 
 
 def _free_port() -> int:
@@ -155,7 +175,9 @@ def test_the_broker_down_for_seconds_mid_sweep_loses_nothing(tmp_path, pg_url, s
                                        "--wait", "--timeout", "400"], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True)
             assert wait_until(lambda: n_results(pg_url) >= 1, 120)
+            n_stored_before = n_results(pg_url)
             restart()
+            assert n_stored_before < 5, "every job was stored before the broker went down"
             out, errs = waiter.communicate(timeout=420)
         assert waiter.returncode == 0, out + errs
         assert n_results(pg_url) == 5
@@ -214,8 +236,9 @@ def test_the_database_down_for_seconds_mid_sweep_loses_nothing(tmp_path, redis_u
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             assert wait_until(lambda: n_results(url) >= 1, 120)
             pg("stop")
-            # Results keep arriving in the queue while the only writer cannot write.
-            time.sleep(4.0)
+            # Results keep arriving in the queue while the only writer cannot write: the outage
+            # lasts until one does, so the collector has something to catch up on.
+            assert wait_until(lambda: results_waiting(redis_url) >= 1, 120), "no result arrived during the outage"
             pg("start")
             out, errs = waiter.communicate(timeout=420)
         assert waiter.returncode == 0, out + errs

@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(shutil.which("psql") is None, reason="needs the psql client")]
 
 
-def test_dashboard_role_reads_tables_created_later_and_cannot_write(pg_url):
+def test_dashboard_role_reads_tables_created_later_and_cannot_write(pg_empty_url):
+    pg_url = pg_empty_url  # the role is made before any table exists
     db = pg_url.rsplit("/", 1)[1]
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:

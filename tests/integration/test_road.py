@@ -83,7 +83,8 @@ def check_cli_reads(env: dict[str, str]) -> None:
     assert status.returncode == 0 and "road" in status.stdout
 
 
-def test_sweep_on_postgres_and_redis(tmp_path, pg_url, redis_url, smollm2):
+def test_sweep_on_postgres_and_redis(tmp_path, pg_empty_url, redis_url, smollm2):
+    pg_url = pg_empty_url  # `db upgrade` from nothing, as a new deployment runs it
     env = service_env(tmp_path / "data", database_url=pg_url, broker_url=redis_url)
     assert tokenfarm(env, "db", "upgrade").returncode == 0
     run_sweep(tmp_path, env)

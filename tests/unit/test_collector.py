@@ -1,5 +1,7 @@
 """The collector against a real (embedded) SQLite database after Alembic's upgrade."""
 
+import copy
+
 import pytest
 from sqlalchemy import func, select
 
@@ -141,7 +143,11 @@ def test_forgeries_are_refused_logged_and_counted(engine, jobs):
         assert s.scalar(select(func.count()).select_from(ResultRow)) == 0
         assert s.scalar(select(func.count()).select_from(RejectionRow)) == len(forged)
         view = {v.name: v for v in list_workers(s)}
-        assert view["w1"].n_rejected == len(forged) - 1  # the ghost is nobody and view["w1"].last_rejection
+        # The ghost is nobody: its refusal is logged but no worker row is made for a name that has no token.
+        assert "ghost" not in view
+        assert view["w1"].n_rejected == len(forged) - 1
+        assert "sha256" in view["w1"].last_rejection  # the last lie told in w1's name
+        assert view["w2"].n_rejected == 0  # w2's token was stolen, w2 told no lie
 
 
 def test_a_job_assigned_to_one_worker_refuses_another_workers_result(engine, jobs):
@@ -244,10 +250,17 @@ def test_a_batch_reads_its_rows_once_and_stores_each_result_once(engine, jobs):
     from orchestrator.collector import preload
 
     bodies = [envelope(result_for(j), kind=k) for j in jobs for k in ("started", "result")]
-    bodies.append(envelope(result_for(jobs[0])))  # a redelivered copy inside the same batch
+    # The queue gives the very same message again inside one batch (a collector stopped before it acked).
+    bodies.append(copy.deepcopy(bodies[1]))
     with session_scope(engine) as s:
         known = preload(s, bodies)
         actions = [ingest(s, b, known=known).action for b in bodies]
-    assert actions == ["started", "stored"] * len(jobs) + ["rejected"]
+    assert actions[:-1] == ["started", "stored"] * len(jobs)
+    # The copy is recognised as the same result, not taken for a forgery: nobody is blamed for it.
+    assert actions[-1] == "duplicate"
     with session_scope(engine) as s:
         assert s.scalar(select(func.count()).select_from(ResultRow)) == len(jobs)
+        assert s.scalar(select(func.count()).select_from(ResultRow).where(ResultRow.job_id == jobs[0].job_id)) == 1
+        assert s.scalar(select(func.count()).select_from(RejectionRow)) == 0
+        assert all(v.n_rejected == 0 for v in list_workers(s))
+        assert s.get(JobRow, jobs[0].job_id).state == "done"
