@@ -353,3 +353,43 @@ def test_heads_on_an_moe_base_start_from_it_and_decode_losslessly(tmp_path):
     save_heads(heads, path, {"base_sha256": ""})
     again = load_heads(moe, path)
     assert with_drafter(moe, MTPDrafter(again, 64), 2).tokens == plain(moe)
+
+
+# The one draft-and-verify loop (worker/speculative.py) over TorchBackend's SpeculativeBackend side.
+
+def _backend(seed: int, config: ModelConfig = TARGET):
+    from worker.engines.torch.backend import TorchBackend
+
+    return TorchBackend.from_model(random_model(config, seed), n_ctx=128)
+
+
+@pytest.mark.parametrize("drafter_kind", ["lookup", "model", "self"])
+def test_shared_loop_on_the_torch_backend_reproduces_plain_greedy(drafter_kind):
+    from worker.speculative import LookupDrafter as SharedLookup
+    from worker.speculative import ModelDrafter as SharedModel
+    from worker.speculative import greedy, speculative
+
+    target = _backend(1)
+    prompt = [1, 5, 9, 5, 9, 3, 7, 5, 9]
+    base = greedy(target, prompt, 24)
+    if drafter_kind == "lookup":
+        drafter = SharedLookup(n_draft=4)
+    else:
+        drafter = SharedModel(_backend(1) if drafter_kind == "self" else _backend(2, DRAFT), n_draft=4)
+    run = speculative(target, drafter, prompt, 24)
+    assert run.tokens == base.tokens
+    assert run.n_drafted > 0
+    if drafter_kind == "self":
+        # A draft that is the target is never rejected.
+        assert run.n_accepted == run.n_drafted
+
+
+def test_torch_backend_verify_equals_token_by_token_decode_and_truncate_rewinds():
+    target = _backend(3)
+    target.prefill([1, 2, 3])
+    predicted = target.verify([4, 5, 6])
+    assert target.n_past == 6
+    target.truncate(3)
+    assert [target.decode(t) for t in (4, 5, 6)] == predicted
+    assert target.last_hidden().shape == (1, TARGET.n_embd)
+    assert 0.0 < target.top_prob() <= 1.0
