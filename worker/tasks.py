@@ -129,7 +129,10 @@ def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None) -> 
         extra: dict = {}
         try:
             energy_before_mj = hardware.gpu_energy_mj()
-            if job.engine == "torch" and job.technique != "baseline":
+            if job.technique == "mtp" or job.temperature > 0:
+                # MTP heads and sampled acceptance read the target's hidden states and
+                # distributions, which only the torch engine offers (the Job validator refuses
+                # them elsewhere); the scenario is the job's, the engine is never asked its name.
                 from worker.engines.torch.techniques import measure_technique
 
                 m, extra = measure_technique(backend, job, path, model_sha, settings.effective_models_dir)
