@@ -2,10 +2,10 @@
 
 Owns the model, its KV cache, the position counter and device synchronisation, so that every
 call returns with the device idle and a timer read after it measures the work. Sampling is
-greedy, as the protocol asks. Beyond the protocol it keeps the last pass's logits and hidden
-states, because sampled acceptance needs the target's distribution and MTP heads read the
-hidden states (`last_hidden`, a capability the MTP drafter asks for). It knows nothing of jobs,
-repetitions, timers or drafters.
+greedy, as the protocol asks. Beyond the protocol it offers the optional capabilities of
+base.py: the last pass's distributions (`probs`, for sampled acceptance), its hidden states
+(`last_hidden`) and the MTP heads saved beside the model file (`mtp_context`; their math is
+mtp.py's), which the MTP drafter reads. It knows nothing of jobs, repetitions, timers or drafters.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class TorchBackend:
         self._model: Transformer | None = None
         self._cache: KVCache | None = None
         self._vocab: GGUFVocab | None = None
+        self._path: Path | None = None
         self._n_past = 0
         self._n_batch = 1
         self._last_logits: torch.Tensor | None = None  # (T, V) of the last pass, float32
@@ -81,6 +82,7 @@ class TorchBackend:
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); lower the context") from e
         self._n_batch = config.n_batch
         self._n_past = 0
+        self._path = Path(path)
         self._synchronize()
 
     @property
@@ -172,6 +174,18 @@ class TorchBackend:
         """Hidden states (T, E) of the last pass's positions, for drafters that read them (MTP)."""
         return self._last_hidden
 
+    def mtp_context(self, n_mtp: int, base_sha256: str | None = None):
+        """A running context of the n_mtp MTP heads saved beside the loaded file, as long as the cache."""
+        from worker.engines.torch.mtp import MTPError, load_heads
+
+        if self._path is None:
+            raise EngineError("MTP heads live beside a model file: this backend was built from a model in memory")
+        try:
+            heads = load_heads(self._model, self._path, n_mtp, base_sha256=base_sha256)
+        except MTPError as exc:
+            raise EngineError(str(exc)) from exc
+        return heads.new_context(self._cache.n_ctx)
+
     def token_texts(self) -> list[bytes]:
         return self._vocab.token_texts()
 
@@ -195,6 +209,7 @@ class TorchBackend:
 
     def close(self) -> None:
         self._model = None
+        self._path = None
         self._cache = None
         if self._vocab is not None:
             self._vocab.close()
