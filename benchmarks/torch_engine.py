@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from farm.contract import EngineConfig, Job
+from farm.memory import context_size
 from farm.modelfiles import sha256_file
 from farm.settings import load_settings
 from worker.engines.torch import TorchBackend
 from worker.engines.torch.model import ModelConfig, Transformer
-from worker.engines.torch.speculative import generate
-from worker.engines.torch.techniques import measure_technique
 from worker.models import resolve
+from worker.speculative import greedy
+from worker.tasks import measure_over_prompts
 
 
 def triad_gbps(n: int = 16_000_000, reps: int = 5) -> float:
@@ -61,11 +62,12 @@ def decode_bytes(model: Transformer, n_expert_used: int | None = None) -> int:
 
 def torch_decode_tok_s(model: Transformer, first: int, n_gen: int, reps: int) -> tuple[float, list[int]]:
     rates, tokens = [], []
+    backend = TorchBackend.from_model(model, n_gen + 8)
     for _ in range(reps + 1):  # the first run warms up
-        cache = model.new_cache(n_gen + 8)
-        t0 = time.perf_counter_ns()
-        tokens = generate(model, cache, [first], n_gen).tokens
-        rates.append(n_gen * 1e9 / (time.perf_counter_ns() - t0))
+        # The prefill of `first` gives the first token; n_gen - 1 timed decode steps the rest.
+        run = greedy(backend, [first], n_gen - 1)
+        rates.append((n_gen - 1) * 1e9 / run.decode_ns)
+        tokens = run.tokens
     return statistics.median(rates[1:]), tokens
 
 
@@ -111,13 +113,17 @@ def upcycle(dense: Transformer, n_expert: int, n_expert_used: int, seed: int = 0
     return moe.eval()
 
 
+def mtp_job(args, category: str, n_mtp: int = 1, p_min: float = 0.0) -> Job:
+    return Job(job_id="bench", sweep_id="bench", index=0, model=args.model, quant="F32", engine="torch",
+               technique="mtp", kind="tg", n_gen=args.n_gen, n_mtp=n_mtp, p_min=p_min, repetitions=args.reps,
+               n_warmup=1, prompt_category=category, n_prompts=args.n_prompts)
+
+
 def mtp_figures(backend: TorchBackend, path, sha: str, settings, args, category: str, n_mtp: int, p_min: float) -> None:
     """One MTP job over a category's chat-templated prompts, baseline timed in the same job."""
-    job = Job(job_id="bench", sweep_id="bench", index=0, model=args.model, quant="F32", engine="torch",
-              technique="mtp", kind="tg", n_gen=args.n_gen, n_mtp=n_mtp, p_min=p_min, repetitions=args.reps,
-              n_warmup=1, prompt_category=category, n_prompts=args.n_prompts)
+    job = mtp_job(args, category, n_mtp, p_min)
     try:
-        m, extra = measure_technique(backend, job, path, sha, settings.effective_models_dir)
+        m, extra = measure_over_prompts(job, backend, settings, sha)
     except Exception as exc:  # a missing head file is a figure we cannot print, not a crash
         print(f"mtp {category} n_mtp={n_mtp}: not measured ({exc})")
         return
@@ -161,7 +167,9 @@ def main() -> None:
     path, _ = resolve(args.model, "F32", settings.effective_models_dir)
     sha = sha256_file(path)
     backend = TorchBackend("cpu", "float32")
-    backend.load(path, EngineConfig(n_threads=args.threads), args.n_gen + 64)
+    # Room for the longest chat-templated prompt the MTP jobs decode after, as a worker makes.
+    n_ctx = max([args.n_gen + 64, *(context_size(mtp_job(args, c)) for c in args.categories)])
+    backend.load(path, EngineConfig(n_threads=args.threads), n_ctx)
     model = backend.model
     first = backend.tokenize("The", add_bos=True)[-1]
 

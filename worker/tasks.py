@@ -49,8 +49,13 @@ def draft_file(job: Job, models_dir: Path) -> Path:
     return resolve(job.draft_model, quant, models_dir, job.draft_sha256)[0]
 
 
-def measure_over_prompts(job: Job, target, settings: Settings) -> tuple[object, dict]:
-    """A decode test over a prompt category: baseline, and the technique if any, in one job."""
+def measure_over_prompts(job: Job, target, settings: Settings, model_sha256: str) -> tuple[object, dict]:
+    """A decode test over a prompt category: baseline, and the technique if any, in one job.
+
+    One loop for every engine and technique (worker/speculative.py): the job's technique picks
+    the drafter, its temperature greedy or sampled acceptance; an engine lacking what a
+    technique needs (hidden states, distributions) refuses it with an EngineError.
+    """
     from worker.speculative import (
         check_vocab_pair,
         make_drafter,
@@ -69,10 +74,11 @@ def measure_over_prompts(job: Job, target, settings: Settings) -> tuple[object, 
             # Before any measurement: a draft with another tokenizer would be measured as garbage.
             check_vocab_pair(target.token_texts(), draft.token_texts())
         prompts = prompt_tokens(target, job)
-        m = measure_prompts(target, job, prompts, make_drafter(job, draft))
+        m = measure_prompts(target, job, prompts, make_drafter(job, target, draft, model_sha256))
     finally:
         if draft is not None:
             draft.close()
+    # The job's identity is the baseline's, so it compares with any run of the same prompts.
     extra.update(n_prompts=len(prompts), speculation=m.speculation, output_sha256=output_sha256(m.baseline_tokens))
     return m, extra
 
@@ -129,12 +135,10 @@ def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None) -> 
         extra: dict = {}
         try:
             energy_before_mj = hardware.gpu_energy_mj()
-            if job.engine == "torch" and job.technique != "baseline":
-                from worker.engines.torch.techniques import measure_technique
-
-                m, extra = measure_technique(backend, job, path, model_sha, settings.effective_models_dir)
-            elif job.prompt_category:
-                m, extra = measure_over_prompts(job, backend, settings)
+            # The scenario is the job's (a prompt set, with or without a technique, or plain
+            # text); the engine is never asked its name.
+            if job.prompt_category:
+                m, extra = measure_over_prompts(job, backend, settings, model_sha)
             else:
                 m = measure(backend, job)
                 extra = {"output_sha256": output_sha256([m.tokens])}

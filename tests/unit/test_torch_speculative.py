@@ -1,4 +1,5 @@
-"""Speculative and MTP decoding on tiny random-weight models: greedy output equals plain greedy
+"""Speculative and MTP decoding through the one loop (worker/speculative.py) on TorchBackends
+over tiny random-weight models: greedy output equals plain greedy
 token for token, MTP heads survive a save/load round trip, and the sampled acceptance rule
 leaves the target's distribution unchanged. No files beyond tmp_path, seconds to run."""
 
@@ -17,12 +18,14 @@ from worker.engines.torch.mtp import (  # noqa: E402
     read_provenance,
     save_heads,
 )
-from worker.engines.torch.speculative import (  # noqa: E402
+from worker.engines.torch.backend import TorchBackend  # noqa: E402
+from worker.speculative import (  # noqa: E402
     LookupDrafter,
     ModelDrafter,
     MTPDrafter,
-    accept_sampled,
-    generate,
+    Sampler,
+    greedy,
+    speculative,
 )
 
 TARGET = ModelConfig(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, n_ff=64, n_vocab=37)
@@ -52,16 +55,23 @@ PROMPT = [3, 17, 5, 9, 3, 17, 5, 22]
 N_GEN = 24
 
 
+def backend(model: Transformer, n_ctx: int = 64) -> TorchBackend:
+    return TorchBackend.from_model(model, n_ctx)
+
+
 def plain(model: Transformer) -> list[int]:
-    cache = model.new_cache(64)
-    model(torch.tensor([PROMPT[:-1]]), 0, cache)
-    return generate(model, cache, PROMPT, N_GEN).tokens
+    # N_GEN tokens after PROMPT: the prefill's, then N_GEN - 1 decode steps.
+    return greedy(backend(model), PROMPT, N_GEN - 1).tokens
 
 
-def with_drafter(model: Transformer, drafter, n_draft: int):
-    cache = model.new_cache(64)
-    _, hidden = model(torch.tensor([PROMPT[:-1]]), 0, cache)
-    return generate(model, cache, PROMPT, N_GEN, drafter=drafter, n_draft=n_draft, prompt_hidden=hidden[0])
+def with_drafter(model: Transformer, make_drafter):
+    """make_drafter(target backend) -> drafter; the run's stats are the Run itself."""
+    target = backend(model)
+    return speculative(target, make_drafter(target), PROMPT, N_GEN - 1)
+
+
+def mtp(heads: MTPHeads, n_mtp: int, p_min: float = 0.0):
+    return lambda target: MTPDrafter(target, heads.new_context(64), n_mtp, p_min)
 
 
 def random_heads(model: Transformer, n_mtp: int, seed: int, vocab: torch.Tensor | None = None) -> MTPHeads:
@@ -81,13 +91,13 @@ def test_greedy_mtp_reproduces_plain_greedy(n_mtp, vocab, p_min):
     # what is kept: verification with the full output head decides.
     model = random_model(TARGET, 0)
     heads = random_heads(model, n_mtp, 1, None if vocab is None else torch.tensor(vocab))
-    out = with_drafter(model, MTPDrafter(heads, 64, p_min), n_mtp)
+    out = with_drafter(model, mtp(heads, n_mtp, p_min))
     assert out.tokens == plain(model)
-    assert out.stats.n_drafted > 0
-    if p_min == 0.0:
-        assert len(out.stats.drafted_by_position) == n_mtp
+    assert out.n_drafted > 0
+    if p_min == 0.0:  # every head proposed
+        assert len(out.drafted_at) == n_mtp and all(d > 0 for d in out.drafted_at)
     else:  # some proposals fall below the threshold (random heads are unsure)
-        assert out.stats.n_drafted < n_mtp * out.stats.n_passes
+        assert out.n_drafted < n_mtp * out.n_passes
 
 
 def test_heads_that_reproduce_the_target_are_always_accepted():
@@ -108,10 +118,10 @@ def test_heads_that_reproduce_the_target_are_always_accepted():
             head.proj.weight.copy_(torch.cat((torch.zeros(E, E), torch.eye(E)), dim=1))
             head.embd_norm.eps = 0.0
             head.out_norm.weight.copy_(model.norm.weight)
-    out = with_drafter(model, MTPDrafter(heads.eval(), 64), 3)
+    out = with_drafter(model, mtp(heads.eval(), 3))
     assert out.tokens == plain(model)
-    assert out.stats.acceptance_by_position == [1.0] * 3
-    assert out.stats.n_passes <= N_GEN // 4 + 1
+    assert out.acceptance_by_position == [1.0] * 3
+    assert out.n_passes <= N_GEN // 4 + 1
 
 
 def test_cached_proposals_equal_the_teacher_forced_chain():
@@ -144,41 +154,41 @@ def test_lookup_replaying_text_it_has_seen_reproduces_plain_greedy():
     model = random_model(TARGET, 0)
     tokens = plain(model)
     seq = PROMPT + tokens
-    cache = model.new_cache(128)
-    model(torch.tensor([seq[:-1]]), 0, cache)
     # Decoding again after the same text: lookup proposes the continuation seen before.
-    replay = generate(model, cache, seq, N_GEN, drafter=LookupDrafter(ngram_max=4, n_draft=4), n_draft=4)
-    cache2 = model.new_cache(128)
-    model(torch.tensor([seq[:-1]]), 0, cache2)
-    assert replay.tokens == generate(model, cache2, seq, N_GEN).tokens
-    assert replay.stats.n_drafted > 0
-    assert 0.0 <= replay.stats.acceptance_rate <= 1.0
+    replay = speculative(backend(model, 128), LookupDrafter(ngram_max=4, n_draft=4), seq, N_GEN - 1)
+    assert replay.tokens == greedy(backend(model, 128), seq, N_GEN - 1).tokens
+    assert replay.n_drafted > 0
+    assert 0.0 <= replay.acceptance_rate <= 1.0
 
 
 def test_greedy_lookup_reproduces_plain_greedy():
     model = random_model(TARGET, 0)
-    out = with_drafter(model, LookupDrafter(ngram_max=3, n_draft=4), 4)
+    out = with_drafter(model, lambda target: LookupDrafter(ngram_max=3, n_draft=4))
     assert out.tokens == plain(model)
 
 
 @pytest.mark.parametrize("p_min", [0.0, 0.3])
 def test_greedy_draft_model_reproduces_plain_greedy(p_min):
     model = random_model(TARGET, 0)
-    draft = random_model(DRAFT, 5)
-    out = with_drafter(model, ModelDrafter(draft, draft.new_cache(64), n_draft=3, p_min=p_min), 3)
+    # Weights spread wider than the target's: a draft sure enough of itself that p_min = 0.3
+    # (checked before every proposal, the first included) keeps some proposals and cuts others.
+    draft = random_model(DRAFT, 5, std=0.6)
+    out = with_drafter(model, lambda target: ModelDrafter(backend(draft), n_draft=3, p_min=p_min))
     assert out.tokens == plain(model)
-    assert out.stats.n_drafted > 0
+    assert out.n_drafted > 0
+    if p_min > 0:
+        assert out.n_drafted < 3 * out.n_passes
 
 
 def test_draft_that_is_the_target_is_always_accepted():
     model = random_model(TARGET, 0)
     twin = random_model(TARGET, 0)
-    out = with_drafter(model, ModelDrafter(twin, twin.new_cache(64), n_draft=4), 4)
+    out = with_drafter(model, lambda target: ModelDrafter(backend(twin), n_draft=4))
     assert out.tokens == plain(model)
-    assert out.stats.acceptance_rate == 1.0
-    assert out.stats.acceptance_by_position == [1.0] * 4
-    # 1 token from the first pass and 5 per full pass after: 24 tokens need few passes.
-    assert out.stats.n_passes < N_GEN / 3
+    assert out.acceptance_rate == 1.0
+    assert out.acceptance_by_position == [1.0] * 4
+    # 1 token from the prefill and 5 per full pass after: 24 tokens need few passes.
+    assert out.n_passes < N_GEN / 3
 
 
 def test_mtp_heads_round_trip_through_safetensors(tmp_path):
@@ -211,21 +221,22 @@ def test_mtp_heads_round_trip_through_safetensors(tmp_path):
 
 def test_sampled_rule_keeps_the_target_distribution():
     # Exact check of the rule itself: over many draws from q, what comes out follows p.
-    g = torch.Generator().manual_seed(0)
+    sampler = Sampler(1.0, 0)
     p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
     q = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
     counts = torch.zeros(4)
     n = 10000
     for _ in range(n):
-        x = int(torch.multinomial(q[0], 1, generator=g))
-        n_acc, nxt = accept_sampled(p, q, [x], g)
+        x = sampler.draw(q[0])
+        n_acc, nxt = sampler.accept(p, q, [x])
         counts[x if n_acc == 1 else nxt] += 1
     assert (counts / n - p[0]).abs().max() < 0.02
 
 
 def test_sampled_speculation_first_token_follows_the_target():
     """On tiny random models: the first token of sampled speculative decoding is distributed
-    as the target's own softmax, over many seeds."""
+    as the target's own softmax, and so is the second (the first one a verify pass decides,
+    through the acceptance rule), over many seeds."""
     cfg_t = ModelConfig(n_layer=1, n_embd=16, n_head=2, n_kv_head=1, n_ff=32, n_vocab=6)
     cfg_d = ModelConfig(n_layer=1, n_embd=8, n_head=1, n_kv_head=1, n_ff=16, n_vocab=6)
     target, draft = random_model(cfg_t, 0, std=0.6), random_model(cfg_d, 3, std=0.6)
@@ -233,19 +244,22 @@ def test_sampled_speculation_first_token_follows_the_target():
     temperature = 1.0
     with torch.inference_mode():
         p = torch.softmax(target(torch.tensor([prompt]))[0][0, -1] / temperature, -1)
-    t_cache, d_cache = target.new_cache(16), draft.new_cache(16)
+        # The second token's marginal: sum over the first x of p(x) p(. | prompt, x).
+        after = torch.softmax(target(torch.tensor([[*prompt, x] for x in range(cfg_t.n_vocab)]))[0][:, -1]
+                              / temperature, -1)  # (V, V)
+        p2 = p @ after
+    t_backend, d_backend = backend(target, 16), backend(draft, 16)
     counts = torch.zeros(cfg_t.n_vocab)
+    counts2 = torch.zeros(cfg_t.n_vocab)
     n = 2000
-    g = torch.Generator()
     for seed in range(n):
-        g.manual_seed(seed)
-        target(torch.tensor([prompt[:-1]]), 0, t_cache)
-        drafter = ModelDrafter(draft, d_cache, n_draft=2, generator=g)
-        out = generate(target, t_cache, prompt, 1 + 2, drafter=drafter, n_draft=2,
-                       temperature=temperature, generator=g)
+        drafter = ModelDrafter(d_backend, n_draft=2)
+        out = speculative(t_backend, drafter, prompt, 2, Sampler(temperature, seed))
         counts[out.tokens[0]] += 1
+        counts2[out.tokens[1]] += 1
     # 2000 draws: the standard error of each frequency is at most 0.011.
     assert (counts / n - p).abs().max() < 0.045
+    assert (counts2 / n - p2).abs().max() < 0.045
 
 
 def test_training_rows_start_where_decoding_first_proposes():
@@ -358,8 +372,42 @@ def test_heads_on_an_moe_base_start_from_it_and_decode_losslessly(tmp_path):
     cos, sin = moe._rope_tables(0, 5)
     block_out = heads.heads[0].block(x, cos, sin, 0, None, 0)
     torch.testing.assert_close(block_out, x)  # residual branches start at zero
-    assert with_drafter(moe, MTPDrafter(heads.eval(), 64), 2).tokens == plain(moe)
+    assert with_drafter(moe, mtp(heads.eval(), 2)).tokens == plain(moe)
     path = tmp_path / "moe.gguf"
     save_heads(heads, path, {"base_sha256": ""})
     again = load_heads(moe, path)
-    assert with_drafter(moe, MTPDrafter(again, 64), 2).tokens == plain(moe)
+    assert with_drafter(moe, mtp(again, 2)).tokens == plain(moe)
+
+
+# The one draft-and-verify loop (worker/speculative.py) over TorchBackend's SpeculativeBackend side.
+
+def _backend(seed: int, config: ModelConfig = TARGET):
+    return TorchBackend.from_model(random_model(config, seed), n_ctx=128)
+
+
+@pytest.mark.parametrize("drafter_kind", ["lookup", "model", "self"])
+def test_shared_loop_on_the_torch_backend_reproduces_plain_greedy(drafter_kind):
+    target = _backend(1)
+    prompt = [1, 5, 9, 5, 9, 3, 7, 5, 9]
+    base = greedy(target, prompt, 24)
+    if drafter_kind == "lookup":
+        drafter = LookupDrafter(n_draft=4)
+    else:
+        drafter = ModelDrafter(_backend(1) if drafter_kind == "self" else _backend(2, DRAFT), n_draft=4)
+    run = speculative(target, drafter, prompt, 24)
+    assert run.tokens == base.tokens
+    assert run.n_drafted > 0
+    if drafter_kind == "self":
+        # A draft that is the target is never rejected.
+        assert run.n_accepted == run.n_drafted
+
+
+def test_torch_backend_verify_equals_token_by_token_decode_and_truncate_rewinds():
+    target = _backend(3)
+    target.prefill([1, 2, 3])
+    predicted = target.verify([4, 5, 6])
+    assert target.n_past == 6
+    target.truncate(3)
+    assert [target.decode(t) for t in (4, 5, 6)] == predicted
+    assert target.last_hidden().shape == (1, TARGET.n_embd)
+    assert 0.0 < target.top_prob() <= 1.0

@@ -67,3 +67,11 @@ class SpeculativeBackend(Backend, Protocol):
 
     def chat_prompt(self, user_text: str) -> str:
         """user_text as one user turn in the model's chat template."""
+
+    # Optional capabilities, asked for with hasattr by the drafter or sampler that needs them
+    # (worker/speculative.py), so an engine without them refuses the technique, not the job kind:
+    #   probs(temperature) -> tensor (T, V): sampling distributions after each position of the
+    #       last pass (sampled decoding and acceptance);
+    #   last_hidden() -> tensor (T, E): final hidden states of the last pass's positions;
+    #   mtp_context(n_mtp, base_sha256) -> the running state of MTP heads trained for the loaded
+    #       model (start, add_hidden, propose), fed with last_hidden.

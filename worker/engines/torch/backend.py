@@ -1,8 +1,11 @@
-"""TorchBackend: the Backend protocol over the PyTorch decoder in model.py.
+"""TorchBackend: the Backend and SpeculativeBackend protocols over the PyTorch decoder in model.py.
 
 Owns the model, its KV cache, the position counter and device synchronisation, so that every
 call returns with the device idle and a timer read after it measures the work. Sampling is
-greedy, as the protocol asks. It knows nothing of jobs, repetitions or timers.
+greedy, as the protocol asks. Beyond the protocol it offers the optional capabilities of
+base.py: the last pass's distributions (`probs`, for sampled acceptance), its hidden states
+(`last_hidden`) and the MTP heads saved beside the model file (`mtp_context`; their math is
+mtp.py's), which the MTP drafter reads. It knows nothing of jobs, repetitions, timers or drafters.
 """
 
 from __future__ import annotations
@@ -34,8 +37,19 @@ class TorchBackend:
         self._model: Transformer | None = None
         self._cache: KVCache | None = None
         self._vocab: GGUFVocab | None = None
+        self._path: Path | None = None
         self._n_past = 0
         self._n_batch = 1
+        self._last_logits: torch.Tensor | None = None  # (T, V) of the last pass, float32
+        self._last_hidden: torch.Tensor | None = None  # (T, E) of the last pass
+
+    @classmethod
+    def from_model(cls, model: Transformer, n_ctx: int, n_batch: int = 512) -> "TorchBackend":
+        """A backend over a model already in memory (tests, MTP training): no file, no tokenizer."""
+        param = next(model.parameters())
+        backend = cls(str(param.device), str(param.dtype).removeprefix("torch."))
+        backend._model, backend._cache, backend._n_batch = model, model.new_cache(n_ctx), n_batch
+        return backend
 
     def load(self, path: Path, config: EngineConfig, n_ctx: int) -> None:
         # n_gpu_layers and flash_attn are llama.cpp's knobs; here the device is chosen whole
@@ -58,6 +72,7 @@ class TorchBackend:
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); lower the context") from e
         self._n_batch = config.n_batch
         self._n_past = 0
+        self._path = Path(path)
         self._synchronize()
 
     @property
@@ -85,18 +100,28 @@ class TorchBackend:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def _run(self, tokens: Sequence[int]) -> int:
+    def _forward(self, tokens: Sequence[int], all_logits: bool) -> torch.Tensor:
+        """Append tokens; keep the logits (T or 1, V) and hidden states of the last chunk."""
         if self._n_past + len(tokens) > self._cache.n_ctx:
             raise EngineError(
                 f"{len(tokens)} tokens at position {self._n_past} overflow the context of {self._cache.n_ctx}: raise n_ctx"
             )
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # (1, T)
-        for start in range(0, ids.shape[1], self._n_batch):
-            chunk = ids[:, start:start + self._n_batch]  # (1, T_chunk)
-            logits, _ = self._model(chunk, self._n_past, self._cache, all_logits=False)  # (1, 1, V)
+        # A verify batch must come out of one pass: its logits are needed at every position.
+        step = ids.shape[1] if all_logits else self._n_batch
+        hidden = []
+        for start in range(0, ids.shape[1], step):
+            chunk = ids[:, start:start + step]  # (1, T_chunk)
+            logits, h = self._model(chunk, self._n_past, self._cache, all_logits=all_logits)  # (1, T_chunk or 1, V)
             self._n_past += chunk.shape[1]
+            hidden.append(h[0])
+        self._last_logits = logits[0].float()
+        self._last_hidden = torch.cat(hidden) if len(hidden) > 1 else hidden[0]  # (T, E)
+        return self._last_logits
+
+    def _run(self, tokens: Sequence[int]) -> int:
         # .item() waits for the argmax, but not for work queued on other streams.
-        token = int(logits[0, -1].argmax().item())
+        token = int(self._forward(tokens, all_logits=False)[-1].argmax().item())
         self._synchronize()
         return token
 
@@ -107,6 +132,52 @@ class TorchBackend:
 
     def decode(self, token: int) -> int:
         return self._run((token,))
+
+    # What draft-and-verify decoding needs beyond plain greedy decoding (worker/speculative.py).
+
+    @property
+    def n_past(self) -> int:
+        return self._n_past
+
+    def verify(self, tokens: Sequence[int]) -> list[int]:
+        """Append tokens in one pass; return the greedy next token after each of them."""
+        if not tokens:
+            raise EngineError("verify needs at least one token")
+        predicted = self._forward(tokens, all_logits=True).argmax(-1).tolist()
+        self._synchronize()
+        return predicted
+
+    def truncate(self, n_past: int) -> None:
+        # The cache is written by absolute position: the next pass overwrites rejected entries.
+        if not 0 <= n_past <= self._n_past:
+            raise EngineError(f"cannot truncate a cache of {self._n_past} tokens to {n_past}")
+        self._n_past = n_past
+
+    def top_prob(self) -> float:
+        return float(torch.softmax(self._last_logits[-1], dim=-1).max())
+
+    def probs(self, temperature: float) -> torch.Tensor:
+        """The target's sampling distribution (T, V) after each position of the last pass."""
+        return torch.softmax(self._last_logits / temperature, dim=-1)
+
+    def last_hidden(self) -> torch.Tensor:
+        """Hidden states (T, E) of the last pass's positions, for drafters that read them (MTP)."""
+        return self._last_hidden
+
+    def mtp_context(self, n_mtp: int, base_sha256: str | None = None):
+        """A running context of the n_mtp MTP heads saved beside the loaded file, as long as the cache."""
+        from worker.engines.torch.mtp import MTPError, load_heads
+
+        if self._path is None:
+            raise EngineError("MTP heads live beside a model file: this backend was built from a model in memory")
+        try:
+            heads = load_heads(self._model, self._path, n_mtp, base_sha256=base_sha256)
+        except MTPError as exc:
+            raise EngineError(str(exc)) from exc
+        return heads.new_context(self._cache.n_ctx)
+
+    def token_texts(self) -> list[bytes]:
+        return self._vocab.token_texts()
 
     def conditions(self) -> dict:
         """Settings the engine really ran with: threads after torch's defaulting, the cache dtype."""
@@ -125,6 +196,7 @@ class TorchBackend:
 
     def close(self) -> None:
         self._model = None
+        self._path = None
         self._cache = None
         if self._vocab is not None:
             self._vocab.close()

@@ -178,6 +178,10 @@ class GGUFVocab:
 
         return chat_prompt_with(self._model, user_text)
 
+    def token_texts(self) -> list[bytes]:
+        """Every token's text, by id, as the llama.cpp engine reports it (the draft-pair check)."""
+        return [self._llama_cpp.llama_vocab_get_text(self._vocab, i) or b"" for i in range(self.n_tokens)]
+
     def close(self) -> None:
         if self._model:
             self._llama_cpp.llama_model_free(self._model)
