@@ -27,8 +27,10 @@ from rich.table import Table
 
 from farm.settings import Settings, load_settings
 
+EXIT_CODES_EPILOG = ("Exit codes: 0 ok; 1 a sweep ended with failed jobs; 2 usage error (Click's); "
+                     "3 refused input (the message names the problem and the fix).")
 app = typer.Typer(help="tokenfarm: a distributed benchmark farm for local LLM inference.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+                  pretty_exceptions_enable=False, epilog=EXIT_CODES_EPILOG)
 sweep_app = typer.Typer(help="Submit and follow sweeps.", no_args_is_help=True)
 worker_app = typer.Typer(help="Run a worker on this machine.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -51,7 +53,8 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
+def fail(message: str, code: int = 3) -> typer.Exit:
+    """Refused input: exit 3, since Click keeps 2 for usage errors."""
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
@@ -89,6 +92,8 @@ def sweep_submit(
     timeout: Optional[float] = typer.Option(None, help="with --wait: give up after this many seconds"),
     allow_unfit: bool = typer.Option(False, "--allow-unfit",
                                      help="queue jobs no registered worker can fit (they wait for one that can)"),
+    max_jobs: int = typer.Option(10_000, "--max-jobs", min=1,
+                                 help="refuse a sweep that would make more jobs than this"),
 ) -> None:
     """Expand a sweep into jobs, record them, send them to the workers.
 
@@ -106,8 +111,10 @@ def sweep_submit(
         spec = load_spec(file)
     except SweepError as exc:
         raise fail(str(exc))
+    for warning in spec.duplicates():
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     try:
-        jobs = expand(spec, base_dir=file.parent, models_dir=settings.effective_models_dir)
+        jobs = expand(spec, base_dir=file.parent, models_dir=settings.effective_models_dir, max_jobs=max_jobs)
     except SweepError as exc:
         raise fail(f"{file}: {exc}")
     _ensure_schema(settings)
@@ -753,7 +760,7 @@ def demo(sweep: Path = typer.Option(Path("examples/demo.yaml"), help="the sweep 
     code = 0
     try:
         try:
-            sweep_submit(sweep, wait=True, timeout=timeout, allow_unfit=False)
+            sweep_submit(sweep, wait=True, timeout=timeout, allow_unfit=False, max_jobs=10_000)
         except typer.Exit as exit_:
             code = exit_.exit_code
         leaderboard(None)
