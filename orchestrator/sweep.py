@@ -261,18 +261,26 @@ def _model_identity(ref: str, base_dir: Path) -> tuple[str, str | None, str]:
     if moe is not None:
         # Derived on the worker from its catalogue parent, deterministically; the file is F32.
         return ref, None, "F32"
-    path = Path(ref).expanduser()
-    if not path.is_absolute():
-        path = (base_dir / path).resolve()
-    if not path.exists():
-        known = ", ".join(sorted(CATALOGUE))
-        raise SweepError(f"model {ref!r}: no such file ({path}); give a path to a .gguf file or one of: {known}")
     try:
-        facts = read_facts(path)
-        check_gguf(path)
+        path = Path(ref).expanduser()
+        if not path.is_absolute():
+            path = (base_dir / path).resolve()
+        exists = path.exists()
+        if exists:
+            facts = read_facts(path)
+            check_gguf(path)
+            sha = sha256_file(path)
     except ModelError as exc:
         raise SweepError(f"model {ref!r}: {exc}") from exc
-    return str(path), sha256_file(path), facts.file_type
+    except OSError as exc:
+        # A name too long for the file system, a directory, no permission: one line, no traceback.
+        raise SweepError(f"model {ref[:120]!r}: cannot read the file ({exc.strerror}); give a path to a "
+                         ".gguf file or a catalogue name") from exc
+    if not exists:
+        known = ", ".join(sorted(CATALOGUE))
+        raise SweepError(f"model {ref[:120]!r}: no such file ({str(path)[:200]}); give a path to a .gguf file or "
+                         f"one of: {known}")
+    return str(path), sha, facts.file_type
 
 
 def _local_source(ref: str, models_dir: Path | None) -> Path | None:

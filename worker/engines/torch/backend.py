@@ -7,6 +7,7 @@ greedy, as the protocol asks. It knows nothing of jobs, repetitions or timers.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -41,12 +42,16 @@ class TorchBackend:
         self._vocab: GGUFVocab | None = None
         self._n_past = 0
         self._n_batch = 1
+        self._n_threads_asked = 0
 
     def load(self, path: Path, config: EngineConfig, n_ctx: int) -> None:
         # n_gpu_layers and flash_attn are llama.cpp's knobs; here the device is chosen whole
         # at construction, and attention is whatever scaled_dot_product_attention picks.
+        # More threads than cores only time-slice them: capped, and the request kept in the flags.
+        n_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self._n_threads_asked = config.n_threads if config.n_threads > n_cores else 0
         if config.n_threads:
-            torch.set_num_threads(config.n_threads)
+            torch.set_num_threads(min(config.n_threads, n_cores))
         try:
             self._model = load_model(Path(path), self.dtype, self.device)
             # oneDNN's prepacked weights: a pass over a few tokens (speculative verification)
@@ -121,6 +126,8 @@ class TorchBackend:
     def conditions(self) -> dict:
         """Settings the engine really ran with: threads after torch's defaulting, the cache dtype."""
         flags = {"device": str(self.device), "n_batch": self._n_batch}
+        if self._n_threads_asked:
+            flags["n_threads_asked"] = self._n_threads_asked
         if self._model is not None and self._model.output.packed is not None:
             # Row counts multiplied through MKL, the rest through oneDNN (model.py): "1,2,3" or "none".
             flags["mkl_rows"] = ",".join(map(str, sorted(mkl_row_counts()))) or "none"
