@@ -127,11 +127,14 @@ def sweep_submit(
 
     Jobs no registered worker can fit (memory class, engine) are named and nothing is sent,
     unless --allow-unfit. Before any worker has announced itself, every job is queued.
+    n_threads above the cores of every registered worker (with none known, this machine's) is
+    refused, not capped; a worker given more threads than it has caps them and records the request.
     """
     from farm.broker import create_app
     from orchestrator import dispatch
     from orchestrator.checks import record_checks
     from orchestrator.db import session_scope
+    from orchestrator.planning import thread_refusal
     from orchestrator.sweep import SweepError, expand, load_spec
 
     settings = load_settings()
@@ -147,6 +150,10 @@ def sweep_submit(
         raise fail(f"{file}: {exc}")
     _require_schema(settings)
     engine = _engine(settings)
+    with session_scope(engine) as session:
+        problem = thread_refusal(spec.n_threads, dispatch.known_capabilities(session))
+    if problem:
+        raise fail(f"{file}: {problem}")
     celery = create_app(settings)
     if not allow_unfit:
         _refuse_unfit(settings, engine, celery, jobs)

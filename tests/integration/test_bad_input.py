@@ -86,3 +86,19 @@ def test_usage_errors_keep_click_s_code_and_help_lists_the_exit_codes(tmp_path: 
     helped = tokenfarm(env, "--help", timeout=60)
     text = " ".join(helped.stdout.split())  # Rich wraps the epilog to the terminal's width
     assert helped.returncode == 0 and "3 refused input" in text and "1 a sweep ended with failed jobs" in text, text
+
+
+def test_threads_above_every_machine_s_cores_are_refused_and_nothing_recorded(tmp_path: Path):
+    from sqlalchemy import create_engine, text
+
+    from tests.integration.conftest import at_head
+
+    env = at_head(service_env(tmp_path / "data"))
+    sweep = tmp_path / "threads.yaml"
+    sweep.write_text("name: x\nmodels: [smollm2-135m]\nn_prompt: [8]\nn_gen: []\nn_threads: [1000]\n")
+    proc = tokenfarm(env, "sweep", "submit", str(sweep), timeout=60)
+    assert proc.returncode == 3 and "n_threads 1000 is above the cores of every machine" in proc.stderr, proc.stderr
+    engine = create_engine(f"sqlite:///{tmp_path / 'data' / 'tokenfarm.sqlite3'}")
+    with engine.connect() as c:
+        assert c.execute(text("SELECT count(*) FROM jobs")).scalar() == 0
+    engine.dispose()
