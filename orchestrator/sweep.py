@@ -42,6 +42,24 @@ class SweepError(Exception):
     """A sweep cannot run; the message is one line naming the problem and the fix."""
 
 
+# Bounds checked before the work they protect: the file's size before YAML parses it, the job
+# count from the list lengths before the product is materialised.
+MAX_SWEEP_FILE_BYTES = 1 << 20
+MAX_JOBS = 10_000
+MAX_NAME_CHARS = 200
+MAX_MODEL_REF_CHARS = 1000
+
+
+def _check_text(value: str, what: str, max_chars: int) -> str:
+    """PostgreSQL refuses NUL in text, and control characters make names unreadable in tables."""
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"{what} {value[:40]!r} holds the control character {bad!r}; use printable characters")
+    if len(value) > max_chars:
+        raise ValueError(f"{what} is {len(value)} characters long; at most {max_chars}")
+    return value
+
+
 def _check_quants(values: list[str]) -> list[str]:
     for q in values:
         if q not in QUANTS:
@@ -59,6 +77,11 @@ class ModelEntry(BaseModel):
     @classmethod
     def _known_quants(cls, v: list[str] | None) -> list[str] | None:
         return v if v is None else _check_quants(v)
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, v: str) -> str:
+        return _check_text(v, "model name", MAX_MODEL_REF_CHARS)
 
 
 class SweepSpec(BaseModel):
@@ -92,6 +115,19 @@ class SweepSpec(BaseModel):
     n_draft: list[int] = Field(default_factory=lambda: [4], min_length=1)
     p_min: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
     ngram_max: list[int] = Field(default_factory=lambda: [3], min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _printable_sweep_name(cls, v: str) -> str:
+        return _check_text(v, "sweep name", MAX_NAME_CHARS)
+
+    @field_validator("models", "draft_models")
+    @classmethod
+    def _printable_models(cls, v: list) -> list:
+        for m in v:
+            if isinstance(m, str):
+                _check_text(m, "model name", MAX_MODEL_REF_CHARS)
+        return v
 
     @field_validator("prompt_categories")
     @classmethod
@@ -143,10 +179,33 @@ class SweepSpec(BaseModel):
         return v
 
     def entries(self) -> list[ModelEntry]:
-        return [m if isinstance(m, ModelEntry) else ModelEntry(name=m) for m in self.models]
+        return _unique_entries(self.models)[0]
 
     def draft_entries(self) -> list[ModelEntry]:
-        return [m if isinstance(m, ModelEntry) else ModelEntry(name=m) for m in self.draft_models]
+        return _unique_entries(self.draft_models)[0]
+
+    def duplicates(self) -> list[str]:
+        """One warning per model or quant listed twice; entries() keeps the first of each."""
+        return _unique_entries(self.models)[1] + _unique_entries(self.draft_models)[1]
+
+
+def _unique_entries(models: list[str | ModelEntry]) -> tuple[list[ModelEntry], list[str]]:
+    """A model listed twice would run the same jobs twice and pool them as one: keep it once."""
+    by_name: dict[str, ModelEntry] = {}
+    warnings: list[str] = []
+    for m in models:
+        entry = m if isinstance(m, ModelEntry) else ModelEntry(name=m)
+        quants = list(dict.fromkeys(entry.quants)) if entry.quants else entry.quants
+        if entry.quants and len(quants) < len(entry.quants):
+            warnings.append(f"model {entry.name!r} lists a quant twice; each runs once")
+        if entry.name in by_name:
+            warnings.append(f"model {entry.name!r} is listed twice; its jobs run once")
+            kept = by_name[entry.name]
+            if kept.quants is not None and quants is not None:
+                kept.quants = list(dict.fromkeys(kept.quants + quants))
+            continue
+        by_name[entry.name] = entry.model_copy(update={"quants": quants})
+    return list(by_name.values()), warnings
 
 
 def _format_validation(exc: ValidationError) -> str:
@@ -163,12 +222,18 @@ def _format_validation(exc: ValidationError) -> str:
     return f"field {where!r}: {msg}" if where else msg
 
 
-def load_spec(path: Path) -> SweepSpec:
+def load_spec(path: Path, max_file_bytes: int = MAX_SWEEP_FILE_BYTES) -> SweepSpec:
     path = Path(path)
     try:
+        n_bytes = path.stat().st_size
+        if n_bytes > max_file_bytes:
+            raise SweepError(f"{str(path)[:200]}: the sweep file is {n_bytes} bytes, above the limit of "
+                             f"{max_file_bytes}; split it into several sweeps")
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise SweepError(f"{path}: cannot read the sweep file ({exc.strerror})") from exc
+        raise SweepError(f"{str(path)[:200]}: cannot read the sweep file ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise SweepError(f"{str(path)[:200]}: the sweep file is not UTF-8 text ({exc.reason})") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -196,18 +261,26 @@ def _model_identity(ref: str, base_dir: Path) -> tuple[str, str | None, str]:
     if moe is not None:
         # Derived on the worker from its catalogue parent, deterministically; the file is F32.
         return ref, None, "F32"
-    path = Path(ref).expanduser()
-    if not path.is_absolute():
-        path = (base_dir / path).resolve()
-    if not path.exists():
-        known = ", ".join(sorted(CATALOGUE))
-        raise SweepError(f"model {ref!r}: no such file ({path}); give a path to a .gguf file or one of: {known}")
     try:
-        facts = read_facts(path)
-        check_gguf(path)
+        path = Path(ref).expanduser()
+        if not path.is_absolute():
+            path = (base_dir / path).resolve()
+        exists = path.exists()
+        if exists:
+            facts = read_facts(path)
+            check_gguf(path)
+            sha = sha256_file(path)
     except ModelError as exc:
         raise SweepError(f"model {ref!r}: {exc}") from exc
-    return str(path), sha256_file(path), facts.file_type
+    except OSError as exc:
+        # A name too long for the file system, a directory, no permission: one line, no traceback.
+        raise SweepError(f"model {ref[:120]!r}: cannot read the file ({exc.strerror}); give a path to a "
+                         ".gguf file or a catalogue name") from exc
+    if not exists:
+        known = ", ".join(sorted(CATALOGUE))
+        raise SweepError(f"model {ref[:120]!r}: no such file ({str(path)[:200]}); give a path to a .gguf file or "
+                         f"one of: {known}")
+    return str(path), sha, facts.file_type
 
 
 def _local_source(ref: str, models_dir: Path | None) -> Path | None:
@@ -236,9 +309,32 @@ def technique_options(spec: SweepSpec, technique: str, drafts: list[tuple[str, s
     return [{}]
 
 
+def count_jobs(spec: SweepSpec) -> int:
+    """An upper bound on the jobs expand() makes, from the list lengths alone (nothing materialised)."""
+    n_configs = (len(spec.n_threads) * len(spec.n_batch) * len(spec.n_ubatch) * len(spec.n_gpu_layers)
+                 * len(spec.flash_attn))
+    n_pp = sum(1 for n in spec.n_prompt if n > 0) + len(spec.n_pg)
+    n_tg = sum(1 for n in spec.n_gen if n > 0) * len(spec.prompt_categories or [None])
+    n_draft_quants = sum(len(e.quants or spec.quants or [None]) for e in spec.draft_entries())
+    per_technique = {
+        "baseline": n_pp + n_tg,
+        "spec": n_tg * n_draft_quants * len(spec.n_draft) * len(spec.p_min) * len(spec.temperature),
+        "lookup": n_tg * len(spec.ngram_max) * len(spec.n_draft) * len(spec.temperature),
+        "mtp": n_tg * len(spec.n_mtp) * len(spec.p_min) * len(spec.temperature),
+    }
+    n_per_quant = n_configs * len(spec.n_depth) * len(spec.engines) * sum(per_technique[t] for t in spec.techniques)
+    return n_per_quant * sum(len(e.quants or spec.quants or [None]) for e in spec.entries())
+
+
 def expand(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."),
-           models_dir: Path | None = None) -> list[Job]:
+           models_dir: Path | None = None, max_jobs: int = MAX_JOBS) -> list[Job]:
     sweep_id = sweep_id or str(uuid.uuid4())
+    n_bound = count_jobs(spec)
+    if n_bound > max_jobs:
+        raise SweepError(f"the sweep would make up to {n_bound} jobs, above the limit of {max_jobs}; shorten its "
+                         "lists or raise the limit with --max-jobs")
+    if "mtp" in spec.techniques and "torch" not in spec.engines:
+        raise SweepError("llama.cpp runs no MTP heads here; use engines: [torch] for technique 'mtp'")
     jobs: list[Job] = []
     configs = [
         EngineConfig(n_threads=t, n_batch=b, n_ubatch=u, n_gpu_layers=g, flash_attn=fa)

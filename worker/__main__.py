@@ -1,15 +1,129 @@
-"""`python -m worker [--name NAME]`: start a worker without the orchestrator's extras installed."""
+"""`python -m worker`: the worker's own commands, run in a worker process.
+
+Owns: starting a worker (the default, `python -m worker [--name NAME]`), fetching and deriving
+model files, training MTP heads, and `run-jobs` (Job JSON lines on stdin, Result JSON lines on
+stdout) for `tokenfarm canaries pin`. The orchestrator's CLI spawns these instead of importing
+worker code, so torch and llama.cpp never enter its process. Knows nothing of the database.
+"""
 
 import argparse
+import sys
 
 from farm.settings import load_settings
-from worker.tasks import start
 
-parser = argparse.ArgumentParser(prog="python -m worker", description="Serve tokenfarm measurement jobs.")
-parser.add_argument("--name", help="worker name (default: TOKENFARM_WORKER_NAME or the host name)")
-parser.add_argument("--loglevel", default="INFO")
-args = parser.parse_args()
-settings = load_settings()
-if args.name:
-    settings.worker_name = args.name
-start(settings, args.loglevel)
+
+def _start(args) -> int:
+    from worker.tasks import start
+
+    settings = load_settings()
+    if args.name:
+        settings.worker_name = args.name
+    start(settings, args.loglevel)
+    return 0
+
+
+def _models(args) -> int:
+    from farm.modelfiles import ModelError
+    from worker.engines import EngineError
+    from worker.models import fetch, moe_path, quant_ladder
+
+    models_dir = load_settings().effective_models_dir
+    try:
+        if args.action == "fetch":
+            for name in args.names:
+                print(f"{name}: {fetch(name, models_dir)}", flush=True)
+            return 0
+        if args.ladder:
+            for quant, path in quant_ladder(args.ladder, models_dir):
+                print(f"{args.ladder} {quant}: {path}", flush=True)
+        for name in args.names:
+            print(f"{name}: {moe_path(name, models_dir)}", flush=True)
+    except (ModelError, EngineError) as exc:
+        # One line on stderr: the CLI that spawned this prints it as its refusal.
+        print(str(exc), file=sys.stderr)
+        return 3
+    return 0
+
+
+def _run_jobs(args) -> int:
+    """One Result JSON line per Job JSON line, in order; the caller stores them, not this process."""
+    from farm.contract import Job
+    from worker.tasks import execute
+
+    settings = load_settings()
+    for line in sys.stdin:
+        if line.strip():
+            result = execute(Job.model_validate_json(line), settings)
+            print(result.model_dump_json(), flush=True)
+    return 0
+
+
+def _train_mtp(args) -> int:
+    import time
+
+    from farm.modelfiles import ModelError, sha256_file
+    from worker.models import resolve
+
+    try:
+        from worker.engines.torch.mtp_train import TrainConfig, train_and_save
+    except ImportError as exc:
+        print(f"training MTP heads needs the torch extra ({exc.name} is missing): pip install 'tokenfarm[torch]'",
+              file=sys.stderr)
+        return 3
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        path, _ = resolve(args.base, "F32", load_settings().effective_models_dir)
+    except ModelError as exc:
+        print(str(exc), file=sys.stderr)
+        return 3
+    cfg = TrainConfig(n_mtp=args.heads, n_chat=args.n_chat, n_code=args.n_code, n_cont=args.n_cont,
+                      epochs=args.epochs, lr=args.lr, n_head_vocab=args.n_head_vocab)
+    t0 = time.perf_counter()
+    out, report = train_and_save(path, sha256_file(path), cfg, progress=lambda m: print(m, flush=True))
+    print(f"heads: {out}")
+    print(f"{report.n_requests} requests ({report.n_benchmark_prompts_dropped} dropped as benchmark prompts); "
+          f"generated {report.n_train_positions + report.n_heldout_positions} positions in "
+          f"{report.generate_s:.0f} s, trained in {report.train_s:.0f} s, {time.perf_counter() - t0:.0f} s in all; "
+          f"final loss {report.loss_by_epoch[-1]:.3f} per head")
+    for k, (acc, chain) in enumerate(zip(report.heldout_accuracy_by_head, report.heldout_chain_acceptance)):
+        print(f"head {k + 1}: held-out accuracy {acc:.3f}, greedy chain reaches it {chain:.3f}")
+    print(f"held-out tokens per pass if drafting were free: {report.heldout_tokens_per_pass:.2f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker", description="Serve tokenfarm measurement jobs.")
+    parser.add_argument("--name", help="worker name (default: TOKENFARM_WORKER_NAME or the host name)")
+    parser.add_argument("--loglevel", default="INFO")
+    parser.set_defaults(run=_start)
+    sub = parser.add_subparsers()
+    start = sub.add_parser("start", help="serve jobs until stopped (the default)")
+    start.add_argument("--name")
+    start.add_argument("--loglevel", default="INFO")
+    start.set_defaults(run=_start)
+    models = sub.add_parser("models", help="fetch or derive model files")
+    models.add_argument("action", choices=["fetch", "derive"])
+    models.add_argument("names", nargs="*")
+    models.add_argument("--ladder")
+    models.set_defaults(run=_models)
+    sub.add_parser("run-jobs", help="Job JSON lines on stdin -> Result JSON lines on stdout").set_defaults(run=_run_jobs)
+    mtp = sub.add_parser("train-mtp", help="train MTP heads on a frozen base")
+    mtp.add_argument("base")
+    mtp.add_argument("--heads", type=int, default=2)
+    mtp.add_argument("--n-chat", type=int, default=2400)
+    mtp.add_argument("--n-code", type=int, default=1400)
+    mtp.add_argument("--n-cont", type=int, default=128)
+    mtp.add_argument("--epochs", type=int, default=6)
+    mtp.add_argument("--lr", type=float, default=2e-3)
+    mtp.add_argument("--n-head-vocab", type=int, default=8192)
+    mtp.add_argument("--threads", type=int, default=0)
+    mtp.set_defaults(run=_train_mtp)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

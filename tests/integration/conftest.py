@@ -116,6 +116,13 @@ def tokenfarm(env: dict[str, str], *args: str, timeout: float = 600) -> subproce
     return subprocess.run([TOKENFARM, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def at_head(env: dict[str, str]) -> dict[str, str]:
+    """The env's database migrated: only `tokenfarm db upgrade` migrates, every other command checks."""
+    proc = tokenfarm(env, "db", "upgrade", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return env
+
+
 def register_worker(env: dict[str, str], name: str) -> str:
     proc = tokenfarm(env, "workers", "add", name, "--rotate", "--quiet", timeout=60)
     assert proc.returncode == 0, proc.stderr

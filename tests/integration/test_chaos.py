@@ -23,6 +23,7 @@ from sqlalchemy import create_engine, func, select
 from orchestrator.db import JobRow, ResultRow, session_scope
 from tests.integration.conftest import (
     TOKENFARM,
+    at_head,
     service_env,
     tokenfarm,
     wait_until,
@@ -37,7 +38,7 @@ FAST = "name: {name}\nmodels: [smollm2-135m]\nn_prompt: [16, 24, 32]\nn_gen: [4,
 
 
 def chaos_env(tmp_path: Path, database_url: str, broker_url: str) -> dict[str, str]:
-    env = service_env(tmp_path / "data", database_url=database_url, broker_url=broker_url)
+    env = at_head(service_env(tmp_path / "data", database_url=database_url, broker_url=broker_url))
     # Short liveness windows so a dead worker is noticed in seconds, not the default 30 s.
     env.update(TOKENFARM_HEARTBEAT_S="1", TOKENFARM_WORKER_DEAD_AFTER_S="5")
     return env

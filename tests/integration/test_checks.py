@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, select
 
 from orchestrator.db import CheckRow, JobRow, ResultRow, WorkerRow, session_scope
 from orchestrator.report import ts_cell
-from tests.integration.conftest import service_env, tokenfarm, worker_process
+from tests.integration.conftest import at_head, service_env, tokenfarm, worker_process
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ crosscheck_fraction: 1.0
 
 
 def checks_env(tmp_path: Path, pg_url: str, redis_url: str) -> dict[str, str]:
-    env = service_env(tmp_path / "data", database_url=pg_url, broker_url=redis_url)
+    env = at_head(service_env(tmp_path / "data", database_url=pg_url, broker_url=redis_url))
     env.update(TOKENFARM_HEARTBEAT_S="1", TOKENFARM_WORKER_DEAD_AFTER_S="10")
     return env
 

@@ -209,3 +209,24 @@ def test_postgres_is_read_only_and_every_page_renders(pg_url, data_dir, monkeypa
     for page in PAGES:
         at = open_page(page)
         assert at.dataframe, page
+
+
+def test_every_page_has_its_own_address(data_dir, monkeypatch):
+    """The default page is served at / whatever its url_path: a page that is the default has no
+    address of its own, so every real page must be a non-default one."""
+    import streamlit as st
+
+    seen = []
+    navigation = st.navigation
+
+    def recording(pages, **kw):
+        seen.extend(pages)
+        return navigation(pages, **kw)
+
+    monkeypatch.setattr(st, "navigation", recording)
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    visible = {p.url_path for p in seen if p.visibility == "visible"}
+    assert visible == {"leaderboard", "techniques", "prefill-decode", "roofline", "workers", "result"}
+    # / forwards to the leaderboard, which is what a newcomer sees first.
+    assert at.title and at.title[0].value == "Leaderboard by VRAM tier"

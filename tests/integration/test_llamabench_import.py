@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.conftest import service_env, tokenfarm
+from tests.integration.conftest import at_head, service_env, tokenfarm
 
 pytestmark = pytest.mark.integration
 
@@ -15,7 +15,7 @@ FIXTURES = REPO / "tests" / "fixtures"
 
 
 def test_import_export_round_trip(tmp_path, pg_url):
-    env = service_env(tmp_path / "data", database_url=pg_url)
+    env = at_head(service_env(tmp_path / "data", database_url=pg_url))
     fixture = FIXTURES / "llama-bench.jsonl"
     first = tokenfarm(env, "import", "llama-bench", str(fixture), "--machine", "rig")
     assert first.returncode == 0 and "imported 4 results" in first.stdout, first.stderr
@@ -46,7 +46,7 @@ def test_import_export_round_trip(tmp_path, pg_url):
 
 
 def test_a_broken_line_stores_nothing_and_names_the_line(tmp_path, pg_url):
-    env = service_env(tmp_path / "data", database_url=pg_url)
+    env = at_head(service_env(tmp_path / "data", database_url=pg_url))
     proc = tokenfarm(env, "import", "llama-bench", str(FIXTURES / "llama-bench-broken.jsonl"), "--machine", "rig")
     assert proc.returncode != 0 and "line 3: not valid JSON" in proc.stderr
     assert tokenfarm(env, "results", "--format", "jsonl").stdout == ""

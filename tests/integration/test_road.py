@@ -19,7 +19,7 @@ from orchestrator.db import (
     SweepRow,
     session_scope,
 )
-from tests.integration.conftest import service_env, tokenfarm, worker_process
+from tests.integration.conftest import at_head, service_env, tokenfarm, worker_process
 
 pytestmark = pytest.mark.integration
 
@@ -95,14 +95,14 @@ def test_sweep_on_postgres_and_redis(tmp_path, pg_empty_url, redis_url, smollm2)
 
 
 def test_sweep_on_the_embedded_default(tmp_path, smollm2):
-    env = service_env(tmp_path / "data")
+    env = at_head(service_env(tmp_path / "data"))
     run_sweep(tmp_path, env)
     check_stored(f"sqlite:///{tmp_path / 'data' / 'tokenfarm.sqlite3'}")
     check_cli_reads(env)
 
 
 def test_a_model_file_that_is_not_gguf_fails_its_jobs_and_the_worker_goes_on(tmp_path, smollm2):
-    env = service_env(tmp_path / "data")
+    env = at_head(service_env(tmp_path / "data"))
     model = tmp_path / "mine.gguf"
     shutil.copyfile(smollm2, model)
     sweep = tmp_path / "two.yaml"

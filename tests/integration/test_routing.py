@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, func, select
 from orchestrator.db import JobRow, ResultRow, SweepRow, WorkerRow, session_scope
 from tests.integration.conftest import (
     MODELS_DIR,
+    at_head,
     service_env,
     tokenfarm,
     wait_until,
@@ -172,7 +173,7 @@ def test_two_workers_with_prefetch_one_see_runs_of_one_model(tmp_path, pg_url, r
 def test_an_out_of_memory_job_fails_with_that_reason_and_the_worker_goes_on(tmp_path, smollm2):
     # The embedded default: one queue, so a job routing would keep from this worker reaches it,
     # as one whose estimate fell short would.
-    env = service_env(tmp_path / "data")
+    env = at_head(service_env(tmp_path / "data"))
     # A context of 8M tokens: a KV cache of ~170 GiB that no allocation on this machine can hold.
     sweep = sweep_file(tmp_path, "oom", "models: [smollm2-135m]\nn_prompt: []\nn_gen: [4]\n"
                        "n_depth: [8000000, 0]\nrepetitions: 1\nn_warmup: 0\n")

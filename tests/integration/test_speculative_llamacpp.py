@@ -143,9 +143,9 @@ def test_a_speculative_sweep_runs_end_to_end_into_the_database(tmp_path, smollm2
     from sqlalchemy import create_engine, select
 
     from orchestrator.db import ResultRow, session_scope
-    from tests.integration.conftest import service_env, tokenfarm, worker_process
+    from tests.integration.conftest import at_head, service_env, tokenfarm, worker_process
 
-    env = service_env(tmp_path / "data")
+    env = at_head(service_env(tmp_path / "data"))
     sweep = tmp_path / "spec.yaml"
     sweep.write_text(SWEEP)
     with worker_process(env, "spec-worker", tmp_path / "worker.log"):

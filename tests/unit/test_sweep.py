@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from farm.modelfiles import CATALOGUE
-from orchestrator.sweep import SweepError, SweepSpec, expand, load_spec
+from orchestrator.sweep import SweepError, SweepSpec, count_jobs, expand, load_spec
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -110,3 +110,54 @@ def test_an_moe_name_using_more_experts_than_it_has_is_refused(tmp_path):
 
     with pytest.raises(SweepError, match="experts used"):
         expand(SweepSpec(name="x", models=["smollm2-135m-moe2x4"], n_gen=[8]), base_dir=tmp_path)
+
+
+def test_a_sweep_file_above_the_size_limit_is_refused_before_parsing(tmp_path):
+    p = write(tmp_path, "name: big\nmodels: [smollm2-135m]\nn_gen: [" + ", ".join(["8"] * 400) + "]\n")
+    with pytest.raises(SweepError, match="above the limit of 1000"):
+        load_spec(p, max_file_bytes=1000)
+    assert load_spec(p).n_gen[0] == 8
+
+
+def test_the_job_count_is_bounded_before_the_product_is_made():
+    spec = SweepSpec(name="t", models=["smollm2-135m"], n_prompt=list(range(1, 101)), n_gen=[],
+                     n_threads=list(range(1, 101)), n_batch=list(range(1, 101)))
+    with pytest.raises(SweepError, match="up to 1000000 jobs, above the limit of 10000.*--max-jobs"):
+        expand(spec)
+    small = SweepSpec(name="t", models=["smollm2-135m"], n_prompt=[8, 16], n_gen=[4], n_threads=[1, 2])
+    assert count_jobs(small) == len(expand(small)) == 6
+    with pytest.raises(SweepError, match="above the limit of 5"):
+        expand(small, max_jobs=5)
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "tab\there", "x" * 201])
+def test_names_the_database_refuses_are_refused(name):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="control character|at most 200 characters"):
+        SweepSpec(name=name, models=["smollm2-135m"])
+    with pytest.raises(ValidationError, match="control character"):
+        SweepSpec(name="ok", models=["smollm2-135m\x00"])
+    with pytest.raises(ValidationError, match="control character"):
+        SweepSpec(name="ok", models=[{"name": "m\x01.gguf"}])
+
+
+def test_a_300_character_file_name_is_one_line(tmp_path):
+    with pytest.raises(SweepError, match="cannot read the sweep file"):
+        load_spec(tmp_path / ("s" * 300 + ".yaml"))
+
+
+def test_a_model_or_quant_listed_twice_runs_once_with_a_warning():
+    spec = SweepSpec(name="t", models=["smollm2-135m", {"name": "smollm2-135m"}, "smollm2-135m",
+                                       {"name": "gemma3-270m", "quants": ["Q8_0", "Q8_0"]}], n_prompt=[8], n_gen=[])
+    jobs = expand(spec)
+    assert [(j.model, j.quant) for j in jobs] == [("smollm2-135m", CATALOGUE["smollm2-135m"].quant),
+                                                   ("gemma3-270m", "Q8_0")]
+    assert spec.duplicates() == ["model 'smollm2-135m' is listed twice; its jobs run once"] * 2 + [
+        "model 'gemma3-270m' lists a quant twice; each runs once"]
+
+
+def test_mtp_on_llamacpp_alone_is_one_line_not_an_index_error():
+    spec = SweepSpec(name="t", models=["smollm2-135m"], n_gen=[8], techniques=["mtp"], prompt_categories=["qa"])
+    with pytest.raises(SweepError, match=r"llama.cpp runs no MTP heads here; use engines: \[torch\]"):
+        expand(spec)

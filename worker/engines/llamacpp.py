@@ -107,7 +107,8 @@ class LlamaCppBackend:
             raise EngineError(f"llama.cpp could not load {path}: the file is corrupt, its architecture is unsupported, "
                               "or its weights do not fit in memory")
         self._model = model
-        n_threads = config.n_threads or default_n_threads()
+        # More threads than cores only time-slice them: capped, and the request kept in the flags.
+        n_threads = min(config.n_threads, default_n_threads()) if config.n_threads else default_n_threads()
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
         self._n_batch = min(config.n_batch, n_ctx)
@@ -136,6 +137,8 @@ class LlamaCppBackend:
                       "n_gpu_layers": int(mparams.n_gpu_layers), "flash_attn": config.flash_attn,
                       "type_k": "f16", "type_v": "f16", "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())},
         }
+        if config.n_threads > n_threads:
+            self._conditions["flags"]["n_threads_asked"] = config.n_threads
 
     @property
     def n_vocab(self) -> int:

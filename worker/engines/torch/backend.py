@@ -10,6 +10,7 @@ mtp.py's), which the MTP drafter reads. It knows nothing of jobs, repetitions, t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -40,6 +41,7 @@ class TorchBackend:
         self._path: Path | None = None
         self._n_past = 0
         self._n_batch = 1
+        self._n_threads_asked = 0
         self._last_logits: torch.Tensor | None = None  # (T, V) of the last pass, float32
         self._last_hidden: torch.Tensor | None = None  # (T, E) of the last pass
 
@@ -54,8 +56,11 @@ class TorchBackend:
     def load(self, path: Path, config: EngineConfig, n_ctx: int) -> None:
         # n_gpu_layers and flash_attn are llama.cpp's knobs; here the device is chosen whole
         # at construction, and attention is whatever scaled_dot_product_attention picks.
+        # More threads than cores only time-slice them: capped, and the request kept in the flags.
+        n_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self._n_threads_asked = config.n_threads if config.n_threads > n_cores else 0
         if config.n_threads:
-            torch.set_num_threads(config.n_threads)
+            torch.set_num_threads(min(config.n_threads, n_cores))
         try:
             self._model = load_model(Path(path), self.dtype, self.device)
             self._vocab = GGUFVocab(Path(path))
@@ -182,6 +187,8 @@ class TorchBackend:
     def conditions(self) -> dict:
         """Settings the engine really ran with: threads after torch's defaulting, the cache dtype."""
         flags = {"device": str(self.device), "n_batch": self._n_batch}
+        if self._n_threads_asked:
+            flags["n_threads_asked"] = self._n_threads_asked
         return {"n_threads": torch.get_num_threads(), "kv_type": str(self.dtype).removeprefix("torch."),
                 "flags": flags}
 
