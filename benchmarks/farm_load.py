@@ -154,7 +154,8 @@ def run(args, url: str) -> None:
     from orchestrator import dispatch
     from orchestrator.collector import Collector, collect, sweep_progress
     from orchestrator.db import JobRow, ResultRow, make_engine, session_scope, upgrade
-    from orchestrator.sweep import SweepSpec, expand
+    from orchestrator.planning import plan
+    from orchestrator.sweep import SweepSpec
     from orchestrator.workers import add_worker
 
     upgrade(url)
@@ -170,7 +171,7 @@ def run(args, url: str) -> None:
     half = max(1, args.jobs // 2)
     spec = SweepSpec(name="farm-load", models=["smollm2-135m"], n_prompt=list(range(1, half + 1)),
                      n_gen=list(range(1, args.jobs - half + 1)), repetitions=3)
-    jobs = expand(spec)
+    jobs = plan(spec)
 
     t0 = time.perf_counter()
     with session_scope(engine) as s:

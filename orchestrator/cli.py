@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, get_args
 
 import typer
 from rich.console import Console
@@ -25,8 +25,6 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
-
-from typing import get_args
 
 from farm.contract import Technique
 from farm.settings import Settings, load_settings
@@ -134,8 +132,8 @@ def sweep_submit(
     from orchestrator import dispatch
     from orchestrator.checks import record_checks
     from orchestrator.db import session_scope
-    from orchestrator.planning import thread_refusal
-    from orchestrator.sweep import SweepError, expand, load_spec
+    from orchestrator.planning import plan as plan_sweep, thread_refusal
+    from orchestrator.sweep import SweepError, load_spec
 
     settings = load_settings()
     try:
@@ -145,7 +143,7 @@ def sweep_submit(
     for warning in spec.duplicates():
         err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     try:
-        jobs = expand(spec, base_dir=file.parent, models_dir=settings.effective_models_dir, max_jobs=max_jobs)
+        jobs = plan_sweep(spec, base_dir=file.parent, models_dir=settings.effective_models_dir, max_jobs=max_jobs)
     except SweepError as exc:
         raise fail(f"{file}: {exc}")
     _require_schema(settings)
@@ -593,12 +591,13 @@ def canaries_pin(file: Path = typer.Argument(..., help="sweep YAML file whose ca
     from farm.contract import Result
     from orchestrator.checks import add_reference, canary_candidates, hardware_class
     from orchestrator.db import session_scope
-    from orchestrator.sweep import SweepError, expand, load_spec
+    from orchestrator.planning import plan as plan_sweep
+    from orchestrator.sweep import SweepError, load_spec
 
     settings = load_settings()
     try:
         spec = load_spec(file)
-        jobs = expand(spec, base_dir=file.parent, models_dir=settings.effective_models_dir)
+        jobs = plan_sweep(spec, base_dir=file.parent, models_dir=settings.effective_models_dir)
     except SweepError as exc:
         raise fail(f"{file}: {exc}")
     _require_schema(settings)

@@ -1,14 +1,37 @@
-"""Planning a sweep against the farm it will run on: checks that need to know the workers.
+"""Planning a sweep: what expansion needs from the files and the farm, around the pure expansion.
 
-Owns: refusing thread counts no machine has. Knows the workers only through their announced
-Capabilities (passed in); reads no database and no model file itself.
+Owns resolving each model entry to its identity (catalogue data, a derived name, or a path
+model's header and sha256), refusing a draft whose vocabulary differs from its target's, the
+memory estimate of every job (farm/memory.py), and refusing thread counts no machine has.
+Knows the workers only through their announced Capabilities (passed in); reads no database.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from farm.contract import Capabilities
+from farm.contract import Capabilities, Job
+from farm.memory import job_need_bytes
+from farm.modelfiles import (
+    CATALOGUE,
+    ModelError,
+    catalogue_path,
+    check_gguf,
+    parse_moe_name,
+    read_facts,
+    sha256_file,
+    vocab_mismatch,
+    vocab_texts,
+)
+from orchestrator.sweep import (
+    MAX_JOBS,
+    ModelIdentity,
+    SweepError,
+    SweepSpec,
+    count_jobs,
+    expand,
+)
 
 
 def thread_refusal(n_threads: list[int], workers: dict[str, Capabilities]) -> str | None:
@@ -23,3 +46,91 @@ def thread_refusal(n_threads: list[int], workers: dict[str, Capabilities]) -> st
         return None
     return (f"n_threads {', '.join(map(str, too_many))} is above the cores of every machine ({where}); "
             f"use values up to {limit}, or 0 for the worker's own count")
+
+
+def plan(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."),
+         models_dir: Path | None = None, max_jobs: int = MAX_JOBS) -> list[Job]:
+    """The sweep's jobs, ready to record: models resolved, pairs checked, memory estimated.
+
+    The job-count bound is checked before any file is read, so an oversized sweep costs nothing.
+    """
+    n_bound = count_jobs(spec)
+    if n_bound > max_jobs:
+        raise SweepError(f"the sweep would make up to {n_bound} jobs, above the limit of {max_jobs}; shorten its "
+                         "lists or raise the limit with --max-jobs")
+    identities = {e.name: model_identity(e.name, base_dir) for e in [*spec.draft_entries(), *spec.entries()]}
+    jobs = expand(spec, identities, sweep_id=sweep_id, max_jobs=max_jobs)
+    if "spec" in spec.techniques:
+        drafts = [(identities[e.name].ref, None, "") for e in spec.draft_entries()]
+        for e in spec.entries():
+            check_pairs(identities[e.name].ref, drafts, models_dir)
+    facts_cache: dict = {}
+    try:
+        return [j.model_copy(update={"need_bytes": job_need_bytes(j, models_dir, facts_cache)}) for j in jobs]
+    except ModelError as exc:
+        raise SweepError(f"cannot estimate the memory of a job: {exc}") from exc
+
+
+def model_identity(ref: str, base_dir: Path) -> ModelIdentity:
+    """(model reference as jobs carry it, expected sha256, native quant) for a sweep entry."""
+    if ref in CATALOGUE:
+        entry = CATALOGUE[ref]
+        return ModelIdentity(ref, entry.sha256, entry.quant)
+    try:
+        moe = parse_moe_name(ref)
+    except ModelError as exc:
+        raise SweepError(f"model {ref!r}: {exc}") from exc
+    if moe is not None:
+        # Derived on the worker from its catalogue parent, deterministically; the file is F32.
+        return ModelIdentity(ref, None, "F32")
+    try:
+        path = Path(ref).expanduser()
+        if not path.is_absolute():
+            path = (base_dir / path).resolve()
+        exists = path.exists()
+        if exists:
+            facts = read_facts(path)
+            check_gguf(path)
+            sha = sha256_file(path)
+    except ModelError as exc:
+        raise SweepError(f"model {ref!r}: {exc}") from exc
+    except OSError as exc:
+        # A name too long for the file system, a directory, no permission: one line, no traceback.
+        raise SweepError(f"model {ref[:120]!r}: cannot read the file ({exc.strerror}); give a path to a "
+                         ".gguf file or a catalogue name") from exc
+    if not exists:
+        known = ", ".join(sorted(CATALOGUE))
+        raise SweepError(f"model {ref[:120]!r}: no such file ({str(path)[:200]}); give a path to a .gguf file or "
+                         f"one of: {known}")
+    return ModelIdentity(str(path), sha, facts.file_type)
+
+
+def _local_source(ref: str, models_dir: Path | None) -> Path | None:
+    """The model's source file if this machine has it (the orchestrator need not); for an
+    upcycled MoE, its parent's, whose vocabulary it keeps."""
+    moe = parse_moe_name(ref)
+    if moe is not None:
+        ref = moe[0]
+    if ref in CATALOGUE:
+        path = catalogue_path(ref, models_dir) if models_dir else None
+        return path if path is not None and path.exists() else None
+    return Path(ref)
+
+
+def check_pairs(target: str, drafts: list[tuple[str, str | None, str]], models_dir: Path | None) -> None:
+    """Refuse a draft with another vocabulary up front, from GGUF headers, where both files are here."""
+    target_path = _local_source(target, models_dir)
+    if target_path is None:
+        return  # the worker checks the pair before measuring anyway
+    target_vocab = None
+    for ref in dict.fromkeys(ref for ref, _, _ in drafts):
+        draft_path = _local_source(ref, models_dir)
+        if draft_path is None:
+            continue
+        try:
+            target_vocab = target_vocab or vocab_texts(target_path)
+            problem = vocab_mismatch(target_vocab, vocab_texts(draft_path))
+        except ModelError as exc:
+            raise SweepError(f"draft {ref!r}: {exc}") from exc
+        if problem:
+            raise SweepError(f"draft {ref!r} cannot serve target {target!r}: {problem}")

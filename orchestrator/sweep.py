@@ -1,9 +1,10 @@
 """Sweep specs: a YAML file of lists, expanded into Jobs of scalars.
 
-Pure: reads the file and GGUF headers, touches neither the broker nor the database. Jobs come
-out model-major (model, then quant, then engine settings), so a worker loads each model once
-and derived quantizations are made once per sweep, each with the memory it needs estimated
-(farm/memory.py), which routes it.
+Owns the spec's schema and bounds (load_spec reads the YAML file, nothing else) and the pure
+expansion: spec and model identities in, jobs out, no file access. Jobs come out model-major
+(model, then quant, then engine settings), so a worker loads each model once and derived
+quantizations are made once per sweep. Resolving models (headers, sha256, vocabularies) and
+estimating each job's memory are orchestrator/planning.py's.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -24,18 +25,14 @@ from farm.contract import (
     Job,
     Technique,
 )
-from farm.memory import job_need_bytes
-from farm.modelfiles import (
-    CATALOGUE,
-    ModelError,
-    catalogue_path,
-    check_gguf,
-    parse_moe_name,
-    read_facts,
-    sha256_file,
-    vocab_mismatch,
-    vocab_texts,
-)
+
+
+class ModelIdentity(NamedTuple):
+    """A sweep entry as jobs carry it: the reference, the expected sha256, the file's own quant."""
+
+    ref: str
+    sha256: str | None
+    native_quant: str
 
 
 class SweepError(Exception):
@@ -249,52 +246,6 @@ def load_spec(path: Path, max_file_bytes: int = MAX_SWEEP_FILE_BYTES) -> SweepSp
         raise SweepError(f"{path}: {_format_validation(exc)}") from exc
 
 
-def _model_identity(ref: str, base_dir: Path) -> tuple[str, str | None, str]:
-    """(model reference as jobs carry it, expected sha256, native quant) for a sweep entry."""
-    if ref in CATALOGUE:
-        entry = CATALOGUE[ref]
-        return ref, entry.sha256, entry.quant
-    try:
-        moe = parse_moe_name(ref)
-    except ModelError as exc:
-        raise SweepError(f"model {ref!r}: {exc}") from exc
-    if moe is not None:
-        # Derived on the worker from its catalogue parent, deterministically; the file is F32.
-        return ref, None, "F32"
-    try:
-        path = Path(ref).expanduser()
-        if not path.is_absolute():
-            path = (base_dir / path).resolve()
-        exists = path.exists()
-        if exists:
-            facts = read_facts(path)
-            check_gguf(path)
-            sha = sha256_file(path)
-    except ModelError as exc:
-        raise SweepError(f"model {ref!r}: {exc}") from exc
-    except OSError as exc:
-        # A name too long for the file system, a directory, no permission: one line, no traceback.
-        raise SweepError(f"model {ref[:120]!r}: cannot read the file ({exc.strerror}); give a path to a "
-                         ".gguf file or a catalogue name") from exc
-    if not exists:
-        known = ", ".join(sorted(CATALOGUE))
-        raise SweepError(f"model {ref[:120]!r}: no such file ({str(path)[:200]}); give a path to a .gguf file or "
-                         f"one of: {known}")
-    return str(path), sha, facts.file_type
-
-
-def _local_source(ref: str, models_dir: Path | None) -> Path | None:
-    """The model's source file if this machine has it (the orchestrator need not); for an
-    upcycled MoE, its parent's, whose vocabulary it keeps."""
-    moe = parse_moe_name(ref)
-    if moe is not None:
-        ref = moe[0]
-    if ref in CATALOGUE:
-        path = catalogue_path(ref, models_dir) if models_dir else None
-        return path if path is not None and path.exists() else None
-    return Path(ref)
-
-
 def technique_options(spec: SweepSpec, technique: str, drafts: list[tuple[str, str | None, str]]) -> list[dict]:
     """The Job fields each technique varies over: spec by draft x n_draft x p_min, mtp by n_mtp x p_min,
     lookup by ngram_max x n_draft."""
@@ -326,8 +277,10 @@ def count_jobs(spec: SweepSpec) -> int:
     return n_per_quant * sum(len(e.quants or spec.quants or [None]) for e in spec.entries())
 
 
-def expand(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."),
-           models_dir: Path | None = None, max_jobs: int = MAX_JOBS) -> list[Job]:
+def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str | None = None,
+           max_jobs: int = MAX_JOBS) -> list[Job]:
+    """The sweep's jobs in model-major order, from the spec and each model's identity (resolved
+    beforehand by orchestrator/planning.py, which reads the files); touches no file."""
     sweep_id = sweep_id or str(uuid.uuid4())
     n_bound = count_jobs(spec)
     if n_bound > max_jobs:
@@ -352,13 +305,11 @@ def expand(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("
         raise SweepError("technique 'spec' needs draft_models: e.g. [{name: smollm2-135m, quants: [Q4_0]}]")
     drafts = []
     for entry in spec.draft_entries():
-        ref, sha, native = _model_identity(entry.name, base_dir)
+        ref, sha, native = identities[entry.name]
         drafts += [(ref, sha, q) for q in entry.quants or [native]]
     categories = spec.prompt_categories or [None]
     for entry in spec.entries():
-        ref, sha, native = _model_identity(entry.name, base_dir)
-        if "spec" in spec.techniques:
-            _check_pairs(ref, drafts, models_dir)
+        ref, sha, native = identities[entry.name]
         quants = entry.quants or spec.quants or [native]
         for quant, engine, config, technique in itertools.product(quants, spec.engines, configs, spec.techniques):
             if technique == "mtp" and engine != "torch":
@@ -375,27 +326,6 @@ def expand(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("
                             n_warmup=spec.n_warmup, prompt_source=spec.prompt_source, seed=spec.seed, config=config,
                             prompt_category=category, n_prompts=spec.n_prompts if category else 0, **options,
                         ))
-    facts_cache: dict = {}
-    try:
-        return [j.model_copy(update={"need_bytes": job_need_bytes(j, models_dir, facts_cache)}) for j in jobs]
-    except ModelError as exc:
-        raise SweepError(f"cannot estimate the memory of a job: {exc}") from exc
+    return jobs
 
 
-def _check_pairs(target: str, drafts: list[tuple[str, str | None, str]], models_dir: Path | None) -> None:
-    """Refuse a draft with another vocabulary up front, from GGUF headers, where both files are here."""
-    target_path = _local_source(target, models_dir)
-    if target_path is None:
-        return  # the worker checks the pair before measuring anyway
-    target_vocab = None
-    for ref in dict.fromkeys(ref for ref, _, _ in drafts):
-        draft_path = _local_source(ref, models_dir)
-        if draft_path is None:
-            continue
-        try:
-            target_vocab = target_vocab or vocab_texts(target_path)
-            problem = vocab_mismatch(target_vocab, vocab_texts(draft_path))
-        except ModelError as exc:
-            raise SweepError(f"draft {ref!r}: {exc}") from exc
-        if problem:
-            raise SweepError(f"draft {ref!r} cannot serve target {target!r}: {problem}")

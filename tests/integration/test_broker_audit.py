@@ -17,7 +17,8 @@ from farm.settings import Settings
 from orchestrator.broker_audit import broker_snapshot
 from orchestrator.db import JobRow, session_scope, upgrade
 from orchestrator.dispatch import BrokerAudit, record, send
-from orchestrator.sweep import SweepSpec, expand
+from orchestrator.planning import plan
+from orchestrator.sweep import SweepSpec
 from tests.integration.conftest import service_env, tokenfarm
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,7 @@ def farm(pg_url, redis_url):
     upgrade(pg_url)
     engine = create_engine(pg_url)
     spec = SweepSpec(name="audit", models=["smollm2-135m"], n_prompt=[16, 24], n_gen=[4], repetitions=1)
-    jobs = expand(spec)
+    jobs = plan(spec)
     with session_scope(engine) as s:
         record(s, spec, jobs)
     assert len({job_queue(j) for j in jobs}) == 1  # one queue to look in

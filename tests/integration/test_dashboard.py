@@ -13,8 +13,9 @@ from farm.stats import summarize
 from orchestrator.collector import result_row
 from orchestrator.db import WorkerRow, make_engine, session_scope, upgrade
 from orchestrator.dispatch import record
+from orchestrator.planning import plan
 from orchestrator.ranking import TIERS_GB
-from orchestrator.sweep import SweepSpec, expand
+from orchestrator.sweep import SweepSpec
 from orchestrator.workers import add_worker, set_flag
 from tests.conftest import REPO
 
@@ -49,7 +50,7 @@ def seed_today(url: str) -> None:
     """Results exactly as today's schema writes them: none of the later fields."""
     upgrade(url)
     spec = SweepSpec(name="seed", models=["smollm2-135m", "gemma3-270m"], n_prompt=[64], n_gen=[16], repetitions=2)
-    jobs = expand(spec)
+    jobs = plan(spec)
     engine = make_engine(url)
     with session_scope(engine) as s:
         record(s, spec, jobs)

@@ -95,7 +95,8 @@ def test_decode_after_a_rejection_equals_decode_without_speculation(target, prom
 
 def test_a_draft_with_another_vocabulary_is_refused_before_any_measurement(tmp_path, paths, smollm2):
     from farm.settings import Settings
-    from orchestrator.sweep import SweepError, SweepSpec, expand
+    from orchestrator.planning import plan
+    from orchestrator.sweep import SweepError, SweepSpec
     from worker.tasks import execute
 
     # Same weights, one token's text changed in place (same length, so the file stays valid GGUF).
@@ -114,7 +115,7 @@ def test_a_draft_with_another_vocabulary_is_refused_before_any_measurement(tmp_p
     spec = SweepSpec(name="s", models=[{"name": "smollm2-135m", "quants": ["F32"]}], techniques=["spec"],
                      draft_models=[str(other)], prompt_categories=["qa"], n_prompt=[], n_gen=[8])
     with pytest.raises(SweepError, match="ectablX"):
-        expand(spec, models_dir=MODELS_DIR)
+        plan(spec, models_dir=MODELS_DIR)
 
 
 SWEEP = """\
@@ -143,7 +144,12 @@ def test_a_speculative_sweep_runs_end_to_end_into_the_database(tmp_path, smollm2
     from sqlalchemy import create_engine, select
 
     from orchestrator.db import ResultRow, session_scope
-    from tests.integration.conftest import at_head, service_env, tokenfarm, worker_process
+    from tests.integration.conftest import (
+        at_head,
+        service_env,
+        tokenfarm,
+        worker_process,
+    )
 
     env = at_head(service_env(tmp_path / "data"))
     sweep = tmp_path / "spec.yaml"

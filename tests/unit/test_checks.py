@@ -18,8 +18,9 @@ from orchestrator import checks
 from orchestrator.collector import ingest, requeue_lost
 from orchestrator.db import CheckRow, JobRow, ResultRow, WorkerRow, session_scope
 from orchestrator.dispatch import record
+from orchestrator.planning import plan as plan_sweep
 from orchestrator.store import load_results
-from orchestrator.sweep import SweepSpec, expand
+from orchestrator.sweep import SweepSpec
 from orchestrator.workers import add_worker, flagged_names, list_workers
 
 CPU = Hardware(cpu="Test CPU 9000", n_cpu_cores=2)
@@ -50,7 +51,7 @@ def spec(**kw) -> SweepSpec:
 
 
 def submit(engine, sweep: SweepSpec, canary: float, cross: float, tolerance: float = 0.25) -> checks.Plan:
-    jobs = expand(sweep)
+    jobs = plan_sweep(sweep)
     plan = checks.plan_checks(jobs, canary, cross, seed=jobs[0].sweep_id)
     with session_scope(engine) as s:
         record(s, sweep, plan.jobs)
@@ -87,7 +88,7 @@ def worker_row(engine, name) -> WorkerRow:
 
 
 def test_a_plan_hides_canaries_among_the_jobs_of_their_model_and_holds_cross_checks():
-    jobs = expand(spec(models=["smollm2-135m", "gemma3-270m"], quants=None))
+    jobs = plan_sweep(spec(models=["smollm2-135m", "gemma3-270m"], quants=None))
     plan = checks.plan_checks(jobs, 0.05, 0.05, seed="s")
     assert len(plan.canaries) == 2  # at least one per model
     assert len(plan.crosschecks) == 1  # at least one per sweep
@@ -111,7 +112,7 @@ def test_a_plan_hides_canaries_among_the_jobs_of_their_model_and_holds_cross_che
 
 
 def test_the_greedy_key_ignores_what_cannot_change_the_tokens():
-    job = expand(spec())[1]
+    job = plan_sweep(spec())[1]
     key = checks.greedy_key(job)
     same = [job.model_copy(update={"repetitions": 9, "n_warmup": 0, "job_id": "x", "index": 7}),
             job.model_copy(update={"config": job.config.model_copy(update={"n_threads": 3})})]
@@ -127,7 +128,7 @@ def test_hardware_classes():
 
 
 def test_compare_runs():
-    job = expand(spec())[1]
+    job = plan_sweep(spec())[1]
     a = result_for(job, "w1")
     assert checks.compare(a, result_for(job, "w2", rate=110.0), 0.25) == []
     slow = checks.compare(a, result_for(job, "w2", rate=50.0), 0.25)

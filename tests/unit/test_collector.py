@@ -19,7 +19,8 @@ from orchestrator.db import (
     session_scope,
 )
 from orchestrator.dispatch import record
-from orchestrator.sweep import SweepSpec, expand
+from orchestrator.planning import plan
+from orchestrator.sweep import SweepSpec
 from orchestrator.workers import add_worker, flagged_names, list_workers, set_flag
 
 
@@ -32,7 +33,7 @@ def tokens(engine):
 @pytest.fixture
 def jobs(engine, tokens):
     spec = SweepSpec(name="t", models=["smollm2-135m"], n_prompt=[16], n_gen=[4], repetitions=2)
-    jobs = expand(spec)
+    jobs = plan(spec)
     with session_scope(engine) as s:
         record(s, spec, jobs)
     return jobs

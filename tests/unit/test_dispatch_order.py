@@ -3,12 +3,13 @@
 from farm.broker import JOBS_QUEUE, create_app
 from farm.settings import Settings
 from orchestrator.dispatch import send
-from orchestrator.sweep import SweepSpec, expand
+from orchestrator.planning import plan
+from orchestrator.sweep import SweepSpec
 
 
 def test_jobs_sent_in_a_burst_come_out_of_the_embedded_broker_in_order(data_dir):
     app = create_app(Settings())
-    jobs = expand(SweepSpec(name="order", models=["smollm2-135m"], quants=["Q4_1", "Q8_0"],
+    jobs = plan(SweepSpec(name="order", models=["smollm2-135m"], quants=["Q4_1", "Q8_0"],
                             n_prompt=[8, 16, 32, 64], n_gen=[4, 8, 16, 32], repetitions=1))
     send(app, jobs)
     received = []

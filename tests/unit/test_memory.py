@@ -24,7 +24,8 @@ from farm.memory import (
 )
 from farm.modelfiles import CATALOGUE
 from orchestrator.dispatch import unfit_jobs
-from orchestrator.sweep import SweepSpec, expand
+from orchestrator.planning import plan
+from orchestrator.sweep import SweepSpec
 
 SMOL = CATALOGUE["smollm2-135m"].facts()
 
@@ -108,7 +109,7 @@ def test_derived_sizes_scale_with_bits_per_weight():
 
 
 def test_expand_estimates_every_job_without_the_model_file():
-    jobs = expand(SweepSpec(name="n", models=["smollm2-135m"],
+    jobs = plan(SweepSpec(name="n", models=["smollm2-135m"],
                             quants=["Q4_1", "F32"], n_prompt=[512], n_gen=[], n_depth=[0, 8192]))
     assert all(j.need_bytes > 0 for j in jobs)
     by = {(j.quant, j.n_depth): j.need_bytes for j in jobs}

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from farm.modelfiles import CATALOGUE
+from orchestrator.planning import plan
 from orchestrator.sweep import SweepError, SweepSpec, count_jobs, expand, load_spec
 
 
@@ -18,7 +19,7 @@ def test_expansion_is_the_cartesian_product_in_model_major_order():
         models=[{"name": "smollm2-135m", "quants": ["Q4_1", "Q8_0"]}, "gemma3-270m"],
         n_prompt=[16, 32], n_gen=[8], n_depth=[0, 64], n_threads=[1, 2],
     )
-    jobs = expand(spec, sweep_id="s")
+    jobs = plan(spec, sweep_id="s")
     # smollm2: 2 quants x 2 thread counts x 3 tests x 2 depths; gemma: 1 native quant x 2 x 3 x 2
     assert len(jobs) == 2 * 2 * 3 * 2 + 1 * 2 * 3 * 2
     assert [j.index for j in jobs] == list(range(len(jobs)))
@@ -35,7 +36,7 @@ def test_expansion_is_the_cartesian_product_in_model_major_order():
 
 def test_sweep_level_quants_apply_to_string_entries():
     spec = SweepSpec(name="t", models=["smollm2-135m"], quants=["Q8_0", "F16"], n_prompt=[8], n_gen=[])
-    assert [j.quant for j in expand(spec)] == ["Q8_0", "F16"]
+    assert [j.quant for j in plan(spec)] == ["Q8_0", "F16"]
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
@@ -67,19 +68,19 @@ def test_unknown_quant_in_a_model_entry(tmp_path):
 def test_missing_model_path_is_refused_at_expansion(tmp_path):
     spec = SweepSpec(name="x", models=["models/nope.gguf"])
     with pytest.raises(SweepError, match="no such file"):
-        expand(spec, base_dir=tmp_path)
+        plan(spec, base_dir=tmp_path)
 
 
 def test_non_gguf_model_path_is_refused_at_expansion(tmp_path):
     bad = tmp_path / "fake.gguf"
     bad.write_bytes(b"PK\x03\x04 not a model")
     with pytest.raises(SweepError, match="not a GGUF file"):
-        expand(SweepSpec(name="x", models=[str(bad)]), base_dir=tmp_path)
+        plan(SweepSpec(name="x", models=[str(bad)]), base_dir=tmp_path)
 
 
 def test_a_sweep_without_tests_is_refused():
     with pytest.raises(SweepError, match="no tests"):
-        expand(SweepSpec(name="x", models=["smollm2-135m"], n_prompt=[], n_gen=[]))
+        plan(SweepSpec(name="x", models=["smollm2-135m"], n_prompt=[], n_gen=[]))
 
 
 def test_a_sweep_that_is_not_a_mapping(tmp_path):
@@ -88,10 +89,11 @@ def test_a_sweep_that_is_not_a_mapping(tmp_path):
 
 
 def test_pg_pairs_and_derived_moe_names_expand_into_jobs(tmp_path):
-    from orchestrator.sweep import SweepSpec, expand
+    from orchestrator.planning import plan
+    from orchestrator.sweep import SweepSpec
 
     spec = SweepSpec(name="pg", models=["smollm2-135m-moe8x2"], n_prompt=[], n_gen=[16], n_pg=[[64, 16]])
-    jobs = expand(spec, base_dir=tmp_path)
+    jobs = plan(spec, base_dir=tmp_path)
     assert [(j.kind, j.test) for j in jobs] == [("tg", "tg16"), ("pg", "pp64+tg16")]
     assert {(j.model, j.quant, j.model_sha256) for j in jobs} == {("smollm2-135m-moe8x2", "F32", None)}
 
@@ -106,10 +108,11 @@ def test_a_pg_pair_with_a_zero_is_refused():
 
 
 def test_an_moe_name_using_more_experts_than_it_has_is_refused(tmp_path):
-    from orchestrator.sweep import SweepError, SweepSpec, expand
+    from orchestrator.planning import plan
+    from orchestrator.sweep import SweepError, SweepSpec
 
     with pytest.raises(SweepError, match="experts used"):
-        expand(SweepSpec(name="x", models=["smollm2-135m-moe2x4"], n_gen=[8]), base_dir=tmp_path)
+        plan(SweepSpec(name="x", models=["smollm2-135m-moe2x4"], n_gen=[8]), base_dir=tmp_path)
 
 
 def test_a_sweep_file_above_the_size_limit_is_refused_before_parsing(tmp_path):
@@ -123,11 +126,11 @@ def test_the_job_count_is_bounded_before_the_product_is_made():
     spec = SweepSpec(name="t", models=["smollm2-135m"], n_prompt=list(range(1, 101)), n_gen=[],
                      n_threads=list(range(1, 101)), n_batch=list(range(1, 101)))
     with pytest.raises(SweepError, match="up to 1000000 jobs, above the limit of 10000.*--max-jobs"):
-        expand(spec)
+        plan(spec)
     small = SweepSpec(name="t", models=["smollm2-135m"], n_prompt=[8, 16], n_gen=[4], n_threads=[1, 2])
-    assert count_jobs(small) == len(expand(small)) == 6
+    assert count_jobs(small) == len(plan(small)) == 6
     with pytest.raises(SweepError, match="above the limit of 5"):
-        expand(small, max_jobs=5)
+        plan(small, max_jobs=5)
 
 
 @pytest.mark.parametrize("name", ["a\x00b", "tab\there", "x" * 201])
@@ -150,7 +153,7 @@ def test_a_300_character_file_name_is_one_line(tmp_path):
 def test_a_model_or_quant_listed_twice_runs_once_with_a_warning():
     spec = SweepSpec(name="t", models=["smollm2-135m", {"name": "smollm2-135m"}, "smollm2-135m",
                                        {"name": "gemma3-270m", "quants": ["Q8_0", "Q8_0"]}], n_prompt=[8], n_gen=[])
-    jobs = expand(spec)
+    jobs = plan(spec)
     assert [(j.model, j.quant) for j in jobs] == [("smollm2-135m", CATALOGUE["smollm2-135m"].quant),
                                                    ("gemma3-270m", "Q8_0")]
     assert spec.duplicates() == ["model 'smollm2-135m' is listed twice; its jobs run once"] * 2 + [
@@ -160,4 +163,24 @@ def test_a_model_or_quant_listed_twice_runs_once_with_a_warning():
 def test_mtp_on_llamacpp_alone_is_one_line_not_an_index_error():
     spec = SweepSpec(name="t", models=["smollm2-135m"], n_gen=[8], techniques=["mtp"], prompt_categories=["qa"])
     with pytest.raises(SweepError, match=r"llama.cpp runs no MTP heads here; use engines: \[torch\]"):
-        expand(spec)
+        plan(spec)
+
+
+def test_expansion_reads_no_file(monkeypatch):
+    """expand() is pure: identities in, jobs out; a path model that exists nowhere still expands,
+    and any attempt to open or stat a file fails the test."""
+    import builtins
+    import os
+
+    from orchestrator.sweep import ModelIdentity
+
+    def no_io(*a, **k):
+        raise AssertionError("expand() touched the file system")
+
+    monkeypatch.setattr(builtins, "open", no_io)
+    monkeypatch.setattr(os, "stat", no_io)
+    spec = SweepSpec(name="pure", models=["/nowhere/model.gguf"], n_prompt=[8], n_gen=[4])
+    jobs = expand(spec, {"/nowhere/model.gguf": ModelIdentity("/nowhere/model.gguf", "ab" * 32, "Q8_0")})
+    assert [(j.model, j.quant, j.kind) for j in jobs] == [("/nowhere/model.gguf", "Q8_0", "pp"),
+                                                         ("/nowhere/model.gguf", "Q8_0", "tg")]
+    assert all(j.need_bytes == 0 for j in jobs)  # memory is planning's, not expansion's

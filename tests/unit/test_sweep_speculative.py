@@ -5,7 +5,8 @@ from pathlib import Path
 import gguf
 import pytest
 
-from orchestrator.sweep import SweepError, SweepSpec, expand
+from orchestrator.planning import plan
+from orchestrator.sweep import SweepError, SweepSpec
 
 
 def tiny_gguf(path: Path, tokens: list[str]) -> Path:
@@ -32,7 +33,7 @@ def spec_sweep(**kw) -> SweepSpec:
 
 
 def test_techniques_expand_over_their_own_options_and_categories():
-    jobs = expand(spec_sweep(), sweep_id="s")
+    jobs = plan(spec_sweep(), sweep_id="s")
     by_tech = {t: [j for j in jobs if j.technique == t] for t in ("baseline", "spec", "lookup")}
     assert len(by_tech["baseline"]) == 2  # one per category
     assert len(by_tech["spec"]) == 2 * 3 * 2 * 2  # drafts x n_draft x p_min x categories
@@ -44,16 +45,16 @@ def test_techniques_expand_over_their_own_options_and_categories():
 
 
 def test_a_prefill_test_runs_only_as_baseline():
-    jobs = expand(spec_sweep(n_prompt=[32]), sweep_id="s")
+    jobs = plan(spec_sweep(n_prompt=[32]), sweep_id="s")
     pp = [j for j in jobs if j.kind == "pp"]
     assert len(pp) == 1 and pp[0].technique == "baseline" and pp[0].prompt_category is None
 
 
 def test_decode_techniques_need_what_they_use():
     with pytest.raises(SweepError, match="prompt_categories"):
-        expand(spec_sweep(prompt_categories=None))
+        plan(spec_sweep(prompt_categories=None))
     with pytest.raises(SweepError, match="draft_models"):
-        expand(spec_sweep(draft_models=[]))
+        plan(spec_sweep(draft_models=[]))
     with pytest.raises(ValueError, match="unknown prompt category"):
         spec_sweep(prompt_categories=["poems"])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
@@ -66,11 +67,11 @@ def test_a_draft_with_another_vocabulary_is_refused_from_the_headers(tmp_path):
     other = tiny_gguf(tmp_path / "other.gguf", ["<s>", "a", "x", "c"])
     shorter = tiny_gguf(tmp_path / "shorter.gguf", ["<s>", "a", "b"])
     spec = dict(models=[str(target)], draft_models=[str(same)], prompt_categories=["qa"], techniques=["spec"])
-    assert len(expand(spec_sweep(**spec), sweep_id="s")) == 3 * 2  # n_draft x p_min
+    assert len(plan(spec_sweep(**spec), sweep_id="s")) == 3 * 2  # n_draft x p_min
     with pytest.raises(SweepError, match=r"token 2 is b'x' in the draft but b'b' in the target"):
-        expand(spec_sweep(**{**spec, "draft_models": [str(other)]}))
+        plan(spec_sweep(**{**spec, "draft_models": [str(other)]}))
     with pytest.raises(SweepError, match="3 tokens, the target's 4"):
-        expand(spec_sweep(**{**spec, "draft_models": [str(shorter)]}))
+        plan(spec_sweep(**{**spec, "draft_models": [str(shorter)]}))
 
 
 def test_an_upcycled_moe_target_is_checked_against_its_parent_s_vocabulary(tmp_path):
@@ -86,4 +87,4 @@ def test_an_upcycled_moe_target_is_checked_against_its_parent_s_vocabulary(tmp_p
     spec = spec_sweep(models=["smollm2-135m-moe8x2"], draft_models=[str(other)], prompt_categories=["qa"],
                       techniques=["spec"])
     with pytest.raises(SweepError, match=r"cannot serve target 'smollm2-135m-moe8x2'.*token 2 is b'x'"):
-        expand(spec, sweep_id="s", models_dir=models_dir)
+        plan(spec, sweep_id="s", models_dir=models_dir)

@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from farm.contract import Job
-from orchestrator.sweep import SweepError, SweepSpec, expand
+from orchestrator.planning import plan
+from orchestrator.sweep import SweepError, SweepSpec
 
 
 def spec(**kw) -> SweepSpec:
@@ -15,7 +16,7 @@ def spec(**kw) -> SweepSpec:
 
 
 def test_technique_options_multiply_only_their_own_jobs():
-    jobs = expand(spec(engines=["torch"], techniques=["baseline", "mtp", "lookup", "spec"], n_mtp=[1, 2],
+    jobs = plan(spec(engines=["torch"], techniques=["baseline", "mtp", "lookup", "spec"], n_mtp=[1, 2],
                        draft_models=[{"name": "smollm2-135m", "quants": ["Q4_0"]}], n_draft=[2, 4], ngram_max=[3]))
     by = {}
     for j in jobs:
@@ -30,10 +31,10 @@ def test_technique_options_multiply_only_their_own_jobs():
 
 
 def test_mtp_is_skipped_for_llamacpp_and_spec_needs_drafts():
-    jobs = expand(spec(engines=["llamacpp", "torch"], techniques=["mtp"]))
+    jobs = plan(spec(engines=["llamacpp", "torch"], techniques=["mtp"]))
     assert {j.engine for j in jobs} == {"torch"}
     with pytest.raises(SweepError, match="draft_models"):
-        expand(spec(engines=["torch"], techniques=["spec"]))
+        plan(spec(engines=["torch"], techniques=["spec"]))
 
 
 def test_job_refuses_techniques_without_their_options():
@@ -48,7 +49,7 @@ def test_job_refuses_techniques_without_their_options():
 
 
 def test_mtp_jobs_vary_over_the_confidence_threshold_and_lookup_does_not():
-    jobs = expand(spec(engines=["torch"], techniques=["mtp", "lookup"], n_mtp=[1], p_min=[0.0, 0.3],
+    jobs = plan(spec(engines=["torch"], techniques=["mtp", "lookup"], n_mtp=[1], p_min=[0.0, 0.3],
                        n_draft=[3], ngram_max=[3]))
     assert sorted(j.p_min for j in jobs if j.technique == "mtp") == [0.0, 0.3]
     assert [j.p_min for j in jobs if j.technique == "lookup"] == [0.0]

@@ -82,7 +82,8 @@ def test_the_engine_uses_no_private_torch_ops():
     """Issue 12: the CPU path calls public APIs only (no torch.ops.mkldnn, no module globals)."""
     import inspect
 
-    from worker.engines.torch import backend, model as m, mtp
+    from worker.engines.torch import backend, mtp
+    from worker.engines.torch import model as m
 
     for module in (m, backend, mtp):
         source = inspect.getsource(module)

@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
+from worker.engines.torch.backend import TorchBackend  # noqa: E402
 from worker.engines.torch.model import ModelConfig, Transformer  # noqa: E402
 from worker.engines.torch.mtp import (  # noqa: E402
     MTPError,
@@ -18,7 +19,6 @@ from worker.engines.torch.mtp import (  # noqa: E402
     read_provenance,
     save_heads,
 )
-from worker.engines.torch.backend import TorchBackend  # noqa: E402
 from worker.speculative import (  # noqa: E402
     LookupDrafter,
     ModelDrafter,
