@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -734,35 +733,17 @@ def demo(sweep: Path = typer.Option(Path("examples/demo.yaml"), help="the sweep 
         if entry.name in CATALOGUE:
             models_fetch([entry.name])
     _ensure_schema(settings)
-    log_dir = settings.data_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / "demo-worker.log"
-    console.print(f"starting a worker (log: {log_path})")
-    from orchestrator.db import session_scope
-    from orchestrator.workers import add_worker
+    from orchestrator.demo import local_worker
 
-    name = f"demo-{os.getpid()}"
-    with session_scope(_engine(settings)) as session:
-        token = add_worker(session, name, rotate=True)
-    # The worker gets the broker and its token, never the database.
-    worker_env = {k: v for k, v in os.environ.items() if k != "TOKENFARM_DATABASE_URL"}
-    worker_env["TOKENFARM_WORKER_TOKEN"] = token
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "worker", "--name", name], env=worker_env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = settings.data_dir / "logs" / "demo-worker.log"
+    console.print(f"starting a worker (log: {log_path})")
     code = 0
-    try:
+    with local_worker(_engine(settings), f"demo-{os.getpid()}", log_path):
         try:
             sweep_submit(sweep, wait=True, timeout=timeout, allow_unfit=False, max_jobs=10_000)
         except typer.Exit as exit_:
             code = exit_.exit_code
         leaderboard(None)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     raise typer.Exit(code)
 
 
