@@ -149,7 +149,7 @@ def _refuse_unfit(settings: Settings, engine, celery, jobs) -> None:
     # a worker started a moment ago counts.
     if registered:
         deadline = time.monotonic() + 1.0
-        collect(celery, Collector(engine, app=celery, max_attempts=settings.max_attempts),
+        collect(celery, Collector(engine, send=dispatch.sender(celery), max_attempts=settings.max_attempts),
                 lambda: time.monotonic() > deadline)
     with session_scope(engine) as session:
         workers = dispatch.known_capabilities(session)
@@ -219,9 +219,11 @@ def _wait(settings: Settings, engine, celery, sweep_id: str, n_jobs: int, timeou
     from sqlalchemy.exc import OperationalError
 
     from orchestrator.checks import describe, verdict_counts
-    from orchestrator.collector import Collector, collect, sweep_progress
+    from orchestrator import dispatch
+    from orchestrator.collector import Collector, collect
     from orchestrator.db import session_scope
     from orchestrator.dispatch import Upkeep
+    from orchestrator.lifecycle import sweep_progress
     from orchestrator.store import failed_jobs
 
     deadline = time.monotonic() + timeout if timeout else None
@@ -255,7 +257,7 @@ def _wait(settings: Settings, engine, celery, sweep_id: str, n_jobs: int, timeou
                 return True
             return False
 
-        collect(celery, Collector(engine, app=celery, max_attempts=settings.max_attempts), done)
+        collect(celery, Collector(engine, send=dispatch.sender(celery), max_attempts=settings.max_attempts), done)
     if state["timed_out"]:
         err.print(f"timed out after {timeout:.0f} s with {n_jobs - state['finished']} jobs unfinished; "
                   f"results still arrive later: tokenfarm sweep wait {sweep_id[:8]}")
@@ -281,8 +283,8 @@ def status(sweep: Optional[str] = typer.Argument(None, help="sweep id, id prefix
     from sqlalchemy import select
 
     from orchestrator.checks import checks_of, describe, verdict_counts
-    from orchestrator.collector import sweep_progress
     from orchestrator.db import JobRow, SweepRow, session_scope
+    from orchestrator.lifecycle import sweep_progress
     from orchestrator.store import find_sweep
 
     settings = load_settings()
@@ -403,6 +405,7 @@ def leaderboard(tier: Optional[int] = typer.Option(None, help="only what fits th
 def collector() -> None:
     """Store results from the queue until stopped (the deployment's only database writer)."""
     from farm.broker import create_app
+    from orchestrator import dispatch
     from orchestrator.collector import Collector, collect
     from orchestrator.dispatch import Upkeep
 
@@ -411,7 +414,7 @@ def collector() -> None:
     c = Collector(_engine(settings), max_attempts=settings.max_attempts)
     console.print(f"collecting results from {_redact_broker(settings)}")
     celery = create_app(settings)
-    c.app = celery
+    c.send = dispatch.sender(celery)
     upkeep = Upkeep(settings)
 
     def maintain() -> bool:

@@ -7,7 +7,8 @@ from farm.broker import signed_body
 from farm.contract import Capabilities, Envelope, Hardware, ModelFacts, Result
 from farm.identity import output_sha256
 from farm.stats import summarize
-from orchestrator.collector import ingest, requeue_lost
+from orchestrator.collector import ingest
+from orchestrator.lifecycle import requeue_lost
 from orchestrator.db import (
     RESULT_KEY_COLUMNS,
     JobRow,
@@ -16,7 +17,7 @@ from orchestrator.db import (
     WorkerRow,
     session_scope,
 )
-from orchestrator.dispatch import record
+from orchestrator.lifecycle import record
 from orchestrator.sweep import SweepSpec, expand
 from orchestrator.workers import add_worker, flagged_names, list_workers, set_flag
 
