@@ -216,63 +216,34 @@ def sweep_resume(
 
 
 def _wait(settings: Settings, engine, celery, sweep_id: str, n_jobs: int, timeout: float | None) -> int:
-    from sqlalchemy.exc import OperationalError
+    from orchestrator.follow import follow
 
-    from orchestrator.checks import describe, verdict_counts
-    from orchestrator import dispatch
-    from orchestrator.collector import Collector, collect
-    from orchestrator.db import session_scope
-    from orchestrator.dispatch import Upkeep
-    from orchestrator.lifecycle import sweep_progress
-    from orchestrator.store import failed_jobs
-
-    deadline = time.monotonic() + timeout if timeout else None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    state = {"finished": 0, "timed_out": False}
-    upkeep = Upkeep(settings)
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("waiting for a worker (start one: tokenfarm worker start)", total=n_jobs)
 
-        def done() -> bool:
-            try:
-                # Jobs of workers that died mid-job, or whose message the broker lost, go back on the queue.
-                upkeep.maybe_run(engine, celery)
-                with session_scope(engine) as session:
-                    counts = sweep_progress(session, sweep_id)
-            except (OperationalError, OSError, *celery.connection_for_write().connection_errors) as exc:
-                progress.update(task, description=f"waiting for a service: {type(exc).__name__}")
-                counts = None
-            if counts is not None:
-                state["finished"] = counts.get("done", 0) + counts.get("failed", 0)
-                running = counts.get("running", 0)
-                if state["finished"] or running:
-                    progress.update(task, description=f"measuring: {counts.get('done', 0)} done, "
-                                                      f"{counts.get('failed', 0)} failed, {running} running")
-                progress.update(task, completed=state["finished"])
-                # A cross-check vote adds a job mid-sweep: finished means nothing left to run.
-                if state["finished"] >= n_jobs and not counts.get("queued") and not running:
-                    return True
-            if deadline and time.monotonic() > deadline:
-                state["timed_out"] = True
-                return True
-            return False
+        def show(p) -> None:
+            if p.counts is None:
+                progress.update(task, description=f"waiting for a service: {p.outage}")
+                return
+            running = p.counts.get("running", 0)
+            if p.n_finished or running:
+                progress.update(task, description=f"measuring: {p.counts.get('done', 0)} done, "
+                                                  f"{p.counts.get('failed', 0)} failed, {running} running")
+            progress.update(task, completed=p.n_finished)
 
-        collect(celery, Collector(engine, send=dispatch.sender(celery), max_attempts=settings.max_attempts), done)
-    if state["timed_out"]:
-        err.print(f"timed out after {timeout:.0f} s with {n_jobs - state['finished']} jobs unfinished; "
+        out = follow(settings, engine, celery, sweep_id, n_jobs, timeout, show)
+    if out.timed_out:
+        err.print(f"timed out after {timeout:.0f} s with {n_jobs - out.n_finished} jobs unfinished; "
                   f"results still arrive later: tokenfarm sweep wait {sweep_id[:8]}")
         return 3
-    with session_scope(engine) as session:
-        failed = failed_jobs(session, sweep_id)
-        for row in failed:
-            spec = row.spec
-            err.print(f"[red]failed[/] job {row.index} ({spec['model']} {spec['quant']} {spec['kind']}): {row.error}",
-                      highlight=False, soft_wrap=True)
-        line = describe(verdict_counts(session, sweep_id))
-    if line:
-        console.print(line, highlight=False)
-    if failed:
-        err.print(f"{len(failed)} of {n_jobs} jobs failed")
+    for f in out.failed:
+        err.print(f"[red]failed[/] job {f.index} ({f.model} {f.quant} {f.kind}): {f.error}",
+                  highlight=False, soft_wrap=True)
+    if out.verdicts:
+        console.print(out.verdicts, highlight=False)
+    if out.failed:
+        err.print(f"{len(out.failed)} of {n_jobs} jobs failed")
         return 1
     return 0
 

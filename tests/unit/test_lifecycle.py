@@ -79,3 +79,12 @@ def test_a_stale_running_job_is_given_back(engine, job):
         assert [j.job_id for j in resent] == [job.job_id]
         row = s.get(JobRow, job.job_id)
         assert row.state == "queued" and row.attempts == 1
+
+
+def test_a_sweep_is_finished_only_when_nothing_is_left_to_run():
+    from orchestrator.follow import is_finished
+
+    assert is_finished({"done": 3, "failed": 1}, n_jobs=4)
+    assert not is_finished({"done": 3, "running": 1}, n_jobs=4)
+    # A cross-check vote added a job mid-sweep: the original count is reached but one still waits.
+    assert not is_finished({"done": 4, "queued": 1}, n_jobs=4)
