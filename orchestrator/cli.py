@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -136,26 +135,23 @@ def _plan_checks(settings: Settings, spec, jobs):
 
 
 def _refuse_unfit(settings: Settings, engine, celery, jobs) -> None:
-    """Exit naming the jobs no registered worker can fit; warn when no worker has announced itself."""
-    from sqlalchemy import select
+    """Exit naming the jobs no registered worker can fit; warn when no worker has announced itself.
 
+    Reads the worker registry from the database only: the collector is the only reader of the
+    results queue, so hellos still waiting there are counted and named, not taken in.
+    """
     from orchestrator import dispatch
-    from orchestrator.collector import Collector, collect
-    from orchestrator.db import WorkerRow, session_scope
+    from orchestrator.broker_audit import n_results_waiting
+    from orchestrator.db import session_scope
 
-    with session_scope(engine) as session:
-        registered = session.scalars(select(WorkerRow.name).limit(1)).first() is not None
-    # Workers announce what they offer on the results queue; take in what waits there first, so
-    # a worker started a moment ago counts.
-    if registered:
-        deadline = time.monotonic() + 1.0
-        collect(celery, Collector(engine, send=dispatch.sender(celery), max_attempts=settings.max_attempts),
-                lambda: time.monotonic() > deadline)
     with session_scope(engine) as session:
         workers = dispatch.known_capabilities(session)
+    n_waiting = n_results_waiting(celery)
+    unread = (f"; {n_waiting} messages wait for a collector: run `tokenfarm collector --once` first for "
+              "refusal at submit to see new workers") if n_waiting else ""
     if not workers:
         err.print("[yellow]warning:[/] no worker has announced what it offers yet; every job is queued and "
-                  "waits for a worker that fits it", highlight=False, soft_wrap=True)
+                  f"waits for a worker that fits it{unread}", highlight=False, soft_wrap=True)
         return
     unfit = dispatch.unfit_jobs(jobs, workers)
     if not unfit:
@@ -166,7 +162,7 @@ def _refuse_unfit(settings: Settings, engine, celery, jobs) -> None:
         err.print(f"  ... and {len(unfit) - 20} more", highlight=False)
     raise fail(f"{len(unfit)} of {len(jobs)} jobs fit no registered worker ({len(workers)} known); nothing was "
                "recorded or sent. Lower the context or quant, add a worker that fits, or pass --allow-unfit "
-               "to queue them for one that joins later")
+               f"to queue them for one that joins later{unread}")
 
 
 def _open_sweep(settings: Settings, ref: str):
@@ -373,19 +369,28 @@ def leaderboard(tier: Optional[int] = typer.Option(None, help="only what fits th
 
 
 @app.command()
-def collector() -> None:
+def collector(
+    once: bool = typer.Option(False, "--once", help="store what waits on the results queue, then exit"),
+) -> None:
     """Store results from the queue until stopped (the deployment's only database writer)."""
     from farm.broker import create_app
     from orchestrator import dispatch
-    from orchestrator.collector import Collector, collect
+    from orchestrator.broker_audit import n_results_waiting
+    from orchestrator.collector import Collector, collect, drain
     from orchestrator.dispatch import Upkeep
 
     settings = load_settings()
     _ensure_schema(settings)
     c = Collector(_engine(settings), max_attempts=settings.max_attempts)
-    console.print(f"collecting results from {_redact_broker(settings)}")
     celery = create_app(settings)
     c.send = dispatch.sender(celery)
+    if once:
+        n_handled = drain(celery, c, lambda: n_results_waiting(celery))
+        console.print(f"collected {n_handled} messages"
+                      + (" (" + ", ".join(f"{n} {action}" for action, n in sorted(c.counts.items())) + ")"
+                         if c.counts else ""), highlight=False)
+        return
+    console.print(f"collecting results from {_redact_broker(settings)}")
     upkeep = Upkeep(settings)
 
     def maintain() -> bool:

@@ -169,7 +169,7 @@ def ingest(session: Session, body: object, max_attempts: int = 3, known: Known |
     if check is not None:
         checks.settle(session, check, job, result, worker)
     else:
-        session.add(result_row(result))
+        store(session, result)
         known.stored.add(env.job_id)
         checks.after_stored(session, job, result, worker)
     lifecycle.finish(row, name, result.status == "ok", result.error)
@@ -189,6 +189,51 @@ def _redelivered(session: Session, job_id: str, result: Result, check) -> bool:
 def result_row(result: Result) -> ResultRow:
     data = result.model_dump(mode="json")
     return ResultRow(**{c: getattr(result, c) for c in RESULT_KEY_COLUMNS}, result=data)
+
+
+def store(session: Session, result: Result) -> None:
+    """A validated Result into the results table, once: the job id is the key, so a second store of
+    the same job fails at commit (the caller decides whether that was a redelivery)."""
+    session.add(result_row(result))
+
+
+@dataclass(frozen=True)
+class TrustedImport:
+    """Results the operator brings in from a tool of their own (llama-bench), not from a worker.
+
+    They carry no signature and no model or output hashes, because the tool makes none; running
+    the import is the operator vouching for them. Everything else a worker's Result must satisfy
+    (it matches its job, its figures follow from its samples, decode beats no memory bandwidth)
+    still holds, and they are stored by the same path, once per job id.
+    """
+
+    tool: str  # "llama-bench"
+    file: str  # the file they came from, for messages
+    machine: str  # the machine the operator says measured them; the results' worker
+
+
+def store_import(session: Session, result: Result, job: Job, source: TrustedImport) -> Outcome:
+    """Store one imported Result and its job (the caller commits): "stored", "duplicate" when this
+    job's result is already stored (the same line imported again), or "rejected" with the reason."""
+    if session.get(ResultRow, result.job_id) is not None:
+        return Outcome("duplicate", result.job_id)
+    problems = result_problems(result, job, from_worker=False)
+    if result.worker != source.machine:
+        problems.append(f"result names worker {result.worker!r}, the import is from {source.machine!r}")
+    problems += implausibilities(result, None)
+    if problems:
+        # Nothing kept: the operator sees the reason at once and the import stores nothing.
+        return Outcome("rejected", result.job_id, "; ".join(problems))
+    row = session.get(JobRow, result.job_id)
+    if row is None:
+        row = JobRow(id=job.job_id, sweep_id=job.sweep_id, index=job.index, spec=job.model_dump(mode="json"),
+                     state="sent", attempts=1, worker=source.machine)
+        session.add(row)
+        session.flush()  # the result row refers to it
+    store(session, result)
+    lifecycle.finish(row, source.machine, result.status == "ok", result.error)
+    session.flush()  # a repeated line later in the same file must see this row
+    return Outcome("stored", result.job_id)
 
 
 class Collector:
@@ -252,6 +297,26 @@ class Collector:
                 return ingest(session, body, self.max_attempts)
         except IntegrityError:
             return Outcome("duplicate", str(body.get("job_id", "")) if isinstance(body, dict) else "")
+
+
+def drain(celery, collector: Collector, n_waiting: Callable[[], int | None] = lambda: None,
+          tick_s: float = 0.5) -> int:
+    """Take in what waits on the results queue, store it, and return how many messages were
+    handled: for a box without a long-running collector (`tokenfarm collector --once`).
+
+    Stops after a tick that brought nothing once `n_waiting()` says the queue is empty (None: it
+    cannot say, and the quiet tick alone decides), so workers that keep sending heartbeats do
+    not keep it running.
+    """
+    seen = [0]
+
+    def done() -> bool:
+        n_handled = sum(collector.counts.values())
+        quiet, seen[0] = n_handled == seen[0], n_handled
+        return quiet and not n_waiting()
+
+    collect(celery, collector, done, tick_s)
+    return seen[0]
 
 
 def collect(celery, collector: Collector, done: Callable[[], bool], tick_s: float = 0.5) -> None:
