@@ -152,7 +152,8 @@ def run(args, url: str) -> None:
     from sqlalchemy import func, select
 
     from orchestrator import dispatch
-    from orchestrator.collector import Collector, collect, sweep_progress
+    from orchestrator.collector import Collector, collect
+    from orchestrator.lifecycle import sweep_progress
     from orchestrator.db import JobRow, ResultRow, make_engine, session_scope, upgrade
     from orchestrator.planning import plan
     from orchestrator.sweep import SweepSpec
@@ -199,7 +200,7 @@ def run(args, url: str) -> None:
     next_kill = time.monotonic() + args.kill_every_s
     last_check = time.monotonic()
     upkeep = dispatch.Upkeep(settings)  # the orchestrator's own recovery, as `sweep wait` runs it
-    collector = Collector(engine, batch_size=500, app=app, max_attempts=settings.max_attempts)
+    collector = Collector(engine, batch_size=500, send=dispatch.sender(app), max_attempts=settings.max_attempts)
     services_cpu = {pid: cpu_s(pid) for pid in service_pids(engine, args.redis)}
     t0 = time.perf_counter()
     cpu0 = time.process_time()

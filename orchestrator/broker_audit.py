@@ -44,6 +44,17 @@ def restore_stale_results(conn, older_than_s: float) -> int:
     return n_restored
 
 
+def n_results_waiting(app: Celery) -> int | None:
+    """How many messages wait on the results queue for a collector; None where the broker cannot
+    say. Counts without taking any: Redis LLEN of the queue's lists, or the embedded broker's
+    message files, which kombu counts the same way it finds them."""
+    try:
+        with app.connection_for_read() as conn:
+            return int(conn.default_channel._size(RESULTS_QUEUE))
+    except Exception:  # a count for a warning: a broker that cannot give one leaves it out
+        return None
+
+
 @dataclass(frozen=True)
 class HeldJob:
     """A job's message as the broker holds it: waiting in a queue, or taken by a consumer and

@@ -10,7 +10,6 @@ import enum
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional, get_args
 
@@ -175,25 +174,23 @@ def _plan_checks(settings: Settings, spec, jobs):
 
 
 def _refuse_unfit(settings: Settings, engine, celery, jobs) -> None:
-    """Exit naming the jobs no registered worker can fit; warn when no worker has announced itself."""
+    """Exit naming the jobs no registered worker can fit; warn when no worker has announced itself.
+
+    Reads the worker registry from the database only: the collector is the only reader of the
+    results queue, so hellos still waiting there are counted and named, not taken in.
+    """
     from orchestrator import dispatch
-    from orchestrator.collector import Collector, collect
+    from orchestrator.broker_audit import n_results_waiting
     from orchestrator.db import session_scope
-    from orchestrator.store import any_worker_registered
 
     with session_scope(engine) as session:
-        registered = any_worker_registered(session)
-    # Workers announce what they offer on the results queue; take in what waits there first, so
-    # a worker started a moment ago counts.
-    if registered:
-        deadline = time.monotonic() + 1.0
-        collect(celery, Collector(engine, app=celery, max_attempts=settings.max_attempts),
-                lambda: time.monotonic() > deadline)
-    with session_scope(engine) as session:
         workers = dispatch.known_capabilities(session)
+    n_waiting = n_results_waiting(celery)
+    unread = (f"; {n_waiting} messages wait for a collector: run `tokenfarm collector --once` first for "
+              "refusal at submit to see new workers") if n_waiting else ""
     if not workers:
         err.print("[yellow]warning:[/] no worker has announced what it offers yet; every job is queued and "
-                  "waits for a worker that fits it", highlight=False, soft_wrap=True)
+                  f"waits for a worker that fits it{unread}", highlight=False, soft_wrap=True)
         return
     unfit = dispatch.unfit_jobs(jobs, workers)
     if not unfit:
@@ -204,7 +201,7 @@ def _refuse_unfit(settings: Settings, engine, celery, jobs) -> None:
         err.print(f"  ... and {len(unfit) - 20} more", highlight=False)
     raise fail(f"{len(unfit)} of {len(jobs)} jobs fit no registered worker ({len(workers)} known); nothing was "
                "recorded or sent. Lower the context or quant, add a worker that fits, or pass --allow-unfit "
-               "to queue them for one that joins later")
+               f"to queue them for one that joins later{unread}")
 
 
 def _open_sweep(settings: Settings, ref: str):
@@ -254,61 +251,34 @@ def sweep_resume(
 
 
 def _wait(settings: Settings, engine, celery, sweep_id: str, n_jobs: int, timeout: float | None) -> int:
-    from sqlalchemy.exc import OperationalError
+    from orchestrator.follow import follow
 
-    from orchestrator.checks import describe, verdict_counts
-    from orchestrator.collector import Collector, collect, sweep_progress
-    from orchestrator.db import session_scope
-    from orchestrator.dispatch import Upkeep
-    from orchestrator.store import failed_jobs
-
-    deadline = time.monotonic() + timeout if timeout else None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    state = {"finished": 0, "timed_out": False}
-    upkeep = Upkeep(settings)
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("waiting for a worker (start one: tokenfarm worker start)", total=n_jobs)
 
-        def done() -> bool:
-            try:
-                # Jobs of workers that died mid-job, or whose message the broker lost, go back on the queue.
-                upkeep.maybe_run(engine, celery)
-                with session_scope(engine) as session:
-                    counts = sweep_progress(session, sweep_id)
-            except (OperationalError, OSError, *celery.connection_for_write().connection_errors) as exc:
-                progress.update(task, description=f"waiting for a service: {type(exc).__name__}")
-                counts = None
-            if counts is not None:
-                state["finished"] = counts.get("done", 0) + counts.get("failed", 0)
-                running = counts.get("running", 0)
-                if state["finished"] or running:
-                    progress.update(task, description=f"measuring: {counts.get('done', 0)} done, "
-                                                      f"{counts.get('failed', 0)} failed, {running} running")
-                progress.update(task, completed=state["finished"])
-                # A cross-check vote adds a job mid-sweep: finished means nothing left to run.
-                if state["finished"] >= n_jobs and not counts.get("queued") and not running:
-                    return True
-            if deadline and time.monotonic() > deadline:
-                state["timed_out"] = True
-                return True
-            return False
+        def show(p) -> None:
+            if p.counts is None:
+                progress.update(task, description=f"waiting for a service: {p.outage}")
+                return
+            running = p.counts.get("running", 0)
+            if p.n_finished or running:
+                progress.update(task, description=f"measuring: {p.counts.get('done', 0)} done, "
+                                                  f"{p.counts.get('failed', 0)} failed, {running} running")
+            progress.update(task, completed=p.n_finished)
 
-        collect(celery, Collector(engine, app=celery, max_attempts=settings.max_attempts), done)
-    if state["timed_out"]:
-        err.print(f"timed out after {timeout:.0f} s with {n_jobs - state['finished']} jobs unfinished; "
+        out = follow(settings, engine, celery, sweep_id, n_jobs, timeout, show)
+    if out.timed_out:
+        err.print(f"timed out after {timeout:.0f} s with {n_jobs - out.n_finished} jobs unfinished; "
                   f"results still arrive later: tokenfarm sweep wait {sweep_id[:8]}")
         return 3
-    with session_scope(engine) as session:
-        failed = failed_jobs(session, sweep_id)
-        for row in failed:
-            spec = row.spec
-            err.print(f"[red]failed[/] job {row.index} ({spec['model']} {spec['quant']} {spec['kind']}): {row.error}",
-                      highlight=False, soft_wrap=True)
-        line = describe(verdict_counts(session, sweep_id))
-    if line:
-        console.print(line, highlight=False)
-    if failed:
-        err.print(f"{len(failed)} of {n_jobs} jobs failed")
+    for f in out.failed:
+        err.print(f"[red]failed[/] job {f.index} ({f.model} {f.quant} {f.kind}): {f.error}",
+                  highlight=False, soft_wrap=True)
+    if out.verdicts:
+        console.print(out.verdicts, highlight=False)
+    if out.failed:
+        err.print(f"{len(out.failed)} of {n_jobs} jobs failed")
         return 1
     return 0
 
@@ -317,8 +287,8 @@ def _wait(settings: Settings, engine, celery, sweep_id: str, n_jobs: int, timeou
 def status(sweep: Optional[str] = typer.Argument(None, help="sweep id, id prefix or name; default: all sweeps")) -> None:
     """Sweeps and their jobs' states."""
     from orchestrator.checks import checks_of, describe, verdict_counts
-    from orchestrator.collector import sweep_progress
     from orchestrator.db import session_scope
+    from orchestrator.lifecycle import sweep_progress
     from orchestrator.store import find_sweep, sweep_jobs, sweep_rows
 
     settings = load_settings()
@@ -430,18 +400,28 @@ def leaderboard(tier: Optional[int] = typer.Option(None, help="only what fits th
 
 
 @app.command()
-def collector() -> None:
+def collector(
+    once: bool = typer.Option(False, "--once", help="store what waits on the results queue, then exit"),
+) -> None:
     """Store results from the queue until stopped (the deployment's only database writer)."""
     from farm.broker import create_app
-    from orchestrator.collector import Collector, collect
+    from orchestrator import dispatch
+    from orchestrator.broker_audit import n_results_waiting
+    from orchestrator.collector import Collector, collect, drain
     from orchestrator.dispatch import Upkeep
 
     settings = load_settings()
     _require_schema(settings)
     c = Collector(_engine(settings), max_attempts=settings.max_attempts)
-    console.print(f"collecting results from {_redact_broker(settings)}")
     celery = create_app(settings)
-    c.app = celery
+    c.send = dispatch.sender(celery)
+    if once:
+        n_handled = drain(celery, c, lambda: n_results_waiting(celery))
+        console.print(f"collected {n_handled} messages"
+                      + (" (" + ", ".join(f"{n} {action}" for action, n in sorted(c.counts.items())) + ")"
+                         if c.counts else ""), highlight=False)
+        return
+    console.print(f"collecting results from {_redact_broker(settings)}")
     upkeep = Upkeep(settings)
 
     def maintain() -> bool:

@@ -12,18 +12,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Callable
 
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from farm.contract import Envelope, Job, Result, kind_of_test, utc_now
 from farm.signing import verify
-from orchestrator import checks
+from orchestrator import checks, lifecycle
 from orchestrator.db import (
     RESULT_KEY_COLUMNS,
     CheckRow,
@@ -31,7 +30,6 @@ from orchestrator.db import (
     RejectionRow,
     ResultRow,
     WorkerRow,
-    as_utc,
     session_scope,
 )
 from orchestrator.validation import result_problems
@@ -43,6 +41,9 @@ ROOFLINE_MARGIN = 1.5
 # A collector commits what it takes within a second or two; a result unacknowledged this long
 # was taken by one that stopped.
 STALE_RESULT_S = 30.0
+
+# (jobs, countdown_s): how the collector has jobs sent again without knowing the broker.
+Resend = Callable[[list[Job], float], None]
 
 
 @dataclass
@@ -130,18 +131,13 @@ def ingest(session: Session, body: object, max_attempts: int = 3, known: Known |
         if env.capabilities is not None:
             worker.capabilities = env.capabilities.model_dump(mode="json")
         if env.kind == "hello":
-            return Outcome("hello", resend=dropped_on_restart(session, name, env.sent_at, max_attempts))
+            return Outcome("hello", resend=lifecycle.dropped_on_restart(session, name, env.sent_at, max_attempts))
         return Outcome(env.kind)
     row = known.jobs.get(env.job_id)
     if row is None:
         return _reject(session, name, env.job_id, "no such job", worker)
     if env.kind == "started":
-        if row.state in ("done", "failed"):
-            return Outcome("stale", env.job_id)
-        # A job re-sent after its worker died is claimed by whoever starts it next.
-        row.state, row.worker = "running", name
-        row.attempts += 1
-        return Outcome("started", env.job_id)
+        return Outcome("started" if lifecycle.start(row, name) else "stale", env.job_id)
     if env.result is None:
         return _reject(session, name, env.job_id, "a result message without a result", worker)
     check = known.checks.get(env.job_id)
@@ -161,24 +157,22 @@ def ingest(session: Session, body: object, max_attempts: int = 3, known: Known |
     problems += checks.misrouted(check, name)
     if problems:
         reason = "; ".join(problems)
-        row.state, row.error = "failed", f"result rejected: {reason}"
+        lifecycle.reject(row, reason)
         return _reject(session, name, env.job_id, reason, worker)
-    if result.status == "failed" and result.transient and row.attempts < max_attempts:
+    if result.status == "failed" and result.transient and (
+            delay_s := lifecycle.retry(row, result.error, max_attempts)) is not None:
         # Not stored: the job goes back on the queue, after a pause that grows with each attempt.
-        row.state, row.error = "queued", f"attempt {row.attempts} failed, retrying: {result.error}"
         if check is not None and check.kind == checks.CROSSCHECK:
             checks.unroute(check)  # goes again to a chosen worker of the class, not the shared queue
             return Outcome("retry", env.job_id, result.error)
-        return Outcome("retry", env.job_id, result.error, job=job, delay_s=2.0 ** row.attempts)
+        return Outcome("retry", env.job_id, result.error, job=job, delay_s=delay_s)
     if check is not None:
         checks.settle(session, check, job, result, worker)
     else:
-        session.add(result_row(result))
+        store(session, result)
         known.stored.add(env.job_id)
         checks.after_stored(session, job, result, worker)
-    row.state = "done" if result.status == "ok" else "failed"
-    row.error = result.error or None
-    row.worker = name
+    lifecycle.finish(row, name, result.status == "ok", result.error)
     if result.status == "ok":
         worker.n_done += 1
     else:
@@ -192,51 +186,54 @@ def _redelivered(session: Session, job_id: str, result: Result, check) -> bool:
     return stored == result.model_dump(mode="json")
 
 
-def dropped_on_restart(session: Session, worker: str, hello_at, max_attempts: int) -> list[Job]:
-    """A hello comes from a worker process that just started and so runs nothing: the jobs still
-    marked running on it were lost with its previous process. Giving them back now, instead of
-    after `worker_dead_after_s`, matters because a restarted worker is never silent long enough."""
-    rows = session.scalars(select(JobRow).where(JobRow.state == "running", JobRow.worker == worker))
-    lost = [row for row in rows if as_utc(row.updated_at) < as_utc(hello_at)]
-    jobs = [job for row in lost if (job := give_back(row, "its worker restarted during the job", max_attempts))]
-    return checks.without_crosschecks(session, jobs, unroute_them=True)
-
-
-def give_back(row: JobRow, why: str, max_attempts: int) -> Job | None:
-    """A running job that will never finish: queued again (the caller sends it), or failed for good."""
-    if row.attempts >= max_attempts:
-        row.state = "failed"
-        row.error = f"gave up after {row.attempts} attempts: {why}"
-        return None
-    row.state = "queued"
-    return Job.model_validate(row.spec)
-
-
 def result_row(result: Result) -> ResultRow:
     data = result.model_dump(mode="json")
     return ResultRow(**{c: getattr(result, c) for c in RESULT_KEY_COLUMNS}, result=data)
 
 
-def requeue_lost(session: Session, dead_after_s: float, max_attempts: int,
-                 job_timeout_s: float = float("inf")) -> list[Job]:
-    """Running jobs whose worker went silent or that ran past the time limit: back to queued
-    (to be re-sent), or failed for good after max_attempts."""
-    now = utc_now()
-    cutoff = now - timedelta(seconds=dead_after_s)
-    lost = session.execute(
-        select(JobRow, WorkerRow.last_seen).join(WorkerRow, WorkerRow.name == JobRow.worker, isouter=True)
-        .where(JobRow.state == "running")
-    ).all()
-    resend: list[Job] = []
-    for row, last_seen in lost:
-        alive = last_seen is not None and as_utc(last_seen) >= cutoff
-        hung = (now - as_utc(row.updated_at)).total_seconds() > job_timeout_s
-        if alive and not hung:
-            continue
-        why = f"ran past the {job_timeout_s:.0f} s time limit" if hung else "the worker was lost during the job"
-        if job := give_back(row, why, max_attempts):
-            resend.append(job)
-    return checks.without_crosschecks(session, resend, unroute_them=True)
+def store(session: Session, result: Result) -> None:
+    """A validated Result into the results table, once: the job id is the key, so a second store of
+    the same job fails at commit (the caller decides whether that was a redelivery)."""
+    session.add(result_row(result))
+
+
+@dataclass(frozen=True)
+class TrustedImport:
+    """Results the operator brings in from a tool of their own (llama-bench), not from a worker.
+
+    They carry no signature and no model or output hashes, because the tool makes none; running
+    the import is the operator vouching for them. Everything else a worker's Result must satisfy
+    (it matches its job, its figures follow from its samples, decode beats no memory bandwidth)
+    still holds, and they are stored by the same path, once per job id.
+    """
+
+    tool: str  # "llama-bench"
+    file: str  # the file they came from, for messages
+    machine: str  # the machine the operator says measured them; the results' worker
+
+
+def store_import(session: Session, result: Result, job: Job, source: TrustedImport) -> Outcome:
+    """Store one imported Result and its job (the caller commits): "stored", "duplicate" when this
+    job's result is already stored (the same line imported again), or "rejected" with the reason."""
+    if session.get(ResultRow, result.job_id) is not None:
+        return Outcome("duplicate", result.job_id)
+    problems = result_problems(result, job, from_worker=False)
+    if result.worker != source.machine:
+        problems.append(f"result names worker {result.worker!r}, the import is from {source.machine!r}")
+    problems += implausibilities(result, None)
+    if problems:
+        # Nothing kept: the operator sees the reason at once and the import stores nothing.
+        return Outcome("rejected", result.job_id, "; ".join(problems))
+    row = session.get(JobRow, result.job_id)
+    if row is None:
+        row = JobRow(id=job.job_id, sweep_id=job.sweep_id, index=job.index, spec=job.model_dump(mode="json"),
+                     state="sent", attempts=1, worker=source.machine)
+        session.add(row)
+        session.flush()  # the result row refers to it
+    store(session, result)
+    lifecycle.finish(row, source.machine, result.status == "ok", result.error)
+    session.flush()  # a repeated line later in the same file must see this row
+    return Outcome("stored", result.job_id)
 
 
 class Collector:
@@ -246,9 +243,11 @@ class Collector:
     bursts and a commit per message caps ingestion at the database's fsync rate.
     """
 
-    def __init__(self, engine: Engine, batch_size: int = 200, app=None, max_attempts: int = 3) -> None:
+    def __init__(self, engine: Engine, batch_size: int = 200, send: Resend | None = None,
+                 max_attempts: int = 3) -> None:
         self.engine = engine
-        self.app = app  # where retries are sent; None: they wait for `sweep resume`
+        # Sends what the lifecycle gives back (dispatch.sender(app)); None: it waits for `sweep resume`.
+        self.send = send
         self.max_attempts = max_attempts
         self.batch_size = batch_size
         self.counts: dict[str, int] = {}
@@ -282,12 +281,10 @@ class Collector:
             return
         retries = [o for o in outcomes if o.action == "retry" and o.job is not None]
         dropped = [job for o in outcomes for job in o.resend]
-        if (retries or dropped) and self.app is not None:
-            from orchestrator.dispatch import send
-
+        if (retries or dropped) and self.send is not None:
             for o in retries:
-                send(self.app, [o.job], countdown_s=o.delay_s)
-            send(self.app, dropped)
+                self.send([o.job], o.delay_s)
+            self.send(dropped, 0.0)
         for (_, message), outcome in zip(batch, outcomes):
             self.counts[outcome.action] = self.counts.get(outcome.action, 0) + 1
             if outcome.action == "rejected":
@@ -300,6 +297,26 @@ class Collector:
                 return ingest(session, body, self.max_attempts)
         except IntegrityError:
             return Outcome("duplicate", str(body.get("job_id", "")) if isinstance(body, dict) else "")
+
+
+def drain(celery, collector: Collector, n_waiting: Callable[[], int | None] = lambda: None,
+          tick_s: float = 0.5) -> int:
+    """Take in what waits on the results queue, store it, and return how many messages were
+    handled: for a box without a long-running collector (`tokenfarm collector --once`).
+
+    Stops after a tick that brought nothing once `n_waiting()` says the queue is empty (None: it
+    cannot say, and the quiet tick alone decides), so workers that keep sending heartbeats do
+    not keep it running.
+    """
+    seen = [0]
+
+    def done() -> bool:
+        n_handled = sum(collector.counts.values())
+        quiet, seen[0] = n_handled == seen[0], n_handled
+        return quiet and not n_waiting()
+
+    collect(celery, collector, done, tick_s)
+    return seen[0]
 
 
 def collect(celery, collector: Collector, done: Callable[[], bool], tick_s: float = 0.5) -> None:
@@ -337,10 +354,3 @@ def collect(celery, collector: Collector, done: Callable[[], bool], tick_s: floa
             if done():
                 return
             time.sleep(1.0)
-
-
-def sweep_progress(session: Session, sweep_id: str) -> dict[str, int]:
-    rows = session.execute(
-        select(JobRow.state, func.count()).where(JobRow.sweep_id == sweep_id).group_by(JobRow.state)
-    ).all()
-    return {state: n for state, n in rows}

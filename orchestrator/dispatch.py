@@ -25,9 +25,8 @@ from farm.memory import GIB, class_gb, fits, memory_kind, offered_bytes
 from farm.settings import Settings
 from orchestrator import checks
 from orchestrator.broker_audit import broker_snapshot, drop_taken, put_back
-from orchestrator.collector import requeue_lost
-from orchestrator.db import CheckRow, JobRow, SweepRow, WorkerRow, as_utc, session_scope
-from orchestrator.sweep import SweepSpec
+from orchestrator.lifecycle import record, requeue_lost, unfinished  # noqa: F401  record: callers record, then send
+from orchestrator.db import CheckRow, JobRow, WorkerRow, as_utc, session_scope
 
 log = logging.getLogger("tokenfarm.dispatch")
 
@@ -81,17 +80,6 @@ def unfit_jobs(jobs: list[Job], workers: dict[str, Capabilities]) -> list[Unfit]
     return unfit
 
 
-def record(session: Session, spec: SweepSpec, jobs: list[Job]) -> str:
-    sweep_id = jobs[0].sweep_id
-    session.add(SweepRow(id=sweep_id, name=spec.name, spec=spec.model_dump(mode="json"), n_jobs=len(jobs)))
-    session.flush()
-    session.add_all(
-        JobRow(id=j.job_id, sweep_id=sweep_id, index=j.index, spec=j.model_dump(mode="json"), state="queued")
-        for j in jobs
-    )
-    return sweep_id
-
-
 def send(app: Celery, jobs: list[Job], countdown_s: float = 0.0) -> None:
     # The job id doubles as the Celery task id, so broker logs and the database line up; the
     # app's router picks each job's queue.
@@ -107,6 +95,11 @@ def send(app: Celery, jobs: list[Job], countdown_s: float = 0.0) -> None:
             app.send_task(RUN_JOB_TASK, args=[job.model_dump(mode="json")], task_id=job.job_id,
                           producer=producer, countdown=countdown_s or None,
                           argsrepr=f"[job {job.job_id}: {job.model} {job.quant} {job.test}]")
+
+
+def sender(app: Celery):
+    """What the collector is handed to send the jobs the lifecycle gives back: (jobs, countdown_s)."""
+    return lambda jobs, countdown_s=0.0: send(app, jobs, countdown_s) if jobs else None
 
 
 def resend_lost(engine: Engine, app: Celery, dead_after_s: float, max_attempts: int,
@@ -127,10 +120,7 @@ def resend_unfinished(engine: Engine, app: Celery, sweep_id: str, dead_after_s: 
     waiting = {job_id for job_id, copies in held.items() if any(c.taken_at is None for c in copies)}
     with session_scope(engine) as session:
         lost = requeue_lost(session, dead_after_s, max_attempts)
-        queued = [Job.model_validate(spec) for spec in session.scalars(
-            select(JobRow.spec).where(JobRow.sweep_id == sweep_id, JobRow.state == "queued").order_by(JobRow.index))]
-        queued = [j for j in checks.without_crosschecks(session, queued, unroute_them=False)
-                  if j.job_id not in waiting]
+        queued = [j for j in unfinished(session, sweep_id) if j.job_id not in waiting]
     # Lost jobs of other sweeps go out too: they are just as stuck.
     jobs = {j.job_id: j for j in [*lost, *queued]}
     send(app, list(jobs.values()))

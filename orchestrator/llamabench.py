@@ -2,8 +2,9 @@
 
 Field names are llama-bench's where the concept is the same (`model_type`, `avg_ts`,
 `samples_ns`, `build_commit`, ...), so tools written for llama-bench read our exports and
-community numbers join our database. Parsing is pure; `import_records` writes through a session
-the caller opens. It knows nothing of workers or brokers.
+community numbers join our database. Parsing is pure; `import_text` stores through the collector's
+path (`store_import`, a trusted import) in a session the caller opens. It knows nothing of
+workers or brokers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 from farm.contract import (
     EngineConfig,
     Hardware,
+    Job,
     ModelFacts,
     Result,
     format_test_name,
@@ -27,7 +29,7 @@ from farm.contract import (
     utc_now,
 )
 from farm.stats import sample_stats, summarize, tok_s
-from orchestrator.db import JobRow, ResultRow, SweepRow
+from orchestrator.db import SweepRow
 
 # Namespace for ids of imported rows: the same line imported twice gets the same job id.
 IMPORT_NAMESPACE = uuid.UUID("6f1d0c52-4a3e-4d0b-9d7e-1b7f3c9a2e51")
@@ -171,15 +173,18 @@ def to_result(record: dict, line: int, machine: str, sweep_id: str) -> tuple[Res
 def import_text(session: Session, text: str, machine: str, source_name: str) -> tuple[int, int]:
     """Store every record of a llama-bench file as results of `machine`; returns (stored, already present).
 
-    Every line is checked before anything is written, so a broken file stores nothing.
+    Each goes through the collector's storing path as a trusted import (validated against its
+    job, stored once per job id). Every line is checked before the caller commits, so a broken
+    file stores nothing.
     """
     if not machine.strip():
         raise LlamaBenchError("--machine must name the machine the numbers come from")
-    from orchestrator.collector import result_row
+    from orchestrator.collector import TrustedImport, store_import
 
     digest = hashlib.sha256(text.encode()).hexdigest()
     sweep_id = str(uuid.uuid5(IMPORT_NAMESPACE, f"sweep\n{machine}\n{digest}"))
-    converted = [to_result(rec, line, machine, sweep_id) for line, rec in parse(text)]
+    records = parse(text)
+    converted = [(line, *to_result(rec, line, machine, sweep_id)) for line, rec in records]
     if not converted:
         raise LlamaBenchError(f"{source_name} holds no llama-bench records")
     if session.get(SweepRow, sweep_id) is None:
@@ -187,16 +192,13 @@ def import_text(session: Session, text: str, machine: str, source_name: str) -> 
                              spec={"imported_from": "llama-bench", "file": source_name, "machine": machine,
                                    "sha256": digest}, n_jobs=len(converted)))
         session.flush()
+    source = TrustedImport("llama-bench", source_name, machine)
     stored = present = 0
-    for index, (result, spec) in enumerate(converted):
-        if session.get(ResultRow, result.job_id) is not None:
-            present += 1
-            continue
-        if session.get(JobRow, result.job_id) is None:
-            session.add(JobRow(id=result.job_id, sweep_id=sweep_id, index=index, spec={**spec, "index": index},
-                               state="done", attempts=1, worker=machine))
-            session.flush()
-        session.add(result_row(result))
-        session.flush()  # a repeated line later in the same file must see this row
-        stored += 1
+    for index, (line, result, spec) in enumerate(converted):
+        outcome = store_import(session, result, Job.model_validate({**spec, "index": index}), source)
+        if outcome.action == "rejected":
+            # Raised inside the caller's transaction: nothing of the file is committed.
+            raise LlamaBenchError(f"line {line}: {outcome.reason}")
+        stored += outcome.action == "stored"
+        present += outcome.action == "duplicate"
     return stored, present

@@ -14,10 +14,12 @@ from farm.identity import combine_sha256, is_sha256
 from farm.stats import sample_stats, summarize
 
 
-def result_problems(result: Result, job: Job | None = None) -> list[str]:
+def result_problems(result: Result, job: Job | None = None, from_worker: bool = True) -> list[str]:
     """Why this Result cannot be what it claims; empty when it is result-consistent.
 
-    A worker is untrusted, so the collector recomputes what can be recomputed.
+    A worker is untrusted, so the collector recomputes what can be recomputed. `from_worker`
+    False: an operator's trusted import (llama-bench), whose tool hashes neither the model nor
+    its output, so those two are not asked for; everything else is.
     """
     problems: list[str] = []
     if job is not None:
@@ -60,9 +62,9 @@ def result_problems(result: Result, job: Job | None = None) -> list[str]:
     if result.stats.median_ts and not math.isclose(
             result.stats.median_ts, sample_stats(n_tokens, result.samples_ns).median_ts, rel_tol=1e-6):
         problems.append("stats.median_ts does not match the samples")
-    if not result.model_sha256:
+    if from_worker and not result.model_sha256:
         problems.append("model_sha256 is missing")
-    if not is_sha256(result.output_sha256):
+    if from_worker and not is_sha256(result.output_sha256):
         problems.append("output_sha256 is missing or not a sha256 hex digest")
     if result.technique != "baseline":
         problems += _speculation_problems(result, n_tokens, mean)

@@ -48,6 +48,13 @@ def ready(log: Path, timeout_s: float = 120) -> None:
         log.read_text(errors="replace")[-3000:] if log.exists() else "no worker log"
 
 
+def collect_hellos(env: dict[str, str]) -> None:
+    """Refusal at submit reads the registry from the database; submit never reads the results
+    queue, so what the workers announced is stored first, as a box without a collector would."""
+    proc = tokenfarm(env, "collector", "--once")
+    assert proc.returncode == 0 and "hello" in proc.stdout, proc.stdout + proc.stderr
+
+
 def sweep_file(tmp_path: Path, name: str, body: str) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"name: {name}\n{body}")
@@ -83,6 +90,7 @@ def test_a_job_too_big_for_every_worker_is_refused_at_submit_and_nothing_is_reco
     on_gpu = sweep_file(tmp_path, "gpu", "models: [smollm2-135m]\nn_prompt: [16]\nn_gen: []\nn_gpu_layers: [-1]\n")
     with worker_process(capped(env, GIB), "tiny", log):
         ready(log)
+        collect_hellos(env)
         refused = tokenfarm(env, "sweep", "submit", str(big))
         refused_gpu = tokenfarm(env, "sweep", "submit", str(on_gpu))
     assert refused.returncode != 0
@@ -94,7 +102,7 @@ def test_a_job_too_big_for_every_worker_is_refused_at_submit_and_nothing_is_reco
     with session_scope(engine) as s:
         assert s.scalar(select(func.count()).select_from(SweepRow)) == 0
         assert s.scalar(select(func.count()).select_from(JobRow)) == 0
-        # The refusal came from what the worker announced, ingested by the submit itself.
+        # The refusal came from what the worker announced, stored by `collector --once`.
         caps = s.get(WorkerRow, "tiny").capabilities
         assert caps["offered_ram_bytes"] == GIB and "tokenfarm.jobs.llamacpp.ram.1gb" in caps["queues"]
     engine.dispose()
@@ -110,6 +118,7 @@ def test_routing_puts_each_job_on_a_worker_of_its_class(tmp_path, pg_url, redis_
                        "repetitions: 1\nn_warmup: 0\n")
     with worker_process(capped(env, GIB), "tiny", tmp_path / "tiny.log"):
         ready(tmp_path / "tiny.log")
+        collect_hellos(env)
         refused = tokenfarm(env, "sweep", "submit", str(sweep))
         assert refused.returncode != 0 and "gemma3-270m Q4_K_M pp16" in refused.stderr
         submitted = tokenfarm(env, "sweep", "submit", str(sweep), "--allow-unfit")
@@ -179,6 +188,7 @@ def test_an_out_of_memory_job_fails_with_that_reason_and_the_worker_goes_on(tmp_
                        "n_depth: [8000000, 0]\nrepetitions: 1\nn_warmup: 0\n")
     with worker_process(env, "sturdy", tmp_path / "sturdy.log") as proc:
         ready(tmp_path / "sturdy.log")
+        collect_hellos(env)
         refused = tokenfarm(env, "sweep", "submit", str(sweep))
         assert refused.returncode != 0 and "tg4 @ d8000000" in refused.stderr and "fit no registered worker" in refused.stderr
         waited = tokenfarm(env, "sweep", "submit", str(sweep), "--allow-unfit", "--wait", "--timeout", "300")
@@ -189,3 +199,24 @@ def test_an_out_of_memory_job_fails_with_that_reason_and_the_worker_goes_on(tmp_
     oom = by_test["tg4 @ d8000000"]
     assert oom.status == "failed" and "out of memory" in oom.result["error"]
     assert by_test["tg4"].status == "ok"
+
+
+def test_submit_leaves_the_hellos_to_the_collector_and_says_they_wait(tmp_path, smollm2):
+    # The embedded broker: its waiting messages are counted from its files.
+    env = service_env(tmp_path / "data")
+    sweep = sweep_file(tmp_path, "early", "models: [smollm2-135m]\nn_prompt: [16]\nn_gen: []\nrepetitions: 1\n")
+    with worker_process(env, "early", tmp_path / "early.log"):
+        ready(tmp_path / "early.log")
+        submitted = tokenfarm(env, "sweep", "submit", str(sweep))
+        assert submitted.returncode == 0, submitted.stderr
+        said = " ".join(submitted.stderr.split())
+        assert "no worker has announced" in said and "messages wait for a collector" in said, said
+        assert "tokenfarm collector --once" in said
+        url = f"sqlite:///{tmp_path / 'data' / 'tokenfarm.sqlite3'}"
+        engine = create_engine(url)
+        with session_scope(engine) as s:
+            assert s.get(WorkerRow, "early").capabilities is None, "submit took in the hello"
+        collect_hellos(env)
+        with session_scope(engine) as s:
+            assert s.get(WorkerRow, "early").capabilities["engines"]
+        engine.dispose()

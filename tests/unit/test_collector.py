@@ -9,7 +9,8 @@ from farm.broker import signed_body
 from farm.contract import Capabilities, Envelope, Hardware, ModelFacts, Result
 from farm.identity import output_sha256
 from farm.stats import summarize
-from orchestrator.collector import ingest, requeue_lost
+from orchestrator.collector import ingest
+from orchestrator.lifecycle import requeue_lost
 from orchestrator.db import (
     RESULT_KEY_COLUMNS,
     JobRow,
@@ -18,7 +19,7 @@ from orchestrator.db import (
     WorkerRow,
     session_scope,
 )
-from orchestrator.dispatch import record
+from orchestrator.lifecycle import record
 from orchestrator.planning import plan
 from orchestrator.sweep import SweepSpec
 from orchestrator.workers import add_worker, flagged_names, list_workers, set_flag

@@ -128,9 +128,4 @@ def test_a_cycle_would_be_caught():
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_no_import_cycle_inside_a_package(package):
-    found = cycles(graph(), package)
-    if package == "orchestrator" and found == [["orchestrator.collector", "orchestrator.dispatch"]]:
-        # Known on this branch: helper H4 breaks collector <-> dispatch (the job lifecycle moves to
-        # its own module); once merged, this branch is dead and the assertion below holds.
-        pytest.xfail("collector <-> dispatch: broken by H4's branch")
-    assert found == []
+    assert cycles(graph(), package) == []

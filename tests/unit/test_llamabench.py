@@ -79,3 +79,30 @@ def test_a_missing_field_is_named():
     del rec["samples_ns"]
     with pytest.raises(LlamaBenchError, match="missing field 'samples_ns'"):
         to_result(rec, 1, "rig", "s")
+
+
+def test_import_goes_through_the_collectors_store_once_per_job_and_refuses_what_validation_refuses(engine):
+    from sqlalchemy import func, select
+
+    from farm.contract import Job
+    from orchestrator.collector import TrustedImport, store_import
+    from orchestrator.db import JobRow, ResultRow, session_scope
+    from orchestrator.llamabench import import_text
+
+    text = (FIXTURES / "llama-bench.jsonl").read_text()
+    with session_scope(engine) as s:
+        assert import_text(s, text, "rig", "llama-bench.jsonl") == (4, 0)
+    with session_scope(engine) as s:
+        assert import_text(s, text, "rig", "llama-bench.jsonl") == (0, 4)
+        assert s.scalar(select(func.count()).select_from(ResultRow)) == 4
+        assert {j.state for j in s.scalars(select(JobRow))} == {"done"}
+    # A result that does not match its job is refused by the collector's validation, not stored.
+    (n, rec), = parse(text.splitlines()[0])
+    result, spec = to_result(rec, n, "other", "s")
+    job = Job.model_validate({**spec, "n_prompt": spec["n_prompt"] + 1})
+    with session_scope(engine) as s:
+        outcome = store_import(s, result, job, TrustedImport("llama-bench", "x.jsonl", "other"))
+        assert outcome.action == "rejected" and "n_prompt is" in outcome.reason
+        outcome = store_import(s, result, Job.model_validate(spec), TrustedImport("llama-bench", "x.jsonl", "rig"))
+        assert outcome.action == "rejected" and "the import is from 'rig'" in outcome.reason
+        assert s.get(ResultRow, result.job_id) is None
