@@ -7,14 +7,15 @@ import pytest
 from farm.contract import utc_now
 from orchestrator import lifecycle
 from orchestrator.db import JobRow, session_scope
-from orchestrator.sweep import SweepSpec, expand
+from orchestrator.planning import plan
+from orchestrator.sweep import SweepSpec
 from orchestrator.workers import add_worker
 
 
 @pytest.fixture
 def job(engine):
     spec = SweepSpec(name="t", models=["smollm2-135m"], n_prompt=[16], n_gen=[4], repetitions=2)
-    jobs = expand(spec)
+    jobs = plan(spec)
     with session_scope(engine) as s:
         add_worker(s, "w1")
         lifecycle.record(s, spec, jobs)
