@@ -43,9 +43,9 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/tokenfarm demo
 
-# --durations=15 so CI's log names the slow tests. PYTEST_ARGS="-n 2" runs two xdist workers, each
-# with its own Redis database (TOKENFARM_TEST_REDIS_URL + N) and its own PostgreSQL template.
-PYTEST_ARGS ?=
+# --durations=15 so CI's log names the slow tests; -n 2: two xdist workers (one per core), each with its
+# own Redis database and PostgreSQL databases copied from one migrated template (tests/integration/conftest.py).
+PYTEST_ARGS ?= -n 2
 test: install-test
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 

@@ -203,7 +203,7 @@ def test_an_out_of_memory_job_fails_with_that_reason_and_the_worker_goes_on(tmp_
 
 def test_submit_leaves_the_hellos_to_the_collector_and_says_they_wait(tmp_path, smollm2):
     # The embedded broker: its waiting messages are counted from its files.
-    env = service_env(tmp_path / "data")
+    env = at_head(service_env(tmp_path / "data"))
     sweep = sweep_file(tmp_path, "early", "models: [smollm2-135m]\nn_prompt: [16]\nn_gen: []\nrepetitions: 1\n")
     with worker_process(env, "early", tmp_path / "early.log"):
         ready(tmp_path / "early.log")
