@@ -201,35 +201,34 @@ def bandwidth_cache_path() -> Path:
     return Path(override) if override else Path(tempfile.gettempdir()) / f"tokenfarm-bandwidth-{os.getuid()}.json"
 
 
-def _machine_is_quiet() -> bool:
-    """Whether a probe now sees the memory alone: a 1-minute load average under half the cores.
-    Another process streaming memory only lowers a triad, never raises it."""
+def _load_1m() -> float:
+    """The 1-minute load average: other processes streaming memory only lower a triad."""
     try:
-        return os.getloadavg()[0] < 0.5 * _n_cores()
+        return os.getloadavg()[0]
     except OSError:
-        return False
+        return float("inf")
 
 
 @lru_cache(maxsize=1)
 def bandwidth() -> tuple[float, float]:
-    """(host, device) GB/s, measured once per boot when the machine was quiet: the DRAM and the
-    device do not change until a reboot, and a second of probing in every worker process (every
-    test's worker) would add up. A figure taken under load is an underestimate that would make
-    honest decodes look implausible, so it is kept only until a process measures again: each
-    process then probes once and the file keeps the highest figure seen. Without a boot id (not
-    Linux) the figure is measured once per process."""
+    """(host, device) GB/s, measured once per boot and load: the DRAM and the device do not change
+    until a reboot, and a second of probing in every worker process (every test's worker) would
+    add up. A figure taken under more load than now is an underestimate that would make honest
+    decodes look implausible (the collector's roofline check), so a process on a quieter machine
+    probes again and the file keeps the highest figure seen, with the load it was taken under.
+    Without a boot id (not Linux) the figure is measured once per process."""
     boot_id, path = _boot_id(), bandwidth_cache_path()
+    load_now = _load_1m()
     cached: dict = {}
     if boot_id:
         try:
             cached = json.loads(path.read_text())
             if cached.get("boot_id") != boot_id:
                 cached = {}
-            elif cached.get("quiet"):
+            elif float(cached.get("load_1m", float("inf"))) <= load_now + 0.5:
                 return float(cached["host_gbps"]), float(cached["device_gbps"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             cached = {}
-    quiet = _machine_is_quiet()
     host_gbps, device_gbps = host_bandwidth_gbps(), device_bandwidth_gbps()
     try:
         host_gbps = max(host_gbps, float(cached.get("host_gbps", 0.0)))
@@ -242,7 +241,7 @@ def bandwidth() -> tuple[float, float]:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
             with os.fdopen(fd, "w") as f:
                 json.dump({"boot_id": boot_id, "host_gbps": host_gbps, "device_gbps": device_gbps,
-                           "quiet": quiet or bool(cached.get("quiet"))}, f)
+                           "load_1m": round(load_now, 2)}, f)
             os.replace(tmp, path)
         except OSError:
             pass
