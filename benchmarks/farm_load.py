@@ -151,10 +151,10 @@ def main() -> None:
 def run(args, url: str) -> None:
     from sqlalchemy import func, select
 
-    from orchestrator import dispatch
+    from orchestrator import dispatch, lifecycle
     from orchestrator.collector import Collector, collect
-    from orchestrator.lifecycle import sweep_progress
     from orchestrator.db import JobRow, ResultRow, make_engine, session_scope, upgrade
+    from orchestrator.lifecycle import sweep_progress
     from orchestrator.planning import plan
     from orchestrator.sweep import SweepSpec
     from orchestrator.workers import add_worker
@@ -176,7 +176,7 @@ def run(args, url: str) -> None:
 
     t0 = time.perf_counter()
     with session_scope(engine) as s:
-        sweep_id = dispatch.record(s, spec, jobs)
+        sweep_id = lifecycle.record(s, spec, jobs)
     t_record = time.perf_counter() - t0
     t0 = time.perf_counter()
     dispatch.send(app, jobs)

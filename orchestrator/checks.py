@@ -156,7 +156,7 @@ def plan_checks(jobs: list[Job], canary_fraction: float, crosscheck_fraction: fl
 
 
 def record_checks(session: Session, plan: Plan, tolerance: float) -> None:
-    """The checks rows of a plan whose jobs dispatch.record has just written."""
+    """The checks rows of a plan whose jobs lifecycle.record has just written."""
     sweep_id = plan.jobs[0].sweep_id if plan.jobs else ""
     session.flush()  # the job rows first: checks reference them
     session.add_all(CheckRow(job_id=i, sweep_id=sweep_id, kind=CANARY, tolerance=tolerance, excluded_workers=[])

@@ -127,10 +127,11 @@ def sweep_submit(
     refused, not capped; a worker given more threads than it has caps them and records the request.
     """
     from farm.broker import create_app
-    from orchestrator import dispatch
+    from orchestrator import dispatch, lifecycle
     from orchestrator.checks import record_checks
     from orchestrator.db import session_scope
-    from orchestrator.planning import plan as plan_sweep, thread_refusal
+    from orchestrator.planning import plan as plan_sweep
+    from orchestrator.planning import thread_refusal
     from orchestrator.sweep import SweepError, load_spec
 
     settings = load_settings()
@@ -155,7 +156,7 @@ def sweep_submit(
         _refuse_unfit(settings, engine, celery, jobs)
     plan = _plan_checks(settings, spec, jobs)
     with session_scope(engine) as session:
-        sweep_id = dispatch.record(session, spec, plan.jobs)
+        sweep_id = lifecycle.record(session, spec, plan.jobs)
         record_checks(session, plan, settings.crosscheck_tolerance)
     dispatch.send(celery, plan.to_send)
     console.print(f"sweep [bold]{spec.name}[/] {sweep_id}: {len(jobs)} jobs queued"

@@ -25,8 +25,8 @@ from farm.memory import GIB, class_gb, fits, memory_kind, offered_bytes
 from farm.settings import Settings
 from orchestrator import checks
 from orchestrator.broker_audit import broker_snapshot, drop_taken, put_back
-from orchestrator.lifecycle import record, requeue_lost, unfinished  # noqa: F401  record: callers record, then send
 from orchestrator.db import CheckRow, JobRow, WorkerRow, as_utc, session_scope
+from orchestrator.lifecycle import requeue_lost, unfinished
 
 log = logging.getLogger("tokenfarm.dispatch")
 

@@ -29,7 +29,7 @@ from orchestrator.sweep import (
     ModelIdentity,
     SweepError,
     SweepSpec,
-    count_jobs,
+    check_job_bound,
     expand,
 )
 
@@ -54,10 +54,7 @@ def plan(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."
 
     The job-count bound is checked before any file is read, so an oversized sweep costs nothing.
     """
-    n_bound = count_jobs(spec)
-    if n_bound > max_jobs:
-        raise SweepError(f"the sweep would make up to {n_bound} jobs, above the limit of {max_jobs}; shorten its "
-                         "lists or raise the limit with --max-jobs")
+    check_job_bound(spec, max_jobs)
     identities = {e.name: model_identity(e.name, base_dir) for e in [*spec.draft_entries(), *spec.entries()]}
     jobs = expand(spec, identities, sweep_id=sweep_id, max_jobs=max_jobs)
     if "spec" in spec.techniques:

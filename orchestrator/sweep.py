@@ -277,15 +277,20 @@ def count_jobs(spec: SweepSpec) -> int:
     return n_per_quant * sum(len(e.quants or spec.quants or [None]) for e in spec.entries())
 
 
+def check_job_bound(spec: SweepSpec, max_jobs: int = MAX_JOBS) -> None:
+    """Refuse a sweep whose job count, from its list lengths alone, is above max_jobs."""
+    n_bound = count_jobs(spec)
+    if n_bound > max_jobs:
+        raise SweepError(f"the sweep would make up to {n_bound} jobs, above the limit of {max_jobs}; shorten its "
+                         "lists or raise the limit with --max-jobs")
+
+
 def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str | None = None,
            max_jobs: int = MAX_JOBS) -> list[Job]:
     """The sweep's jobs in model-major order, from the spec and each model's identity (resolved
     beforehand by orchestrator/planning.py, which reads the files); touches no file."""
     sweep_id = sweep_id or str(uuid.uuid4())
-    n_bound = count_jobs(spec)
-    if n_bound > max_jobs:
-        raise SweepError(f"the sweep would make up to {n_bound} jobs, above the limit of {max_jobs}; shorten its "
-                         "lists or raise the limit with --max-jobs")
+    check_job_bound(spec, max_jobs)
     if "mtp" in spec.techniques and "torch" not in spec.engines:
         raise SweepError("llama.cpp runs no MTP heads here; use engines: [torch] for technique 'mtp'")
     jobs: list[Job] = []

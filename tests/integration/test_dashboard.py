@@ -12,7 +12,7 @@ from farm.contract import ModelFacts, Result
 from farm.stats import summarize
 from orchestrator.collector import result_row
 from orchestrator.db import WorkerRow, make_engine, session_scope, upgrade
-from orchestrator.dispatch import record
+from orchestrator.lifecycle import record
 from orchestrator.planning import plan
 from orchestrator.ranking import TIERS_GB
 from orchestrator.sweep import SweepSpec

@@ -16,9 +16,8 @@ from farm.identity import output_sha256
 from farm.stats import summarize
 from orchestrator import checks
 from orchestrator.collector import ingest
-from orchestrator.lifecycle import requeue_lost
 from orchestrator.db import CheckRow, JobRow, ResultRow, WorkerRow, session_scope
-from orchestrator.lifecycle import record
+from orchestrator.lifecycle import record, requeue_lost
 from orchestrator.planning import plan as plan_sweep
 from orchestrator.store import load_results
 from orchestrator.sweep import SweepSpec

@@ -10,7 +10,6 @@ from farm.contract import Capabilities, Envelope, Hardware, ModelFacts, Result
 from farm.identity import output_sha256
 from farm.stats import summarize
 from orchestrator.collector import ingest
-from orchestrator.lifecycle import requeue_lost
 from orchestrator.db import (
     RESULT_KEY_COLUMNS,
     JobRow,
@@ -19,7 +18,7 @@ from orchestrator.db import (
     WorkerRow,
     session_scope,
 )
-from orchestrator.lifecycle import record
+from orchestrator.lifecycle import record, requeue_lost
 from orchestrator.planning import plan
 from orchestrator.sweep import SweepSpec
 from orchestrator.workers import add_worker, flagged_names, list_workers, set_flag
