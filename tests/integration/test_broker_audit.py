@@ -16,7 +16,8 @@ from farm.contract import Envelope
 from farm.settings import Settings
 from orchestrator.broker_audit import broker_snapshot
 from orchestrator.db import JobRow, session_scope, upgrade
-from orchestrator.dispatch import BrokerAudit, record, send
+from orchestrator.dispatch import BrokerAudit, send
+from orchestrator.lifecycle import record
 from orchestrator.planning import plan
 from orchestrator.sweep import SweepSpec
 from tests.integration.conftest import service_env, tokenfarm
