@@ -116,7 +116,7 @@ def estimate_need_bytes(job: Job, facts: ModelFacts, draft_facts: ModelFacts | N
     llama.cpp: the file's tensor data (memory-mapped, resident once read), an f16 KV cache at
     the job's context (sliding-window layers counted whole), compute buffers for one
     micro-batch; in host RAM, at least what reading the header takes. torch: every tensor dequantized to
-    f32 and prepacked for oneDNN (a second copy) while the file is still mapped, an f32 cache (a second one for a technique, which
+    f32 while the file is still mapped, an f32 cache (a second one for a technique, which
     allocates its own), compute for one n_batch chunk. A spec job adds its draft the same way;
     an mtp job its heads (one block and a 2D -> D projection each, f32). Partial offload puts
     n_gpu_layers / n_layer of the weights and cache on the device.
@@ -127,8 +127,8 @@ def estimate_need_bytes(job: Job, facts: ModelFacts, draft_facts: ModelFacts | N
 
     def model_bytes(f: ModelFacts) -> int:
         if torch:
-            # f32 tensors, oneDNN's prepacked copy of them (model.pack_linears), the mapped file.
-            weights = 8 * f.n_params + f.weight_bytes
+            # f32 tensors (plain F.linear: no prepacked second copy), the mapped file.
+            weights = 4 * f.n_params + f.weight_bytes
             kv = kv_bytes_per_token(f, 4) * n_ctx * (2 if job.technique != "baseline" else 1)
         else:
             weights = f.weight_bytes
