@@ -62,6 +62,32 @@ class EngineConfig(BaseModel):
     flash_attn: bool = False
 
 
+class SourceFile(BaseModel):
+    """One file of a model as its source advertises it: the worker's copy must match both figures."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=500)
+    size_bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class ModelSource(BaseModel):
+    """Where a remote model comes from, resolved at submit: a hub repository pinned to a commit,
+    or a blob of the local Ollama store. A split GGUF lists every part, first part first."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["hf", "ollama"]
+    repo: str = Field(default="", max_length=200, description="hf: OWNER/REPO; ollama: NAME:TAG")
+    revision: str = Field(default="", max_length=200, description="hf: the commit the files were read at")
+    files: list[SourceFile] = Field(min_length=1, max_length=64)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size_bytes for f in self.files)
+
+
 class Job(BaseModel):
     """One measurement: every sweep list collapsed to a scalar."""
 
@@ -73,6 +99,8 @@ class Job(BaseModel):
     index: int = Field(ge=0)
     model: str = Field(description="catalogue name or path to a GGUF file")
     model_sha256: str | None = Field(default=None, description="expected sha256 of the source file")
+    # hf:// and ollama:// models: the files to fetch and check, resolved by the orchestrator.
+    model_source: ModelSource | None = None
     quant: str
     technique: Technique = "baseline"
     engine: Engine = "llamacpp"
@@ -91,6 +119,7 @@ class Job(BaseModel):
     n_prompts: int = Field(default=0, ge=0, description="prompts of the category; 0: all")
     draft_model: str | None = Field(default=None, description="spec: catalogue name or path to a GGUF file")
     draft_sha256: str | None = Field(default=None, description="expected sha256 of the draft's source file")
+    draft_source: ModelSource | None = None
     draft_quant: str | None = None
     n_draft: int = Field(default=0, ge=0, le=64, description="most tokens drafted per target pass")
     p_min: float = Field(default=0.0, ge=0.0, le=1.0, description="spec, mtp: stop drafting below this top probability")
@@ -265,6 +294,8 @@ class Result(BaseModel):
     model: str
     model_sha256: str = ""
     source_sha256: str = ""
+    # Echoed from the job: which repository, file and commit (or Ollama blob) was measured.
+    model_source: ModelSource | None = None
     model_facts: ModelFacts = ModelFacts()
     quant: str
     technique: Technique = "baseline"
@@ -315,7 +346,8 @@ class Result(BaseModel):
             job_id=job.job_id, sweep_id=job.sweep_id, status="failed", error=error, worker=worker,
             model=job.model, quant=job.quant, technique=job.technique, backend=job.engine,
             test=job.test, n_prompt=job.n_prompt, n_gen=job.n_gen, n_depth=job.n_depth,
-            config=job.config, **{f: getattr(job, f) for f in TECHNIQUE_FIELDS}, **extra,
+            config=job.config, model_source=job.model_source,
+            **{f: getattr(job, f) for f in TECHNIQUE_FIELDS}, **extra,
         )
 
 # Technique options a Result echoes from its Job (the break-even map groups by them).
@@ -338,18 +370,29 @@ class Capabilities(BaseModel):
     offered_vram_bytes: int = 0
 
 
+class Download(BaseModel):
+    """How far a job's model download has come (the job's time budget starts after it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    downloaded_bytes: int = Field(ge=0)
+    total_bytes: int = Field(ge=0)
+
+
 class Envelope(BaseModel):
-    """A message on the results queue: a worker's hello or heartbeat, a job started, or its Result.
+    """A message on the results queue: a worker's hello or heartbeat, a job started, its model's
+    download progress, or its Result.
 
     `signature` is an HMAC of the rest under the worker's token (farm/signing.py).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["hello", "heartbeat", "started", "result"]
+    kind: Literal["hello", "heartbeat", "started", "progress", "result"]
     job_id: str = ""
     worker: str
     result: Result | None = None
+    download: Download | None = None
     capabilities: Capabilities | None = None
     sent_at: datetime = Field(default_factory=utc_now)
     signature: str = ""

@@ -168,7 +168,7 @@ def upcycled(parent: ModelFacts, n_ff: int, n_expert: int) -> ModelFacts:
                                      "file_type": "F32", "n_expert": n_expert})
 
 
-def facts_for(ref: str, quant: str, models_dir: Path | None) -> ModelFacts:
+def facts_for(ref: str, quant: str, models_dir: Path | None, known: ModelFacts | None = None) -> ModelFacts:
     """The facts of the file a worker will run for (ref, quant), from whatever is at hand here.
 
     The file itself where this machine has it (a path model, a fetched catalogue model, a
@@ -185,6 +185,8 @@ def facts_for(ref: str, quant: str, models_dir: Path | None) -> ModelFacts:
         sha256_file,
     )
 
+    if known is not None:  # a remote model's header, read by the planner
+        return known if known.file_type == quant else scaled_to_quant(known, quant)
     source: Path | None
     if ref in CATALOGUE:
         path = catalogue_path(ref, models_dir) if models_dir else None
@@ -215,13 +217,16 @@ def facts_for(ref: str, quant: str, models_dir: Path | None) -> ModelFacts:
     return scaled_to_quant(facts, quant)
 
 
-def job_need_bytes(job: Job, models_dir: Path | None, cache: dict | None = None) -> int:
-    """estimate_need_bytes with the facts found by facts_for; `cache` spares re-reading headers."""
+def job_need_bytes(job: Job, models_dir: Path | None, cache: dict | None = None,
+                   known: dict[str, ModelFacts] | None = None) -> int:
+    """estimate_need_bytes with the facts found by facts_for; `cache` spares re-reading headers;
+    `known`: facts of remote models by reference, read from their headers at planning."""
     cache = {} if cache is None else cache
+    known = known or {}
 
     def facts(ref: str, quant: str) -> ModelFacts:
         if (ref, quant) not in cache:
-            cache[(ref, quant)] = facts_for(ref, quant, models_dir)
+            cache[(ref, quant)] = facts_for(ref, quant, models_dir, known.get(ref))
         return cache[(ref, quant)]
 
     draft = None
@@ -231,6 +236,7 @@ def job_need_bytes(job: Job, models_dir: Path | None, cache: dict | None = None)
         quant = job.draft_quant
         if quant is None:
             quant = CATALOGUE[job.draft_model].quant if job.draft_model in CATALOGUE else \
+                known[job.draft_model].file_type if job.draft_model in known else \
                 read_facts(Path(job.draft_model)).file_type
         draft = facts(job.draft_model, quant)
     return estimate_need_bytes(job, facts(job.model, job.quant), draft)

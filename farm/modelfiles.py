@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 GGUF_MAGIC = b"GGUF"
+# A split model's parts: llama.cpp's gguf-split names them so, and loads the set from the first.
+SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
 class ModelError(Exception):
@@ -118,6 +120,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def combined_sha256(part_sha256s: list[str]) -> str:
+    """A model's identity: its file's sha256, or for a split model the sha256 of its parts' hex
+    digests joined by newlines, in order (both sides compute it the same way)."""
+    if len(part_sha256s) == 1:
+        return part_sha256s[0]
+    return hashlib.sha256("\n".join(part_sha256s).encode()).hexdigest()
+
+
+def model_sha256(path: Path) -> str:
+    """The identity of the model `path` stands for: combined over a split set's parts."""
+    return combined_sha256([sha256_file(p) for p in split_set(path)])
+
+
 def held_models(models_dir: Path) -> list[str]:
     """sha256 of the model files this box already holds, from the hash sidecars (no hashing here)."""
     found: list[str] = []
@@ -182,17 +197,127 @@ def _tensor_table(reader) -> list[tuple[str, str, int, int, int]]:
     return table
 
 
+# GGUF value types by their code: fixed sizes, and the two of variable length.
+_GGUF_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_MAX_GGUF_COUNT = 1 << 24
+
+
+def gguf_header_extent(buf: bytes) -> int | None:
+    """Where the tensor data of the GGUF file starting with `buf` begins, or None when `buf` ends
+    inside the header.
+
+    Walks the header's length fields only (the `gguf` package parses it, but needs the whole file
+    and seconds for a large vocabulary): how many bytes of a remote file the planner must read.
+    Raises ModelError on a file that is not GGUF or a header no real file has.
+    """
+    import struct
+
+    if len(buf) >= 4 and buf[:4] != GGUF_MAGIC:
+        raise ModelError(f"not a GGUF file (starts with {bytes(buf[:4])!r}, expected b'GGUF')")
+    pos = 24
+    if len(buf) < pos:
+        return None
+    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+    if n_tensors > _MAX_GGUF_COUNT or n_kv > _MAX_GGUF_COUNT:
+        raise ModelError(f"GGUF header claims {n_tensors} tensors and {n_kv} metadata keys; the file is corrupt")
+    alignment = 32
+
+    def need(n: int) -> None:
+        if pos + n > len(buf):
+            raise EOFError
+
+    def string() -> bytes:
+        nonlocal pos
+        need(8)
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        if n > len(buf):  # a length past everything read: more bytes, or corrupt (decided by the caller)
+            raise EOFError
+        need(8 + n)
+        value = bytes(buf[pos + 8:pos + 8 + n])
+        pos += 8 + n
+        return value
+
+    def skip_value(vtype: int) -> int | None:
+        nonlocal pos
+        if vtype in _GGUF_FIXED:
+            need(_GGUF_FIXED[vtype])
+            value = int.from_bytes(buf[pos:pos + _GGUF_FIXED[vtype]], "little") if vtype in (4, 10) else None
+            pos += _GGUF_FIXED[vtype]
+            return value
+        if vtype == _GGUF_STRING:
+            string()
+            return None
+        if vtype == _GGUF_ARRAY:
+            need(12)
+            etype, count = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if count > _MAX_GGUF_COUNT:
+                raise ModelError(f"GGUF metadata array of {count} elements; the file is corrupt")
+            if etype in _GGUF_FIXED:
+                need(_GGUF_FIXED[etype] * count)
+                pos += _GGUF_FIXED[etype] * count
+            else:
+                for _ in range(count):
+                    skip_value(etype)
+            return None
+        raise ModelError(f"GGUF metadata value of unknown type {vtype}; the file is corrupt")
+
+    try:
+        for _ in range(n_kv):
+            key = string()
+            need(4)
+            (vtype,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+            value = skip_value(vtype)
+            if key == b"general.alignment" and value:
+                alignment = value
+        for _ in range(n_tensors):
+            string()
+            need(4)
+            (n_dims,) = struct.unpack_from("<I", buf, pos)
+            if n_dims > 8:
+                raise ModelError(f"GGUF tensor of {n_dims} dimensions; the file is corrupt")
+            need(4 + 8 * n_dims + 12)
+            pos += 4 + 8 * n_dims + 12
+    except EOFError:
+        return None
+    return -(-pos // alignment) * alignment
+
+
+def split_set(path: Path) -> list[Path]:
+    """The parts of the split model whose first part is `path`, where all lie beside it; [path]
+    for a whole file (or a part other than the first, which does not stand for the model)."""
+    path = Path(path)
+    m = SPLIT_NAME.match(path.name)
+    if m is None or int(m["no"]) != 1:
+        return [path]
+    count = int(m["count"])
+    parts = [path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p for p in parts if not p.exists()]
+    if missing:
+        raise ModelError(f"split model {path}: part {missing[0].name} is missing beside it; fetch the whole set")
+    return parts
+
+
 def read_facts(path: Path):
-    """Facts from the GGUF header and tensor table (remembered beside the file); raises
-    ModelError on a corrupt file."""
+    """Facts from the GGUF header and tensor table (remembered beside the file); a split model's
+    first part stands for every part. Raises ModelError on a corrupt file."""
     from farm.contract import ModelFacts
 
     check_gguf(path)
     return ModelFacts.model_validate(_remembered(path, "facts", lambda p: _read_facts(p).model_dump(mode="json")))
 
 
-def _read_facts(path: Path):
-    """Facts from the GGUF header and tensor table.
+def _read_facts(path: Path, sizes: list[int] | None = None):
+    return read_parts_facts(split_set(path), sizes)
+
+
+def read_parts_facts(paths: list[Path], sizes: list[int] | None = None):
+    """Facts from the GGUF headers and tensor tables of a model's files (one, or a split set).
+
+    `sizes`: the files' true sizes where the paths hold only their headers (a remote file read by
+    range requests into a sparse copy); tensors must end inside them.
 
     Active parameters and bytes count what one decode step passes through: an MoE layer's
     routed experts (`*_exps`) scaled by used/total, shared experts (`*_shexp`) and the router
@@ -203,18 +328,26 @@ def _read_facts(path: Path):
 
     from farm.contract import ModelFacts
 
-    check_gguf(path)
-    path = Path(path)
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-        table = _tensor_table(reader)
-    except Exception as exc:  # the reader raises assorted types on truncated files
-        raise ModelError(f"{path} is a corrupt or truncated GGUF file ({exc}); fetch or convert it again") from exc
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if int(t.data_offset) + int(t.n_bytes) > size:
-            raise ModelError(f"{path} is truncated: tensor {t.name} ends past the file's {size} bytes; "
-                             "fetch or convert it again")
+    table: list[tuple[str, str, int, int, int]] = []
+    reader = None
+    total_size = 0
+    for i, path in enumerate(paths):
+        path = Path(path)
+        check_gguf(path)
+        try:
+            part = gguf.GGUFReader(str(path), "r")
+            part_table = _tensor_table(part)
+        except Exception as exc:  # the reader raises assorted types on truncated files
+            raise ModelError(f"{path} is a corrupt or truncated GGUF file ({exc}); fetch or convert it again") from exc
+        size = sizes[i] if sizes else path.stat().st_size
+        total_size += size
+        for t in part.tensors:
+            if int(t.data_offset) + int(t.n_bytes) > size:
+                raise ModelError(f"{path} is truncated: tensor {t.name} ends past the file's {size} bytes; "
+                                 "fetch or convert it again")
+        table += part_table
+        reader = reader or part  # the first part carries the model's metadata
+    size = total_size
 
     def field(key: str, default=None):
         f = reader.fields.get(key)

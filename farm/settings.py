@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     max_vram_bytes: int = Field(default=0, ge=0)
     # Where derived models (quantizations) and fetched catalogue models are cached.
     models_dir: Path | None = None
+    # Bound on what this worker downloads from hubs (GB; 0: none): least recently used goes first.
+    models_max_gb: float = Field(default=0.0, ge=0.0)
 
     @property
     def effective_database_url(self) -> str:

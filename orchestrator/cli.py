@@ -22,7 +22,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 from farm.contract import Technique
 from farm.settings import Settings, load_settings
@@ -289,7 +289,7 @@ def status(sweep: Optional[str] = typer.Argument(None, help="sweep id, id prefix
     """Sweeps and their jobs' states."""
     from orchestrator.checks import checks_of, describe, verdict_counts
     from orchestrator.db import session_scope
-    from orchestrator.lifecycle import sweep_progress
+    from orchestrator.lifecycle import download_line, sweep_progress
     from orchestrator.store import find_sweep, sweep_jobs, sweep_rows
 
     settings = load_settings()
@@ -321,7 +321,8 @@ def status(sweep: Optional[str] = typer.Argument(None, help="sweep id, id prefix
         for job in jobs:
             s = job.spec
             table.add_row(str(job.index), s["model"], s["quant"], format_test_name(s["kind"], s["n_prompt"], s["n_gen"], s["n_depth"]),
-                          job.state, job.worker or "", str(job.attempts), _check_cell(found.get(job.id), index_of),
+                          download_line(job.download) if job.state == "running" and job.download else job.state,
+                          job.worker or "", str(job.attempts), _check_cell(found.get(job.id), index_of),
                           job.error or "")
         console.print(table)
         line = describe(verdict_counts(session, row.id))
@@ -623,6 +624,39 @@ def models_list() -> None:
         fetched = catalogue_path(m.name, settings.effective_models_dir).exists()
         table.add_row(m.name, m.quant, "yes" if fetched else "no", m.description)
     console.print(table)
+
+
+@models_app.command("scan")
+def models_scan(
+    folders: list[Path] = typer.Argument(None, help="more folders to look in (recursively)"),
+    only: bool = typer.Option(False, "--only", help="look only in the folders given, not in Ollama's store, "
+                              "LM Studio's folders and the Hugging Face cache"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per model, full sha256"),
+) -> None:
+    """The GGUF models already on this box, and the name a sweep uses for each."""
+    import json
+
+    from farm.scan import scan
+
+    found, problems = scan(list(folders or []), defaults=not only)
+    if as_json:
+        for m in found:
+            print(json.dumps({"model": m.ref, "where": m.where, "path": str(m.path), "arch": m.facts.arch,
+                              "n_params": m.facts.n_params, "n_params_active": m.facts.n_params_active,
+                              "quant": m.facts.file_type, "size_bytes": m.size_bytes, "sha256": m.sha256}))
+    else:
+        table = Table("where", "arch", "params", "active", "quant", "size", "sha256")
+        table.columns.insert(0, Column("model", overflow="fold"))  # whole, so it can be pasted into a sweep
+        for m in found:
+            table.add_row(m.ref, m.where, m.facts.arch, _count(m.facts.n_params), _count(m.facts.n_params_active),
+                          m.facts.file_type, f"{m.size_bytes / 1e9:.2f} GB", m.sha256[:16])
+        console.print(table if found else "no GGUF models found; name folders to look in: tokenfarm models scan DIR")
+    for line in problems:
+        err.print(f"skipped {line}", highlight=False)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
 
 @models_app.command("fetch")

@@ -48,7 +48,7 @@ Resend = Callable[[list[Job], float], None]
 
 @dataclass
 class Outcome:
-    action: str  # "hello", "heartbeat", "started", "stale", "stored", "retry", "rejected"
+    action: str  # "hello", "heartbeat", "started", "progress", "stale", "stored", "retry", "rejected"
     job_id: str = ""
     reason: str = ""
     job: Job | None = None  # with "retry": the job to send again, after delay_s
@@ -138,6 +138,11 @@ def ingest(session: Session, body: object, max_attempts: int = 3, known: Known |
         return _reject(session, name, env.job_id, "no such job", worker)
     if env.kind == "started":
         return Outcome("started" if lifecycle.start(row, name) else "stale", env.job_id)
+    if env.kind == "progress":
+        if env.download is None:
+            return _reject(session, name, env.job_id, "a progress message without its download figures", worker)
+        moved = lifecycle.downloading(row, name, env.download.downloaded_bytes, env.download.total_bytes)
+        return Outcome("progress" if moved else "stale", env.job_id)
     if env.result is None:
         return _reject(session, name, env.job_id, "a result message without a result", worker)
     check = known.checks.get(env.job_id)

@@ -55,6 +55,22 @@ def start(row: JobRow, worker: str) -> bool:
     return True
 
 
+def downloading(row: JobRow, worker: str, downloaded_bytes: int, total_bytes: int) -> bool:
+    """The running job's worker reports its model download; False (nothing changed) from anyone
+    else or for a job not running. The row's update restarts the job's time-limit clock."""
+    if row.state != "running" or row.worker != worker:
+        return False
+    row.download = {"downloaded_bytes": downloaded_bytes, "total_bytes": total_bytes}
+    return True
+
+
+def download_line(download: dict | None) -> str:
+    """`downloading 4.2 / 18.6 GB` while a download runs; empty when none or done."""
+    if not download or download.get("downloaded_bytes", 0) >= download.get("total_bytes", 0):
+        return ""
+    return f"downloading {download['downloaded_bytes'] / 1e9:.1f} / {download['total_bytes'] / 1e9:.1f} GB"
+
+
 def retry_delay_s(attempts: int) -> float:
     """The pause before attempt `attempts + 1` of a transiently failed job: doubles each attempt."""
     return 2.0 ** attempts

@@ -1,7 +1,8 @@
 """Planning a sweep: what expansion needs from the files and the farm, around the pure expansion.
 
-Owns resolving each model entry to its identity (catalogue data, a derived name, or a path
-model's header and sha256), refusing a draft whose vocabulary differs from its target's, the
+Owns resolving each model entry to its identity (catalogue data, a derived name, a path
+model's header and sha256, a hub model's files and range-read header (orchestrator/hub.py), a
+model of the local Ollama store), refusing a draft whose vocabulary differs from its target's, the
 memory estimate of every job (farm/memory.py), and refusing thread counts no machine has.
 Knows the workers only through their announced Capabilities (passed in); reads no database.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from farm.contract import Capabilities, Job
+from farm.contract import Capabilities, Job, ModelSource, SourceFile
 from farm.memory import job_need_bytes
 from farm.modelfiles import (
     CATALOGUE,
@@ -24,6 +25,7 @@ from farm.modelfiles import (
     vocab_mismatch,
     vocab_texts,
 )
+from farm.sources import HubRef, OllamaRef, is_remote, ollama_model, parse_ref
 from orchestrator.sweep import (
     MAX_JOBS,
     ModelIdentity,
@@ -62,14 +64,27 @@ def plan(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."
         for e in spec.entries():
             check_pairs(identities[e.name].ref, drafts, models_dir)
     facts_cache: dict = {}
+    remote = {i.ref: i.facts for i in identities.values() if i.facts is not None}
     try:
-        return [j.model_copy(update={"need_bytes": job_need_bytes(j, models_dir, facts_cache)}) for j in jobs]
+        return [j.model_copy(update={"need_bytes": job_need_bytes(j, models_dir, facts_cache, remote)}) for j in jobs]
     except ModelError as exc:
         raise SweepError(f"cannot estimate the memory of a job: {exc}") from exc
 
 
 def model_identity(ref: str, base_dir: Path) -> ModelIdentity:
-    """(model reference as jobs carry it, expected sha256, native quant) for a sweep entry."""
+    """(model reference as jobs carry it, expected sha256, native quant) for a sweep entry; for a
+    hub or Ollama model also its source (the files a worker fetches) and its header's facts."""
+    try:
+        parsed = parse_ref(ref)
+        if isinstance(parsed, HubRef):
+            from orchestrator import hub
+
+            found = hub.resolve(ref, parsed)
+            return ModelIdentity(found.ref, found.sha256, found.facts.file_type, found.source, found.facts)
+        if isinstance(parsed, OllamaRef):
+            return _ollama_identity(parsed)
+    except ModelError as exc:
+        raise SweepError(str(exc)) from exc
     if ref in CATALOGUE:
         entry = CATALOGUE[ref]
         return ModelIdentity(ref, entry.sha256, entry.quant)
@@ -102,9 +117,22 @@ def model_identity(ref: str, base_dir: Path) -> ModelIdentity:
     return ModelIdentity(str(path), sha, facts.file_type)
 
 
+def _ollama_identity(ref: OllamaRef) -> ModelIdentity:
+    """A model pulled into this machine's Ollama store: the blob its manifest names, whose digest
+    is its sha256 (so nothing is hashed). Workers find it in their own store by that digest."""
+    found = ollama_model(ref)
+    check_gguf(found.blob)
+    facts = read_facts(found.blob)
+    source = ModelSource(kind="ollama", repo=f"{ref.name}:{ref.tag}",
+                         files=[SourceFile(name=found.blob.name, size_bytes=found.size_bytes, sha256=found.sha256)])
+    return ModelIdentity(str(ref), found.sha256, facts.file_type, source, facts)
+
+
 def _local_source(ref: str, models_dir: Path | None) -> Path | None:
     """The model's source file if this machine has it (the orchestrator need not); for an
     upcycled MoE, its parent's, whose vocabulary it keeps."""
+    if is_remote(ref):
+        return None  # the worker checks a remote pair, once it has both files
     moe = parse_moe_name(ref)
     if moe is not None:
         ref = moe[0]

@@ -23,8 +23,12 @@ from farm.contract import (
     Engine,
     EngineConfig,
     Job,
+    ModelFacts,
+    ModelSource,
     Technique,
 )
+from farm.modelfiles import ModelError
+from farm.sources import parse_ref
 
 
 class ModelIdentity(NamedTuple):
@@ -33,6 +37,8 @@ class ModelIdentity(NamedTuple):
     ref: str
     sha256: str | None
     native_quant: str
+    source: ModelSource | None = None  # hf:// and ollama:// models: the files the worker fetches
+    facts: ModelFacts | None = None  # a remote model's header facts, for the memory estimate
 
 
 class SweepError(Exception):
@@ -67,7 +73,8 @@ def _check_quants(values: list[str]) -> list[str]:
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="catalogue name or path to a .gguf file")
+    name: str = Field(description="catalogue name, path to a .gguf file, hf://OWNER/REPO/FILE.gguf[@REV], "
+                                  "hf://OWNER/REPO:QUANT[@REV] or ollama://NAME:TAG")
     quants: list[str] | None = Field(default=None, description="default: the sweep's quants, else the file's own type")
 
     @field_validator("quants")
@@ -78,7 +85,12 @@ class ModelEntry(BaseModel):
     @field_validator("name")
     @classmethod
     def _printable_name(cls, v: str) -> str:
-        return _check_text(v, "model name", MAX_MODEL_REF_CHARS)
+        _check_text(v, "model name", MAX_MODEL_REF_CHARS)
+        try:
+            parse_ref(v)  # the grammar of hf:// and ollama:// is checked with the spec
+        except ModelError as exc:
+            raise ValueError(str(exc)) from exc
+        return v
 
 
 class SweepSpec(BaseModel):
@@ -123,7 +135,7 @@ class SweepSpec(BaseModel):
     def _printable_models(cls, v: list) -> list:
         for m in v:
             if isinstance(m, str):
-                _check_text(m, "model name", MAX_MODEL_REF_CHARS)
+                ModelEntry._printable_name(m)
         return v
 
     @field_validator("prompt_categories")
@@ -246,12 +258,14 @@ def load_spec(path: Path, max_file_bytes: int = MAX_SWEEP_FILE_BYTES) -> SweepSp
         raise SweepError(f"{path}: {_format_validation(exc)}") from exc
 
 
-def technique_options(spec: SweepSpec, technique: str, drafts: list[tuple[str, str | None, str]]) -> list[dict]:
+def technique_options(spec: SweepSpec, technique: str,
+                      drafts: list[tuple[str, str | None, str, ModelSource | None]]) -> list[dict]:
     """The Job fields each technique varies over: spec by draft x n_draft x p_min, mtp by n_mtp x p_min,
     lookup by ngram_max x n_draft."""
     if technique == "spec":
-        return [dict(draft_model=ref, draft_sha256=sha, draft_quant=quant, n_draft=n, p_min=p, temperature=t)
-                for ref, sha, quant in drafts for n in spec.n_draft for p in spec.p_min for t in spec.temperature]
+        return [dict(draft_model=ref, draft_sha256=sha, draft_source=source, draft_quant=quant, n_draft=n, p_min=p,
+                     temperature=t)
+                for ref, sha, quant, source in drafts for n in spec.n_draft for p in spec.p_min for t in spec.temperature]
     if technique == "lookup":
         return [dict(ngram_max=g, n_draft=n, temperature=t)
                 for g in spec.ngram_max for n in spec.n_draft for t in spec.temperature]
@@ -310,12 +324,13 @@ def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str 
         raise SweepError("technique 'spec' needs draft_models: e.g. [{name: smollm2-135m, quants: [Q4_0]}]")
     drafts = []
     for entry in spec.draft_entries():
-        ref, sha, native = identities[entry.name]
-        drafts += [(ref, sha, q) for q in entry.quants or [native]]
+        d = identities[entry.name]
+        drafts += [(d.ref, d.sha256, q, d.source) for q in entry.quants or [d.native_quant]]
     categories = spec.prompt_categories or [None]
     for entry in spec.entries():
-        ref, sha, native = identities[entry.name]
-        quants = entry.quants or spec.quants or [native]
+        ident = identities[entry.name]
+        ref, sha = ident.ref, ident.sha256
+        quants = entry.quants or spec.quants or [ident.native_quant]
         for quant, engine, config, technique in itertools.product(quants, spec.engines, configs, spec.techniques):
             if technique == "mtp" and engine != "torch":
                 continue  # MTP heads run only in the torch engine; llama.cpp's jobs skip it
@@ -326,7 +341,7 @@ def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str 
                     for category in categories if kind == "tg" else [None]:
                         jobs.append(Job(
                             job_id=str(uuid.uuid4()), sweep_id=sweep_id, index=len(jobs), model=ref,
-                            model_sha256=sha, quant=quant, technique=technique, engine=engine, kind=kind,
+                            model_sha256=sha, model_source=ident.source, quant=quant, technique=technique, engine=engine, kind=kind,
                             n_prompt=n_prompt, n_gen=n_gen, n_depth=n_depth, repetitions=spec.repetitions,
                             n_warmup=spec.n_warmup, prompt_source=spec.prompt_source, seed=spec.seed, config=config,
                             prompt_category=category, n_prompts=spec.n_prompts if category else 0, **options,

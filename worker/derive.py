@@ -1,4 +1,4 @@
-"""Models the project builds from others: the quant ladder and Mixtral-style MoE upcycles.
+"""Models the project builds from others: the quant ladder, Mixtral-style MoE upcycles, split sets.
 
 Owns the MoE upcycler (a dense llama GGUF in, a llama GGUF with E experts per layer out, written
 with the `gguf` package) and the names that refer to derived models in sweeps
@@ -23,10 +23,9 @@ from farm.modelfiles import ModelError, UpcycleConfig, check_gguf
 _FFN = ("ffn_gate", "ffn_up", "ffn_down")
 
 
-def _copy_metadata(reader, writer, cfg: UpcycleConfig) -> None:
+def _copy_fields(reader, writer, skip: set[str]) -> None:
     import gguf
 
-    skip = {"general.architecture", "general.file_type", "llama.expert_count", "llama.expert_used_count"}
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key in skip:
             continue
@@ -37,6 +36,13 @@ def _copy_metadata(reader, writer, cfg: UpcycleConfig) -> None:
             writer.add_key_value(key, field.contents(), vtype, gguf.GGUFValueType(field.types[-1]))
         else:
             writer.add_key_value(key, field.contents(), vtype)
+
+
+def _copy_metadata(reader, writer, cfg: UpcycleConfig) -> None:
+    import gguf
+
+    _copy_fields(reader, writer, {"general.architecture", "general.file_type", "llama.expert_count",
+                                  "llama.expert_used_count"})
     writer.add_uint32("general.file_type", int(gguf.LlamaFileType.ALL_F32))
     writer.add_uint32("llama.expert_count", cfg.n_expert)
     writer.add_uint32("llama.expert_used_count", cfg.n_expert_used)
@@ -122,3 +128,33 @@ def upcycle(source: Path, target: Path, cfg: UpcycleConfig) -> Path:
     writer.close()
     os.replace(partial, target)
     return target
+
+
+def split(source: Path, first_part: Path, n_parts: int) -> list[Path]:
+    """Write `source` as a split set of about n_parts files, as llama.cpp's gguf-split does
+    (`split.count`, `split.no`, `split.tensors.count` in each part; the first names the set).
+
+    `first_part` must be named `<stem>-00001-of-<NNNNN>.gguf`; the writer names the set by its
+    tensor count, so the names are returned. Tensors are copied as stored (quantized bytes untouched).
+    """
+    import gguf
+
+    check_gguf(source)
+    reader = gguf.GGUFReader(str(source), "r")
+    n_tensors = len(reader.tensors)
+    if not 1 < n_parts <= n_tensors:
+        raise ModelError(f"cannot split {n_tensors} tensors into {n_parts} parts")
+    per_part = -(-n_tensors // n_parts)
+    stem = re.sub(r"-\d{5}-of-\d{5}\.gguf$", "", Path(first_part).name)
+    base = Path(first_part).with_name(stem + ".gguf")
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(base), arch=arch, split_max_tensors=per_part)
+    _copy_fields(reader, writer, {"general.architecture"})
+    for t in reader.tensors:
+        writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=gguf.GGMLQuantizationType(t.tensor_type))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    n_written = -(-n_tensors // per_part)
+    return [base.with_name(f"{stem}-{i:05d}-of-{n_written:05d}.gguf") for i in range(1, n_written + 1)]

