@@ -94,7 +94,7 @@ def _fetch_hub(source: ModelSource, models_dir: Path, progress: Progress | None,
             for i, f in enumerate(source.files):
                 if paths[i] is None:
                     paths[i] = _download(source, f, cache, what)
-                    ledger.add(source.repo, f.name, source.revision, paths[i], f.size_bytes)
+                    ledger.add(source.repo, f.name, source.revision, paths[i], f.size_bytes, f.sha256)
     quarantine = models_dir / "quarantine"
     for f, p in zip(source.files, paths):
         _verify(p, f, what, quarantine)
@@ -174,6 +174,11 @@ class _Watcher:
             self._report()
 
 
+def downloaded_models(models_dir: Path) -> list[str]:
+    """sha256 of every model file this project downloaded and still holds."""
+    return [e["sha256"] for e in Ledger(Path(models_dir) / LEDGER)._load() if e.get("sha256") and Path(e["path"]).exists()]
+
+
 class Ledger:
     """What this project downloaded into the shared cache, with when each was last used: the only
     files TOKENFARM_MODELS_MAX_GB may evict."""
@@ -193,9 +198,9 @@ class Ledger:
         partial.write_text(json.dumps(entries, indent=1))
         os.replace(partial, self.path)
 
-    def add(self, repo: str, name: str, revision: str, path: Path, size_bytes: int) -> None:
+    def add(self, repo: str, name: str, revision: str, path: Path, size_bytes: int, sha256: str) -> None:
         entries = [e for e in self._load() if (e["repo"], e["name"], e["revision"]) != (repo, name, revision)]
-        entries.append({"repo": repo, "name": name, "revision": revision, "path": str(path),
+        entries.append({"repo": repo, "name": name, "revision": revision, "path": str(path), "sha256": sha256,
                         "blob": str(Path(path).resolve()), "size_bytes": size_bytes, "used_at": time.time()})
         self._save(entries)
 

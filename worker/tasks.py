@@ -37,10 +37,12 @@ from farm.stats import sample_stats, summarize, tok_s
 from worker import __version__, hardware
 from worker.engines import Backend, EngineError, create_backend
 from worker.measure import Measurement, decode_context, measure, roofline_tok_s
-from worker.fetch import Progress, fetch_source
+from worker.fetch import Progress, downloaded_models, fetch_source
 from worker.models import resolve
 
 log = logging.getLogger("tokenfarm.worker")
+# Announced models: enough for affinity on a well-stocked box, bounded so a heartbeat stays small.
+MAX_HELD_MODELS = 512
 
 
 def draft_file(job: Job, settings: Settings, progress: Progress | None = None) -> Path:
@@ -217,6 +219,13 @@ def decode_figures(job: Job, m: Measurement, facts, hw, avg_ts: float) -> dict:
             "roofline_pct": 100 * decode_ts / ceiling if ceiling else 0.0}
 
 
+def held(settings: Settings) -> list[str]:
+    """sha256 of the models this box holds: its own folder's and what it downloaded from hubs
+    (the orchestrator prefers a worker that has a job's model)."""
+    found = held_models(settings.effective_models_dir) + downloaded_models(settings.effective_models_dir)
+    return sorted(set(found))[:MAX_HELD_MODELS]
+
+
 def capabilities(settings: Settings) -> Capabilities:
     """What this worker announces, the queues it will consume among it."""
     from farm.broker import JOBS_QUEUE, worker_queue, worker_queues
@@ -224,7 +233,7 @@ def capabilities(settings: Settings) -> Capabilities:
     engines = [name for name, module in (("llamacpp", "llama_cpp"), ("torch", "torch"))
                if importlib.util.find_spec(module) is not None]
     hw = hardware.summary()
-    caps = Capabilities(engines=engines, hardware=hw, models=held_models(settings.effective_models_dir),
+    caps = Capabilities(engines=engines, hardware=hw, models=held(settings),
                         version=__version__,
                         offered_ram_bytes=min(hw.ram_bytes, settings.max_ram_bytes or hw.ram_bytes),
                         offered_vram_bytes=min(hw.vram_bytes, settings.max_vram_bytes or hw.vram_bytes))
@@ -246,6 +255,8 @@ class Heartbeat(threading.Thread):
         kind = "hello"
         while not self.stopped.is_set():
             try:
+                # Downloads since the last beat count: a job of that model should come here next.
+                self.caps = self.caps.model_copy(update={"models": held(self.settings)})
                 publish_envelope(self.app, Envelope(kind=kind, worker=self.settings.worker_name, capabilities=self.caps),
                                  self.settings.worker_token)
                 kind = "heartbeat"
