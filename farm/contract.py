@@ -339,17 +339,20 @@ class Capabilities(BaseModel):
 
 
 class Envelope(BaseModel):
-    """A message on the results queue: a worker's hello or heartbeat, a job started, or its Result.
+    """A message on the results queue: a worker's hello or heartbeat, a job started, its Result,
+    or a job it refused to run (`refused`: the seal did not prove the orchestrator sent it, or
+    it expired or came again; farm/jobsign.py), with the reason.
 
     `signature` is an HMAC of the rest under the worker's token (farm/signing.py).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["hello", "heartbeat", "started", "result"]
+    kind: Literal["hello", "heartbeat", "started", "result", "refused"]
     job_id: str = ""
     worker: str
     result: Result | None = None
     capabilities: Capabilities | None = None
+    reason: str = Field(default="", max_length=2000)
     sent_at: datetime = Field(default_factory=utc_now)
     signature: str = ""
