@@ -66,9 +66,19 @@ def public_key_text(key: Ed25519PublicKey) -> str:
     return base64.b64encode(raw_public_bytes(key)).decode()
 
 
-def key_id(key: Ed25519PublicKey) -> str:
-    """A short fingerprint, named in refusals so an operator sees which key a job was signed with."""
-    return hashlib.sha256(raw_public_bytes(key)).hexdigest()[:16]
+def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
+    """A short fingerprint of a key's public half, named in refusals so an operator sees which key
+    a job was signed with. Remembered per key object: every seal and every check needs it."""
+    known = _key_ids.get(id(key))
+    if known is not None and known[0] is key:
+        return known[1]
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    found = hashlib.sha256(raw_public_bytes(public)).hexdigest()[:16]
+    _key_ids[id(key)] = (key, found)  # the key is kept with its id, so the id is never reused
+    return found
+
+
+_key_ids: dict[int, tuple[object, str]] = {}
 
 
 def load_public_key(text: str) -> Ed25519PublicKey:
@@ -104,7 +114,7 @@ def seal(job_json: dict, key: Ed25519PrivateKey, expires_at: datetime, worker: s
     nonce = nonce or secrets.token_hex(NONCE_BYTES)
     signature = key.sign(_signed_bytes(job_json, expires, nonce, worker))
     return {"v": SEAL_VERSION, "expires_at": expires, "nonce": nonce, "worker": worker,
-            "key_id": key_id(key.public_key()), "signature": base64.b64encode(signature).decode()}
+            "key_id": key_id(key), "signature": base64.b64encode(signature).decode()}
 
 
 def verify(job_json: object, job_seal: object, key: Ed25519PublicKey, worker: str,

@@ -64,7 +64,10 @@ def _write_new(path: Path, data: bytes, mode: int) -> bool:
 def signing_key(data_dir: Path) -> Ed25519PrivateKey:
     """The orchestrator's private key, made on first use (`tokenfarm keys init`, `db upgrade`,
     `workers add`, or the first job sent) and read from its file after that."""
-    cache_key = str(Path(data_dir).resolve())
+    cache_key = str(data_dir)
+    known = _cache.get(cache_key)  # every job sent asks: no lock, no file system on this path
+    if known is not None:
+        return known
     with _lock:
         if cache_key in _cache:
             return _cache[cache_key]
