@@ -1,7 +1,8 @@
 """The one settings object, read from TOKENFARM_* environment variables.
 
-Both roles read it: the orchestrator uses every field, a worker only the broker and its own
-name and folders (it never reads `database_url`, and a worker box need not set it).
+Both roles read it: the orchestrator uses every field, a worker only the broker, its own name,
+token and folders, and the orchestrator's public key for jobs (it never reads `database_url`,
+and a worker box need not set it).
 """
 
 from __future__ import annotations

@@ -125,3 +125,34 @@ def test_a_worker_that_cannot_check_jobs_does_not_start(tmp_path, redis_url):
         env={**env, "TOKENFARM_WORKER_TOKEN": "t" * 64})
     assert proc.returncode != 0
     assert "no jobs public key" in proc.stderr and "TOKENFARM_JOBS_PUBLIC_KEY" in proc.stderr
+
+
+def test_a_genuine_job_refused_as_expired_is_sent_again_freshly_sealed(tmp_path, pg_url, redis_url, smollm2):
+    from orchestrator.dispatch import BrokerAudit, send
+
+    data_dir = tmp_path / "data"
+    env = at_head(service_env(data_dir, database_url=pg_url, broker_url=redis_url))
+    spec = SweepSpec(name="late", models=["smollm2-135m"], n_prompt=[16], n_gen=[], repetitions=1, n_warmup=0)
+    (job,) = plan(spec)
+    engine = create_engine(pg_url)
+    with session_scope(engine) as s:
+        record(s, spec, [job])
+    # A job that waited in its queue past its allowance: sealed to expire at once.
+    hasty = create_app(Settings(broker_url=redis_url, data_dir=data_dir, job_queue_allowance_s=0.001,
+                                job_timeout_s=0.001))
+    send(hasty, [job])
+    log = tmp_path / "patient.log"
+    with worker_process(env, "patient", log):
+        assert wait_until(lambda: "expired" in log.read_text(), timeout=120), log.read_text()[-3000:]
+        assert tokenfarm(env, "collector", "--once", timeout=120).returncode == 0
+        app = create_app(Settings(broker_url=redis_url, data_dir=data_dir))
+        audit = BrokerAudit(grace_s=0.0)
+        assert audit.run(engine, app) == 0  # the first look only suspects
+        assert audit.run(engine, app) == 1  # the second sends it again, with a new seal
+        assert wait_until(lambda: f"job {job.job_id}: ok" in log.read_text(), timeout=120), log.read_text()[-3000:]
+    assert tokenfarm(env, "collector", "--once", timeout=120).returncode == 0
+    with session_scope(engine) as s:
+        assert s.get(JobRow, job.job_id).state == "done"
+        (refusal,) = s.scalars(select(RejectionRow.reason)).all()
+        assert refusal.startswith(REFUSED_JOB + "expired")
+    engine.dispose()
