@@ -1,9 +1,11 @@
 """Farm load: many jobs over many simulated workers through real Celery messages, Redis and PostgreSQL.
 
 The simulated workers are kombu consumers on the real jobs queue that answer each job at once
-with a plausible, correctly signed Result (a fast fake engine); several run per process, and
+with a plausible, correctly signed Result (a fast fake engine) once the job's seal passes the real
+worker's admission (worker/admission.py); several run per process, and
 processes are killed with SIGKILL at random and replaced. The real collector ingests. Prints
-jobs/s dispatched and ingested, and counts lost and duplicated jobs (both must be 0).
+jobs/s dispatched (sealing included) and ingested, the microseconds sealing, verifying and
+admitting cost per job, and counts lost and duplicated jobs (both must be 0).
 
     python benchmarks/farm_load.py --jobs 10000 --workers 100 --procs 4
 """
@@ -14,9 +16,11 @@ import argparse
 import multiprocessing as mp
 import os
 import random
+import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from farm.broker import create_app, signed_body, worker_queues  # noqa: E402
 from farm.contract import Capabilities, Envelope, Hardware, Job, ModelFacts, Result  # noqa: E402
-from farm.identity import output_sha256
+from farm.identity import output_sha256  # noqa: E402
 from farm.settings import Settings  # noqa: E402
 from farm.stats import summarize  # noqa: E402
 
@@ -48,7 +52,8 @@ def fake_result(job: Job, worker: str, rng: random.Random) -> Result:
                   model_facts=ModelFacts(size_bytes=100 << 20), hardware=Hardware(cpu="simulated", bandwidth_gbps=20.0))
 
 
-def simulate(broker_url: str, workers: dict[str, str], seed: int, heartbeat_s: float, visibility_timeout_s: float) -> None:
+def simulate(broker_url: str, workers: dict[str, str], seed: int, heartbeat_s: float, visibility_timeout_s: float,
+             jobs_public_key: str) -> None:
     """One process standing in for several workers: each job is claimed, answered and acked.
 
     It behaves as a worker process does: a hello for each of its workers when it starts (so the
@@ -59,7 +64,11 @@ def simulate(broker_url: str, workers: dict[str, str], seed: int, heartbeat_s: f
     from kombu import Exchange, Queue
 
     from farm.broker import publish_results
+    from farm.jobsign import JobRefused, load_public_key
+    from worker.admission import Admission, SeenJobs
 
+    # The real worker's gate, its seen-set in memory only: a restarted process is a new worker here.
+    gate = Admission(load_public_key(jobs_public_key), "", SeenJobs(None))
     settings = Settings(broker_url=broker_url, heartbeat_s=heartbeat_s, visibility_timeout_s=visibility_timeout_s)
     app = create_app(settings)
     rng = random.Random(seed)
@@ -75,8 +84,13 @@ def simulate(broker_url: str, workers: dict[str, str], seed: int, heartbeat_s: f
 
         def on_job(body, message) -> None:
             args = body[0] if isinstance(body, list) else body.get("args", [])
-            job = Job.model_validate(args[0])
             name = rng.choice(names)
+            try:
+                job = gate.admit(args[0], args[1] if len(args) > 1 else None)
+            except JobRefused as exc:
+                publish(Envelope(kind="refused", job_id=str(args[0].get("job_id", ""))[:36], worker=name, reason=exc.reason))
+                message.ack()
+                return
             publish(Envelope(kind="started", job_id=job.job_id, worker=name))
             publish(Envelope(kind="result", job_id=job.job_id, worker=name, result=fake_result(job, name, rng)))
             message.ack()
@@ -98,6 +112,34 @@ def simulate(broker_url: str, workers: dict[str, str], seed: int, heartbeat_s: f
                     conn.drain_events(timeout=0.5)
                 except TimeoutError:
                     pass
+
+
+def seal_costs(jobs: list[Job], data_dir: Path, n: int = 2000) -> tuple[float, float, float]:
+    """Microseconds per job: sealing one (the orchestrator, at send), verifying its seal, and the
+    worker's whole admission with its seen-set appended and fsynced to a file; median of 3 runs."""
+    from farm import jobsign
+    from orchestrator.keys import expires_at, signing_key
+    from worker.admission import Admission, SeenJobs
+
+    key = signing_key(data_dir)
+    bodies = [job.model_dump(mode="json") for job in jobs[:n]]
+    expiry = expires_at(Settings())
+    runs = {"seal": [], "verify": [], "admit": []}
+    for run_i in range(3):
+        t0 = time.perf_counter()
+        seals = [jobsign.seal(b, key, expiry) for b in bodies]
+        runs["seal"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for b, s in zip(bodies, seals):
+            jobsign.verify(b, s, key.public_key(), "w")
+        runs["verify"].append(time.perf_counter() - t0)
+        gate = Admission(key.public_key(), "w", SeenJobs(data_dir / f"seen-{run_i}.jsonl"))
+        t0 = time.perf_counter()
+        for b, s in zip(bodies, seals):
+            gate.admit(b, s)
+        runs["admit"].append(time.perf_counter() - t0)
+    seal_s, verify_s, admit_s = (statistics.median(runs[k]) * 1e6 / len(bodies) for k in ("seal", "verify", "admit"))
+    return seal_s, verify_s, admit_s
 
 
 def service_pids(engine, redis_url: str) -> list[int]:
@@ -163,8 +205,13 @@ def run(args, url: str) -> None:
     engine = make_engine(url)
     # Production liveness (heartbeat every 5 s, dead after 3 missed); a visibility timeout just
     # longer than the longest job, which for this fake engine is milliseconds.
+    # Its own data dir: the orchestrator's job-signing key is made there, not in the user's.
+    data_dir = Path(tempfile.mkdtemp(prefix="tokenfarm-load-"))
     settings = Settings(database_url=url, broker_url=args.redis, heartbeat_s=5.0, worker_dead_after_s=15.0,
-                        visibility_timeout_s=10, max_attempts=10)
+                        visibility_timeout_s=10, max_attempts=10, data_dir=data_dir)
+    from orchestrator.keys import public_key_text
+
+    jobs_public_key = public_key_text(data_dir)
     app = create_app(settings)
     names = [f"sim-{i:03d}" for i in range(args.workers)]
     with session_scope(engine) as s:
@@ -183,13 +230,16 @@ def run(args, url: str) -> None:
     t_send = time.perf_counter() - t0
     print(f"dispatched {len(jobs)} jobs: recorded in {t_record:.2f} s, sent in {t_send:.2f} s "
           f"-> {len(jobs) / (t_record + t_send):.0f} jobs/s")
+    seal_us, verify_us, admit_us = seal_costs(jobs, data_dir)
+    print(f"job seals (Ed25519), per job: signing {seal_us:.0f} us (orchestrator), verifying {verify_us:.0f} us, "
+          f"admitting with the seen-set on disk {admit_us:.0f} us (worker; an fsync per job)")
 
     per_proc = [dict(list(tokens.items())[i::args.procs]) for i in range(args.procs)]
     ctx = mp.get_context("spawn")
 
     def spawn(i: int, seed: int):
         proc = ctx.Process(target=simulate, args=(args.redis, per_proc[i], seed, settings.heartbeat_s,
-                                                   settings.visibility_timeout_s), daemon=True)
+                                                   settings.visibility_timeout_s, jobs_public_key), daemon=True)
         proc.start()
         return proc
 
@@ -267,6 +317,7 @@ def run(args, url: str) -> None:
           f"(wall clock, queues read whole), jobs sent again or put back: {audit.n_sent}")
     print(f"messages: {collector.counts}")
     print(f"lost: {lost}   duplicated: {duplicated}   (target: 0 and 0; ingest target >= 200 jobs/s)")
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,7 @@ class FilesystemTransport(kombu_filesystem.Transport):
 
 def create_app(settings: Settings) -> Celery:
     app = Celery("tokenfarm", broker=settings.effective_broker_url, set_as_current=False)
+    app.tokenfarm_settings = settings  # the orchestrator seals jobs with its data dir's key (orchestrator/keys.py)
     if settings.effective_broker_url.startswith("redis://"):
         app.conf.broker_transport = f"{__name__}:RedisTransport"
     elif settings.effective_broker_url.startswith("filesystem://"):

@@ -381,18 +381,20 @@ class Download(BaseModel):
 
 class Envelope(BaseModel):
     """A message on the results queue: a worker's hello or heartbeat, a job started, its model's
-    download progress, or its Result.
+    download progress, its Result, or a job it refused to run (`refused`: the seal did not prove
+    the orchestrator sent it, or it expired or came again; farm/jobsign.py), with the reason.
 
     `signature` is an HMAC of the rest under the worker's token (farm/signing.py).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["hello", "heartbeat", "started", "progress", "result"]
+    kind: Literal["hello", "heartbeat", "started", "progress", "result", "refused"]
     job_id: str = ""
     worker: str
     result: Result | None = None
     download: Download | None = None
     capabilities: Capabilities | None = None
+    reason: str = Field(default="", max_length=2000)
     sent_at: datetime = Field(default_factory=utc_now)
     signature: str = ""

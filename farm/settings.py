@@ -1,7 +1,8 @@
 """The one settings object, read from TOKENFARM_* environment variables.
 
-Both roles read it: the orchestrator uses every field, a worker only the broker and its own
-name and folders (it never reads `database_url`, and a worker box need not set it).
+Both roles read it: the orchestrator uses every field, a worker only the broker, its own name,
+token and folders, and the orchestrator's public key for jobs (it never reads `database_url`,
+and a worker box need not set it).
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ class Settings(BaseSettings):
     worker_name: str = Field(default_factory=socket.gethostname)
     # The worker's secret from `tokenfarm workers add NAME`; it signs every message the worker sends.
     worker_token: str = ""
+    # Worker only. The orchestrator's public key for jobs (base64 of its 32 bytes, or PEM): a job
+    # whose seal it does not verify is refused before any file is touched (farm/jobsign.py).
+    # Empty: the key in data_dir/keys, where the orchestrator shares this box's data dir.
+    jobs_public_key: str = ""
+    # Orchestrator only. How long a sent job may wait in its queue before workers refuse it as
+    # expired, on top of its countdown and job_timeout_s; a queued job refused so is sent again.
+    job_queue_allowance_s: float = Field(default=86400.0, gt=0)
     heartbeat_s: float = Field(default=5.0, gt=0)
     # A worker silent this long is presumed dead and its running jobs go back to the queue.
     worker_dead_after_s: float = Field(default=30.0, gt=0)

@@ -31,6 +31,7 @@ def sign(body: dict, token: str) -> str:
 
 def verify(body: dict, token: str) -> bool:
     signature = body.get("signature")
-    if not isinstance(signature, str) or not signature:
+    # An empty token is a revoked worker's: an HMAC under it is one anybody can make.
+    if not token or not isinstance(signature, str) or not signature:
         return False
     return hmac.compare_digest(signature, sign(body, token))

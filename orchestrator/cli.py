@@ -52,6 +52,8 @@ canaries_app = typer.Typer(help="Canary references: the greedy outputs canary jo
 app.add_typer(canaries_app, name="canaries")
 import_app = typer.Typer(help="Load measurements made elsewhere.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
+keys_app = typer.Typer(help="The orchestrator's job-signing key (workers hold its public half).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 # Piped output gets a width that fits a results table instead of Rich's 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -74,6 +76,38 @@ def _ensure_schema(settings: Settings) -> None:
     from orchestrator.db import upgrade
 
     upgrade(settings.effective_database_url)
+    # The orchestrator's setup step also makes its job-signing key, once, before any job is sent.
+    _signing_key(settings)
+
+
+def _signing_key(settings: Settings):
+    from orchestrator.keys import SigningKeyError, signing_key
+
+    try:
+        return signing_key(settings.data_dir)
+    except (SigningKeyError, OSError) as exc:
+        raise fail(str(exc))
+
+
+@keys_app.command("init")
+def keys_init() -> None:
+    """Make the job-signing key if there is none (kept in TOKENFARM_DATA_DIR/keys, 0600) and print its public key."""
+    from orchestrator.keys import PRIVATE_NAME, key_dir
+
+    settings = load_settings()
+    existed = (key_dir(settings.data_dir) / PRIVATE_NAME).exists()
+    _signing_key(settings)
+    console.print(f"job-signing key {'kept' if existed else 'made'}: {key_dir(settings.data_dir) / PRIVATE_NAME}",
+                  highlight=False)
+    keys_show()
+
+
+@keys_app.command("show")
+def keys_show() -> None:
+    """Print the public key workers check jobs with (their TOKENFARM_JOBS_PUBLIC_KEY)."""
+    from farm.jobsign import public_key_text
+
+    print(public_key_text(_signing_key(load_settings()).public_key()))
 
 
 def _require_schema(settings: Settings) -> None:
@@ -441,6 +475,17 @@ def _redact_broker(settings: Settings) -> str:
     return url.split("@")[-1] if "@" in url else url
 
 
+@worker_app.command("join")
+def worker_join(code: str = typer.Argument(..., help="the code `tokenfarm workers add NAME` printed"),
+                env_file: Optional[Path] = typer.Option(None, help="where to keep the settings "
+                                                         "(default: $TOKENFARM_DATA_DIR/worker-NAME.env)"),
+                no_start: bool = typer.Option(False, "--no-start", help="only write the env file")) -> None:
+    """Join a farm: write the code's settings to an env file (0600) and start serving jobs."""
+    cmd = [sys.executable, "-m", "worker", "join", code, *(["--env-file", str(env_file)] if env_file else []),
+           *(["--no-start"] if no_start else [])]
+    os.execv(sys.executable, cmd)
+
+
 @worker_app.command("start")
 def worker_start(
     name: Optional[str] = typer.Option(None, help="worker name (default: TOKENFARM_WORKER_NAME or the host name)"),
@@ -478,26 +523,32 @@ def workers_list(ctx: typer.Context) -> None:
         console.print("no workers yet: tokenfarm workers add NAME")
         return
     table = Table("worker", "last seen", "done", "failed", "rejected", "canaries", "cross-checks", "trust",
-                  "last rejection", "hardware")
+                  "last rejection", "hardware", "jobs refused")
     for v in views:
-        trust = f"FLAGGED: {v.flag_reason}" if v.flagged else ("trusted" if v.trusted else "ok")
+        trust = "REVOKED" if v.revoked else (
+            f"FLAGGED: {v.flag_reason}" if v.flagged else ("trusted" if v.trusted else "ok"))
         canaries = f"{v.n_canary_passed} pass, {v.n_canary_failed} fail"
         crosschecks = f"{v.n_crosscheck_agreed} agree, {v.n_crosscheck_disagreed} disagree"
         table.add_row(v.name, f"{v.last_seen:%Y-%m-%d %H:%M:%S}" if v.last_seen else "never", str(v.n_done),
-                      str(v.n_failed), str(v.n_rejected), canaries, crosschecks, trust, v.last_rejection, v.gpu or v.cpu)
+                      str(v.n_failed), str(v.n_rejected), canaries, crosschecks, trust, v.last_rejection, v.gpu or v.cpu,
+                      str(v.n_jobs_refused))
     console.print(table)
 
 
 @workers_app.command("add")
 def workers_add(name: str = typer.Argument(..., help="the worker's name, as it will start with --name"),
                 rotate: bool = typer.Option(False, help="issue a new token for an existing worker"),
+                broker_address: str = typer.Option(
+                    "", "--broker-address",
+                    help="the broker URL as the worker's box reaches it (default: TOKENFARM_BROKER_URL)"),
                 quiet: bool = typer.Option(False, "--quiet", help="print the token only (for scripts)")) -> None:
-    """Allow a worker to join; prints its token once."""
+    """Allow a worker to join; prints its join line (and token) once."""
     from orchestrator.db import session_scope
-    from orchestrator.workers import RegistryError, add_worker
+    from orchestrator.workers import RegistryError, add_worker, join_code
 
     settings = load_settings()
     _require_schema(settings)
+    _signing_key(settings)  # before the worker exists: it checks every job against this key's public half
     try:
         with session_scope(_engine(settings)) as session:
             token = add_worker(session, name, rotate)
@@ -506,9 +557,30 @@ def workers_add(name: str = typer.Argument(..., help="the worker's name, as it w
     if quiet:
         print(token)
         return
-    console.print(f"worker [bold]{name}[/] may join. Its token, shown only now:\n\n  {token}\n")
-    console.print(f"On the worker box: TOKENFARM_WORKER_TOKEN={token} tokenfarm worker start --name {name}",
+    code = join_code(settings, name, token, broker_address)
+    console.print(f"worker [bold]{name}[/] may join. Its join line, shown only now (it holds the worker's token):\n")
+    print(f"tokenfarm worker join {code}\n")
+    console.print("(or `python -m worker join …` with the same code, on a box with only the worker installed)",
                   highlight=False, soft_wrap=True)
+    if settings.broker_is_embedded and not broker_address:
+        err.print("[yellow]warning:[/] the broker is the embedded one on this box; a worker elsewhere needs "
+                  "--broker-address redis://…", highlight=False, soft_wrap=True)
+
+
+@workers_app.command("revoke")
+def workers_revoke(name: str = typer.Argument(..., help="the worker to shut out")) -> None:
+    """Delete a worker's token: everything it sends afterwards is refused. `workers add NAME --rotate` readmits it."""
+    from orchestrator.db import session_scope
+    from orchestrator.workers import RegistryError, revoke_worker
+
+    settings = load_settings()
+    _require_schema(settings)
+    try:
+        with session_scope(_engine(settings)) as session:
+            revoke_worker(session, name)
+    except RegistryError as exc:
+        raise fail(str(exc))
+    console.print(f"worker {name}: revoked; its messages are refused from now on")
 
 
 @workers_app.command("flag")

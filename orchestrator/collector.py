@@ -25,6 +25,7 @@ from farm.signing import verify
 from orchestrator import checks, lifecycle
 from orchestrator.db import (
     RESULT_KEY_COLUMNS,
+    REFUSED_JOB,
     CheckRow,
     JobRow,
     RejectionRow,
@@ -48,7 +49,7 @@ Resend = Callable[[list[Job], float], None]
 
 @dataclass
 class Outcome:
-    action: str  # "hello", "heartbeat", "started", "progress", "stale", "stored", "retry", "rejected"
+    action: str  # "hello", "heartbeat", "started", "progress", "stale", "stored", "retry", "rejected", "job_refused"
     job_id: str = ""
     reason: str = ""
     job: Job | None = None  # with "retry": the job to send again, after delay_s
@@ -120,6 +121,8 @@ def ingest(session: Session, body: object, max_attempts: int = 3, known: Known |
     worker = known.workers.get(name)
     if worker is None:
         return _reject(session, name, job_id, f"unknown worker {name!r}: not registered with `tokenfarm workers add`", None)
+    if not worker.token:
+        return _reject(session, name, job_id, f"worker {name!r} was revoked (`tokenfarm workers revoke`)", None)
     if not verify(body, worker.token):
         return _reject(session, name, job_id, "bad signature: not signed with this worker's token", worker)
     try:
@@ -133,6 +136,12 @@ def ingest(session: Session, body: object, max_attempts: int = 3, known: Known |
         if env.kind == "hello":
             return Outcome("hello", resend=lifecycle.dropped_on_restart(session, name, env.sent_at, max_attempts))
         return Outcome(env.kind)
+    if env.kind == "refused":
+        # Its own signature proves this worker refused a job message (farm/jobsign.py): kept and
+        # counted, but not against it, and no job changes state: the message may be a forgery
+        # naming any job, and a genuine job refused as expired is sent again by the broker audit.
+        session.add(RejectionRow(worker=name[:200], job_id=env.job_id[:36], reason=REFUSED_JOB + env.reason))
+        return Outcome("job_refused", env.job_id, env.reason)
     row = known.jobs.get(env.job_id)
     if row is None:
         return _reject(session, name, env.job_id, "no such job", worker)
@@ -294,6 +303,8 @@ class Collector:
             self.counts[outcome.action] = self.counts.get(outcome.action, 0) + 1
             if outcome.action == "rejected":
                 log.warning("rejected a message for job %s: %s", outcome.job_id or "?", outcome.reason)
+            elif outcome.action == "job_refused":
+                log.warning("a worker refused a job message for %s: %s", outcome.job_id or "?", outcome.reason)
             message.ack()
 
     def _one(self, body) -> Outcome:

@@ -116,8 +116,14 @@ class WorkerRow(Base):
     n_crosscheck_disagreed: Mapped[int] = mapped_column(Integer, default=0)
 
 
+# The reason of a rejections row that is not a refused message but a worker's report of a job
+# message it refused to run (farm/jobsign.py); counted apart, never against the worker.
+REFUSED_JOB = "worker refused a job message: "
+
+
 class RejectionRow(Base):
-    """A message the collector refused, kept so an operator can see who sent what and why."""
+    """A message the collector refused, kept so an operator can see who sent what and why; or a
+    job message a worker refused (its reason starts with REFUSED_JOB)."""
 
     __tablename__ = "rejections"
 

@@ -23,7 +23,7 @@ from farm.broker import RUN_JOB_TASK, worker_queue
 from farm.contract import Capabilities, Job, utc_now
 from farm.memory import GIB, class_gb, fits, memory_kind, offered_bytes
 from farm.settings import Settings
-from orchestrator import checks
+from orchestrator import checks, keys
 from orchestrator.broker_audit import broker_snapshot, drop_taken, put_back
 from orchestrator.db import CheckRow, JobRow, WorkerRow, as_utc, session_scope
 from orchestrator.lifecycle import requeue_lost, unfinished
@@ -80,6 +80,13 @@ def unfit_jobs(jobs: list[Job], workers: dict[str, Capabilities]) -> list[Unfit]
     return unfit
 
 
+def job_args(app: Celery, job: Job, worker: str = "", countdown_s: float = 0.0) -> list:
+    """The arguments of a job's message: its JSON and the orchestrator's seal over it
+    (farm/jobsign.py), addressed to `worker` alone or to any. Every job leaves through here."""
+    job_json = job.model_dump(mode="json")
+    return [job_json, keys.seal_job(app, job_json, worker, countdown_s)]
+
+
 def send(app: Celery, jobs: list[Job], countdown_s: float = 0.0) -> None:
     # The job id doubles as the Celery task id, so broker logs and the database line up; the
     # app's router picks each job's queue.
@@ -92,7 +99,7 @@ def send(app: Celery, jobs: list[Job], countdown_s: float = 0.0) -> None:
             if i and spacing_s:
                 time.sleep(spacing_s)
             # argsrepr: Celery would otherwise render the whole job for its logs, message by message.
-            app.send_task(RUN_JOB_TASK, args=[job.model_dump(mode="json")], task_id=job.job_id,
+            app.send_task(RUN_JOB_TASK, args=job_args(app, job, countdown_s=countdown_s), task_id=job.job_id,
                           producer=producer, countdown=countdown_s or None,
                           argsrepr=f"[job {job.job_id}: {job.model} {job.quant} {job.test}]")
 
@@ -129,7 +136,7 @@ def resend_unfinished(engine: Engine, app: Celery, sweep_id: str, dead_after_s: 
 
 def send_to_worker(app: Celery, job: Job, worker: str) -> None:
     """One job to one worker's own queue (farm.broker.worker_queue)."""
-    app.send_task(RUN_JOB_TASK, args=[job.model_dump(mode="json")], task_id=job.job_id, queue=worker_queue(worker))
+    app.send_task(RUN_JOB_TASK, args=job_args(app, job, worker), task_id=job.job_id, queue=worker_queue(worker))
 
 
 def send_crosschecks(engine: Engine, app: Celery, dead_after_s: float) -> int:

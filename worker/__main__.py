@@ -1,6 +1,7 @@
 """`python -m worker`: the worker's own commands, run in a worker process.
 
-Owns: starting a worker (the default, `python -m worker [--name NAME]`), fetching and deriving
+Owns: starting a worker (the default, `python -m worker [--name NAME]`), joining a farm with
+the code `tokenfarm workers add` prints (`python -m worker join CODE`), fetching and deriving
 model files, training MTP heads, and `run-jobs` (Job JSON lines on stdin, Result JSON lines on
 stdout) for `tokenfarm canaries pin`. The orchestrator's CLI spawns these instead of importing
 worker code, so torch and llama.cpp never enter its process. Knows nothing of the database.
@@ -8,18 +9,51 @@ worker code, so torch and llama.cpp never enter its process. Knows nothing of th
 
 import argparse
 import sys
+from pathlib import Path
 
 from farm.settings import load_settings
 
 
 def _start(args) -> int:
+    import os
+
+    from farm.join import JoinError, read_env_file
     from worker.tasks import start
 
+    if getattr(args, "env_file", None):
+        try:
+            os.environ.update(read_env_file(args.env_file))
+        except JoinError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
     settings = load_settings()
     if args.name:
         settings.worker_name = args.name
     start(settings, args.loglevel)
     return 0
+
+
+def _join(args) -> int:
+    """Write the join code's settings to an env file (0600), then serve jobs with them."""
+    import os
+    from pathlib import Path
+
+    from farm.join import JoinCode, JoinError, write_env_file
+
+    try:
+        code = JoinCode.decode(args.code)
+        path = Path(args.env_file) if args.env_file else load_settings().data_dir / f"worker-{code.name}.env"
+        write_env_file(path, code.env())
+    except JoinError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    print(f"worker {code.name}: settings written to {path} (keep it private: it holds the worker's token). "
+          f"Start it again later with: python -m worker start --env-file {path}", flush=True)
+    if args.no_start:
+        return 0
+    os.environ.update(code.env())
+    args.env_file, args.name = None, None
+    return _start(args)
 
 
 def _models(args) -> int:
@@ -103,7 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     start = sub.add_parser("start", help="serve jobs until stopped (the default)")
     start.add_argument("--name")
     start.add_argument("--loglevel", default="INFO")
+    start.add_argument("--env-file", type=Path, help="TOKENFARM_* settings to start with (as `join` writes them)")
     start.set_defaults(run=_start)
+    join = sub.add_parser("join", help="join a farm with the code `tokenfarm workers add NAME` printed, and start")
+    join.add_argument("code")
+    join.add_argument("--env-file", help="where to keep the settings (default: $TOKENFARM_DATA_DIR/worker-NAME.env)")
+    join.add_argument("--no-start", action="store_true", help="only write the env file")
+    join.add_argument("--loglevel", default="INFO")
+    join.set_defaults(run=_join)
     models = sub.add_parser("models", help="fetch or derive model files")
     models.add_argument("action", choices=["fetch", "derive"])
     models.add_argument("names", nargs="*")

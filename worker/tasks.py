@@ -1,6 +1,7 @@
 """The worker's Celery task: JSON Job in, JSON Result out over the results queue.
 
-Thin on purpose: parse, resolve the model file, load the engine, call the measurement core,
+Thin on purpose: admit the job (worker/admission.py: the orchestrator's seal, expiry, no
+replay; before anything else), resolve the model file, load the engine, call the measurement core,
 send the Result. Any failure becomes a failed Result with its reason, and the worker goes on.
 The loaded model is kept for the next job when that job runs the same file the same way.
 """
@@ -16,7 +17,6 @@ import time
 from pathlib import Path
 
 from celery import Celery
-from pydantic import ValidationError
 
 from farm.broker import RUN_JOB_TASK, publish_envelope
 from farm.contract import (
@@ -30,11 +30,13 @@ from farm.contract import (
     utc_now,
 )
 from farm.identity import output_sha256
+from farm.jobsign import JobRefused
 from farm.memory import context_size
 from farm.modelfiles import CATALOGUE, ModelError, held_models, model_sha256, read_facts
 from farm.settings import Settings
 from farm.stats import sample_stats, summarize, tok_s
 from worker import __version__, hardware
+from worker.admission import Admission, AdmissionError, job_id_of
 from worker.engines import Backend, EngineError, create_backend
 from worker.measure import Measurement, decode_context, measure, roofline_tok_s
 from worker.fetch import Progress, downloaded_models, fetch_source
@@ -265,16 +267,27 @@ class Heartbeat(threading.Thread):
             self.stopped.wait(self.settings.heartbeat_s)
 
 
-def register(app: Celery, settings: Settings) -> None:
+def refuse(app: Celery, settings: Settings, job_json: object, exc: JobRefused) -> None:
+    """Report a job this worker would not run: counted by the collector, never retried."""
+    job_id = job_id_of(job_json)
+    log.warning("refused job %s: %s", job_id or "?", exc.reason)
+    publish_envelope(app, Envelope(kind="refused", job_id=job_id, worker=settings.worker_name, reason=exc.reason[:2000]),
+                     settings.worker_token)
+
+
+def register(app: Celery, settings: Settings, admission: Admission) -> None:
     loaded = LoadedModel()  # one per worker process: the solo pool runs one job at a time
 
     @app.task(name=RUN_JOB_TASK, bind=True)
-    def run_job(self, job_json: dict) -> None:
+    def run_job(self, job_json: object = None, seal: object = None, *extra_args, **extra_kwargs) -> None:
+        # The gate comes first: until admit() returns, no file the message names is opened,
+        # fetched, derived or loaded, and nothing but the refusal is sent.
         try:
-            job = Job.model_validate(job_json)
-        except ValidationError as exc:
-            # Without a valid job id nothing can be reported; the orchestrator never sends this.
-            log.error("refused a malformed job: %s", exc)
+            if extra_args or extra_kwargs:
+                raise JobRefused("malformed", "the job message has arguments beyond the job and its seal")
+            job = admission.admit(job_json, seal)
+        except JobRefused as exc:
+            refuse(app, settings, job_json, exc)
             return
         publish_envelope(app, Envelope(kind="started", job_id=job.job_id, worker=settings.worker_name),
                          settings.worker_token)
@@ -304,9 +317,13 @@ def start(settings: Settings, loglevel: str = "INFO") -> None:
     if not settings.worker_token:
         raise SystemExit("error: no worker token: on the orchestrator run `tokenfarm workers add "
                          f"{settings.worker_name}` and set TOKENFARM_WORKER_TOKEN to the token it prints")
+    try:
+        admission = Admission.for_settings(settings)
+    except AdmissionError as exc:
+        raise SystemExit(f"error: {exc}")
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    register(app, settings)
+    register(app, settings, admission)
     caps = capabilities(settings)
     log.info("serving %d queues: %s", len(caps.queues), ", ".join(caps.queues))
     Heartbeat(app, settings, caps).start()
