@@ -366,3 +366,18 @@ def test_a_sweep_of_hub_models_runs_end_to_end_from_an_empty_cache(hub, hub_file
     assert (cache / "models--tf--SmolLM2-135M-GGUF" / "snapshots" / C1 / "SmolLM2-135M-Q4_1.gguf").exists()
     for r in rows:
         print(f"{r['model']} {r['test']}: {r['avg_ts']:.1f} tok/s")
+
+
+def test_a_hub_draft_travels_with_its_source(hub, hub_files, tmp_path):
+    from orchestrator.planning import plan
+    from orchestrator.sweep import load_spec
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "hub-spec", "models": ["hf://tf/SmolLM2-135M-GGUF:Q4_1"],
+        "draft_models": ["hf://tf/SmolLM2-split-GGUF:Q4_1"], "techniques": ["spec"], "n_draft": [2],
+        "prompt_categories": ["code"], "n_prompt": [], "n_gen": [8], "repetitions": 1}))
+    jobs = plan(load_spec(path), base_dir=tmp_path, models_dir=None)
+    assert jobs and all(j.technique == "spec" for j in jobs)
+    assert {j.draft_source.repo for j in jobs} == {"tf/SmolLM2-split-GGUF"}
+    assert all(j.draft_model.startswith("hf://tf/SmolLM2-split-GGUF/") and j.draft_quant == "Q4_1" for j in jobs)
