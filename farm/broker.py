@@ -89,11 +89,13 @@ class _FilesystemChannel(kombu_filesystem.Channel):
     between takes the file, reads nothing, and fails to decode it (the embedded collector died on
     that once, mid-sweep, and the message was gone). The message is written under a name no
     consumer matches and renamed into place, which the filesystem does at once. The name keeps
-    kombu's form (milliseconds first), so consumers still take messages in the order sent.
+    kombu's form (milliseconds first, zero-padded), so consumers take messages in the order sent.
     """
 
     def _put(self, queue, payload, **kwargs):
-        name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        # Zero-padded: consumers sort names as strings, and an unpadded count of milliseconds
+        # sorts 1000001 before 999999 (seen once, the moment the clock passed a million).
+        name = f"{int(round(time.monotonic() * 1000)):015d}_{uuid.uuid4()}.{queue}.msg"
         path = os.path.join(self.data_folder_out, name)
         partial = path + ".partial"
         try:
