@@ -95,13 +95,16 @@ def live_slots(session: Session, dead_after_s: float) -> list[Slot]:
     names = [s.name for s in slots]
     outstanding = dict(session.execute(select(JobRow.worker, func.count()).where(
         JobRow.state.in_(("sent", "running")), JobRow.worker.in_(names)).group_by(JobRow.worker)).all())
+    # The model each worker's latest lease loaded, for all of them in one query.
+    latest = (select(JobRow.worker, func.max(JobRow.leased_at).label("at")).where(JobRow.worker.in_(names))
+              .group_by(JobRow.worker).subquery())
+    last_specs = dict(session.execute(select(JobRow.worker, JobRow.spec).join(
+        latest, (JobRow.worker == latest.c.worker) & (JobRow.leased_at == latest.c.at))).all())
     for slot in slots:
         slot.n_outstanding = outstanding.get(slot.name, 0)
-        last = session.scalar(select(JobRow.spec).where(JobRow.worker == slot.name, JobRow.leased_at.is_not(None))
-                              .order_by(JobRow.leased_at.desc()).limit(1))
-        if last is not None:
+        if (spec := last_specs.get(slot.name)) is not None:
             try:
-                slot.last_key = load_key(Job.model_validate(last))
+                slot.last_key = load_key(Job.model_validate(spec))
             except ValidationError:
                 pass
     return slots
