@@ -303,11 +303,11 @@ def status(sweep: Optional[str] = typer.Argument(None, help="sweep id, id prefix
             if not rows:
                 console.print("no sweeps yet: tokenfarm sweep submit examples/demo.yaml --wait")
                 return
-            table = Table("sweep", "name", "created", "jobs", "queued", "running", "done", "failed", "checks")
+            table = Table("sweep", "name", "created", "jobs", "queued", "sent", "running", "done", "failed", "checks")
             for row in rows:
                 c = sweep_progress(session, row.id)
                 table.add_row(row.id[:8], row.name, f"{row.created_at:%Y-%m-%d %H:%M}", str(row.n_jobs),
-                              *(str(c.get(s, 0)) for s in ("queued", "running", "done", "failed")),
+                              *(str(c.get(s, 0)) for s in ("queued", "sent", "running", "done", "failed")),
                               describe(verdict_counts(session, row.id)))
             console.print(table)
             return

@@ -55,7 +55,7 @@ class Followed:
 def is_finished(counts: dict[str, int], n_jobs: int) -> bool:
     n_finished = counts.get("done", 0) + counts.get("failed", 0)
     # A cross-check vote adds a job mid-sweep: finished means nothing left to run.
-    return n_finished >= n_jobs and not counts.get("queued") and not counts.get("running")
+    return n_finished >= n_jobs and not any(counts.get(s) for s in ("queued", "sent", "running"))
 
 
 def follow(settings: Settings, engine: Engine, celery, sweep_id: str, n_jobs: int, timeout_s: float | None,

@@ -100,3 +100,4 @@ def test_a_sweep_is_finished_only_when_nothing_is_left_to_run():
     assert not is_finished({"done": 3, "running": 1}, n_jobs=4)
     # A cross-check vote added a job mid-sweep: the original count is reached but one still waits.
     assert not is_finished({"done": 4, "queued": 1}, n_jobs=4)
+    assert not is_finished({"done": 4, "sent": 1}, n_jobs=4)  # leased to a worker, not yet started
