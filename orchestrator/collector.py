@@ -414,11 +414,15 @@ class Collector:
             self.after_batch()
 
     def note_broken_item(self, exc: Exception) -> None:
+        """An item the transport could not even make a message of; it is already off the queue."""
         bad = Undecodable(f"not a broker message: {type(exc).__name__}: {str(exc)[:200]}", 0)
-        with session_scope(self.engine) as session:
-            dead_letter(session, bad)
         self.counts["dead letter"] = self.counts.get("dead letter", 0) + 1
         log.warning("moved aside an item on the results queue: %s", bad.reason)
+        try:
+            with session_scope(self.engine) as session:
+                dead_letter(session, bad)
+        except OperationalError as db_exc:  # the log line above is then its only record
+            log.warning("could not record the dead letter: %s", db_exc.orig)
 
     def _one(self, body, size: int) -> Outcome:
         try:
