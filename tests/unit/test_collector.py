@@ -323,3 +323,92 @@ def test_a_batch_reads_its_rows_once_and_stores_each_result_once(engine, jobs):
         assert s.scalar(select(func.count()).select_from(RejectionRow)) == 0
         assert all(v.n_rejected == 0 for v in list_workers(s))
         assert s.get(JobRow, jobs[0].job_id).state == "done"
+
+
+def test_a_message_is_bounded_before_it_is_parsed_and_only_json_is_decoded():
+    from orchestrator.collector import MAX_MESSAGE_BYTES, Undecodable, decode
+
+    import json
+
+    million_hashes = json.dumps({"kind": "heartbeat", "worker": "w1", "capabilities": {"models": ["a" * 64] * 1_000_000}})
+    big = decode(million_hashes.encode(), "application/json")
+    assert isinstance(big, Undecodable) and big.size_bytes > MAX_MESSAGE_BYTES and "above the" in big.reason
+    assert len(big.head) == 4096  # what is kept of it is bounded too
+    assert "not JSON" in decode(b'{"kind": "res', "application/json").reason
+    assert "application/x-python-serialize" in decode(b"\x80\x04K\x01.", "application/x-python-serialize").reason
+    assert "compressed" in decode(b"x\x9c", "application/json", compressed=True).reason
+    assert decode(b'{"worker": "w1"}', "application/json") == {"worker": "w1"}
+
+
+def test_a_dead_letter_is_kept_and_counted_against_nobody(engine, tokens):
+    from orchestrator.collector import decode
+    from orchestrator.db import DeadLetterRow
+
+    with session_scope(engine) as s:
+        out = ingest(s, decode(b"\x80\x04junk", "application/x-python-serialize"), size_bytes=6)
+    assert out.action == "dead letter"
+    with session_scope(engine) as s:
+        (letter,) = s.scalars(select(DeadLetterRow)).all()
+        (rejection,) = s.scalars(select(RejectionRow)).all()
+        assert letter.head == b"\x80\x04junk" and letter.size_bytes == 6
+        assert rejection.size_bytes == 6 and "dead letters" in rejection.reason
+        assert all(v.n_rejected == 0 for v in list_workers(s))
+
+
+def test_a_heartbeat_over_the_schemas_bounds_is_refused_and_stores_nothing(engine, tokens):
+    caps = Capabilities.model_construct(engines=["llamacpp"], hardware=Hardware(), models=["a" * 64] * 5000,
+                                        queues=[], version="", offered_ram_bytes=0, offered_vram_bytes=0)
+    body = signed_body(Envelope(kind="heartbeat", worker="w1", capabilities=caps), TOKENS["w1"])
+    with session_scope(engine) as s:
+        out = ingest(s, body)
+    assert out.action == "rejected" and "capabilities.models" in out.reason
+    with session_scope(engine) as s:
+        w1 = s.get(WorkerRow, "w1")
+        assert w1.capabilities is None and w1.n_rejected == 1  # its own signature proves it sent it
+
+
+def test_the_roofline_uses_the_bandwidth_held_from_the_first_hello_and_the_jobs_own_bytes(engine, jobs):
+    tg = next(j for j in jobs if j.kind == "tg")
+    assert tg.active_bytes > 0
+
+    def hello(gbps):
+        hw = Hardware(host_bandwidth_gbps=gbps, bandwidth_gbps=gbps)
+        with session_scope(engine) as s:
+            ingest(s, signed_body(Envelope(kind="hello", worker="w1", capabilities=Capabilities(
+                engines=["llamacpp"], hardware=hw)), TOKENS["w1"]))
+
+    hello(0.0)  # announcing nothing: judged against its class's bound
+    with session_scope(engine) as s:
+        assert s.get(WorkerRow, "w1").host_bandwidth_gbps is None
+    hello(2.0)
+    hello(500.0)  # cannot raise what was held
+    with session_scope(engine) as s:
+        assert s.get(WorkerRow, "w1").host_bandwidth_gbps == 2.0
+    roofline_ts = 2.0e9 / tg.active_bytes
+    sent = lease(engine, tg)
+
+    def decode_at(rate_ts, **update):
+        samples = [int(tg.n_tokens * 1e9 / rate_ts)] * tg.repetitions
+        avg, std = summarize(tg.n_tokens, samples)
+        return result_for(tg, samples_ns=samples, avg_ts=avg, stddev_ts=std, decode_ts=avg, **update)
+
+    lies = [decode_at(10 * 1.5 * roofline_ts, roofline_tok_s=1e9), decode_at(10 * 1.5 * roofline_ts, roofline_tok_s=0.0,
+                                                                            model_facts=ModelFacts(size_bytes=1))]
+    for lie in lies:
+        with session_scope(engine) as s:
+            out = ingest(s, envelope(lie, leased=sent))
+        assert out.action == "rejected" and "memory-bandwidth limit" in out.reason
+    with session_scope(engine) as s:
+        assert ingest(s, envelope(decode_at(roofline_ts), leased=sent)).action == "stored"
+
+
+@pytest.mark.parametrize("bad", ["", "0" * 64, "not-a-hash", "C" * 64])
+def test_every_sha256_a_result_carries_must_be_a_digest(engine, jobs, bad):
+    job = jobs[0]
+    sent = lease(engine, job)
+    for field in ("model_sha256", "source_sha256"):
+        with session_scope(engine) as s:
+            out = ingest(s, envelope(result_for(job, **{field: bad}), leased=sent))
+        assert out.action == "rejected" and "sha256" in out.reason, (field, bad)
+    with session_scope(engine) as s:
+        assert s.get(JobRow, job.job_id).state == "sent"
