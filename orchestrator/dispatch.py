@@ -280,8 +280,10 @@ class Upkeep:
 
     def maybe_run(self, engine: Engine, app: Celery, now: bool = False) -> None:
         """Raises what an unavailable database or broker raises; the next call tries again.
-        now: a pass at once (results just freed slots), the audit still on its own period."""
-        if not now and time.monotonic() < self._next_at:
+        now: lease at once (results just freed slots); recovery and the audit keep their periods."""
+        if now:
+            schedule_and_send(engine, app, self.settings.worker_dead_after_s)
+        if time.monotonic() < self._next_at:
             return
         self._next_at = time.monotonic() + self.every_s
         s = self.settings

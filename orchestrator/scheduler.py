@@ -16,6 +16,7 @@ chooses their workers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 from datetime import timedelta
 
 from pydantic import ValidationError
@@ -52,7 +53,7 @@ class Slot:
     last_key: tuple | None = None
 
 
-def assign(jobs: list[tuple[Job, str | None]], workers: list[Slot], window: int = WINDOW) -> list[tuple[Job, str]]:
+def assign(jobs: Iterable[tuple[Job, str | None]], workers: list[Slot], window: int = WINDOW) -> list[tuple[Job, str]]:
     """(job, worker) for each job of `jobs` (in their order) that a worker with a free slot fits.
 
     Each job comes with the worker it was last leased to (None if never): after a give-back it
@@ -124,11 +125,13 @@ def schedule(session: Session, dead_after_s: float, window: int = WINDOW) -> lis
              .order_by(SweepRow.created_at, JobRow.sweep_id, JobRow.index))
     leased: list[tuple[Job, str]] = []
     offset = 0
-    while any(s.n_outstanding < window for s in slots):
-        rows = session.execute(query.offset(offset).limit(_SCAN_CHUNK)).all()
+    while n_free := sum(max(0, window - s.n_outstanding) for s in slots):
+        # A few rows per free slot: most queued jobs fit some worker, and each read row is parsed.
+        rows = session.execute(query.offset(offset).limit(min(_SCAN_CHUNK, 4 * n_free + 16))).all()
         if not rows:
             break
-        chosen = assign([(Job.model_validate(spec), previous) for _, spec, previous in rows], slots, window)
+        # Parsed as assign reaches them: it stops once every slot is taken.
+        chosen = assign(((Job.model_validate(spec), previous) for _, spec, previous in rows), slots, window)
         for job, name in chosen:
             leased.append((lifecycle.lease(session.get(JobRow, job.job_id), name), name))
         # The leased rows leave the queued set the next chunk is read from (the session flushes first).
