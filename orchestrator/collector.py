@@ -142,18 +142,17 @@ def implausibilities(result: Result, worker: WorkerRow | None, job: Job | None =
     if step_bytes <= 0:
         return []
     kind = memory_kind(job) if job is not None else ("vram" if result.config.n_gpu_layers != 0 else "ram")
-    if kind == "vram" and worker is not None and not worker.device_bandwidth_gbps:
+    if kind == "vram" and worker is not None and not ((worker.capabilities or {}).get("hardware") or {}).get("vram_bytes"):
         kind = "ram"  # a box without a GPU runs "offloaded" layers on the host
     bandwidth_gbps = held_bandwidth_gbps(worker, result, kind)
     roofline = bandwidth_gbps * 1e9 / step_bytes
-    n_draft = job.n_draft if job is not None else result.n_draft
-    technique = job.technique if job is not None else result.technique
-    # Speculation verifies up to n_draft + 1 tokens per read of the weights (MTP: n_mtp + 1).
-    per_read = 1 + (job.n_mtp if job is not None and technique == "mtp" else n_draft) if technique != "baseline" else 1
+    source = job if job is not None else result
+    # Speculation verifies up to n_draft + 1 tokens per read of the weights; MTP up to n_mtp + 1.
+    per_read = 1
+    if source.technique != "baseline":
+        per_read += source.n_mtp if source.technique == "mtp" else source.n_draft
     limit = ROOFLINE_MARGIN * roofline * per_read
     decode_ts = result.decode_ts or result.avg_ts
-    if kind_of_test(result.test) == "pg" and not result.decode_ts:
-        decode_ts = result.avg_ts
     if decode_ts > limit:
         return [f"decode {decode_ts:.1f} tok/s beats the memory-bandwidth limit of {roofline:.1f} tok/s "
                 f"({bandwidth_gbps:.1f} GB/s over {step_bytes} bytes a token) by more than the "
@@ -162,9 +161,8 @@ def implausibilities(result: Result, worker: WorkerRow | None, job: Job | None =
 
 
 def sha256_problems(result: Result, job: Job) -> list[str]:
-    """Every sha256 a Result carries is a real digest, and the job's where the job names one."""
-    if result.status != "ok" and not any((result.model_sha256, result.source_sha256, result.draft_sha256)):
-        return []  # a failure before any file was read carries none
+    """Every sha256 a Result carries is a real digest (an ok result carries all of them; a failure,
+    those of the files it got to), and the job's where the job names one."""
 
     def bad(value: str) -> bool:
         return not is_sha256(value) or value == "0" * 64
@@ -172,7 +170,7 @@ def sha256_problems(result: Result, job: Job) -> list[str]:
     problems = []
     for field in ("model_sha256", "source_sha256", *(("draft_sha256",) if job.technique == "spec" else ())):
         value = getattr(result, field)
-        if bad(value):
+        if (result.status == "ok" or value) and bad(value):
             problems.append(f"{field} {value[:70]!r} is not a sha256 hex digest of a file")
     return problems  # a well-formed source_sha256 other than the job's: validation.result_problems
 
