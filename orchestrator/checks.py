@@ -371,7 +371,7 @@ def route_crosschecks(session: Session, dead_after_s: float,
         if check.sent_at is not None and check.target_worker in live_names:
             continue  # on its way
         origin = session.get(JobRow, check.origin_job_id)
-        if origin.state in ("queued", "running"):
+        if origin.state in ("queued", "sent", "running"):
             continue
         stored = session.get(ResultRow, origin.id) if origin.state == "done" else None
         if stored is None:

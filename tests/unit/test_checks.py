@@ -204,6 +204,10 @@ def _crosscheck(engine, tokens, origin_worker="w1", tolerance=0.25):
     copy = next(j for j in plan.jobs if j.job_id == copy_id)
     with session_scope(engine) as s:
         assert checks.route_crosschecks(s, 60) == []  # held until the original's result is in
+        lifecycle.lease(s.get(JobRow, origin.job_id), origin_worker)
+    with session_scope(engine) as s:
+        assert checks.route_crosschecks(s, 60) == []  # sent, not yet run: still held, not skipped
+        assert s.get(CheckRow, copy.job_id).verdict == "pending"
     assert send(engine, tokens, origin, origin_worker).action == "stored"
     return origin, copy
 
