@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from farm.contract import Capabilities, Job, ModelSource, SourceFile
-from farm.memory import job_need_bytes
+from farm.memory import job_active_bytes, job_need_bytes
 from farm.modelfiles import (
     CATALOGUE,
     ModelError,
@@ -52,7 +52,8 @@ def thread_refusal(n_threads: list[int], workers: dict[str, Capabilities]) -> st
 
 def plan(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."),
          models_dir: Path | None = None, max_jobs: int = MAX_JOBS) -> list[Job]:
-    """The sweep's jobs, ready to record: models resolved, pairs checked, memory estimated.
+    """The sweep's jobs, ready to record: models resolved, pairs checked, memory estimated, the
+    bytes a decode step reads recorded (the collector's roofline check).
 
     The job-count bound is checked before any file is read, so an oversized sweep costs nothing.
     """
@@ -66,7 +67,9 @@ def plan(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."
     facts_cache: dict = {}
     remote = {i.ref: i.facts for i in identities.values() if i.facts is not None}
     try:
-        return [j.model_copy(update={"need_bytes": job_need_bytes(j, models_dir, facts_cache, remote)}) for j in jobs]
+        return [j.model_copy(update={"need_bytes": job_need_bytes(j, models_dir, facts_cache, remote),
+                                     "active_bytes": job_active_bytes(j, models_dir, facts_cache, remote)})
+                for j in jobs]
     except ModelError as exc:
         raise SweepError(f"cannot estimate the memory of a job: {exc}") from exc
 

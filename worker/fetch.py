@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from farm.contract import ModelSource, SourceFile
-from farm.modelfiles import ModelError, sha256_file
+from farm.modelfiles import SPLIT_NAME, ModelError, combined_sha256, sha256_file
 from farm.sources import hub_cache_dir, ollama_store
 
 # (downloaded_bytes, total_bytes) of the job's files; called from a watcher thread, about once a second.
@@ -175,8 +175,19 @@ class _Watcher:
 
 
 def downloaded_models(models_dir: Path) -> list[str]:
-    """sha256 of every model file this project downloaded and still holds."""
-    return [e["sha256"] for e in Ledger(Path(models_dir) / LEDGER)._load() if e.get("sha256") and Path(e["path"]).exists()]
+    """sha256 of every model this project downloaded and still holds: each file's, and a whole
+    split set's identity (farm.modelfiles.combined_sha256), which is what its jobs carry."""
+    held = [e for e in Ledger(Path(models_dir) / LEDGER)._load() if e.get("sha256") and Path(e["path"]).exists()]
+    found = [e["sha256"] for e in held]
+    sets: dict[tuple, dict[int, str]] = {}
+    for e in held:
+        m = SPLIT_NAME.match(Path(e["name"]).name)
+        if m is not None:
+            sets.setdefault((e["repo"], e["revision"], m["stem"], int(m["count"])), {})[int(m["no"])] = e["sha256"]
+    for (*_, count), parts in sets.items():
+        if sorted(parts) == list(range(1, count + 1)):
+            found.append(combined_sha256([parts[i] for i in range(1, count + 1)]))
+    return found
 
 
 class Ledger:

@@ -229,8 +229,8 @@ def held(settings: Settings) -> list[str]:
 
 
 def capabilities(settings: Settings) -> Capabilities:
-    """What this worker announces, the queues it will consume among it."""
-    from farm.broker import JOBS_QUEUE, worker_queue, worker_queues
+    """What this worker announces, the queue it will consume among it."""
+    from farm.broker import worker_queue
 
     engines = [name for name, module in (("llamacpp", "llama_cpp"), ("torch", "torch"))
                if importlib.util.find_spec(module) is not None]
@@ -239,10 +239,8 @@ def capabilities(settings: Settings) -> Capabilities:
                         version=__version__,
                         offered_ram_bytes=min(hw.ram_bytes, settings.max_ram_bytes or hw.ram_bytes),
                         offered_vram_bytes=min(hw.vram_bytes, settings.max_vram_bytes or hw.vram_bytes))
-    # Its own queue first: a job sent to this worker alone (a cross-check) is not kept waiting.
-    queues = [worker_queue(settings.worker_name),
-              *([JOBS_QUEUE] if settings.broker_is_embedded else worker_queues(caps))]
-    return caps.model_copy(update={"queues": queues})
+    # Only its own: the orchestrator chooses which worker runs each job (a lease it grants).
+    return caps.model_copy(update={"queues": [worker_queue(settings.worker_name)]})
 
 
 class Heartbeat(threading.Thread):
@@ -289,13 +287,16 @@ def register(app: Celery, settings: Settings, admission: Admission) -> None:
         except JobRefused as exc:
             refuse(app, settings, job_json, exc)
             return
-        publish_envelope(app, Envelope(kind="started", job_id=job.job_id, worker=settings.worker_name),
+        # Both messages echo the lease the job came with: the collector counts nothing else.
+        lease = {"lease_id": job.lease_id, "attempt": job.attempt}
+        publish_envelope(app, Envelope(kind="started", job_id=job.job_id, worker=settings.worker_name, **lease),
                          settings.worker_token)
         log.info("job %s: %s %s %s", job.job_id, job.model, job.quant, job.test)
 
         def progress(downloaded_bytes: int, total_bytes: int) -> None:
             publish_envelope(app, Envelope(kind="progress", job_id=job.job_id, worker=settings.worker_name,
-                                           download=Download(downloaded_bytes=downloaded_bytes, total_bytes=total_bytes)),
+                                           download=Download(downloaded_bytes=downloaded_bytes, total_bytes=total_bytes),
+                                           **lease),
                              settings.worker_token)
 
         try:
@@ -305,8 +306,8 @@ def register(app: Celery, settings: Settings, admission: Admission) -> None:
             loaded.drop()
             result = Result.failed(job, settings.worker_name, f"internal error: {type(exc).__name__}: {exc}",
                                    hardware=hardware.summary())
-        publish_envelope(app, Envelope(kind="result", job_id=job.job_id, worker=settings.worker_name, result=result),
-                         settings.worker_token)
+        publish_envelope(app, Envelope(kind="result", job_id=job.job_id, worker=settings.worker_name, result=result,
+                                       **lease), settings.worker_token)
         log.info("job %s: %s %.2f tok/s %s", job.job_id, result.status, result.avg_ts, result.error)
 
 

@@ -336,7 +336,8 @@ def test_a_sweep_of_hub_models_runs_end_to_end_from_an_empty_cache(hub, hub_file
 
     env = at_head(service_env(tmp_path / "data", pg_url, redis_url))
     cache = tmp_path / "worker-hf-cache"
-    env.update(HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(cache))
+    env.update(HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(cache), TOKENFARM_MODELS_DIR=str(tmp_path / "models"),
+               TOKENFARM_HEARTBEAT_S="1")
     env.pop("HF_TOKEN", None)
     sweep = tmp_path / "hub.yaml"
     sweep.write_text(yaml.safe_dump({
@@ -364,6 +365,18 @@ def test_a_sweep_of_hub_models_runs_end_to_end_from_an_empty_cache(hub, hub_file
         outputs.setdefault(r["test"], set()).add(r["output_sha256"])
     assert all(len(v) == 1 for v in outputs.values()), outputs
     assert (cache / "models--tf--SmolLM2-135M-GGUF" / "snapshots" / C1 / "SmolLM2-135M-Q4_1.gguf").exists()
+    # The worker announces both models it downloaded (the split one by its set's identity), so the
+    # scheduler sends their next jobs to it first.
+    from tests.integration.conftest import wait_until
+
+    def announced() -> set[str]:
+        e = create_engine(pg_url)
+        with e.connect() as c:
+            caps = c.execute(text("SELECT capabilities FROM workers WHERE name = 'hub-worker'")).scalar_one()
+        e.dispose()
+        return set(caps["models"])
+
+    assert wait_until(lambda: {whole["model_sha256"], cut["source_sha256"]} <= announced(), 15), announced()
     for r in rows:
         print(f"{r['model']} {r['test']}: {r['avg_ts']:.1f} tok/s")
 

@@ -7,15 +7,16 @@ from farm.broker import signed_body
 from farm.contract import Download, Envelope, utc_now
 from orchestrator.collector import ingest
 from orchestrator.db import JobRow, RejectionRow, WorkerRow, session_scope
-from orchestrator.lifecycle import download_line, record, requeue_lost, start
+from orchestrator.lifecycle import download_line, lease, record, requeue_lost, start
 from orchestrator.planning import plan
 from orchestrator.sweep import SweepSpec
 from orchestrator.workers import add_worker
 
 
-def progress(job_id: str, worker: str, token: str, done: int, total: int) -> dict:
-    return signed_body(Envelope(kind="progress", job_id=job_id, worker=worker,
-                                download=Download(downloaded_bytes=done, total_bytes=total)), token)
+def progress(job, worker: str, token: str, done: int, total: int) -> dict:
+    return signed_body(Envelope(kind="progress", job_id=job.job_id, worker=worker, lease_id=job.lease_id,
+                                attempt=job.attempt, download=Download(downloaded_bytes=done, total_bytes=total)),
+                       token)
 
 
 def test_the_running_workers_progress_is_kept_and_shown_and_others_are_ignored(engine):
@@ -25,15 +26,17 @@ def test_the_running_workers_progress_is_kept_and_shown_and_others_are_ignored(e
     with session_scope(engine) as s:
         tokens = {n: add_worker(s, n) for n in ("w1", "w2")}
         record(s, spec, jobs)
-        start(s.get(JobRow, job.job_id), "w1")
+        row = s.get(JobRow, job.job_id)
+        job = lease(row, "w1")
+        start(row)
     with session_scope(engine) as s:
-        assert ingest(s, progress(job.job_id, "w1", tokens["w1"], 4_200_000_000, 18_600_000_000)).action == "progress"
-        # Another worker's report for a job it does not run changes nothing.
-        assert ingest(s, progress(job.job_id, "w2", tokens["w2"], 1, 2)).action == "stale"
+        assert ingest(s, progress(job, "w1", tokens["w1"], 4_200_000_000, 18_600_000_000)).action == "progress"
+        # Another worker's report for a job it does not hold is refused and changes nothing.
+        assert ingest(s, progress(job, "w2", tokens["w2"], 1, 2)).action == "rejected"
     with session_scope(engine) as s:
         row = s.get(JobRow, job.job_id)
         assert download_line(row.download) == "downloading 4.2 / 18.6 GB"
-        assert s.query(RejectionRow).count() == 0
+        assert [r.worker for r in s.query(RejectionRow)] == ["w2"]
     assert download_line({"downloaded_bytes": 5, "total_bytes": 5}) == ""  # done: the job is measuring
 
 
@@ -45,14 +48,15 @@ def test_a_download_report_restarts_the_time_limit(engine):
         token = add_worker(s, "w1")
         record(s, spec, jobs)
         row = s.get(JobRow, job.job_id)
-        start(row, "w1")
+        job = lease(row, "w1")
+        start(row)
         row.updated_at = utc_now() - timedelta(seconds=100)  # started 100 s ago
     with session_scope(engine) as s:
         s.get(WorkerRow, "w1").last_seen = utc_now()
         # A 60 s limit: without a report the job counts as hung.
-        assert [j.job_id for j in requeue_lost(s, dead_after_s=3600, max_attempts=3, job_timeout_s=60)] == [job.job_id]
+        assert requeue_lost(s, dead_after_s=3600, max_attempts=3, job_timeout_s=60) == 1
         s.rollback()
     with session_scope(engine) as s:
-        ingest(s, progress(job.job_id, "w1", token, 10, 100))
+        ingest(s, progress(job, "w1", token, 10, 100))
     with session_scope(engine) as s:
-        assert requeue_lost(s, dead_after_s=3600, max_attempts=3, job_timeout_s=60) == []
+        assert requeue_lost(s, dead_after_s=3600, max_attempts=3, job_timeout_s=60) == 0

@@ -48,7 +48,10 @@ def test_a_refusal_under_another_workers_name_is_refused_itself(engine):
         assert ingest(s, body).action == "rejected"
     with session_scope(engine) as s:
         (view,) = list_workers(s)
-    assert view.n_jobs_refused == 0 and view.n_rejected == 1
+    # Kept as a rejection, but not counted against w1: nothing proves w1 sent it.
+    assert view.n_jobs_refused == 0 and view.n_rejected == 0
+    with session_scope(engine) as s:
+        assert "bad signature" in s.scalars(select(RejectionRow.reason)).one()
 
 
 def test_a_revoked_worker_is_refused_and_readmitted_only_with_a_new_token(engine):
