@@ -77,13 +77,13 @@ def assign(jobs: Iterable[tuple[Job, str | None]], workers: list[Slot], window: 
 
 
 def live_slots(session: Session, dead_after_s: float) -> list[Slot]:
-    """Every live, unflagged worker that announced what it offers and listens on its own queue,
-    with its outstanding jobs and the model its last lease loaded."""
+    """Every live, unflagged, unrevoked worker that announced what it offers and listens on its own
+    queue, with its outstanding jobs and the model its last lease loaded."""
     cutoff = utc_now() - timedelta(seconds=dead_after_s)
     slots = []
     for row in session.scalars(select(WorkerRow).where(WorkerRow.flagged.is_(False), WorkerRow.last_seen.is_not(None),
                                                        WorkerRow.capabilities.is_not(None))):
-        if as_utc(row.last_seen) < cutoff:
+        if as_utc(row.last_seen) < cutoff or not row.token:  # silent, or revoked (`workers revoke`)
             continue
         try:
             caps = Capabilities.model_validate(row.capabilities)

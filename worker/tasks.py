@@ -32,7 +32,8 @@ from farm.contract import (
 from farm.identity import output_sha256
 from farm.jobsign import JobRefused
 from farm.memory import context_size
-from farm.modelfiles import CATALOGUE, ModelError, held_models, model_sha256, read_facts
+from farm.modelfiles import CATALOGUE, ModelError, held_models, read_facts
+from farm.modelfiles import model_sha256 as model_identity
 from farm.settings import Settings
 from farm.stats import sample_stats, summarize, tok_s
 from worker import __version__, hardware
@@ -85,7 +86,7 @@ def measure_over_prompts(job: Job, target, settings: Settings, model_sha256: str
     try:
         if job.technique == "spec":
             draft_path = draft_file(job, settings, progress)
-            extra["draft_sha256"] = model_sha256(draft_path)
+            extra["draft_sha256"] = model_identity(draft_path)
             draft = create_backend(job.engine)
             draft.load(draft_path, job.config, context_size(job))
             # Before any measurement: a draft with another tokenizer would be measured as garbage.
@@ -150,7 +151,7 @@ def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None,
         path, source_sha = resolve(job.model, job.quant, settings.effective_models_dir, job.model_sha256,
                                    job.model_source, progress, max_download_bytes(settings))
         facts = read_facts(path)
-        model_sha = model_sha256(path)
+        model_sha = model_identity(path)
         backend, load_ns, reused = loaded.acquire(job.engine, path, model_sha, job.config, context_size(job))
         extra: dict = {}
         try:

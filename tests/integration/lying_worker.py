@@ -13,8 +13,8 @@ from farm.settings import load_settings
 _real_resolve = worker.tasks.resolve
 
 
-def cheaper_resolve(model, quant, models_dir, expected_sha256=None):
-    return _real_resolve(model, "Q4_1", models_dir, expected_sha256)
+def cheaper_resolve(model, quant, models_dir, *args, **kwargs):
+    return _real_resolve(model, "Q4_1", models_dir, *args, **kwargs)
 
 
 worker.tasks.resolve = cheaper_resolve

@@ -26,7 +26,7 @@ from farm.settings import Settings
 from orchestrator import keys
 from orchestrator.db import REFUSED_JOB, JobRow, RejectionRow, ResultRow, WorkerRow, session_scope
 from orchestrator.dispatch import job_args
-from orchestrator.lifecycle import record
+from orchestrator.lifecycle import lease, record
 from orchestrator.planning import plan
 from orchestrator.sweep import SweepSpec
 from orchestrator.workers import list_workers
@@ -58,9 +58,10 @@ def test_forged_jobs_are_refused_before_any_file_is_touched_and_counted(tmp_path
     engine = create_engine(pg_url)
     with session_scope(engine) as s:
         record(s, spec, [honest])
+        honest = lease(s.get(JobRow, honest.job_id), "target")  # as the scheduler grants it
     # The orchestrator's own app and key, as `sweep submit` would use them.
     app = create_app(Settings(broker_url=redis_url, data_dir=data_dir))
-    genuine_args = job_args(app, honest)
+    genuine_args = job_args(app, honest, "target")
 
     def forged(kind: str) -> tuple[str, list]:
         job_json = honest.model_copy(update={"job_id": f"forged-{kind}", "model": str(watched / "forged" / f"{kind}.gguf")}
@@ -137,10 +138,11 @@ def test_a_genuine_job_refused_as_expired_is_sent_again_freshly_sealed(tmp_path,
     engine = create_engine(pg_url)
     with session_scope(engine) as s:
         record(s, spec, [job])
+        job = lease(s.get(JobRow, job.job_id), "patient")
     # A job that waited in its queue past its allowance: sealed to expire at once.
     hasty = create_app(Settings(broker_url=redis_url, data_dir=data_dir, job_queue_allowance_s=0.001,
                                 job_timeout_s=0.001))
-    send(hasty, [job])
+    send(hasty, [(job, "patient")])
     log = tmp_path / "patient.log"
     with worker_process(env, "patient", log):
         assert wait_until(lambda: "expired" in log.read_text(), timeout=120), log.read_text()[-3000:]
