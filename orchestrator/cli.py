@@ -47,6 +47,8 @@ app.add_typer(worker_app, name="worker")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.add_typer(workers_app, name="workers")
+broker_app = typer.Typer(help="The broker's TLS certificates.", no_args_is_help=True)
+app.add_typer(broker_app, name="broker")
 canaries_app = typer.Typer(help="Canary references: the greedy outputs canary jobs are judged against.",
                            no_args_is_help=True)
 app.add_typer(canaries_app, name="canaries")
@@ -68,6 +70,16 @@ def _engine(settings: Settings):
     from orchestrator.db import make_engine
 
     return make_engine(settings.effective_database_url)
+
+
+def _celery(settings: Settings):
+    """The orchestrator's Celery app; a broker setting that must not be used is refused here."""
+    from farm.broker import BrokerConfigError, create_app
+
+    try:
+        return create_app(settings)
+    except BrokerConfigError as exc:
+        raise fail(str(exc))
 
 
 def _ensure_schema(settings: Settings) -> None:
@@ -126,7 +138,6 @@ def sweep_submit(
     n_threads above the cores of every registered worker (with none known, this machine's) is
     refused, not capped; a worker given more threads than it has caps them and records the request.
     """
-    from farm.broker import create_app
     from orchestrator import dispatch, lifecycle
     from orchestrator.checks import record_checks
     from orchestrator.db import session_scope
@@ -151,7 +162,7 @@ def sweep_submit(
         problem = thread_refusal(spec.n_threads, dispatch.known_capabilities(session))
     if problem:
         raise fail(f"{file}: {problem}")
-    celery = create_app(settings)
+    celery = _celery(settings)
     if not allow_unfit:
         _refuse_unfit(settings, engine, celery, jobs)
     plan = _plan_checks(settings, spec, jobs)
@@ -225,11 +236,10 @@ def sweep_wait(
     timeout: Optional[float] = typer.Option(None, help="give up after this many seconds"),
 ) -> None:
     """Collect results of a submitted sweep until every job finished; non-zero if any failed."""
-    from farm.broker import create_app
 
     settings = load_settings()
     engine, sweep_id, n_jobs = _open_sweep(settings, sweep)
-    raise typer.Exit(_wait(settings, engine, create_app(settings), sweep_id, n_jobs, timeout))
+    raise typer.Exit(_wait(settings, engine, _celery(settings), sweep_id, n_jobs, timeout))
 
 
 @sweep_app.command("resume")
@@ -239,12 +249,11 @@ def sweep_resume(
     timeout: Optional[float] = typer.Option(None, help="with --wait: give up after this many seconds"),
 ) -> None:
     """Send again what never finished: queued jobs, and running jobs of workers that went silent."""
-    from farm.broker import create_app
     from orchestrator.dispatch import resend_unfinished
 
     settings = load_settings()
     engine, sweep_id, n_jobs = _open_sweep(settings, sweep)
-    celery = create_app(settings)
+    celery = _celery(settings)
     n = resend_unfinished(engine, celery, sweep_id, settings.worker_dead_after_s, settings.max_attempts)
     console.print(f"sweep {sweep_id}: {n} jobs sent again")
     if wait:
@@ -405,7 +414,6 @@ def collector(
     once: bool = typer.Option(False, "--once", help="store what waits on the results queue, then exit"),
 ) -> None:
     """Store results from the queue until stopped (the deployment's only database writer)."""
-    from farm.broker import create_app
     from orchestrator import dispatch
     from orchestrator.broker_audit import n_results_waiting
     from orchestrator.collector import Collector, collect, drain
@@ -413,8 +421,11 @@ def collector(
 
     settings = load_settings()
     _require_schema(settings)
-    c = Collector(_engine(settings), max_attempts=settings.max_attempts)
-    celery = create_app(settings)
+    from orchestrator.brokerusers import results_relay
+
+    engine = _engine(settings)
+    c = Collector(engine, max_attempts=settings.max_attempts, relay=results_relay(settings, engine))
+    celery = _celery(settings)
     c.send = dispatch.sender(celery)
     if once:
         n_handled = drain(celery, c, lambda: n_results_waiting(celery))
@@ -497,17 +508,62 @@ def workers_add(name: str = typer.Argument(..., help="the worker's name, as it w
 
     settings = load_settings()
     _require_schema(settings)
+    broker_url = ""
     try:
         with session_scope(_engine(settings)) as session:
             token = add_worker(session, name, rotate)
+            if settings.broker_confined and not settings.broker_is_embedded:
+                # Inside the transaction: a user Redis refused leaves no registered worker behind.
+                broker_url = _create_broker_user(settings, name)
     except RegistryError as exc:
         raise fail(str(exc))
     if quiet:
         print(token)
+        if broker_url:
+            print(broker_url)
         return
     console.print(f"worker [bold]{name}[/] may join. Its token, shown only now:\n\n  {token}\n")
-    console.print(f"On the worker box: TOKENFARM_WORKER_TOKEN={token} tokenfarm worker start --name {name}",
-                  highlight=False, soft_wrap=True)
+    env = f"TOKENFARM_WORKER_TOKEN={token}"
+    if broker_url:
+        console.print(f"Its own broker user and password, shown only now:\n\n  {broker_url}\n", highlight=False,
+                      soft_wrap=True)
+        ca = f" TOKENFARM_BROKER_CA_FILE={settings.broker_ca_file}" if settings.broker_ca_file else ""
+        env += f" TOKENFARM_BROKER_URL='{broker_url}' TOKENFARM_BROKER_CONFINED=1{ca}"
+    console.print(f"On the worker box: {env} tokenfarm worker start --name {name}", highlight=False, soft_wrap=True)
+
+
+def _create_broker_user(settings: Settings, name: str) -> str:
+    """Worker NAME's own Redis user (orchestrator/brokerusers.py); the URL it joins with."""
+    from farm.broker import BrokerConfigError
+    from orchestrator import brokerusers
+
+    celery = _celery(settings)
+    try:
+        password = brokerusers.create_user(celery, name)
+    except BrokerConfigError as exc:
+        raise fail(str(exc))
+    except Exception as exc:  # the broker refused or is down: nothing is registered
+        raise fail(f"cannot create the Redis user for {name!r} on {_redact_broker(settings)}: {exc}; "
+                   "the orchestrator's broker user needs the ACL command (+@admin)")
+    return brokerusers.worker_broker_url(settings.effective_broker_url, name, password,
+                                         settings.broker_public_address)
+
+
+@workers_app.command("revoke")
+def workers_revoke(name: str = typer.Argument(..., help="the worker to shut out")) -> None:
+    """Shut a worker out of the broker at once: its Redis user is deleted and its connections closed."""
+    from orchestrator import brokerusers
+
+    settings = load_settings()
+    if not settings.broker_confined or settings.broker_is_embedded:
+        raise fail("this farm's broker has no per-worker users (TOKENFARM_BROKER_CONFINED is off); "
+                   f"rotate its token instead: tokenfarm workers add {name} --rotate")
+    try:
+        existed = brokerusers.delete_user(_celery(settings), name)
+    except Exception as exc:
+        raise fail(f"cannot delete the Redis user of {name!r} on {_redact_broker(settings)}: {exc}")
+    console.print(f"worker {name}: " + ("Redis user deleted, its connections closed" if existed
+                                         else "had no Redis user (already revoked)"))
 
 
 @workers_app.command("flag")
@@ -541,6 +597,28 @@ def workers_trust(name: str, clear: bool = typer.Option(False, "--clear", help="
     except RegistryError as exc:
         raise fail(str(exc))
     console.print(f"worker {name}: {'no longer trusted' if clear else 'trusted: its results become canary references'}")
+
+
+@broker_app.command("certs")
+def broker_certs(
+    out_dir: Path = typer.Argument(..., help="folder to write ca.pem, ca.key, redis.pem, redis.key into"),
+    host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host",
+                                   help="a name or address clients reach the broker by (repeat for each)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing files (a new CA)"),
+) -> None:
+    """A private CA and Redis's TLS certificate; workers get ca.pem (TOKENFARM_BROKER_CA_FILE)."""
+    from orchestrator.brokercerts import CertError, make_certs
+
+    try:
+        files = make_certs(out_dir, host, overwrite)
+    except CertError as exc:
+        raise fail(str(exc))
+    except ImportError as exc:
+        raise fail(f"making certificates needs the cryptography package ({exc.name} is missing): "
+                   "pip install 'tokenfarm[orchestrator]'")
+    console.print(f"CA {files.ca_cert} (give it to every worker; keep {files.ca_key} here), "
+                  f"server certificate {files.server_cert} and key {files.server_key} for "
+                  f"{', '.join(host)}", highlight=False, soft_wrap=True)
 
 
 @canaries_app.command("list")

@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 from farm.settings import Settings
 from orchestrator import dispatch, lifecycle
 from orchestrator.checks import describe, verdict_counts
+from orchestrator.brokerusers import results_relay
 from orchestrator.collector import Collector, collect
 from orchestrator.db import session_scope
 from orchestrator.store import failed_jobs
@@ -85,7 +86,8 @@ def follow(settings: Settings, engine: Engine, celery, sweep_id: str, n_jobs: in
             return True
         return False
 
-    collect(celery, Collector(engine, send=dispatch.sender(celery), max_attempts=settings.max_attempts), done)
+    collect(celery, Collector(engine, send=dispatch.sender(celery), max_attempts=settings.max_attempts,
+                              relay=results_relay(settings, engine)), done)
     if state["timed_out"]:
         return Followed(n_jobs, state["n_finished"], timed_out=True)
     with session_scope(engine) as session:

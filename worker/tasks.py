@@ -212,8 +212,12 @@ def capabilities(settings: Settings) -> Capabilities:
                         offered_ram_bytes=min(hw.ram_bytes, settings.max_ram_bytes or hw.ram_bytes),
                         offered_vram_bytes=min(hw.vram_bytes, settings.max_vram_bytes or hw.vram_bytes))
     # Its own queue first: a job sent to this worker alone (a cross-check) is not kept waiting.
-    queues = [worker_queue(settings.worker_name),
-              *([JOBS_QUEUE] if settings.broker_is_embedded else worker_queues(caps))]
+    # A confined worker has only its own: the shared queues are outside its key prefix.
+    if settings.broker_confined and not settings.broker_is_embedded:
+        queues = [worker_queue(settings.worker_name)]
+    else:
+        queues = [worker_queue(settings.worker_name),
+                  *([JOBS_QUEUE] if settings.broker_is_embedded else worker_queues(caps))]
     return caps.model_copy(update={"queues": queues})
 
 
@@ -265,13 +269,16 @@ def register(app: Celery, settings: Settings) -> None:
 
 def start(settings: Settings, loglevel: str = "INFO") -> None:
     """Serve jobs until stopped: one measurement at a time, in this process."""
-    from farm.broker import create_app
+    from farm.broker import BrokerConfigError, worker_app
 
     if not settings.worker_token:
         raise SystemExit("error: no worker token: on the orchestrator run `tokenfarm workers add "
                          f"{settings.worker_name}` and set TOKENFARM_WORKER_TOKEN to the token it prints")
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    try:
+        app = worker_app(settings)
+    except BrokerConfigError as exc:
+        raise SystemExit(f"error: {exc}")
     register(app, settings)
     caps = capabilities(settings)
     log.info("serving %d queues: %s", len(caps.queues), ", ".join(caps.queues))
@@ -280,6 +287,8 @@ def start(settings: Settings, loglevel: str = "INFO") -> None:
         "worker", f"--hostname={settings.worker_name}@%h", f"--queues={','.join(caps.queues)}",
         # solo pool: the measurement runs in this process, with nothing else competing for cores.
         "--pool=solo", "--concurrency=1", f"--loglevel={loglevel}",
-        "--without-gossip", "--without-mingle",
+        # Gossip, mingle and heartbeat events are broadcasts to every worker; this one's
+        # liveness reaches the orchestrator as signed heartbeats on the results queue.
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]
     app.worker_main(argv)
