@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -162,3 +163,66 @@ def wait_until(predicate, timeout: float, interval: float = 0.2) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ConfinedRedis:
+    """A redis-server of the test's own: TLS only, on loopback, users from an ACL file."""
+
+    tls_port: int
+    ca_file: Path
+    admin_url: str  # the orchestrator's user: every key and command
+    proc: subprocess.Popen
+
+    def worker_url(self, name: str, password: str) -> str:
+        return f"rediss://w%3A{name}:{password}@127.0.0.1:{self.tls_port}/0"
+
+    def client(self, url: str | None = None, **kw):
+        import redis
+
+        return redis.Redis.from_url(url or self.admin_url, ssl_ca_certs=str(self.ca_file), ssl_cert_reqs="required",
+                                    ssl_check_hostname=True, **kw)
+
+
+@pytest.fixture
+def confined_redis(tmp_path):
+    """`redis-server --port 0 --tls-port Q --aclfile ...` on 127.0.0.1, with certificates from
+    `tokenfarm broker certs`' own code: the default user off, one admin user, no plain-text port."""
+    from orchestrator.brokercerts import make_certs
+
+    version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+    if "v=" not in version or int(version.split("v=")[1].split(".")[0]) < 7:
+        pytest.skip(f"needs redis-server 7 or later (scripts checked against ACLs): {version.strip()}")
+    root = tmp_path / "confined-redis"
+    files = make_certs(root / "certs", ["127.0.0.1", "localhost"])
+    admin_password = uuid.uuid4().hex
+    acl = root / "users.acl"
+    acl.write_text(f"user default off\nuser tf-admin on >{admin_password} ~* &* +@all\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--bind", "127.0.0.1", "--tls-port", str(port),
+         "--tls-cert-file", str(files.server_cert), "--tls-key-file", str(files.server_key),
+         "--tls-ca-cert-file", str(files.ca_cert), "--tls-auth-clients", "no", "--aclfile", str(acl),
+         "--save", "", "--appendonly", "no", "--dir", str(root)],
+        stdout=(root / "redis.log").open("wb"), stderr=subprocess.STDOUT)
+    server = ConfinedRedis(port, files.ca_cert, f"rediss://tf-admin:{admin_password}@127.0.0.1:{port}/0", proc)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"redis-server with TLS did not start (built without TLS?): {(root / 'redis.log').read_text()[-2000:]}")
+        try:
+            return server.client().ping()
+        except Exception:
+            return False
+
+    assert wait_until(ready, 20)
+    yield server
+    stop_process(proc)
