@@ -501,8 +501,11 @@ def workers_list(ctx: typer.Context) -> None:
 @workers_app.command("add")
 def workers_add(name: str = typer.Argument(..., help="the worker's name, as it will start with --name"),
                 rotate: bool = typer.Option(False, help="issue a new token for an existing worker"),
-                quiet: bool = typer.Option(False, "--quiet", help="print the token only (for scripts)")) -> None:
-    """Allow a worker to join; prints its token once."""
+                quiet: bool = typer.Option(False, "--quiet", help="print the token only (for scripts)"),
+                env_file: Optional[Path] = typer.Option(
+                    None, "--env-file", help="write the worker's settings (token, broker user) to this file, "
+                                             "with the broker's ca.pem beside it, instead of printing them")) -> None:
+    """Allow a worker to join; prints its token once (and its own broker user on a confined farm)."""
     from orchestrator.db import session_scope
     from orchestrator.workers import RegistryError, add_worker
 
@@ -517,6 +520,10 @@ def workers_add(name: str = typer.Argument(..., help="the worker's name, as it w
                 broker_url = _create_broker_user(settings, name)
     except RegistryError as exc:
         raise fail(str(exc))
+    if env_file is not None:
+        _write_join_env(settings, env_file, name, token, broker_url)
+        console.print(f"worker [bold]{name}[/] may join: its settings are in {env_file}", highlight=False)
+        return
     if quiet:
         print(token)
         if broker_url:
@@ -530,6 +537,27 @@ def workers_add(name: str = typer.Argument(..., help="the worker's name, as it w
         ca = f" TOKENFARM_BROKER_CA_FILE={settings.broker_ca_file}" if settings.broker_ca_file else ""
         env += f" TOKENFARM_BROKER_URL='{broker_url}' TOKENFARM_BROKER_CONFINED=1{ca}"
     console.print(f"On the worker box: {env} tokenfarm worker start --name {name}", highlight=False, soft_wrap=True)
+
+
+def _write_join_env(settings: Settings, path: Path, name: str, token: str, broker_url: str) -> None:
+    """A worker's settings as an env file (owner-only: it holds secrets), and the CA it checks the
+    broker with copied beside it; the worker box needs this folder and nothing else."""
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = {"TOKENFARM_WORKER_NAME": name, "TOKENFARM_WORKER_TOKEN": token,
+             "TOKENFARM_BROKER_URL": broker_url or settings.effective_broker_url}
+    if broker_url:
+        lines["TOKENFARM_BROKER_CONFINED"] = "1"
+    if settings.broker_ca_file is not None:
+        ca = path.parent / "ca.pem"
+        if ca.resolve() != settings.broker_ca_file.resolve():
+            shutil.copyfile(settings.broker_ca_file, ca)
+        lines["TOKENFARM_BROKER_CA_FILE"] = str(ca)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        # Single-quoted: the file is read by a shell (`set -a; . FILE`) as well as by docker's env_file.
+        f.write("".join(f"{key}='{value}'\n" for key, value in lines.items()))
 
 
 def _create_broker_user(settings: Settings, name: str) -> str:
