@@ -110,10 +110,22 @@ def prefixed_connection(app: Celery, prefix: str) -> Iterator:
         yield conn
 
 
-def send_to_worker(app: Celery, jobs: Iterable[Job], worker: str, countdown_s: float = 0.0) -> None:
-    """Jobs into worker's own queue inside its key prefix, where its confined user reads them."""
+@contextmanager
+def worker_producer(app: Celery, worker: str) -> Iterator:
+    """A producer for jobs meant for `worker`: inside its key prefix on a confined broker (the only
+    place its Redis user can read), the app's own elsewhere. The caller publishes to
+    farm.broker.worker_queue(worker) through it."""
+    if not app.conf.get("tokenfarm_confined"):
+        with app.producer_or_acquire() as producer:
+            yield producer
+        return
     with prefixed_connection(app, worker_keyprefix(worker)) as conn:
-        producer = app.amqp.Producer(conn)
+        yield app.amqp.Producer(conn)
+
+
+def send_to_worker(app: Celery, jobs: Iterable[Job], worker: str, countdown_s: float = 0.0) -> None:
+    """Jobs into worker's own queue (inside its key prefix on a confined broker)."""
+    with worker_producer(app, worker) as producer:
         for job in jobs:
             app.send_task(RUN_JOB_TASK, args=[job.model_dump(mode="json")], task_id=job.job_id,
                           queue=worker_queue(worker), producer=producer, countdown=countdown_s or None,

@@ -130,12 +130,11 @@ def resend_unfinished(engine: Engine, app: Celery, sweep_id: str, dead_after_s: 
 def send_to_worker(app: Celery, job: Job, worker: str) -> None:
     """One job to one worker's own queue (farm.broker.worker_queue); on a confined broker, inside
     that worker's key prefix, the only place its Redis user can read."""
-    if app.conf.get("tokenfarm_confined"):
-        from orchestrator.brokerusers import send_to_worker as send_confined
+    from orchestrator.brokerusers import worker_producer
 
-        send_confined(app, [job], worker)
-        return
-    app.send_task(RUN_JOB_TASK, args=[job.model_dump(mode="json")], task_id=job.job_id, queue=worker_queue(worker))
+    with worker_producer(app, worker) as producer:
+        app.send_task(RUN_JOB_TASK, args=[job.model_dump(mode="json")], task_id=job.job_id,
+                      queue=worker_queue(worker), producer=producer)
 
 
 def send_crosschecks(engine: Engine, app: Celery, dead_after_s: float) -> int:
