@@ -180,10 +180,36 @@ class ConfinedRedis:
     tls_port: int
     ca_file: Path
     admin_url: str  # the orchestrator's user: every key and command
-    proc: subprocess.Popen
+    proc: subprocess.Popen | None
+    argv: list[str]
+    log_path: Path
 
     def worker_url(self, name: str, password: str) -> str:
         return f"rediss://w%3A{name}:{password}@127.0.0.1:{self.tls_port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"redis-server with TLS did not start (built without TLS?): {self.log_path.read_text()[-2000:]}")
+            try:
+                return self.client().ping()
+            except Exception:
+                return False
+
+        assert wait_until(ready, 20)
+
+    def restart(self, down_s: float = 4.0) -> None:
+        """Down for down_s, then up again with what it had: its append-only file and its ACL file
+        (the workers' users, saved there by `workers add`)."""
+        try:
+            self.client().shutdown()
+        except Exception:  # redis-py reports the connection the shutdown closed
+            pass
+        self.proc.wait(timeout=20)
+        time.sleep(down_s)
+        self.start()
 
     def client(self, url: str | None = None, **kw):
         import redis
@@ -207,22 +233,12 @@ def confined_redis(tmp_path):
     acl = root / "users.acl"
     acl.write_text(f"user default off\nuser tf-admin on >{admin_password} ~* &* +@all\n")
     port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", "0", "--bind", "127.0.0.1", "--tls-port", str(port),
-         "--tls-cert-file", str(files.server_cert), "--tls-key-file", str(files.server_key),
-         "--tls-ca-cert-file", str(files.ca_cert), "--tls-auth-clients", "no", "--aclfile", str(acl),
-         "--save", "", "--appendonly", "no", "--dir", str(root)],
-        stdout=(root / "redis.log").open("wb"), stderr=subprocess.STDOUT)
-    server = ConfinedRedis(port, files.ca_cert, f"rediss://tf-admin:{admin_password}@127.0.0.1:{port}/0", proc)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"redis-server with TLS did not start (built without TLS?): {(root / 'redis.log').read_text()[-2000:]}")
-        try:
-            return server.client().ping()
-        except Exception:
-            return False
-
-    assert wait_until(ready, 20)
+    argv = ["redis-server", "--port", "0", "--bind", "127.0.0.1", "--tls-port", str(port),
+            "--tls-cert-file", str(files.server_cert), "--tls-key-file", str(files.server_key),
+            "--tls-ca-cert-file", str(files.ca_cert), "--tls-auth-clients", "no", "--aclfile", str(acl),
+            "--save", "", "--appendonly", "yes", "--dir", str(root)]
+    server = ConfinedRedis(port, files.ca_cert, f"rediss://tf-admin:{admin_password}@127.0.0.1:{port}/0", None,
+                           argv, root / "redis.log")
+    server.start()
     yield server
-    stop_process(proc)
+    stop_process(server.proc)

@@ -24,6 +24,7 @@ from farm.settings import Settings
 from orchestrator.db import JobRow, RejectionRow, ResultRow, WorkerRow, session_scope
 from tests.integration.conftest import (
     MODELS_DIR,
+    TOKENFARM,
     at_head,
     service_env,
     stop_process,
@@ -79,7 +80,7 @@ def settings_of(env: dict[str, str]) -> Settings:
                     data_dir=Path(env["TOKENFARM_DATA_DIR"]), models_dir=MODELS_DIR)
 
 
-def submit_to(env: dict[str, str], tmp_path: Path, worker: str) -> tuple[str, list[str]]:
+def submit_to(env: dict[str, str], tmp_path: Path, worker: str, sweep: str = SWEEP) -> tuple[str, list[str]]:
     """Record the sweep and send every job to `worker`'s own queue (the orchestrator's scheduler
     chooses the worker on a confined farm; this branch's sweep submit still routes by class)."""
     from farm.broker import create_app
@@ -88,7 +89,7 @@ def submit_to(env: dict[str, str], tmp_path: Path, worker: str) -> tuple[str, li
     from orchestrator.sweep import load_spec
 
     path = tmp_path / "confined.yaml"
-    path.write_text(SWEEP)
+    path.write_text(sweep)
     spec = load_spec(path)
     jobs = plan(spec, base_dir=tmp_path, models_dir=MODELS_DIR)
     settings = settings_of(env)
@@ -237,3 +238,35 @@ def test_a_worker_checks_the_brokers_certificate(tmp_path, pg_url, confined_redi
     client = redis.Redis.from_url(url, ssl_ca_certs=str(other.ca_cert), ssl_cert_reqs="required")
     with pytest.raises(redis.exceptions.ConnectionError, match="certificate verify failed"):
         client.ping()
+
+
+FAST = "name: outage\nmodels: [smollm2-135m]\nn_prompt: [16, 24, 32]\nn_gen: [4, 6]\nrepetitions: 1\nn_warmup: 0\n"
+
+
+def test_the_confined_broker_down_for_seconds_mid_sweep_loses_nothing(tmp_path, pg_url, confined_redis, smollm2):
+    """test_chaos's broker outage, under TLS and per-worker users: Redis shut down and started
+    again mid-sweep; the worker logs in again with its own user (kept in the ACL file by ACL SAVE),
+    the collector with the admin user, and every job is stored once."""
+    env = confined_env(tmp_path, pg_url, confined_redis)
+    env.update(TOKENFARM_HEARTBEAT_S="1", TOKENFARM_WORKER_DEAD_AFTER_S="5")
+    token, url = add_worker(env, "patient")
+    engine = create_engine(env["TOKENFARM_DATABASE_URL"])
+
+    def n_stored() -> int:
+        with session_scope(engine) as s:
+            return len(s.scalars(select(ResultRow.job_id)).all())
+
+    with confined_worker(env, "patient", token, url, tmp_path / "patient.log"):
+        sweep_id, job_ids = submit_to(env, tmp_path, "patient", FAST)
+        waiter = subprocess.Popen([TOKENFARM, "sweep", "wait", sweep_id, "--timeout", "400"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert wait_until(lambda: n_stored() >= 1, 120)
+        n_before = n_stored()
+        confined_redis.restart()
+        out, errs = waiter.communicate(timeout=420)
+    assert waiter.returncode == 0, out + errs + (tmp_path / "patient.log").read_text()[-3000:]
+    assert n_before < len(job_ids), "every job was stored before the broker went down"
+    with session_scope(engine) as s:
+        assert sorted(s.scalars(select(ResultRow.job_id))) == sorted(job_ids)
+    engine.dispose()
+    assert b"w:patient" in confined_redis.client().execute_command("ACL", "USERS")
