@@ -155,3 +155,34 @@ def test_sweep_resume_sends_what_the_broker_lost_and_not_what_waits(farm, pg_url
     assert resumed.returncode == 0, resumed.stderr
     assert "1 jobs sent again" in resumed.stdout
     assert waiting_ids(redis.Redis.from_url(redis_url), job_queue(jobs[0])) == Counter(j.job_id for j in jobs)
+
+
+def test_the_audit_sees_put_back_and_drops_inside_confined_workers_prefixes(farm, redis_url):
+    """On a confined broker each worker's queue and unacked hash live under tf:w:NAME:; the audit
+    reads them as the admin user, and puts back or drops a taken message inside its own prefix."""
+    from orchestrator.brokerusers import prefixed_connection
+    from orchestrator.dispatch import send_to_worker
+
+    engine, _, jobs = farm
+    app = create_app(Settings(broker_url=redis_url, broker_confined=True))
+    stranded, finished, waiting = jobs
+    send_to_worker(app, stranded, "a")
+    send_to_worker(app, finished, "a")
+    send_to_worker(app, waiting, "b")
+    client = redis.Redis.from_url(redis_url)
+    assert waiting_ids(client, "tf:w:b:tokenfarm.worker.b") == Counter([waiting.job_id])
+    with prefixed_connection(app, "tf:w:a:") as holder:  # worker a takes both, runs neither
+        taker = Queue("tokenfarm.worker.a").bind(holder.channel())
+        assert all(taker.get(no_ack=False, accept=["json"]) is not None for _ in range(2))
+        assert client.hlen("tf:w:a:unacked") == 2 and not client.exists("unacked")
+        held = broker_snapshot(app).jobs
+        assert held[waiting.job_id][0].queue == "tokenfarm.worker.b" and held[waiting.job_id][0].taken_at is None
+        assert held[stranded.job_id][0].taken_at and held[stranded.job_id][0].tag.startswith("tf:w:a:")
+        with session_scope(engine) as s:
+            s.get(JobRow, finished.job_id).state = "done"
+        audit = BrokerAudit(grace_s=0.0)
+        assert audit.run(engine, app) == 0
+        assert audit.run(engine, app) == 1  # stranded put back; finished's copy dropped
+        assert waiting_ids(client, "tf:w:a:tokenfarm.worker.a") == Counter([stranded.job_id])
+        assert client.hlen("tf:w:a:unacked") == 0
+        assert waiting_ids(client, "tf:w:b:tokenfarm.worker.b") == Counter([waiting.job_id])
