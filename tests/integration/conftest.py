@@ -125,18 +125,27 @@ def at_head(env: dict[str, str]) -> dict[str, str]:
 
 
 def register_worker(env: dict[str, str], name: str) -> str:
+    return enrol_worker(env, name)[0]
+
+
+def enrol_worker(env: dict[str, str], name: str) -> tuple[str, str]:
+    """(token, broker URL for the worker): on a confined farm (TOKENFARM_BROKER_CONFINED=1) its
+    own Redis user's URL, which `workers add --quiet` prints after the token; else the env's."""
     proc = tokenfarm(env, "workers", "add", name, "--rotate", "--quiet", timeout=60)
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
+    lines = proc.stdout.split()
+    return lines[0], lines[1] if len(lines) > 1 else env.get("TOKENFARM_BROKER_URL", "")
 
 
 @contextmanager
 def worker_process(env: dict[str, str], name: str, log_path: Path, entry: list[str] | None = None):
     """A real worker process with its own token; a worker never gets the database URL.
     entry: what to run instead of `python -m worker` (a test's dishonest worker)."""
-    token = register_worker(env, name)
+    token, broker_url = enrol_worker(env, name)
     worker_env = {k: v for k, v in env.items() if k != "TOKENFARM_DATABASE_URL"}
     worker_env["TOKENFARM_WORKER_TOKEN"] = token
+    if broker_url:
+        worker_env["TOKENFARM_BROKER_URL"] = broker_url
     with log_path.open("ab") as log:
         proc = subprocess.Popen([sys.executable, *(entry or ["-m", "worker"]), "--name", name], env=worker_env,
                                 stdout=log, stderr=subprocess.STDOUT)

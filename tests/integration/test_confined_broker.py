@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,10 +24,11 @@ from tests.integration.conftest import (
     MODELS_DIR,
     TOKENFARM,
     at_head,
+    enrol_worker,
     service_env,
-    stop_process,
     tokenfarm,
     wait_until,
+    worker_process,
 )
 
 pytestmark = pytest.mark.integration
@@ -54,24 +53,9 @@ def confined_env(tmp_path: Path, pg_url: str, server) -> dict[str, str]:
 
 def add_worker(env: dict[str, str], name: str) -> tuple[str, str]:
     """(token, broker URL) from `tokenfarm workers add NAME --quiet` on a confined farm."""
-    proc = tokenfarm(env, "workers", "add", name, "--quiet", timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    token, url = proc.stdout.split()
+    token, url = enrol_worker(env, name)
     assert url.startswith("rediss://w%3A" + name + ":")
     return token, url
-
-
-@contextmanager
-def confined_worker(env: dict[str, str], name: str, token: str, url: str, log_path: Path):
-    worker_env = {k: v for k, v in env.items() if k != "TOKENFARM_DATABASE_URL"}
-    worker_env.update(TOKENFARM_WORKER_TOKEN=token, TOKENFARM_BROKER_URL=url)
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "worker", "--name", name], env=worker_env,
-                                stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        stop_process(proc)
 
 
 def settings_of(env: dict[str, str]) -> Settings:
@@ -151,7 +135,6 @@ def attempts(honest: str, mallory: str, script_sha: str) -> list[tuple[str, tupl
 def test_an_honest_confined_worker_runs_its_sweep_and_a_stranger_is_refused_everything(
         tmp_path, pg_url, confined_redis, smollm2):
     env = confined_env(tmp_path, pg_url, confined_redis)
-    honest_token, honest_url = add_worker(env, "honest")
     _, mallory_url = add_worker(env, "mallory")
     admin = confined_redis.client()
     admin.execute_command("ACL", "LOG", "RESET")
@@ -159,7 +142,7 @@ def test_an_honest_confined_worker_runs_its_sweep_and_a_stranger_is_refused_ever
     # A script that pops another worker's queue without declaring the key: Redis checks the
     # keys a script touches against the caller's user, not only those it declares.
     sneaky_sha = mallory.script_load("return redis.call('rpop', 'tf:w:honest:tokenfarm.worker.honest')")
-    with confined_worker(env, "honest", honest_token, honest_url, tmp_path / "honest.log"):
+    with worker_process(env, "honest", tmp_path / "honest.log"):
         sweep_id, job_ids = submit_to(env, tmp_path, "honest")
         answers = []
         for what, command in attempts("honest", "mallory", sneaky_sha):
@@ -249,14 +232,14 @@ def test_the_confined_broker_down_for_seconds_mid_sweep_loses_nothing(tmp_path, 
     the collector with the admin user, and every job is stored once."""
     env = confined_env(tmp_path, pg_url, confined_redis)
     env.update(TOKENFARM_HEARTBEAT_S="1", TOKENFARM_WORKER_DEAD_AFTER_S="5")
-    token, url = add_worker(env, "patient")
+
     engine = create_engine(env["TOKENFARM_DATABASE_URL"])
 
     def n_stored() -> int:
         with session_scope(engine) as s:
             return len(s.scalars(select(ResultRow.job_id)).all())
 
-    with confined_worker(env, "patient", token, url, tmp_path / "patient.log"):
+    with worker_process(env, "patient", tmp_path / "patient.log"):
         sweep_id, job_ids = submit_to(env, tmp_path, "patient", FAST)
         waiter = subprocess.Popen([TOKENFARM, "sweep", "wait", sweep_id, "--timeout", "400"], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
