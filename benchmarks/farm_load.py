@@ -1,9 +1,10 @@
 """Farm load: many jobs over many simulated workers through real Celery messages, Redis and PostgreSQL.
 
-The simulated workers are kombu consumers on the real jobs queue that answer each job at once
-with a plausible, correctly signed Result (a fast fake engine); several run per process, and
-processes are killed with SIGKILL at random and replaced. The real collector ingests. Prints
-jobs/s dispatched and ingested, and counts lost and duplicated jobs (both must be 0).
+The simulated workers are kombu consumers on their own real queues that answer each job at once,
+under the lease it came with, with a plausible, correctly signed Result (a fast fake engine);
+several run per process, and processes are killed with SIGKILL at random and replaced. The real
+collector ingests and the orchestrator's scheduler leases (dispatch.Upkeep, as `sweep wait`
+runs it). Prints jobs/s recorded and ingested, and counts lost and duplicated jobs (both must be 0).
 
     python benchmarks/farm_load.py --jobs 10000 --workers 100 --procs 4
 """
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Only worker-side imports at the top: the simulated workers are spawned processes that import
 # this module, and a restart after a kill should cost what a worker's start costs.
 
-from farm.broker import create_app, signed_body, worker_queues  # noqa: E402
+from farm.broker import create_app, signed_body, worker_queue  # noqa: E402
 from farm.contract import Capabilities, Envelope, Hardware, Job, ModelFacts, Result  # noqa: E402
 from farm.identity import output_sha256
 from farm.settings import Settings  # noqa: E402
@@ -41,7 +42,7 @@ def fake_result(job: Job, worker: str, rng: random.Random) -> Result:
     samples = [int(job.n_tokens * 1e9 / (rate * rng.uniform(0.97, 1.03))) for _ in range(job.repetitions)]
     avg, std = summarize(job.n_tokens, samples)
     return Result(job_id=job.job_id, sweep_id=job.sweep_id, status="ok", worker=worker, model=job.model,
-                  model_sha256=job.model_sha256 or "0" * 64, source_sha256=job.model_sha256 or "", quant=job.quant,
+                  model_sha256=job.model_sha256 or "c" * 64, source_sha256=job.model_sha256 or "c" * 64, quant=job.quant,
                   test=job.test, n_prompt=job.n_prompt, n_gen=job.n_gen, n_depth=job.n_depth,
                   repetitions=job.repetitions, samples_ns=samples, avg_ts=avg, stddev_ts=std,
                   output_sha256=output_sha256([[job.index]]),
@@ -64,9 +65,13 @@ def simulate(broker_url: str, workers: dict[str, str], seed: int, heartbeat_s: f
     app = create_app(settings)
     rng = random.Random(seed)
     names = list(workers)
-    # Every simulated worker is a 16 GiB CPU box running llama.cpp: it serves the queues of those classes.
-    caps = Capabilities(engines=["llamacpp"], offered_ram_bytes=16 << 30)
-    jobs_queues = [Queue(q, Exchange(q), routing_key=q) for q in worker_queues(caps)]
+    # Every simulated worker is a 16 GiB CPU box running llama.cpp, consuming its own queue.
+    def caps(name: str) -> Capabilities:
+        return Capabilities(engines=["llamacpp"], offered_ram_bytes=16 << 30, queues=[worker_queue(name)],
+                            hardware=Hardware(cpu="simulated", host_bandwidth_gbps=20.0, bandwidth_gbps=20.0))
+
+    by_queue = {worker_queue(name): name for name in names}
+    jobs_queues = [Queue(q, Exchange(q), routing_key=q) for q in by_queue]
     with app.connection_for_write() as conn:
         producer = conn.Producer(serializer="json")
 
@@ -76,13 +81,14 @@ def simulate(broker_url: str, workers: dict[str, str], seed: int, heartbeat_s: f
         def on_job(body, message) -> None:
             args = body[0] if isinstance(body, list) else body.get("args", [])
             job = Job.model_validate(args[0])
-            name = rng.choice(names)
-            publish(Envelope(kind="started", job_id=job.job_id, worker=name))
-            publish(Envelope(kind="result", job_id=job.job_id, worker=name, result=fake_result(job, name, rng)))
+            name = by_queue[message.delivery_info["routing_key"]]
+            lease = {"lease_id": job.lease_id, "attempt": job.attempt}
+            publish(Envelope(kind="started", job_id=job.job_id, worker=name, **lease))
+            publish(Envelope(kind="result", job_id=job.job_id, worker=name, result=fake_result(job, name, rng), **lease))
             message.ack()
 
         for name in names:
-            publish(Envelope(kind="hello", worker=name))
+            publish(Envelope(kind="hello", worker=name, capabilities=caps(name)))
         last_beat = last_restore = time.monotonic()
         with conn.Consumer(jobs_queues, accept=["json"], callbacks=[on_job], prefetch_count=len(names)) as consumer:
             while True:
@@ -151,7 +157,7 @@ def main() -> None:
 def run(args, url: str) -> None:
     from sqlalchemy import func, select
 
-    from orchestrator import dispatch, lifecycle
+    from orchestrator import dispatch, lifecycle, scheduler
     from orchestrator.collector import Collector, collect
     from orchestrator.db import JobRow, ResultRow, make_engine, session_scope, upgrade
     from orchestrator.lifecycle import sweep_progress
@@ -178,11 +184,8 @@ def run(args, url: str) -> None:
     with session_scope(engine) as s:
         sweep_id = lifecycle.record(s, spec, jobs)
     t_record = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    dispatch.send(app, jobs)
-    t_send = time.perf_counter() - t0
-    print(f"dispatched {len(jobs)} jobs: recorded in {t_record:.2f} s, sent in {t_send:.2f} s "
-          f"-> {len(jobs) / (t_record + t_send):.0f} jobs/s")
+    print(f"recorded {len(jobs)} jobs in {t_record:.2f} s -> {len(jobs) / t_record:.0f} jobs/s; the scheduler "
+          f"leases them as workers have room (window {scheduler.WINDOW} per worker)")
 
     per_proc = [dict(list(tokens.items())[i::args.procs]) for i in range(args.procs)]
     ctx = mp.get_context("spawn")
@@ -200,7 +203,8 @@ def run(args, url: str) -> None:
     next_kill = time.monotonic() + args.kill_every_s
     last_check = time.monotonic()
     upkeep = dispatch.Upkeep(settings)  # the orchestrator's own recovery, as `sweep wait` runs it
-    collector = Collector(engine, batch_size=500, send=dispatch.sender(app), max_attempts=settings.max_attempts)
+    collector = Collector(engine, batch_size=500, max_attempts=settings.max_attempts,
+                          after_batch=lambda: upkeep.maybe_run(engine, app, now=True))
     services_cpu = {pid: cpu_s(pid) for pid in service_pids(engine, args.redis)}
     t0 = time.perf_counter()
     cpu0 = time.process_time()

@@ -322,7 +322,7 @@ def sweeps() -> pd.DataFrame:
         pivot = states.pivot_table(index="sweep_id", columns="state", values="n", fill_value=0) if not states.empty \
             else pd.DataFrame(index=info["sweep_id"])
         frame = info.merge(pivot, left_on="sweep_id", right_index=True, how="left").fillna(0)
-        for state in ("queued", "running", "done", "failed"):
+        for state in ("queued", "sent", "running", "done", "failed"):
             frame[state] = frame[state].astype(int) if state in frame else 0
         frame["progress"] = (frame["done"] + frame["failed"]) / frame["n_jobs"].clip(lower=1)
         return frame.sort_values("created_at", ascending=False)

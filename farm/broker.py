@@ -1,13 +1,13 @@
 """The Celery application both roles share: queues, JSON-only serialisation, reliability settings.
 
-Jobs flow orchestrator -> a jobs queue -> worker; results flow back as plain JSON messages on
-`tokenfarm.results`, which only the collector consumes. No result backend: the broker is the
-only channel a worker has, so it never needs database credentials.
+Jobs flow orchestrator -> one worker's own queue -> that worker; results flow back as plain JSON
+messages on `tokenfarm.results`, which only the collector consumes. No result backend: the broker
+is the only channel a worker has, so it never needs database credentials.
 
-On a farm (Redis) a job's queue names its engine and memory class, `tokenfarm.jobs.llamacpp.vram.24gb`,
-and a worker consumes the queues of every class it can fit (farm/memory.py), largest first. The
-embedded broker (one box, its own worker) keeps the single `tokenfarm.jobs`: kombu's filesystem
-transport reads its queues round-robin, which would interleave models and defeat model affinity.
+The orchestrator chooses the worker of every job (orchestrator/scheduler.py) and publishes it to
+`tokenfarm.worker.NAME`, the one queue that worker consumes, on Redis and on the embedded broker
+alike: no worker takes a job meant for another, and a worker's broker user can be confined to its
+own keys.
 
 A confined farm (`broker_confined`) gives each worker a Redis user that may touch only keys under
 `tf:w:NAME:`. kombu's `global_keyprefix` puts everything the worker's transport writes there: its
@@ -33,18 +33,17 @@ from kombu.transport import filesystem as kombu_filesystem
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps as kombu_dumps
 
-from farm.contract import Capabilities, Envelope, Job
+from farm.contract import Envelope
 from farm.settings import Settings, broker_url_problem
 from farm.signing import sign
 
-JOBS_QUEUE = "tokenfarm.jobs"
 RESULTS_QUEUE = "tokenfarm.results"
 RUN_JOB_TASK = "tokenfarm.run_job"
 
 
 def worker_queue(name: str) -> str:
-    """A worker's own queue, beside the shared one: for jobs meant for that worker alone (a
-    cross-check must run on a second machine, not whichever takes it first)."""
+    """A worker's own queue: the only one it consumes, where the orchestrator puts the jobs it
+    leased to that worker."""
     return f"tokenfarm.worker.{name}"
 
 # A worker's name becomes part of a Redis key pattern and user name: ACL glob characters
@@ -77,40 +76,6 @@ results_exchange = Exchange("tokenfarm.results", type="direct", durable=True)
 results_queue = Queue(RESULTS_QUEUE, results_exchange, routing_key="result", durable=True)
 
 
-def class_queue(engine: str, kind: str, gb: int) -> str:
-    return f"{JOBS_QUEUE}.{engine}.{kind}.{gb}gb"
-
-
-def job_queue(job: Job) -> str:
-    """The queue of a job's engine and memory class; the shared queue for a job never estimated."""
-    from farm.memory import CLASSES_GB, class_gb, memory_kind
-
-    if not job.need_bytes:
-        return JOBS_QUEUE
-    # Above the largest class: its queue, where only the biggest boxes look (submit warned).
-    return class_queue(job.engine, memory_kind(job), class_gb(job.need_bytes) or CLASSES_GB[-1])
-
-
-def worker_queues(caps: Capabilities) -> list[str]:
-    """Every queue a worker can serve, in the order it takes from them: VRAM before RAM, the
-    largest class first (the jobs fewest workers can run), then the shared queue."""
-    from farm.memory import ENGINE_MEMORY, offered_bytes, served_classes_gb
-
-    queues = []
-    for kind in ("vram", "ram"):
-        engines = [e for e in ENGINE_MEMORY if e in caps.engines and kind in ENGINE_MEMORY[e]]
-        for gb in reversed(served_classes_gb(offered_bytes(caps, kind))):
-            queues += [class_queue(engine, kind, gb) for engine in engines]
-    return [*queues, JOBS_QUEUE]
-
-
-def _route(name, args, kwargs, options, task=None, **kw) -> dict | None:
-    """Celery router: a job goes to job_queue (farm brokers only; see the module docstring)."""
-    if name != RUN_JOB_TASK or not args or options.get("queue"):
-        return None  # a job sent to one worker's own queue stays there
-    return {"queue": job_queue(Job.model_validate(args[0]))}
-
-
 def _transport_options(settings: Settings, keyprefix: str = "") -> dict:
     if not settings.broker_is_embedded:
         return {
@@ -121,9 +86,6 @@ def _transport_options(settings: Settings, keyprefix: str = "") -> dict:
             # so an unacked job returns at most 10 s after its visibility timeout.
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": 10, "unacked_restore_throttle": 1,
-            # BRPOP over the queues in the worker's order, not rotated after each message: a
-            # worker drains one class (model-major inside) before the next, keeping its model loaded.
-            "queue_order_strategy": "priority",
         }
     queue_dir = settings.broker_dir / "queue"
     control_dir = settings.broker_dir / "control"
@@ -165,11 +127,13 @@ class _FilesystemChannel(kombu_filesystem.Channel):
     between takes the file, reads nothing, and fails to decode it (the embedded collector died on
     that once, mid-sweep, and the message was gone). The message is written under a name no
     consumer matches and renamed into place, which the filesystem does at once. The name keeps
-    kombu's form (milliseconds first), so consumers still take messages in the order sent.
+    kombu's form (milliseconds first, zero-padded), so consumers take messages in the order sent.
     """
 
     def _put(self, queue, payload, **kwargs):
-        name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        # Zero-padded: consumers sort names as strings, and an unpadded count of milliseconds
+        # sorts 1000001 before 999999 (seen once, the moment the clock passed a million).
+        name = f"{int(round(time.monotonic() * 1000)):015d}_{uuid.uuid4()}.{queue}.msg"
         path = os.path.join(self.data_folder_out, name)
         partial = path + ".partial"
         try:
@@ -215,8 +179,6 @@ def create_app(settings: Settings, keyprefix: str = "") -> Celery:
         event_serializer="json",
         result_backend=None,
         task_ignore_result=True,
-        task_default_queue=JOBS_QUEUE,
-        task_routes={RUN_JOB_TASK: {"queue": JOBS_QUEUE}} if settings.broker_is_embedded else (_route,),
         # A job is acknowledged only once its Result is on its way: a dead worker's job comes back.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -241,6 +203,8 @@ def worker_app(settings: Settings) -> Celery:
     """A worker's app: confined to its own key prefix on a confined farm."""
     confined = settings.broker_confined and not settings.broker_is_embedded
     return create_app(settings, worker_keyprefix(settings.worker_name) if confined else "")
+
+
 
 
 def signed_body(envelope: Envelope, token: str) -> dict:

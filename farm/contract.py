@@ -10,11 +10,23 @@ output hashes (farm/identity.py) and the collector's checks against a Job
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
+
+# Bounds on what crosses the wire from an untrusted worker, so a message cannot grow a row or the
+# collector's memory without limit: a name or reference, an error text, a list of samples or
+# per-prompt figures, the model files a worker holds.
+MAX_NAME_CHARS = 1000
+MAX_ERROR_CHARS = 8000
+MAX_LIST_ITEMS = 4096
+MAX_MODELS_HELD = 4096
+SHA256_CHARS = 64
+
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+Sha256 = Annotated[str, Field(max_length=SHA256_CHARS)]
 
 # Quantizations llama.cpp's quantizer can derive without an importance matrix; names follow
 # llama.cpp's `--type` spelling so sweeps read like llama-quantize command lines.
@@ -101,6 +113,14 @@ class Job(BaseModel):
     # Set by the orchestrator at submit (farm/memory.py); the job's queue is its memory class.
     # 0: not estimated (a job recorded before routing), sent to the queue every worker consumes.
     need_bytes: int = Field(default=0, ge=0, description="estimated peak memory of the job")
+    # The orchestrator's own header read (farm/memory.facts_for): the weight bytes one decode step
+    # reads, which the collector's roofline check uses instead of the figures a worker reports.
+    # 0: not known (a job recorded before this field).
+    active_bytes: int = Field(default=0, ge=0)
+    # The lease the orchestrator granted with this message: one attempt on one worker. Its
+    # started and result messages echo both; anything else is refused. Empty on the stored spec.
+    lease_id: str = Field(default="", max_length=36)
+    attempt: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _technique_options(self) -> "Job":
@@ -154,14 +174,14 @@ class Job(BaseModel):
 class Hardware(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    cpu: str = ""
+    cpu: Annotated[str, Field(max_length=300)] = ""
     n_cpu_cores: int = 0
     ram_bytes: int = 0
-    gpu: str = ""
+    gpu: Annotated[str, Field(max_length=300)] = ""
     vram_bytes: int = 0
-    os: str = ""
-    gpu_driver: str = ""
-    cuda_version: str = ""
+    os: Annotated[str, Field(max_length=300)] = ""
+    gpu_driver: Annotated[str, Field(max_length=300)] = ""
+    cuda_version: Annotated[str, Field(max_length=300)] = ""
     # STREAM-style triad, best of a few runs; 0 where not measured (see worker/hardware.py).
     host_bandwidth_gbps: float = 0.0
     device_bandwidth_gbps: float = 0.0
@@ -172,11 +192,11 @@ class Hardware(BaseModel):
 class ModelFacts(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    arch: str = ""
+    arch: Annotated[str, Field(max_length=300)] = ""
     model_type: str = Field(default="", description="llama-bench's `model_type`, e.g. 'llama 135M Q4_1'")
     size_bytes: int = 0
     n_params: int = 0
-    file_type: str = ""
+    file_type: Annotated[str, Field(max_length=300)] = ""
     # Shape of the network, from the GGUF header (`<arch>.block_count`, ...).
     n_layer: int = 0
     n_head: int = 0
@@ -186,7 +206,7 @@ class ModelFacts(BaseModel):
     n_ctx_train: int = 0
     n_vocab: int = 0
     # Bytes of tensor data per ggml type: llama.cpp falls back to other types for some tensors.
-    quant_mix_bytes: dict[str, int] = Field(default_factory=dict)
+    quant_mix_bytes: dict[str, int] = Field(default_factory=dict, max_length=64)
     weight_bytes: int = Field(default=0, description="all tensor data, without header and padding")
     n_expert: int = 0
     n_expert_used: int = 0
@@ -216,7 +236,7 @@ class Conditions(BaseModel):
 
     n_threads: int = 0
     kv_type: str = "f16"
-    flags: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    flags: dict[str, str | int | float | bool] = Field(default_factory=dict, max_length=64)
     peak_rss_bytes: int = 0
     peak_vram_bytes: int = 0
     # The worker kept the model loaded from its previous job (load_ns is then 0: nothing loaded).
@@ -229,7 +249,7 @@ class Speculation(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    baseline_samples_ns: list[int] = Field(description="plain greedy decoding, same prompts, same job")
+    baseline_samples_ns: list[int] = Field(max_length=MAX_LIST_ITEMS, description="plain greedy decoding, same prompts, same job")
     baseline_avg_ts: float
     speedup: float = Field(description="avg_ts / baseline_avg_ts")
     n_drafted: int = Field(ge=0)
@@ -237,16 +257,16 @@ class Speculation(BaseModel):
     n_passes: int = Field(ge=0, description="target verify passes")
     acceptance_rate: float = Field(description="n_accepted / n_drafted; 0 when nothing was drafted")
     mean_accepted_per_pass: float = Field(description="n_accepted / n_passes")
-    acceptance_by_position: list[float] = Field(description="accepted / drafted at draft position i")
+    acceptance_by_position: list[float] = Field(max_length=MAX_LIST_ITEMS, description="accepted / drafted at draft position i")
     draft_ns: int = Field(ge=0)
     verify_ns: int = Field(ge=0)
     # Losslessness: the technique's greedy tokens against the baseline's, per prompt.
-    first_mismatch: list[int | None] = Field(description="per prompt: index of the first differing token; None: identical")
+    first_mismatch: list[int | None] = Field(max_length=MAX_LIST_ITEMS, description="per prompt: index of the first differing token; None: identical")
     lossless: bool
     # Per prompt, tokens_sha256 of the last repetition's tokens: the baseline's and the technique's.
     # The collector checks the losslessness claim against them (equal hashes iff no mismatch).
-    baseline_sha256: list[str] = Field(default_factory=list)
-    output_sha256: list[str] = Field(default_factory=list)
+    baseline_sha256: list[Sha256] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
+    output_sha256: list[Sha256] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
 
 class Result(BaseModel):
     """What a worker sends back for one Job, ok or failed."""
@@ -257,14 +277,14 @@ class Result(BaseModel):
     job_id: str
     sweep_id: str
     status: Status
-    error: str = ""
+    error: str = Field(default="", max_length=MAX_ERROR_CHARS)
     # The failure may not recur (a download that broke off): the orchestrator tries again later.
     transient: bool = False
-    worker: str
+    worker: Name
     # Identity of what was measured: the job's request and the file actually run.
-    model: str
-    model_sha256: str = ""
-    source_sha256: str = ""
+    model: Name
+    model_sha256: Sha256 = ""
+    source_sha256: Sha256 = ""
     model_facts: ModelFacts = ModelFacts()
     quant: str
     technique: Technique = "baseline"
@@ -274,34 +294,34 @@ class Result(BaseModel):
     n_gen: int = 0
     n_depth: int = 0
     repetitions: int = 0
-    samples_ns: list[int] = Field(default_factory=list)
+    samples_ns: list[int] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
     avg_ts: float = 0.0
     stddev_ts: float = 0.0
     load_ns: int = 0
     # output_sha256(...) of the greedy tokens of the last repetition: the decoded tokens (pp: the
     # one token after the prompt); over a prompt set, the baseline's tokens of every prompt in
     # order. Canaries and cross-checks compare it; empty only on failed results.
-    output_sha256: str = ""
+    output_sha256: Sha256 = ""
     stats: Stats = Stats()
     # Time from an empty cache to the first greedy token for n_prompt tokens (pp and pg, depth 0).
-    ttft_samples_ns: list[int] = Field(default_factory=list)
+    ttft_samples_ns: list[int] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
     ttft_ns: int = 0
     # pg: the decode part, timed directly; its rate is what the roofline bounds.
-    decode_samples_ns: list[int] = Field(default_factory=list)
+    decode_samples_ns: list[int] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
     decode_ts: float = 0.0
     roofline_tok_s: float = 0.0
     roofline_pct: float = 0.0
     conditions: Conditions = Conditions()
     config: EngineConfig = EngineConfig()
     hardware: Hardware = Hardware()
-    versions: dict[str, str] = Field(default_factory=dict)
+    versions: dict[str, Annotated[str, Field(max_length=200)]] = Field(default_factory=dict, max_length=64)
     started_at: datetime = Field(default_factory=utc_now)
     finished_at: datetime = Field(default_factory=utc_now)
     prompt_category: str | None = None
     n_prompts: int = 0
-    draft_model: str | None = None
-    draft_quant: str | None = None
-    draft_sha256: str = ""
+    draft_model: Name | None = None
+    draft_quant: str | None = Field(default=None, max_length=16)
+    draft_sha256: Sha256 = ""
     n_draft: int = 0
     p_min: float = 0.0
     ngram_max: int = 0
@@ -312,7 +332,7 @@ class Result(BaseModel):
     @classmethod
     def failed(cls, job: Job, worker: str, error: str, **extra) -> "Result":
         return cls(
-            job_id=job.job_id, sweep_id=job.sweep_id, status="failed", error=error, worker=worker,
+            job_id=job.job_id, sweep_id=job.sweep_id, status="failed", error=error[:MAX_ERROR_CHARS], worker=worker,
             model=job.model, quant=job.quant, technique=job.technique, backend=job.engine,
             test=job.test, n_prompt=job.n_prompt, n_gen=job.n_gen, n_depth=job.n_depth,
             config=job.config, **{f: getattr(job, f) for f in TECHNIQUE_FIELDS}, **extra,
@@ -328,11 +348,12 @@ class Capabilities(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    engines: list[str] = Field(default_factory=list)
+    engines: list[Annotated[str, Field(max_length=32)]] = Field(default_factory=list, max_length=8)
     hardware: Hardware = Hardware()
-    models: list[str] = Field(default_factory=list, description="sha256 of the model files it holds")
-    queues: list[str] = Field(default_factory=list)
-    version: str = ""
+    models: list[Sha256] = Field(default_factory=list, max_length=MAX_MODELS_HELD,
+                                 description="sha256 of the model files it holds")
+    queues: list[Name] = Field(default_factory=list, max_length=16)
+    version: str = Field(default="", max_length=100)
     # Memory the worker offers jobs: all it has, or less where its owner capped it (routing by class).
     offered_ram_bytes: int = 0
     offered_vram_bytes: int = 0
@@ -347,9 +368,12 @@ class Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["hello", "heartbeat", "started", "result"]
-    job_id: str = ""
-    worker: str
+    job_id: str = Field(default="", max_length=36)
+    worker: Name
+    # started and result: the lease of the Job message this answers (Job.lease_id, Job.attempt).
+    lease_id: str = Field(default="", max_length=36)
+    attempt: int = Field(default=0, ge=0)
     result: Result | None = None
     capabilities: Capabilities | None = None
     sent_at: datetime = Field(default_factory=utc_now)
-    signature: str = ""
+    signature: str = Field(default="", max_length=256)

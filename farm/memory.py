@@ -157,7 +157,10 @@ def scaled_to_quant(facts: ModelFacts, quant: str) -> ModelFacts:
     n_embedding = min(facts.n_params, facts.n_vocab * facts.n_embd)
     weight_bytes = math.ceil((n_embedding * max(bits, EMBEDDING_BITS_PER_WEIGHT)
                               + (facts.n_params - n_embedding) * bits) / 8)
-    return facts.model_copy(update={"weight_bytes": weight_bytes, "size_bytes": weight_bytes, "file_type": quant})
+    # The bytes a decode step reads shrink with the weights (an MoE's share of them stays its share).
+    active_bytes = math.ceil(facts.active_bytes * weight_bytes / facts.weight_bytes) if facts.weight_bytes else 0
+    return facts.model_copy(update={"weight_bytes": weight_bytes, "size_bytes": weight_bytes, "file_type": quant,
+                                    "active_bytes": active_bytes})
 
 
 def upcycled(parent: ModelFacts, n_ff: int, n_expert: int) -> ModelFacts:
@@ -236,6 +239,16 @@ def job_need_bytes(job: Job, models_dir: Path | None, cache: dict | None = None)
     return estimate_need_bytes(job, facts(job.model, job.quant), draft)
 
 
+def job_active_bytes(job: Job, models_dir: Path | None, cache: dict | None = None) -> int:
+    """Weight bytes one decode step of the job's model reads, from the orchestrator's own read of
+    the file's header (facts_for): what the collector's roofline check divides bandwidth by."""
+    cache = {} if cache is None else cache
+    if (job.model, job.quant) not in cache:
+        cache[(job.model, job.quant)] = facts_for(job.model, job.quant, models_dir)
+    facts = cache[(job.model, job.quant)]
+    return facts.active_bytes or facts.weight_bytes or facts.size_bytes
+
+
 def class_gb(need_bytes: int) -> int | None:
     """The smallest class that holds need_bytes; None above the largest."""
     for gb in CLASSES_GB:
@@ -257,10 +270,10 @@ def offered_bytes(caps: Capabilities, kind: MemoryKind) -> int:
 
 
 def fits(caps: Capabilities, job: Job) -> bool:
-    """Whether a worker serves the queue this job is routed to: its engine, its memory class."""
+    """Whether a worker can take this job: its engine, its memory class."""
     if job.engine not in caps.engines:
         return False
     if not job.need_bytes:
-        return True  # never estimated: it goes to the shared queue every worker consumes
+        return True  # never estimated: any worker with its engine may try
     need = class_gb(job.need_bytes)
     return need is not None and need in served_classes_gb(offered_bytes(caps, memory_kind(job)))

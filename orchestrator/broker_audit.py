@@ -186,8 +186,12 @@ def drop_taken(app: Celery, tags: list[str]) -> None:
 
 
 @contextmanager
-def results_consumer(app: Celery, callback, prefetch_count: int = 50) -> Iterator:
-    """A connection consuming the results queue; yields it so the caller drives drain_events."""
+def results_consumer(app: Celery, on_message, prefetch_count: int = 50) -> Iterator:
+    """A connection consuming the results queue; yields it so the caller drives drain_events.
+
+    `on_message` gets each message undecoded: kombu decoding a pickle or malformed text itself
+    would raise out of drain_events, leave the message unacknowledged, and do so again after
+    every restart."""
     with app.connection_for_read() as conn:
-        with conn.Consumer([results_queue], accept=["json"], callbacks=[callback], prefetch_count=prefetch_count):
+        with conn.Consumer([results_queue], accept=["json"], on_message=on_message, prefetch_count=prefetch_count):
             yield conn

@@ -206,7 +206,7 @@ def misrouted(check: CheckRow | None, worker: str) -> list[str]:
 
 
 def unroute(check: CheckRow) -> None:
-    """Send a cross-check again through route_crosschecks (a chosen worker), never the shared queue."""
+    """Send a cross-check again through route_crosschecks (a chosen worker), never any worker."""
     check.target_worker, check.sent_at = None, None
 
 
@@ -356,21 +356,22 @@ def _skip(check: CheckRow, row: JobRow, reason: str) -> None:
     row.state, row.error = "done", f"cross-check skipped: {reason}"
 
 
-def route_crosschecks(session: Session, dead_after_s: float, rng: random.Random | None = None) -> list[tuple[Job, str]]:
+def route_crosschecks(session: Session, dead_after_s: float,
+                      rng: random.Random | None = None) -> list[tuple[JobRow, str]]:
     """Cross-checks ready to go, each with the live, unflagged worker of the original's class it
-    goes to (marked sent here; the caller sends them before committing). Skips those with
-    nobody to run them or nothing to compare with; re-routes those whose target went silent."""
+    goes to (marked sent here; the caller leases and sends them before committing). Skips those
+    with nobody to run them or nothing to compare with; re-routes those whose target went silent."""
     rng = rng or random.Random()
     live = _live_workers(session, dead_after_s)
     live_names = {w.name for w in live}
-    due: list[tuple[Job, str]] = []
+    due: list[tuple[JobRow, str]] = []
     rows = session.execute(select(CheckRow, JobRow).join(JobRow, JobRow.id == CheckRow.job_id).where(
         CheckRow.kind == CROSSCHECK, CheckRow.verdict == "pending", JobRow.state == "queued")).all()
     for check, row in rows:
         if check.sent_at is not None and check.target_worker in live_names:
             continue  # on its way
         origin = session.get(JobRow, check.origin_job_id)
-        if origin.state in ("queued", "running"):
+        if origin.state in ("queued", "sent", "running"):
             continue
         stored = session.get(ResultRow, origin.id) if origin.state == "done" else None
         if stored is None:
@@ -395,7 +396,7 @@ def route_crosschecks(session: Session, dead_after_s: float, rng: random.Random 
             continue
         target = rng.choice(candidates).name
         check.target_worker, check.sent_at = target, utc_now()
-        due.append((job, target))
+        due.append((row, target))
     return due
 
 
@@ -409,17 +410,21 @@ def _can_fit(worker: WorkerRow, job: Job) -> bool:
     return fits(caps, job)
 
 
-def without_crosschecks(session: Session, jobs: list[Job], unroute_them: bool) -> list[Job]:
-    """`jobs` less the cross-checks, which only route_crosschecks sends (to a chosen worker).
-    unroute_them: their message was consumed (a lost worker's running job), so route them anew."""
+def without_crosschecks(session: Session, jobs: list[Job]) -> list[Job]:
+    """`jobs` less the cross-checks, which only route_crosschecks leases (to a chosen worker)."""
     if not jobs:
         return jobs
-    held = {c.job_id: c for c in session.scalars(select(CheckRow).where(
-        CheckRow.kind == CROSSCHECK, CheckRow.job_id.in_([j.job_id for j in jobs])))}
-    if unroute_them:
-        for check in held.values():
-            unroute(check)
+    held = set(session.scalars(select(CheckRow.job_id).where(
+        CheckRow.kind == CROSSCHECK, CheckRow.job_id.in_([j.job_id for j in jobs]))))
     return [j for j in jobs if j.job_id not in held]
+
+
+def unroute_crosschecks(session: Session, job_ids: list[str]) -> None:
+    """The cross-checks among these freed jobs are routed anew (a chosen worker, not any)."""
+    if not job_ids:
+        return
+    for check in session.scalars(select(CheckRow).where(CheckRow.kind == CROSSCHECK, CheckRow.job_id.in_(job_ids))):
+        unroute(check)
 
 
 # --- what the CLI prints -----------------------------------------------------------------------

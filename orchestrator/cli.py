@@ -169,8 +169,10 @@ def sweep_submit(
     with session_scope(engine) as session:
         sweep_id = lifecycle.record(session, spec, plan.jobs)
         record_checks(session, plan, settings.crosscheck_tolerance)
-    dispatch.send(celery, plan.to_send)
-    console.print(f"sweep [bold]{spec.name}[/] {sweep_id}: {len(jobs)} jobs queued"
+    # What live workers have room for goes now; the rest waits in the database for the
+    # long-running loops (`tokenfarm collector`, `sweep wait`) to lease as workers free up or join.
+    n_sent = dispatch.schedule_and_send(engine, celery, settings.worker_dead_after_s)
+    console.print(f"sweep [bold]{spec.name}[/] {sweep_id}: {len(jobs)} jobs queued, {n_sent} sent to workers now"
                   + (f" (+{len(plan.canaries)} canaries, +{len(plan.crosschecks)} cross-checks)"
                      if plan.canaries or plan.crosschecks else ""))
     if wait:
@@ -248,7 +250,8 @@ def sweep_resume(
     wait: bool = typer.Option(False, "--wait", help="collect results until every job finished"),
     timeout: Optional[float] = typer.Option(None, help="with --wait: give up after this many seconds"),
 ) -> None:
-    """Send again what never finished: queued jobs, and running jobs of workers that went silent."""
+    """Send again what never finished: jobs of workers that went silent are freed, sent jobs whose
+    message the broker lost go again, and queued jobs are leased to live workers with room."""
     from orchestrator.dispatch import resend_unfinished
 
     settings = load_settings()
@@ -309,11 +312,11 @@ def status(sweep: Optional[str] = typer.Argument(None, help="sweep id, id prefix
             if not rows:
                 console.print("no sweeps yet: tokenfarm sweep submit examples/demo.yaml --wait")
                 return
-            table = Table("sweep", "name", "created", "jobs", "queued", "running", "done", "failed", "checks")
+            table = Table("sweep", "name", "created", "jobs", "queued", "sent", "running", "done", "failed", "checks")
             for row in rows:
                 c = sweep_progress(session, row.id)
                 table.add_row(row.id[:8], row.name, f"{row.created_at:%Y-%m-%d %H:%M}", str(row.n_jobs),
-                              *(str(c.get(s, 0)) for s in ("queued", "running", "done", "failed")),
+                              *(str(c.get(s, 0)) for s in ("queued", "sent", "running", "done", "failed")),
                               describe(verdict_counts(session, row.id)))
             console.print(table)
             return
@@ -423,24 +426,34 @@ def collector(
     _require_schema(settings)
     from orchestrator.brokerusers import results_relay
 
-    engine = _engine(settings)
-    c = Collector(engine, max_attempts=settings.max_attempts, relay=results_relay(settings, engine))
     celery = _celery(settings)
-    c.send = dispatch.sender(celery)
+    upkeep = Upkeep(settings)
+
+    def lease_now() -> None:
+        try:
+            upkeep.maybe_run(c.engine, celery, now=True)
+        except Exception as exc:  # a service outage: the next tick retries
+            err.print(f"could not lease jobs yet: {exc}")
+
+    engine = _engine(settings)
+    c = Collector(engine, max_attempts=settings.max_attempts, after_batch=lease_now,
+                  relay=results_relay(settings, engine))
     if once:
         n_handled = drain(celery, c, lambda: n_results_waiting(celery))
+        # What the hellos and results just taken in made room for: leased and sent now.
+        n_sent = dispatch.schedule_and_send(c.engine, celery, settings.worker_dead_after_s)
         console.print(f"collected {n_handled} messages"
                       + (" (" + ", ".join(f"{n} {action}" for action, n in sorted(c.counts.items())) + ")"
-                         if c.counts else ""), highlight=False)
+                         if c.counts else "") + (f"; {n_sent} jobs sent to workers" if n_sent else ""),
+                      highlight=False)
         return
     console.print(f"collecting results from {_redact_broker(settings)}")
-    upkeep = Upkeep(settings)
 
     def maintain() -> bool:
         try:
             upkeep.maybe_run(c.engine, celery)
         except Exception as exc:  # a service outage: the next tick retries
-            err.print(f"could not re-send lost jobs yet: {exc}")
+            err.print(f"could not lease or re-send jobs yet: {exc}")
         return False
 
     collect(celery, c, maintain, tick_s=1.0)

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     create_engine,
@@ -34,7 +35,9 @@ def as_utc(ts: datetime) -> datetime:
     timezone-aware columns (all stored in UTC)."""
     return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
 
-JOB_STATES = ("queued", "running", "done", "failed")
+# queued: in the database only, waiting for a worker that fits; sent: leased to one worker and in
+# its queue; running: that worker said it started; done/failed: final.
+JOB_STATES = ("queued", "sent", "running", "done", "failed")
 
 
 class Base(DeclarativeBase):
@@ -60,7 +63,13 @@ class JobRow(Base):
     spec: Mapped[dict] = mapped_column(JSON)
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # The lease (orchestrator/scheduler.py): the worker the job was sent to, for which attempt
+    # (`attempts`), under which id, when. Only that worker's messages echoing that lease count.
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    lease_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    leased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # A transient failure's pause: not leased again before this.
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, onupdate=utc_now)
@@ -111,6 +120,10 @@ class WorkerRow(Base):
     n_canary_failed: Mapped[int] = mapped_column(Integer, default=0)
     n_crosscheck_agreed: Mapped[int] = mapped_column(Integer, default=0)
     n_crosscheck_disagreed: Mapped[int] = mapped_column(Integer, default=0)
+    # Memory bandwidth from its first hello, held here: the roofline check's figure, which later
+    # announcements may lower but never raise (a worker does not choose its own bound).
+    host_bandwidth_gbps: Mapped[float | None] = mapped_column(Float, nullable=True)
+    device_bandwidth_gbps: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class RejectionRow(Base):
@@ -122,6 +135,22 @@ class RejectionRow(Base):
     worker: Mapped[str] = mapped_column(String(200), index=True)
     job_id: Mapped[str] = mapped_column(String(36), default="")
     reason: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class DeadLetterRow(Base):
+    """A results-queue message the collector could not decode (not JSON, another content type,
+    too long), moved aside so it neither blocks the queue nor dies again on every restart."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    content_type: Mapped[str] = mapped_column(String(200), default="")
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    # The first bytes only: enough to see what it was, bounded whatever was sent.
+    head: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
 

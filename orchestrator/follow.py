@@ -56,7 +56,7 @@ class Followed:
 def is_finished(counts: dict[str, int], n_jobs: int) -> bool:
     n_finished = counts.get("done", 0) + counts.get("failed", 0)
     # A cross-check vote adds a job mid-sweep: finished means nothing left to run.
-    return n_finished >= n_jobs and not counts.get("queued") and not counts.get("running")
+    return n_finished >= n_jobs and not any(counts.get(s) for s in ("queued", "sent", "running"))
 
 
 def follow(settings: Settings, engine: Engine, celery, sweep_id: str, n_jobs: int, timeout_s: float | None,
@@ -69,7 +69,8 @@ def follow(settings: Settings, engine: Engine, celery, sweep_id: str, n_jobs: in
 
     def done() -> bool:
         try:
-            # Jobs of workers that died mid-job, or whose message the broker lost, go back on the queue.
+            # Queued jobs leased to workers with room; jobs of workers that died mid-job, or whose
+            # message the broker lost, freed or sent again.
             upkeep.maybe_run(engine, celery)
             with session_scope(engine) as session:
                 counts = lifecycle.sweep_progress(session, sweep_id)
@@ -86,7 +87,13 @@ def follow(settings: Settings, engine: Engine, celery, sweep_id: str, n_jobs: in
             return True
         return False
 
-    collect(celery, Collector(engine, send=dispatch.sender(celery), max_attempts=settings.max_attempts,
+    def lease_now() -> None:
+        try:
+            upkeep.maybe_run(engine, celery, now=True)
+        except (OperationalError, OSError, *celery.connection_for_write().connection_errors):
+            pass  # the next tick's pass retries
+
+    collect(celery, Collector(engine, max_attempts=settings.max_attempts, after_batch=lease_now,
                               relay=results_relay(settings, engine)), done)
     if state["timed_out"]:
         return Followed(n_jobs, state["n_finished"], timed_out=True)

@@ -1,18 +1,21 @@
 """The job lifecycle: queued -> sent -> running -> stored/failed, and the ways back to queued.
 
-Owns every change of a job row's state: a sweep's jobs written as queued, a job claimed as
-running by the worker that starts it, a transient failure given another attempt after a pause
-that doubles each time, a job given back when its worker went silent, restarted or ran past the
-time limit, and the end (done/failed) once its result is stored or max attempts are spent. The
-collector (which ingests results) and the dispatcher (which sends and re-sends) both call these
-functions over the Session their caller opened.
+Owns every change of a job row's state: a sweep's jobs written as queued, a job leased to one
+worker for one attempt (sent; the scheduler chooses the worker), running once the leaseholder
+says it started, a transient failure given another attempt after a pause that doubles each time,
+a lease freed when its worker went silent, restarted or ran past the time limit, and the end
+(done/failed) once its result is stored or max attempts are spent. The collector (which ingests
+results) and the dispatcher (which leases and sends) both call these functions over the Session
+their caller opened.
 
-Deliberately does not know the broker: it decides which jobs go out again and after what delay,
-and the caller sends them (dispatch.send). Nor does it verify messages (collector, validation).
+Deliberately does not know the broker: it decides which jobs are leased and which go back to
+the database's queue, and the caller sends (dispatch). Nor does it verify messages (collector,
+validation), or choose workers (scheduler).
 """
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -43,15 +46,38 @@ def record(session: Session, spec: SweepSpec, jobs: list[Job]) -> str:
     return sweep_id
 
 
-def start(row: JobRow, worker: str) -> bool:
-    """A worker says it started the job: it is running there, one more attempt spent.
+def lease(row: JobRow, worker: str) -> Job:
+    """Grant the queued job to `worker` for its next attempt; returns the Job message to send it,
+    which carries the lease (its id and attempt number)."""
+    row.attempts += 1
+    row.state, row.worker = "sent", worker
+    row.lease_id, row.leased_at, row.not_before = str(uuid.uuid4()), utc_now(), None
+    return leased_job(row)
 
-    Returns False (nothing changed) for a job already final. A job re-sent after its worker died
-    is claimed by whoever starts it next."""
+
+def leased_job(row: JobRow) -> Job:
+    """The Job message of the row's current lease (sent again unchanged where the broker lost it)."""
+    return Job.model_validate(row.spec).model_copy(update={"lease_id": row.lease_id or "", "attempt": row.attempts})
+
+
+def lease_problem(row: JobRow, worker: str, lease_id: str, attempt: int) -> str | None:
+    """Why a started or result message does not answer the job's current lease; None when it does."""
+    if not row.lease_id:
+        return "the job is not leased to any worker"
+    if row.worker != worker:
+        return f"the job is leased to worker {row.worker!r}, not {worker!r}"
+    if lease_id != row.lease_id or attempt != row.attempts:
+        return f"a stale or unknown lease (attempt {attempt}; the job's current attempt is {row.attempts})"
+    return None
+
+
+def start(row: JobRow) -> bool:
+    """The leaseholder says it started the job: running there (the caller checked the lease).
+
+    Returns False (nothing changed) for a job already final."""
     if row.state in FINAL_STATES:
         return False
-    row.state, row.worker = "running", worker
-    row.attempts += 1
+    row.state = "running"
     return True
 
 
@@ -60,13 +86,21 @@ def retry_delay_s(attempts: int) -> float:
     return 2.0 ** attempts
 
 
+def _free(row: JobRow) -> None:
+    """Back to the database's queue: no worker's message for it counts until the next lease."""
+    row.state, row.lease_id = "queued", None
+
+
 def retry(row: JobRow, error: str | None, max_attempts: int) -> float | None:
-    """A transient failure: back to queued with the delay before it is sent again, or None when
-    max attempts are spent (the caller then stores the failure as final)."""
+    """A transient failure: back to queued, not leased again before the delay returned, or None
+    when max attempts are spent (the caller then stores the failure as final)."""
     if row.attempts >= max_attempts:
         return None
-    row.state, row.error = "queued", f"attempt {row.attempts} failed, retrying: {error}"
-    return retry_delay_s(row.attempts)
+    delay_s = retry_delay_s(row.attempts)
+    _free(row)
+    row.error = f"attempt {row.attempts} failed, retrying: {error}"
+    row.not_before = utc_now() + timedelta(seconds=delay_s)
+    return delay_s
 
 
 def finish(row: JobRow, worker: str, ok: bool, error: str | None) -> None:
@@ -76,58 +110,58 @@ def finish(row: JobRow, worker: str, ok: bool, error: str | None) -> None:
     row.worker = worker
 
 
-def reject(row: JobRow, reason: str) -> None:
-    """Its result was refused by validation: failed, with the reason kept on the row."""
-    row.state, row.error = "failed", f"result rejected: {reason}"
-
-
-def give_back(row: JobRow, why: str, max_attempts: int) -> Job | None:
-    """A running job that will never finish: queued again (the caller sends it), or failed for good."""
+def give_back(row: JobRow, why: str, max_attempts: int) -> bool:
+    """A leased job that will never finish on its worker: its lease freed and the job queued
+    again (True; the scheduler leases it anew), or failed for good after max_attempts."""
     if row.attempts >= max_attempts:
         row.state = "failed"
         row.error = f"gave up after {row.attempts} attempts: {why}"
-        return None
-    row.state = "queued"
-    return Job.model_validate(row.spec)
+        return False
+    _free(row)
+    return True
 
 
-def dropped_on_restart(session: Session, worker: str, hello_at: datetime, max_attempts: int) -> list[Job]:
+def dropped_on_restart(session: Session, worker: str, hello_at: datetime, max_attempts: int) -> int:
     """A hello comes from a worker process that just started and so runs nothing: the jobs still
-    marked running on it were lost with its previous process. Giving them back now, instead of
-    after `worker_dead_after_s`, matters because a restarted worker is never silent long enough."""
+    marked running on it were lost with its previous process. Freeing them now, instead of after
+    `worker_dead_after_s`, matters because a restarted worker is never silent long enough. (Its
+    sent jobs still wait in its own queue for the new process.) Returns how many were freed."""
     rows = session.scalars(select(JobRow).where(JobRow.state == "running", JobRow.worker == worker))
     lost = [row for row in rows if as_utc(row.updated_at) < as_utc(hello_at)]
-    jobs = [job for row in lost if (job := give_back(row, "its worker restarted during the job", max_attempts))]
-    return checks.without_crosschecks(session, jobs, unroute_them=True)
+    freed = [row for row in lost if give_back(row, "its worker restarted during the job", max_attempts)]
+    checks.unroute_crosschecks(session, [row.id for row in freed])
+    return len(freed)
 
 
 def requeue_lost(session: Session, dead_after_s: float, max_attempts: int,
-                 job_timeout_s: float = float("inf")) -> list[Job]:
-    """Running jobs whose worker went silent or that ran past the time limit: back to queued
-    (to be re-sent), or failed for good after max_attempts."""
+                 job_timeout_s: float = float("inf")) -> int:
+    """Leased jobs whose worker went silent, or running past the time limit: their leases freed
+    (the scheduler leases them again, to another worker where one fits), or failed for good after
+    max_attempts. Returns how many were freed."""
     now = utc_now()
     cutoff = now - timedelta(seconds=dead_after_s)
     lost = session.execute(
         select(JobRow, WorkerRow.last_seen).join(WorkerRow, WorkerRow.name == JobRow.worker, isouter=True)
-        .where(JobRow.state == "running")
+        .where(JobRow.state.in_(("sent", "running")))
     ).all()
-    resend: list[Job] = []
+    freed: list[str] = []
     for row, last_seen in lost:
         alive = last_seen is not None and as_utc(last_seen) >= cutoff
-        hung = (now - as_utc(row.updated_at)).total_seconds() > job_timeout_s
+        hung = row.state == "running" and (now - as_utc(row.updated_at)).total_seconds() > job_timeout_s
         if alive and not hung:
             continue
         why = f"ran past the {job_timeout_s:.0f} s time limit" if hung else "the worker was lost during the job"
-        if job := give_back(row, why, max_attempts):
-            resend.append(job)
-    return checks.without_crosschecks(session, resend, unroute_them=True)
+        if give_back(row, why, max_attempts):
+            freed.append(row.id)
+    checks.unroute_crosschecks(session, freed)
+    return len(freed)
 
 
 def unfinished(session: Session, sweep_id: str) -> list[Job]:
     """The sweep's queued jobs in sweep order, less the cross-checks (those go to a chosen worker)."""
     queued = [Job.model_validate(spec) for spec in session.scalars(
         select(JobRow.spec).where(JobRow.sweep_id == sweep_id, JobRow.state == "queued").order_by(JobRow.index))]
-    return checks.without_crosschecks(session, queued, unroute_them=False)
+    return checks.without_crosschecks(session, queued)
 
 
 def sweep_progress(session: Session, sweep_id: str) -> dict[str, int]:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from farm.contract import Capabilities, Job
-from farm.memory import job_need_bytes
+from farm.memory import job_active_bytes, job_need_bytes
 from farm.modelfiles import (
     CATALOGUE,
     ModelError,
@@ -50,7 +50,8 @@ def thread_refusal(n_threads: list[int], workers: dict[str, Capabilities]) -> st
 
 def plan(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."),
          models_dir: Path | None = None, max_jobs: int = MAX_JOBS) -> list[Job]:
-    """The sweep's jobs, ready to record: models resolved, pairs checked, memory estimated.
+    """The sweep's jobs, ready to record: models resolved, pairs checked, memory estimated, the
+    bytes a decode step reads recorded (the collector's roofline check).
 
     The job-count bound is checked before any file is read, so an oversized sweep costs nothing.
     """
@@ -63,7 +64,8 @@ def plan(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."
             check_pairs(identities[e.name].ref, drafts, models_dir)
     facts_cache: dict = {}
     try:
-        return [j.model_copy(update={"need_bytes": job_need_bytes(j, models_dir, facts_cache)}) for j in jobs]
+        return [j.model_copy(update={"need_bytes": job_need_bytes(j, models_dir, facts_cache),
+                                     "active_bytes": job_active_bytes(j, models_dir, facts_cache)}) for j in jobs]
     except ModelError as exc:
         raise SweepError(f"cannot estimate the memory of a job: {exc}") from exc
 

@@ -201,8 +201,8 @@ def decode_figures(job: Job, m: Measurement, facts, hw, avg_ts: float) -> dict:
 
 
 def capabilities(settings: Settings) -> Capabilities:
-    """What this worker announces, the queues it will consume among it."""
-    from farm.broker import JOBS_QUEUE, worker_queue, worker_queues
+    """What this worker announces, the queue it will consume among it."""
+    from farm.broker import worker_queue
 
     engines = [name for name, module in (("llamacpp", "llama_cpp"), ("torch", "torch"))
                if importlib.util.find_spec(module) is not None]
@@ -211,14 +211,8 @@ def capabilities(settings: Settings) -> Capabilities:
                         version=__version__,
                         offered_ram_bytes=min(hw.ram_bytes, settings.max_ram_bytes or hw.ram_bytes),
                         offered_vram_bytes=min(hw.vram_bytes, settings.max_vram_bytes or hw.vram_bytes))
-    # Its own queue first: a job sent to this worker alone (a cross-check) is not kept waiting.
-    # A confined worker has only its own: the shared queues are outside its key prefix.
-    if settings.broker_confined and not settings.broker_is_embedded:
-        queues = [worker_queue(settings.worker_name)]
-    else:
-        queues = [worker_queue(settings.worker_name),
-                  *([JOBS_QUEUE] if settings.broker_is_embedded else worker_queues(caps))]
-    return caps.model_copy(update={"queues": queues})
+    # Only its own: the orchestrator chooses which worker runs each job (a lease it grants).
+    return caps.model_copy(update={"queues": [worker_queue(settings.worker_name)]})
 
 
 class Heartbeat(threading.Thread):
@@ -252,7 +246,9 @@ def register(app: Celery, settings: Settings) -> None:
             # Without a valid job id nothing can be reported; the orchestrator never sends this.
             log.error("refused a malformed job: %s", exc)
             return
-        publish_envelope(app, Envelope(kind="started", job_id=job.job_id, worker=settings.worker_name),
+        # Both messages echo the lease the job came with: the collector counts nothing else.
+        lease = {"lease_id": job.lease_id, "attempt": job.attempt}
+        publish_envelope(app, Envelope(kind="started", job_id=job.job_id, worker=settings.worker_name, **lease),
                          settings.worker_token)
         log.info("job %s: %s %s %s", job.job_id, job.model, job.quant, job.test)
         try:
@@ -262,8 +258,8 @@ def register(app: Celery, settings: Settings) -> None:
             loaded.drop()
             result = Result.failed(job, settings.worker_name, f"internal error: {type(exc).__name__}: {exc}",
                                    hardware=hardware.summary())
-        publish_envelope(app, Envelope(kind="result", job_id=job.job_id, worker=settings.worker_name, result=result),
-                         settings.worker_token)
+        publish_envelope(app, Envelope(kind="result", job_id=job.job_id, worker=settings.worker_name, result=result,
+                                       **lease), settings.worker_token)
         log.info("job %s: %s %.2f tok/s %s", job.job_id, result.status, result.avg_ts, result.error)
 
 

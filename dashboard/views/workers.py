@@ -12,7 +12,7 @@ if runs.empty:
     st.stop()
 
 st.subheader("Sweeps")
-st.dataframe(runs[["name", "created_at", "n_jobs", "queued", "running", "done", "failed", "progress", "sweep_id"]],
+st.dataframe(runs[["name", "created_at", "n_jobs", "queued", "sent", "running", "done", "failed", "progress", "sweep_id"]],
              hide_index=True, width="stretch", column_config={
                  "progress": st.column_config.ProgressColumn("progress", min_value=0, max_value=1, format="percent"),
              })

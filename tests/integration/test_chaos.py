@@ -188,17 +188,24 @@ def test_the_broker_down_for_seconds_mid_sweep_loses_nothing(tmp_path, pg_url, s
 def test_jobs_a_broker_restarted_without_its_data_lost_are_sent_again(tmp_path, pg_url, smollm2):
     with private_redis(tmp_path, persistent=False) as (broker_url, restart):
         env = chaos_env(tmp_path, pg_url, broker_url)
+        # Long enough for the worker to stay live across the restart, so its jobs keep their lease.
+        env["TOKENFARM_WORKER_DEAD_AFTER_S"] = "30"
         sweep = sweep_file(tmp_path, FAST, "amnesia")
-        assert tokenfarm(env, "sweep", "submit", str(sweep)).returncode == 0
-        restart()  # every queued job's message is gone; the database still has them queued
+        with worker_process(env, "patient", tmp_path / "patient.log") as first:
+            assert wait_until(lambda: " ready." in (tmp_path / "patient.log").read_text(errors="replace"), 120)
+        del first  # stopped: what it announced is taken in below, and its jobs wait in its queue
+        assert "hello" in tokenfarm(env, "collector", "--once").stdout
+        submitted = tokenfarm(env, "sweep", "submit", str(sweep))
+        assert submitted.returncode == 0 and "2 sent to workers now" in submitted.stdout, submitted.stdout
+        restart()  # the two sent jobs' messages are gone; the database still has them sent to patient
         started = time.monotonic()
         with worker_process(env, "patient", tmp_path / "patient.log"):
             waited = tokenfarm(env, "sweep", "wait", "amnesia", "--timeout", "300")
         assert waited.returncode == 0, waited.stdout + waited.stderr
-        assert "its message was lost by the broker; sent again" in waited.stderr
+        assert waited.stderr.count("its message was lost by the broker; sent again") == 2, waited.stderr
         assert n_results(pg_url) == 5
-        assert {j.state for j in job_rows(pg_url)} == {"done"}
-        print(f"5 lost jobs sent again and stored in {time.monotonic() - started:.1f} s")
+        assert {(j.state, j.attempts) for j in job_rows(pg_url)} == {("done", 1)}  # the same lease, sent again
+        print(f"2 lost jobs sent again and all 5 stored in {time.monotonic() - started:.1f} s")
 
 
 def _postgres_bin() -> Path | None:

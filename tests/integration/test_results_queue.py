@@ -6,12 +6,14 @@ import pytest
 import redis
 from kombu import Queue
 
-from farm.broker import JOBS_QUEUE, RESULTS_QUEUE, create_app, publish_envelope
+from farm.broker import RESULTS_QUEUE, create_app, publish_envelope, worker_queue
 from farm.contract import Envelope
 from farm.settings import Settings
 from orchestrator.broker_audit import restore_stale_results
 
 pytestmark = pytest.mark.integration
+
+JOBS_QUEUE = worker_queue("w1")
 
 
 def test_results_a_stopped_collector_held_come_back_and_running_jobs_stay_put(redis_url):

@@ -1,4 +1,4 @@
-"""Routing by memory class, refusal at submit, model affinity and out-of-memory jobs, with real
+"""Scheduling by memory class, refusal at submit, model affinity and out-of-memory jobs, with real
 PostgreSQL, Redis, worker processes and llama.cpp.
 
 Workers here share one machine; each is made a different memory class by capping what it offers
@@ -104,13 +104,13 @@ def test_a_job_too_big_for_every_worker_is_refused_at_submit_and_nothing_is_reco
         assert s.scalar(select(func.count()).select_from(JobRow)) == 0
         # The refusal came from what the worker announced, stored by `collector --once`.
         caps = s.get(WorkerRow, "tiny").capabilities
-        assert caps["offered_ram_bytes"] == GIB and "tokenfarm.jobs.llamacpp.ram.1gb" in caps["queues"]
+        assert caps["offered_ram_bytes"] == GIB and caps["queues"] == ["tokenfarm.worker.tiny"]
     engine.dispose()
     client = redis.Redis.from_url(redis_url)
-    assert not [k for k in client.keys("tokenfarm.jobs*")], "something was sent"
+    assert not [k for k in client.keys("tokenfarm.worker.*")], "something was sent"
 
 
-def test_routing_puts_each_job_on_a_worker_of_its_class(tmp_path, pg_url, redis_url, smollm2):
+def test_the_scheduler_leases_each_job_to_a_worker_of_its_class(tmp_path, pg_url, redis_url, smollm2):
     env = farm_env(tmp_path, pg_url, redis_url)
     fetch("gemma3-270m", MODELS_DIR)
     # SmolLM2 fits the 1 GB class; Gemma 3 270M, with its 262k-token vocabulary, needs the 2 GB one.
@@ -123,7 +123,8 @@ def test_routing_puts_each_job_on_a_worker_of_its_class(tmp_path, pg_url, redis_
         assert refused.returncode != 0 and "gemma3-270m Q4_K_M pp16" in refused.stderr
         submitted = tokenfarm(env, "sweep", "submit", str(sweep), "--allow-unfit")
         assert submitted.returncode == 0, submitted.stderr
-        # The small job runs on the small worker; the large one waits for a worker of its class.
+        # The small job runs on the small worker; the large one waits, in the database, for a
+        # worker of its class.
 
         def small_done() -> bool:
             tokenfarm(env, "sweep", "wait", "classes", "--timeout", "3")  # ingests what has arrived
@@ -133,8 +134,9 @@ def test_routing_puts_each_job_on_a_worker_of_its_class(tmp_path, pg_url, redis_
         time.sleep(3)
         tokenfarm(env, "sweep", "wait", "classes", "--timeout", "3")
         by_index = jobs(pg_url)
-        assert by_index[1].state == "queued" and by_index[1].worker is None
+        assert by_index[1].state == "queued" and by_index[1].worker is None and by_index[1].attempts == 0
         assert by_index[0].spec["need_bytes"] <= GIB < by_index[1].spec["need_bytes"] <= 2 * GIB
+        assert not redis.Redis.from_url(redis_url).llen("tokenfarm.worker.tiny")
     with worker_process(capped(env, 4 * GIB), "roomy", tmp_path / "roomy.log"):
         waited = tokenfarm(env, "sweep", "wait", "classes", "--timeout", "300")
     assert waited.returncode == 0, waited.stdout + waited.stderr + (tmp_path / "roomy.log").read_text()[-3000:]
@@ -161,8 +163,8 @@ def test_a_sweep_over_two_models_on_one_worker_loads_each_model_once(tmp_path, p
 
 
 def test_two_workers_with_prefetch_one_see_runs_of_one_model(tmp_path, pg_url, redis_url, smollm2):
-    """Model-major order through one class queue: each worker's jobs are a subsequence of the
-    sweep's order, so each loads each model at most once."""
+    """The scheduler leases in model-major order, preferring the worker that has the model loaded:
+    each worker's jobs are a subsequence of the sweep's order, so each loads each model at most once."""
     env = farm_env(tmp_path, pg_url, redis_url)
     sweep = sweep_file(tmp_path, "pair", "models: [{name: smollm2-135m, quants: [Q4_1, Q8_0]}]\n"
                        "n_prompt: [16, 24, 32]\nn_gen: [2, 4]\nrepetitions: 1\nn_warmup: 0\n")
@@ -180,9 +182,11 @@ def test_two_workers_with_prefetch_one_see_runs_of_one_model(tmp_path, pg_url, r
 
 
 def test_an_out_of_memory_job_fails_with_that_reason_and_the_worker_goes_on(tmp_path, smollm2):
-    # The embedded default: one queue, so a job routing would keep from this worker reaches it,
-    # as one whose estimate fell short would.
+    # The embedded default. The scheduler keeps a job from a worker it does not fit, so the job is
+    # made one whose estimate fell short (none, as a job recorded before estimates): it reaches
+    # the worker, which runs out of memory.
     env = at_head(service_env(tmp_path / "data"))
+    url = f"sqlite:///{tmp_path / 'data' / 'tokenfarm.sqlite3'}"
     # A context of 8M tokens: a KV cache of ~170 GiB that no allocation on this machine can hold.
     sweep = sweep_file(tmp_path, "oom", "models: [smollm2-135m]\nn_prompt: []\nn_gen: [4]\n"
                        "n_depth: [8000000, 0]\nrepetitions: 1\nn_warmup: 0\n")
@@ -191,10 +195,17 @@ def test_an_out_of_memory_job_fails_with_that_reason_and_the_worker_goes_on(tmp_
         collect_hellos(env)
         refused = tokenfarm(env, "sweep", "submit", str(sweep))
         assert refused.returncode != 0 and "tg4 @ d8000000" in refused.stderr and "fit no registered worker" in refused.stderr
-        waited = tokenfarm(env, "sweep", "submit", str(sweep), "--allow-unfit", "--wait", "--timeout", "300")
+        submitted = tokenfarm(env, "sweep", "submit", str(sweep), "--allow-unfit")
+        assert submitted.returncode == 0, submitted.stderr
+        engine = create_engine(url)
+        with session_scope(engine) as s:
+            for row in s.scalars(select(JobRow)):
+                row.spec = {**row.spec, "need_bytes": 0}
+        engine.dispose()
+        waited = tokenfarm(env, "sweep", "wait", "oom", "--timeout", "300")
         assert proc.poll() is None, "the worker died"
     assert waited.returncode == 1, waited.stdout + waited.stderr
-    by_test = {r.test: r for r in results(f"sqlite:///{tmp_path / 'data' / 'tokenfarm.sqlite3'}")}
+    by_test = {r.test: r for r in results(url)}
     assert set(by_test) == {"tg4 @ d8000000", "tg4"}, waited.stdout + waited.stderr
     oom = by_test["tg4 @ d8000000"]
     assert oom.status == "failed" and "out of memory" in oom.result["error"]

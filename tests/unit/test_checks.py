@@ -10,11 +10,11 @@ import random
 import pytest
 from sqlalchemy import func, select
 
-from farm.broker import JOBS_QUEUE, signed_body, worker_queue
-from farm.contract import Capabilities, Envelope, Hardware, Result
+from farm.broker import signed_body, worker_queue
+from farm.contract import Capabilities, Envelope, Hardware, Job, Result
 from farm.identity import output_sha256
 from farm.stats import summarize
-from orchestrator import checks
+from orchestrator import checks, lifecycle
 from orchestrator.collector import ingest
 from orchestrator.db import CheckRow, JobRow, ResultRow, WorkerRow, session_scope
 from orchestrator.lifecycle import record, requeue_lost
@@ -35,7 +35,7 @@ def tokens(engine):
         tokens = {name: add_worker(s, name) for name in ("w1", "w2", "w3", "odd", "old", "small")}
     for name in tokens:
         hw = OTHER_CPU if name == "odd" else CPU
-        queues = [JOBS_QUEUE] if name == "old" else [JOBS_QUEUE, worker_queue(name)]
+        queues = [] if name == "old" else [worker_queue(name)]
         # "small": the same CPU, but its owner offers too little RAM for any of these jobs.
         offered = (64 << 20) if name == "small" else (16 << 30)
         hello = Envelope(kind="hello", worker=name, capabilities=Capabilities(
@@ -68,11 +68,20 @@ def result_for(job, worker, output=TRUE_TOKENS, rate=100.0) -> Result:
                   samples_ns=samples, avg_ts=avg, stddev_ts=std, output_sha256=output, decode_ts=avg, hardware=CPU)
 
 
-def send(engine, tokens, job, worker, **kw):
+def send(engine, tokens, job, worker, leased=True, **kw):
+    """The worker runs the job: leased to it first (as the scheduler or route_crosschecks would,
+    unless `leased` is False: a worker answering a job it was never sent), started, result."""
+    job = job if isinstance(job, Job) else Job.model_validate(job.spec)
+    lease = {}
+    if leased:
+        with session_scope(engine) as s:
+            row = s.get(JobRow, job.job_id)
+            msg = lifecycle.leased_job(row) if row.worker == worker and row.lease_id else lifecycle.lease(row, worker)
+            lease = {"lease_id": msg.lease_id, "attempt": msg.attempt}
     with session_scope(engine) as s:
-        ingest(s, signed_body(Envelope(kind="started", job_id=job.job_id, worker=worker), tokens[worker]))
+        ingest(s, signed_body(Envelope(kind="started", job_id=job.job_id, worker=worker, **lease), tokens[worker]))
     body = signed_body(Envelope(kind="result", job_id=job.job_id, worker=worker,
-                                result=result_for(job, worker, **kw)), tokens[worker])
+                                result=result_for(job, worker, **kw), **lease), tokens[worker])
     with session_scope(engine) as s:
         return ingest(s, body)
 
@@ -195,6 +204,10 @@ def _crosscheck(engine, tokens, origin_worker="w1", tolerance=0.25):
     copy = next(j for j in plan.jobs if j.job_id == copy_id)
     with session_scope(engine) as s:
         assert checks.route_crosschecks(s, 60) == []  # held until the original's result is in
+        lifecycle.lease(s.get(JobRow, origin.job_id), origin_worker)
+    with session_scope(engine) as s:
+        assert checks.route_crosschecks(s, 60) == []  # sent, not yet run: still held, not skipped
+        assert s.get(CheckRow, copy.job_id).verdict == "pending"
     assert send(engine, tokens, origin, origin_worker).action == "stored"
     return origin, copy
 
@@ -204,21 +217,20 @@ def test_a_cross_check_goes_to_a_second_worker_of_the_class_and_agrees(engine, t
     targets = set()
     for seed in range(8):
         with session_scope(engine) as s:
-            ((job, target),) = checks.route_crosschecks(s, 60, random.Random(seed))
+            ((_, target),) = checks.route_crosschecks(s, 60, random.Random(seed))
             targets.add(target)
             s.rollback()
     # Never the original's worker, another class, a worker not listening on its own queue, or
     # one that cannot fit the job.
     assert targets == {"w2", "w3"}
     with session_scope(engine) as s:
-        ((job, target),) = checks.route_crosschecks(s, 60, random.Random(0))
-    assert job.job_id == copy.job_id
+        ((row, target),) = checks.route_crosschecks(s, 60, random.Random(0))
+    assert row.id == copy.job_id
     thief = "w3" if target == "w2" else "w2"
-    stolen = send(engine, tokens, copy, thief)
-    assert stolen.action == "rejected" and f"sent to worker {target!r}" in stolen.reason
+    stolen = send(engine, tokens, copy, thief, leased=False)
+    assert stolen.action == "rejected" and "no lease" in stolen.reason
     with session_scope(engine) as s:  # the refused run left the job to its target
-        row = s.get(JobRow, copy.job_id)
-        row.state, row.worker = "queued", None
+        assert s.get(JobRow, copy.job_id).state == "queued"
     assert send(engine, tokens, copy, target, rate=120.0).action == "stored"
     c = check_row(engine, copy.job_id)
     assert c.verdict == "agree" and c.worker == target
@@ -239,9 +251,9 @@ def test_a_disagreement_is_settled_by_a_third_worker_and_the_loser_is_flagged(en
     with session_scope(engine) as s:
         s.get(WorkerRow, "w3").last_seen = s.get(WorkerRow, "w1").last_seen
         ((vote, target),) = checks.route_crosschecks(s, 60)
-    assert target == "w3" and vote.job_id not in (origin.job_id, copy.job_id)
+    assert target == "w3" and vote.id not in (origin.job_id, copy.job_id)
     assert send(engine, tokens, vote, "w3").action == "stored"
-    v = check_row(engine, vote.job_id)
+    v = check_row(engine, vote.id)
     assert v.verdict == "agree" and "w2 loses 2 of 3" in v.reason
     assert worker_row(engine, "w2").flagged and "2-of-3" in worker_row(engine, "w2").flag_reason
     assert not worker_row(engine, "w1").flagged and not worker_row(engine, "w3").flagged
@@ -260,20 +272,24 @@ def test_a_cross_check_with_nobody_to_run_it_is_skipped_not_failed(engine, token
         assert s.get(JobRow, copy.job_id).state == "done"
 
 
-def test_a_lost_cross_check_is_routed_again_not_sent_to_the_shared_queue(engine, tokens):
+def test_a_lost_cross_check_is_routed_again_not_leased_to_any_worker(engine, tokens):
     origin, copy = _crosscheck(engine, tokens)
     with session_scope(engine) as s:
-        ((_, target),) = checks.route_crosschecks(s, 60, random.Random(1))
+        ((row, target),) = checks.route_crosschecks(s, 60, random.Random(1))
+        job = lifecycle.lease(row, target)
     with session_scope(engine) as s:
-        ingest(s, signed_body(Envelope(kind="started", job_id=copy.job_id, worker=target), tokens[target]))
+        ingest(s, signed_body(Envelope(kind="started", job_id=copy.job_id, worker=target, lease_id=job.lease_id,
+                                       attempt=job.attempt), tokens[target]))
+        assert s.get(JobRow, copy.job_id).state == "running"
     with session_scope(engine) as s:
         s.get(WorkerRow, target).last_seen = None  # the target died mid-job
     with session_scope(engine) as s:
-        assert requeue_lost(s, 60, 3) == []
+        assert requeue_lost(s, 60, 3) == 1
         assert s.get(JobRow, copy.job_id).state == "queued"
+        assert s.get(CheckRow, copy.job_id).target_worker is None
     with session_scope(engine) as s:
-        ((job, again),) = checks.route_crosschecks(s, 60)
-    assert job.job_id == copy.job_id and again not in (target, "w1")
+        ((row, again),) = checks.route_crosschecks(s, 60)
+    assert row.id == copy.job_id and again not in (target, "w1")
 
 
 def test_losing_a_vote_on_speed_alone_is_not_proof(engine, tokens):
@@ -287,6 +303,6 @@ def test_losing_a_vote_on_speed_alone_is_not_proof(engine, tokens):
         s.get(WorkerRow, "w3").last_seen = s.get(WorkerRow, "w1").last_seen
         ((vote, _),) = checks.route_crosschecks(s, 60)
     assert send(engine, tokens, vote, "w3").action == "stored"
-    assert "w2 loses 2 of 3" in check_row(engine, vote.job_id).reason
+    assert "w2 loses 2 of 3" in check_row(engine, vote.id).reason
     w2 = worker_row(engine, "w2")
     assert not w2.flagged and w2.n_crosscheck_disagreed == 1

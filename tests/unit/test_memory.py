@@ -1,10 +1,7 @@
-"""The memory estimate's arithmetic, the memory classes, and the queue a job and a worker meet on."""
-
-import itertools
+"""The memory estimate's arithmetic and the memory classes jobs are matched to workers by."""
 
 import pytest
 
-from farm.broker import JOBS_QUEUE, job_queue, worker_queues
 from farm.contract import Capabilities, EngineConfig, Job
 from farm.memory import (
     CLASSES_GB,
@@ -118,36 +115,6 @@ def test_expand_estimates_every_job_without_the_model_file():
 
 def caps(ram_gb: float = 0, vram_gb: float = 0, engines=("llamacpp",)) -> Capabilities:
     return Capabilities(engines=list(engines), offered_ram_bytes=int(ram_gb * GIB), offered_vram_bytes=int(vram_gb * GIB))
-
-
-def test_a_job_queue_names_engine_kind_and_class():
-    assert job_queue(job()) == JOBS_QUEUE  # never estimated
-    assert job_queue(job(need_bytes=GIB // 2)) == "tokenfarm.jobs.llamacpp.ram.1gb"
-    assert job_queue(job(need_bytes=20 * GIB, config=EngineConfig(n_gpu_layers=-1))) == "tokenfarm.jobs.llamacpp.vram.24gb"
-    assert job_queue(job(need_bytes=3 * GIB, engine="torch")) == "tokenfarm.jobs.torch.ram.4gb"
-    assert job_queue(job(need_bytes=2000 * GIB)) == "tokenfarm.jobs.llamacpp.ram.512gb"
-
-
-def test_a_worker_consumes_vram_then_ram_largest_class_first():
-    queues = worker_queues(caps(ram_gb=64, vram_gb=24, engines=("llamacpp", "torch")))
-    assert queues[0] == "tokenfarm.jobs.llamacpp.vram.24gb"
-    assert queues[-1] == JOBS_QUEUE
-    assert "tokenfarm.jobs.torch.ram.48gb" in queues and "tokenfarm.jobs.llamacpp.ram.1gb" in queues
-    assert not any(".torch.vram." in q for q in queues)
-    assert "tokenfarm.jobs.llamacpp.vram.32gb" not in queues and "tokenfarm.jobs.llamacpp.ram.80gb" not in queues
-    assert worker_queues(caps(ram_gb=16)) == [f"tokenfarm.jobs.llamacpp.ram.{gb}gb" for gb in (16, 12, 8, 6, 4, 2, 1)] + [JOBS_QUEUE]
-
-
-def test_the_submit_check_agrees_with_the_queues_workers_consume():
-    """fits(worker, job) is exactly "the job's queue is among the worker's": no job is accepted
-    at submit and then left in a queue nobody reads, and none is refused that a worker would take."""
-    workers = [caps(r, v, e) for r, v, e in itertools.product(
-        (0, 0.9, 1.5, 15.5, 64, 300), (0, 5.9, 23.99, 80), (("llamacpp",), ("torch",), ("llamacpp", "torch")))]
-    jobs = [job(need_bytes=int(gb * GIB), engine=engine, config=EngineConfig(n_gpu_layers=ngl))
-            for gb in (0.3, 0.99, 1.2, 5.5, 7.9, 23, 47, 79, 100, 600)
-            for engine in ("llamacpp", "torch") for ngl in (0, -1)]
-    for w, j in itertools.product(workers, jobs):
-        assert fits(w, j) == (job_queue(j) in worker_queues(w)) or class_gb(j.need_bytes) is None, (w, j)
 
 
 def test_unfit_jobs_name_the_need_and_the_largest_worker():
