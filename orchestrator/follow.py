@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from sqlalchemy.engine import Engine
+from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import OperationalError
 
 from farm.settings import Settings
@@ -74,7 +75,7 @@ def follow(settings: Settings, engine: Engine, celery, sweep_id: str, n_jobs: in
             upkeep.maybe_run(engine, celery)
             with session_scope(engine) as session:
                 counts = lifecycle.sweep_progress(session, sweep_id)
-        except (OperationalError, OSError, *celery.connection_for_write().connection_errors) as exc:
+        except (OperationalError, OSError, KombuOperationalError, *celery.connection_for_write().connection_errors) as exc:
             on_progress(SweepProgress(None, state["n_finished"], type(exc).__name__))
             counts = None
         if counts is not None:
@@ -90,7 +91,7 @@ def follow(settings: Settings, engine: Engine, celery, sweep_id: str, n_jobs: in
     def lease_now() -> None:
         try:
             upkeep.maybe_run(engine, celery, now=True)
-        except (OperationalError, OSError, *celery.connection_for_write().connection_errors):
+        except (OperationalError, OSError, KombuOperationalError, *celery.connection_for_write().connection_errors):
             pass  # the next tick's pass retries
 
     collect(celery, Collector(engine, max_attempts=settings.max_attempts, after_batch=lease_now,

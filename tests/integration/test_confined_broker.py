@@ -65,26 +65,17 @@ def settings_of(env: dict[str, str]) -> Settings:
 
 
 def submit_to(env: dict[str, str], tmp_path: Path, worker: str, sweep: str = SWEEP) -> tuple[str, list[str]]:
-    """Record the sweep and send every job to `worker`'s own queue (the orchestrator's scheduler
-    chooses the worker on a confined farm; this branch's sweep submit still routes by class)."""
-    from farm.broker import create_app
-    from orchestrator import dispatch, lifecycle
-    from orchestrator.planning import plan
-    from orchestrator.sweep import load_spec
-
+    """`tokenfarm sweep submit`: the orchestrator's scheduler leases each job to a live worker."""
     path = tmp_path / "confined.yaml"
     path.write_text(sweep)
-    spec = load_spec(path)
-    jobs = plan(spec, base_dir=tmp_path, models_dir=MODELS_DIR)
-    settings = settings_of(env)
-    engine = create_engine(settings.database_url)
+    proc = tokenfarm(env, "sweep", "submit", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    engine = create_engine(env["TOKENFARM_DATABASE_URL"])
     with session_scope(engine) as session:
-        sweep_id = lifecycle.record(session, spec, jobs)
+        rows = session.scalars(select(JobRow)).all()
+        sweep_id, job_ids = rows[0].sweep_id, [r.id for r in rows]
     engine.dispose()
-    app = create_app(settings)
-    for job in jobs:
-        dispatch.send_to_worker(app, job, worker)
-    return sweep_id, [j.job_id for j in jobs]
+    return sweep_id, job_ids
 
 
 def attempts(honest: str, mallory: str, script_sha: str) -> list[tuple[str, tuple]]:
@@ -253,3 +244,53 @@ def test_the_confined_broker_down_for_seconds_mid_sweep_loses_nothing(tmp_path, 
         assert sorted(s.scalars(select(ResultRow.job_id))) == sorted(job_ids)
     engine.dispose()
     assert b"w:patient" in confined_redis.client().execute_command("ACL", "USERS")
+
+
+def test_a_job_of_a_confined_worker_killed_mid_job_is_redone_elsewhere_and_stored_once(
+        tmp_path, pg_url, confined_redis, smollm2):
+    import os
+    import signal
+    import time
+
+    env = confined_env(tmp_path, pg_url, confined_redis)
+    env.update(TOKENFARM_HEARTBEAT_S="1", TOKENFARM_WORKER_DEAD_AFTER_S="5")
+    slow = "name: slow\nmodels: [smollm2-135m]\nn_prompt: []\nn_gen: [96]\nrepetitions: 5\nn_warmup: 1\n"
+    engine = create_engine(env["TOKENFARM_DATABASE_URL"])
+
+    def jobs():
+        with session_scope(engine) as s:
+            return [(j.state, j.worker) for j in s.scalars(select(JobRow))]
+
+    collector = subprocess.Popen([TOKENFARM, "collector"], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=open(tmp_path / "collector.log", "wb"))
+    try:
+        with worker_process(env, "victim", tmp_path / "victim.log") as victim:
+            assert wait_until(lambda: subprocess.run([TOKENFARM, "workers"], env=env, capture_output=True,
+                                                     text=True).stdout.count("victim") and _announced(engine, "victim"), 60)
+            submit_to(env, tmp_path, "victim", slow)
+            assert wait_until(lambda: jobs() == [("running", "victim")], 120), jobs()
+            os.kill(victim.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            victim.wait(timeout=30)
+            with session_scope(engine) as s:
+                assert s.scalar(select(ResultRow.job_id)) is None
+    finally:
+        collector.terminate()
+        collector.wait(timeout=30)
+    with worker_process(env, "rescuer", tmp_path / "rescuer.log"):
+        with session_scope(engine) as s:
+            sweep_id = s.scalar(select(JobRow.sweep_id))
+        waited = tokenfarm(env, "sweep", "wait", sweep_id, "--timeout", "300")
+        redone_after_s = time.monotonic() - killed_at
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert jobs() == [("done", "rescuer")]
+    with session_scope(engine) as s:
+        assert len(s.scalars(select(ResultRow)).all()) == 1
+    engine.dispose()
+    print(f"confined: job redone and stored {redone_after_s:.1f} s after the kill")
+
+
+def _announced(engine, name: str) -> bool:
+    with session_scope(engine) as s:
+        row = s.get(WorkerRow, name)
+        return row is not None and row.capabilities is not None
