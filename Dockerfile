@@ -9,6 +9,7 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY farm farm
 COPY orchestrator orchestrator
 COPY worker worker
 COPY dashboard dashboard

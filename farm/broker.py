@@ -8,11 +8,22 @@ The orchestrator chooses the worker of every job (orchestrator/scheduler.py) and
 `tokenfarm.worker.NAME`, the one queue that worker consumes, on Redis and on the embedded broker
 alike: no worker takes a job meant for another, and a worker's broker user can be confined to its
 own keys.
+
+A confined farm (`broker_confined`) gives each worker a Redis user that may touch only keys under
+`tf:w:NAME:`. kombu's `global_keyprefix` puts everything the worker's transport writes there: its
+own queue, its unacked hash, index and restore mutex, the queue bindings and the results list it
+sends to. What else Celery would do on the broker (remote control and events over pub/sub, mingle,
+gossip, heartbeat events) is switched off for it, so it needs no channel and no key outside its
+prefix. The orchestrator's side of that (its Redis users, publishing into a prefix, moving each
+worker's results to the collector) is orchestrator/brokerusers.py. Plain-text redis:// is refused
+off loopback (farm.settings.broker_url_problem); rediss:// always checks the broker's certificate.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import ssl
 import time
 import uuid
 
@@ -23,7 +34,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps as kombu_dumps
 
 from farm.contract import Envelope
-from farm.settings import Settings
+from farm.settings import Settings, broker_url_problem
 from farm.signing import sign
 
 RESULTS_QUEUE = "tokenfarm.results"
@@ -35,13 +46,40 @@ def worker_queue(name: str) -> str:
     leased to that worker."""
     return f"tokenfarm.worker.{name}"
 
+# A worker's name becomes part of a Redis key pattern and user name: ACL glob characters
+# (*?[]\\), ':' (the prefix separator) or spaces would widen or break its confinement.
+CONFINED_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+class BrokerConfigError(ValueError):
+    """A broker setting that must not be used; the message names the problem and the fix."""
+
+
+def check_confined_name(name: str) -> str:
+    if not CONFINED_NAME.fullmatch(name):
+        raise BrokerConfigError(f"worker name {name!r} cannot have a confined Redis user: use 1-100 letters, "
+                                "digits, '.', '_' or '-'")
+    return name
+
+
+def worker_keyprefix(name: str) -> str:
+    """Where a confined worker's keys live; its Redis user may touch no key outside it."""
+    return f"tf:w:{check_confined_name(name)}:"
+
+
+def redis_user(name: str) -> str:
+    """A confined worker's Redis user name (in a URL its ':' is written %3A)."""
+    return f"w:{check_confined_name(name)}"
+
+
 results_exchange = Exchange("tokenfarm.results", type="direct", durable=True)
 results_queue = Queue(RESULTS_QUEUE, results_exchange, routing_key="result", durable=True)
 
 
-def _transport_options(settings: Settings) -> dict:
+def _transport_options(settings: Settings, keyprefix: str = "") -> dict:
     if not settings.broker_is_embedded:
         return {
+            **({"global_keyprefix": keyprefix} if keyprefix else {}),
             # Longer than the longest job, so a slow measurement is not redelivered while running;
             # a dead worker's job comes back sooner through the collector's liveness check (heartbeats).
             # kombu's own restore is the backstop: scanned every 10 s (its default is every 10 x 10 s),
@@ -110,10 +148,28 @@ class FilesystemTransport(kombu_filesystem.Transport):
     Channel = _FilesystemChannel
 
 
-def create_app(settings: Settings) -> Celery:
+def broker_ssl(settings: Settings) -> dict | None:
+    """redis-py's TLS arguments for a rediss:// broker: the certificate is required and its host
+    name checked, against the CA in broker_ca_file (the system's CAs without one)."""
+    if not settings.effective_broker_url.startswith("rediss://"):
+        return None
+    if settings.broker_ca_file is not None and not settings.broker_ca_file.is_file():
+        raise BrokerConfigError(f"TOKENFARM_BROKER_CA_FILE={settings.broker_ca_file}: no such file; copy the "
+                                "broker's ca.pem from `tokenfarm broker certs` to this machine")
+    options = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
+    if settings.broker_ca_file is not None:
+        options["ssl_ca_certs"] = str(settings.broker_ca_file)
+    return options
+
+
+def create_app(settings: Settings, keyprefix: str = "") -> Celery:
+    """The Celery app of either role. keyprefix: the Redis key prefix its transport works under
+    (a confined worker's own, worker_app); the orchestrator's app has none and sees every key."""
+    if problem := broker_url_problem(settings.effective_broker_url):
+        raise BrokerConfigError(problem)
     app = Celery("tokenfarm", broker=settings.effective_broker_url, set_as_current=False)
     app.tokenfarm_settings = settings  # the orchestrator seals jobs with its data dir's key (orchestrator/keys.py)
-    if settings.effective_broker_url.startswith("redis://"):
+    if settings.effective_broker_url.startswith(("redis://", "rediss://")):
         app.conf.broker_transport = f"{__name__}:RedisTransport"
     elif settings.effective_broker_url.startswith("filesystem://"):
         app.conf.broker_transport = f"{__name__}:FilesystemTransport"
@@ -129,11 +185,27 @@ def create_app(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
-        broker_transport_options=_transport_options(settings),
+        broker_transport_options=_transport_options(settings, keyprefix),
+        broker_use_ssl=broker_ssl(settings),
         worker_hijack_root_logger=False,
         broker_polling_interval=0.2 if settings.broker_is_embedded else 1.0,
+        # Read by the orchestrator's dispatch: a job for one worker goes inside that worker's prefix.
+        tokenfarm_confined=settings.broker_confined and not settings.broker_is_embedded,
     )
+    if keyprefix:
+        # Remote control and events are pub/sub on channels every worker would share; the
+        # orchestrator learns what it needs from heartbeats on the results queue instead.
+        app.conf.update(worker_enable_remote_control=False, worker_send_task_events=False,
+                        task_send_sent_event=False)
     return app
+
+
+def worker_app(settings: Settings) -> Celery:
+    """A worker's app: confined to its own key prefix on a confined farm."""
+    confined = settings.broker_confined and not settings.broker_is_embedded
+    return create_app(settings, worker_keyprefix(settings.worker_name) if confined else "")
+
+
 
 
 def signed_body(envelope: Envelope, token: str) -> dict:

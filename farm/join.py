@@ -38,6 +38,11 @@ class JoinCode(BaseModel):
     # every worker shares the broker URL's credentials; set, they replace the URL's user and password.
     broker_username: str = ""
     broker_password: str = ""
+    # A confined farm (orchestrator/brokerusers.py): the worker keeps its keys under its own prefix.
+    confined: bool = False
+    # The CA that signed the broker's TLS certificate (PEM), for rediss:// brokers; written beside
+    # the env file, so the one line is all a box needs.
+    ca_pem: str = Field(default="", max_length=16384)
 
     def encode(self) -> str:
         data = json.dumps(self.model_dump(exclude_defaults=True), separators=(",", ":"), sort_keys=True)
@@ -67,9 +72,14 @@ class JoinCode(BaseModel):
         credentials = f"{quote(self.broker_username, safe='')}:{quote(self.broker_password, safe='')}@"
         return urlunsplit(parts._replace(netloc=credentials + host))
 
-    def env(self) -> dict[str, str]:
-        return {"TOKENFARM_WORKER_NAME": self.name, "TOKENFARM_BROKER_URL": self.effective_broker_url(),
-                "TOKENFARM_WORKER_TOKEN": self.worker_token, "TOKENFARM_JOBS_PUBLIC_KEY": self.jobs_public_key}
+    def env(self, ca_file: Path | None = None) -> dict[str, str]:
+        env = {"TOKENFARM_WORKER_NAME": self.name, "TOKENFARM_BROKER_URL": self.effective_broker_url(),
+               "TOKENFARM_WORKER_TOKEN": self.worker_token, "TOKENFARM_JOBS_PUBLIC_KEY": self.jobs_public_key}
+        if self.confined:
+            env["TOKENFARM_BROKER_CONFINED"] = "1"
+        if ca_file is not None and self.ca_pem:
+            env["TOKENFARM_BROKER_CA_FILE"] = str(ca_file)
+        return env
 
 
 def write_env_file(path: Path, env: dict[str, str]) -> None:

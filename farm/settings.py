@@ -7,9 +7,11 @@ and a worker box need not set it).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +30,15 @@ class Settings(BaseSettings):
     # Empty means the embedded default: a SQLite file / kombu's filesystem transport under data_dir.
     database_url: str = ""
     broker_url: str = ""
+    # The CA that signed the broker's TLS certificate (`tokenfarm broker certs`): with a rediss://
+    # URL the broker's certificate and host name are checked against it, never skipped.
+    broker_ca_file: Path | None = None
+    # Each worker's Redis keys under its own prefix (farm.broker.worker_keyprefix), reached with its
+    # own Redis user that may touch nothing else (orchestrator/brokerusers.py). Both roles set it.
+    broker_confined: bool = False
+    # Orchestrator only: host:port workers reach the broker by, for the URL `workers add` prints,
+    # where it differs from broker_url's (a compose service name, a published port).
+    broker_public_address: str = ""
     worker_name: str = Field(default_factory=socket.gethostname)
     # The worker's secret from `tokenfarm workers add NAME`; it signs every message the worker sends.
     worker_token: str = ""
@@ -84,6 +95,31 @@ class Settings(BaseSettings):
     @property
     def effective_models_dir(self) -> Path:
         return self.models_dir or (self.data_dir / "models")
+
+
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def broker_url_problem(url: str) -> str | None:
+    """Why a broker URL must not be used, or None. Plain redis:// sends the password and every
+    job and result in clear text, so it is for this machine only; anything farther needs TLS."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis":
+        return None
+    host = parts.hostname or "localhost"
+    if is_loopback(host):
+        return None
+    return (f"plain-text broker URL to {host}: redis:// is allowed only on loopback; use "
+            f"rediss://{host}:PORT with TOKENFARM_BROKER_CA_FILE set to the CA from `tokenfarm broker certs`")
 
 
 def load_settings() -> Settings:

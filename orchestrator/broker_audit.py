@@ -100,15 +100,19 @@ def broker_snapshot(app: Celery) -> BrokerSnapshot | None:
     Reads every waiting message whole (Redis has no cheaper way to list a queue's ids), about
     2.6 kB a job: call it every few seconds, not in a loop.
     """
-    if not str(app.conf.broker_url).startswith("redis://"):
+    if not str(app.conf.broker_url).startswith(("redis://", "rediss://")):
         return None
     held: dict[str, list[HeldJob]] = {}
     results_keys = []
     with app.connection_for_write() as conn:
         channel = conn.default_channel
         client = channel.client
-        for key in client.scan_iter(match="tokenfarm.*", _type="list"):
-            name = key.decode() if isinstance(key, bytes) else key
+        # The shared queues, then each confined worker's keys under its prefix (farm/broker.py):
+        # the admin user reads them all.
+        lists = [("", key) for key in client.scan_iter(match="tokenfarm.*", _type="list")]
+        lists += [(_prefix_of(key), key) for key in client.scan_iter(match=f"{CONFINED_PREFIX}*", _type="list")]
+        for prefix, key in lists:
+            name = (key.decode() if isinstance(key, bytes) else key)[len(prefix):]
             queue = name.split(channel.sep)[0]  # kombu's priority levels are lists named queue + sep + level
             if queue == RESULTS_QUEUE:
                 results_keys.append(key)
@@ -121,26 +125,53 @@ def broker_snapshot(app: Celery) -> BrokerSnapshot | None:
                         continue
                     if found:
                         held.setdefault(found[0], []).append(found[1])
-        taken_at = {(t.decode() if isinstance(t, bytes) else t): score
-                    for t, score in client.zrange(channel.unacked_index_key, 0, -1, withscores=True)}
-        for tag, raw in client.hgetall(channel.unacked_key).items():
-            tag = tag.decode() if isinstance(tag, bytes) else tag
-            try:
-                message, _exchange, routing_key = json.loads(raw)
-            except (ValueError, TypeError):
-                continue
-            if found := _held_job(message, str(routing_key), taken_at.get(tag, 0.0), tag):
-                held.setdefault(found[0], []).append(found[1])
+        prefixes = [""] + sorted({_prefix_of(key) for key in client.scan_iter(
+            match=f"{CONFINED_PREFIX}*:{channel.unacked_key}", _type="hash")})
+        for prefix in prefixes:
+            taken_at = {(t.decode() if isinstance(t, bytes) else t): score for t, score in
+                        client.zrange(prefix + channel.unacked_index_key, 0, -1, withscores=True)}
+            for tag, raw in client.hgetall(prefix + channel.unacked_key).items():
+                tag = tag.decode() if isinstance(tag, bytes) else tag
+                try:
+                    message, _exchange, routing_key = json.loads(raw)
+                except (ValueError, TypeError):
+                    continue
+                if found := _held_job(message, str(routing_key), taken_at.get(tag, 0.0), prefix + tag):
+                    held.setdefault(found[0], []).append(found[1])
         n_results = sum(client.llen(key) for key in results_keys)
     return BrokerSnapshot(held, n_results)
 
 
+# Where confined workers' keys are (farm.broker.worker_keyprefix); a name holds no ':'.
+CONFINED_PREFIX = "tf:w:"
+
+
+def _prefix_of(key) -> str:
+    """The confined worker's prefix a key is under: tf:w:NAME: of tf:w:NAME:rest."""
+    name = key.decode() if isinstance(key, bytes) else key
+    return ":".join(name.split(":", 3)[:3]) + ":"
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    """(key prefix, kombu delivery tag) of a HeldJob tag: kombu's tags are uuids, without ':'."""
+    prefix, _, bare = tag.rpartition(":")
+    return (prefix + ":" if prefix else ""), bare
+
+
 def put_back(app: Celery, tags: list[str]) -> None:
-    """Return taken, unacknowledged messages to their queues (kombu's own restore, by tag)."""
-    with app.connection_for_write() as conn:
-        channel = conn.default_channel
-        for tag in tags:
-            channel.qos.restore_by_tag(tag, channel.client)
+    """Return taken, unacknowledged messages to their queues (kombu's own restore, by tag), each
+    through a channel under the key prefix it was taken in."""
+    from orchestrator.brokerusers import prefixed_connection
+
+    by_prefix: dict[str, list[str]] = {}
+    for tag in tags:
+        prefix, bare = _split_tag(tag)
+        by_prefix.setdefault(prefix, []).append(bare)
+    for prefix, bare_tags in by_prefix.items():
+        with prefixed_connection(app, prefix) as conn:
+            channel = conn.default_channel
+            for tag in bare_tags:
+                channel.qos.restore_by_tag(tag, channel.client)
 
 
 def drop_taken(app: Celery, tags: list[str]) -> None:
@@ -149,7 +180,8 @@ def drop_taken(app: Celery, tags: list[str]) -> None:
         channel = conn.default_channel
         with channel.client.pipeline() as pipe:
             for tag in tags:
-                pipe.zrem(channel.unacked_index_key, tag).hdel(channel.unacked_key, tag)
+                prefix, bare = _split_tag(tag)
+                pipe.zrem(prefix + channel.unacked_index_key, bare).hdel(prefix + channel.unacked_key, bare)
             pipe.execute()
 
 

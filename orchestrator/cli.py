@@ -47,6 +47,8 @@ app.add_typer(worker_app, name="worker")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.add_typer(workers_app, name="workers")
+broker_app = typer.Typer(help="The broker's TLS certificates.", no_args_is_help=True)
+app.add_typer(broker_app, name="broker")
 canaries_app = typer.Typer(help="Canary references: the greedy outputs canary jobs are judged against.",
                            no_args_is_help=True)
 app.add_typer(canaries_app, name="canaries")
@@ -70,6 +72,16 @@ def _engine(settings: Settings):
     from orchestrator.db import make_engine
 
     return make_engine(settings.effective_database_url)
+
+
+def _celery(settings: Settings):
+    """The orchestrator's Celery app; a broker setting that must not be used is refused here."""
+    from farm.broker import BrokerConfigError, create_app
+
+    try:
+        return create_app(settings)
+    except BrokerConfigError as exc:
+        raise fail(str(exc))
 
 
 def _ensure_schema(settings: Settings) -> None:
@@ -160,7 +172,6 @@ def sweep_submit(
     n_threads above the cores of every registered worker (with none known, this machine's) is
     refused, not capped; a worker given more threads than it has caps them and records the request.
     """
-    from farm.broker import create_app
     from orchestrator import dispatch, lifecycle
     from orchestrator.checks import record_checks
     from orchestrator.db import session_scope
@@ -185,7 +196,7 @@ def sweep_submit(
         problem = thread_refusal(spec.n_threads, dispatch.known_capabilities(session))
     if problem:
         raise fail(f"{file}: {problem}")
-    celery = create_app(settings)
+    celery = _celery(settings)
     if not allow_unfit:
         _refuse_unfit(settings, engine, celery, jobs)
     plan = _plan_checks(settings, spec, jobs)
@@ -261,11 +272,10 @@ def sweep_wait(
     timeout: Optional[float] = typer.Option(None, help="give up after this many seconds"),
 ) -> None:
     """Collect results of a submitted sweep until every job finished; non-zero if any failed."""
-    from farm.broker import create_app
 
     settings = load_settings()
     engine, sweep_id, n_jobs = _open_sweep(settings, sweep)
-    raise typer.Exit(_wait(settings, engine, create_app(settings), sweep_id, n_jobs, timeout))
+    raise typer.Exit(_wait(settings, engine, _celery(settings), sweep_id, n_jobs, timeout))
 
 
 @sweep_app.command("resume")
@@ -276,12 +286,11 @@ def sweep_resume(
 ) -> None:
     """Send again what never finished: jobs of workers that went silent are freed, sent jobs whose
     message the broker lost go again, and queued jobs are leased to live workers with room."""
-    from farm.broker import create_app
     from orchestrator.dispatch import resend_unfinished
 
     settings = load_settings()
     engine, sweep_id, n_jobs = _open_sweep(settings, sweep)
-    celery = create_app(settings)
+    celery = _celery(settings)
     n = resend_unfinished(engine, celery, sweep_id, settings.worker_dead_after_s, settings.max_attempts)
     console.print(f"sweep {sweep_id}: {n} jobs sent again")
     if wait:
@@ -443,7 +452,6 @@ def collector(
     once: bool = typer.Option(False, "--once", help="store what waits on the results queue, then exit"),
 ) -> None:
     """Store results from the queue until stopped (the deployment's only database writer)."""
-    from farm.broker import create_app
     from orchestrator import dispatch
     from orchestrator.broker_audit import n_results_waiting
     from orchestrator.collector import Collector, collect, drain
@@ -451,7 +459,9 @@ def collector(
 
     settings = load_settings()
     _require_schema(settings)
-    celery = create_app(settings)
+    from orchestrator.brokerusers import results_relay
+
+    celery = _celery(settings)
     upkeep = Upkeep(settings)
 
     def lease_now() -> None:
@@ -460,7 +470,9 @@ def collector(
         except Exception as exc:  # a service outage: the next tick retries
             err.print(f"could not lease jobs yet: {exc}")
 
-    c = Collector(_engine(settings), max_attempts=settings.max_attempts, after_batch=lease_now)
+    engine = _engine(settings)
+    c = Collector(engine, max_attempts=settings.max_attempts, after_batch=lease_now,
+                  relay=results_relay(settings, engine))
     if once:
         n_handled = drain(celery, c, lambda: n_results_waiting(celery))
         # What the hellos and results just taken in made room for: leased and sent now.
@@ -553,24 +565,39 @@ def workers_add(name: str = typer.Argument(..., help="the worker's name, as it w
                 broker_address: str = typer.Option(
                     "", "--broker-address",
                     help="the broker URL as the worker's box reaches it (default: TOKENFARM_BROKER_URL)"),
-                quiet: bool = typer.Option(False, "--quiet", help="print the token only (for scripts)")) -> None:
-    """Allow a worker to join; prints its join line (and token) once."""
+                quiet: bool = typer.Option(False, "--quiet", help="print the token only (for scripts)"),
+                env_file: Optional[Path] = typer.Option(
+                    None, "--env-file", help="write the worker's settings (token, broker user) to this file, "
+                                             "with the broker's ca.pem beside it, instead of printing them")) -> None:
+    """Allow a worker to join; prints its join line (token, its own broker user on a confined farm,
+    the jobs public key, the broker's CA) once."""
     from orchestrator.db import session_scope
     from orchestrator.workers import RegistryError, add_worker, join_code
 
     settings = load_settings()
     _require_schema(settings)
     _signing_key(settings)  # before the worker exists: it checks every job against this key's public half
+    broker_url = ""
     try:
         with session_scope(_engine(settings)) as session:
             token = add_worker(session, name, rotate)
+            if settings.broker_confined and not settings.broker_is_embedded:
+                # Inside the transaction: a user Redis refused leaves no registered worker behind.
+                broker_url = _create_broker_user(settings, name)
     except RegistryError as exc:
         raise fail(str(exc))
+    if env_file is not None:
+        _write_join_env(settings, env_file, name, token, broker_url)
+        console.print(f"worker [bold]{name}[/] may join: its settings are in {env_file}", highlight=False)
+        return
     if quiet:
         print(token)
+        if broker_url:
+            print(broker_url)
         return
-    code = join_code(settings, name, token, broker_address)
-    console.print(f"worker [bold]{name}[/] may join. Its join line, shown only now (it holds the worker's token):\n")
+    code = join_code(settings, name, token, broker_address, broker_url)
+    console.print(f"worker [bold]{name}[/] may join. Its join line, shown only now (it holds the worker's token"
+                  f"{' and its own broker password' if broker_url else ''}):\n")
     print(f"tokenfarm worker join {code}\n")
     console.print("(or `python -m worker join …` with the same code, on a box with only the worker installed)",
                   highlight=False, soft_wrap=True)
@@ -579,9 +606,50 @@ def workers_add(name: str = typer.Argument(..., help="the worker's name, as it w
                   "--broker-address redis://…", highlight=False, soft_wrap=True)
 
 
+def _write_join_env(settings: Settings, path: Path, name: str, token: str, broker_url: str) -> None:
+    """A worker's settings as an env file (owner-only: it holds secrets), and the CA it checks the
+    broker with copied beside it; the worker box needs this folder and nothing else."""
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = {"TOKENFARM_WORKER_NAME": name, "TOKENFARM_WORKER_TOKEN": token,
+             "TOKENFARM_BROKER_URL": broker_url or settings.effective_broker_url}
+    if broker_url:
+        lines["TOKENFARM_BROKER_CONFINED"] = "1"
+    if settings.broker_ca_file is not None:
+        ca = path.parent / "ca.pem"
+        if ca.resolve() != settings.broker_ca_file.resolve():
+            shutil.copyfile(settings.broker_ca_file, ca)
+        lines["TOKENFARM_BROKER_CA_FILE"] = str(ca)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        # Single-quoted: the file is read by a shell (`set -a; . FILE`) as well as by docker's env_file.
+        f.write("".join(f"{key}='{value}'\n" for key, value in lines.items()))
+
+
+def _create_broker_user(settings: Settings, name: str) -> str:
+    """Worker NAME's own Redis user (orchestrator/brokerusers.py); the URL it joins with."""
+    from farm.broker import BrokerConfigError
+    from orchestrator import brokerusers
+
+    celery = _celery(settings)
+    try:
+        password = brokerusers.create_user(celery, name)
+    except BrokerConfigError as exc:
+        raise fail(str(exc))
+    except Exception as exc:  # the broker refused or is down: nothing is registered
+        raise fail(f"cannot create the Redis user for {name!r} on {_redact_broker(settings)}: {exc}; "
+                   "the orchestrator's broker user needs the ACL command (+@admin)")
+    return brokerusers.worker_broker_url(settings.effective_broker_url, name, password,
+                                         settings.broker_public_address)
+
+
 @workers_app.command("revoke")
 def workers_revoke(name: str = typer.Argument(..., help="the worker to shut out")) -> None:
-    """Delete a worker's token: everything it sends afterwards is refused. `workers add NAME --rotate` readmits it."""
+    """Shut a worker out: its token is deleted (everything it sends afterwards is refused) and, on a
+    confined farm, its Redis user too, which closes its connections at once. `workers add NAME
+    --rotate` readmits it."""
+    from orchestrator import brokerusers
     from orchestrator.db import session_scope
     from orchestrator.workers import RegistryError, revoke_worker
 
@@ -592,7 +660,15 @@ def workers_revoke(name: str = typer.Argument(..., help="the worker to shut out"
             revoke_worker(session, name)
     except RegistryError as exc:
         raise fail(str(exc))
-    console.print(f"worker {name}: revoked; its messages are refused from now on")
+    line = f"worker {name}: revoked; its messages are refused from now on"
+    if settings.broker_confined and not settings.broker_is_embedded:
+        try:
+            existed = brokerusers.delete_user(_celery(settings), name)
+        except Exception as exc:
+            raise fail(f"worker {name}: token revoked, but its Redis user could not be deleted on "
+                       f"{_redact_broker(settings)}: {exc}; run the command again")
+        line += "; its Redis user deleted, its connections closed" if existed else "; it had no Redis user"
+    console.print(line)
 
 
 @workers_app.command("flag")
@@ -626,6 +702,28 @@ def workers_trust(name: str, clear: bool = typer.Option(False, "--clear", help="
     except RegistryError as exc:
         raise fail(str(exc))
     console.print(f"worker {name}: {'no longer trusted' if clear else 'trusted: its results become canary references'}")
+
+
+@broker_app.command("certs")
+def broker_certs(
+    out_dir: Path = typer.Argument(..., help="folder to write ca.pem, ca.key, redis.pem, redis.key into"),
+    host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host",
+                                   help="a name or address clients reach the broker by (repeat for each)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing files (a new CA)"),
+) -> None:
+    """A private CA and Redis's TLS certificate; workers get ca.pem (TOKENFARM_BROKER_CA_FILE)."""
+    from orchestrator.brokercerts import CertError, make_certs
+
+    try:
+        files = make_certs(out_dir, host, overwrite)
+    except CertError as exc:
+        raise fail(str(exc))
+    except ImportError as exc:
+        raise fail(f"making certificates needs the cryptography package ({exc.name} is missing): "
+                   "pip install 'tokenfarm[orchestrator]'")
+    console.print(f"CA {files.ca_cert} (give it to every worker; keep {files.ca_key} here), "
+                  f"server certificate {files.server_cert} and key {files.server_key} for "
+                  f"{', '.join(host)}", highlight=False, soft_wrap=True)
 
 
 @canaries_app.command("list")

@@ -380,8 +380,12 @@ class Collector:
     """
 
     def __init__(self, engine: Engine, batch_size: int = 200, max_attempts: int = 3,
-                 after_batch: Callable[[], None] | None = None) -> None:
+                 after_batch: Callable[[], None] | None = None,
+                 relay: Callable[[object], int] | None = None) -> None:
         self.engine = engine
+        # On a confined broker: moves each worker's results onto the results queue, given a Redis
+        # client (orchestrator/brokerusers.py ResultsRelay); called every tick before consuming.
+        self.relay = relay
         self.max_attempts = max_attempts
         self.batch_size = batch_size
         self.after_batch = after_batch
@@ -487,6 +491,8 @@ def collect(celery, collector: Collector, done: Callable[[], bool], tick_s: floa
                         if n := restore_stale_results(conn, STALE_RESULT_S):
                             log.warning("%d results held by a collector that stopped are back on the queue", n)
                         next_restore = time.monotonic() + 10.0
+                    if collector.relay is not None:
+                        collector.relay(conn.default_channel.client)
                     deadline = time.monotonic() + tick_s
                     # Take what is waiting (up to a batch), then commit it in one transaction.
                     while collector.n_pending < collector.batch_size and time.monotonic() < deadline:

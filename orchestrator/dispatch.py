@@ -96,15 +96,24 @@ def send(app: Celery, leased: list[tuple[Job, str]]) -> None:
     was sent and a random uuid, and delivers in name order: two jobs sent within a millisecond
     come out in random order, which breaks the model-major order model affinity relies on.
     """
+    from orchestrator.brokerusers import worker_producer
+
     spacing_s = 0.0011 if str(app.conf.broker_url).startswith("filesystem://") else 0.0
-    with app.producer_or_acquire() as producer:
-        for i, (job, worker) in enumerate(leased):
-            if i and spacing_s:
-                time.sleep(spacing_s)
-            # argsrepr: Celery would otherwise render the whole job for its logs, message by message.
-            app.send_task(RUN_JOB_TASK, args=job_args(app, job, worker), task_id=job.lease_id or job.job_id,
-                          queue=worker_queue(worker), producer=producer,
-                          argsrepr=f"[job {job.job_id} attempt {job.attempt}: {job.model} {job.quant} {job.test}]")
+    by_worker: dict[str, list[Job]] = {}
+    for job, worker in leased:
+        by_worker.setdefault(worker, []).append(job)
+    i = 0
+    for worker, jobs in by_worker.items():
+        # Inside the worker's key prefix on a confined broker: the only place its Redis user reads.
+        with worker_producer(app, worker) as producer:
+            for job in jobs:
+                if i and spacing_s:
+                    time.sleep(spacing_s)
+                i += 1
+                # argsrepr: Celery would otherwise render the whole job for its logs, message by message.
+                app.send_task(RUN_JOB_TASK, args=job_args(app, job, worker), task_id=job.lease_id or job.job_id,
+                              queue=worker_queue(worker), producer=producer,
+                              argsrepr=f"[job {job.job_id} attempt {job.attempt}: {job.model} {job.quant} {job.test}]")
 
 
 def send_to_worker(app: Celery, job: Job, worker: str) -> None:

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from sqlalchemy.engine import Engine
+from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import OperationalError
 
 from farm.settings import Settings
 from orchestrator import dispatch, lifecycle
 from orchestrator.checks import describe, verdict_counts
+from orchestrator.brokerusers import results_relay
 from orchestrator.collector import Collector, collect
 from orchestrator.db import session_scope
 from orchestrator.store import failed_jobs
@@ -73,7 +75,7 @@ def follow(settings: Settings, engine: Engine, celery, sweep_id: str, n_jobs: in
             upkeep.maybe_run(engine, celery)
             with session_scope(engine) as session:
                 counts = lifecycle.sweep_progress(session, sweep_id)
-        except (OperationalError, OSError, *celery.connection_for_write().connection_errors) as exc:
+        except (OperationalError, OSError, KombuOperationalError, *celery.connection_for_write().connection_errors) as exc:
             on_progress(SweepProgress(None, state["n_finished"], type(exc).__name__))
             counts = None
         if counts is not None:
@@ -89,10 +91,11 @@ def follow(settings: Settings, engine: Engine, celery, sweep_id: str, n_jobs: in
     def lease_now() -> None:
         try:
             upkeep.maybe_run(engine, celery, now=True)
-        except (OperationalError, OSError, *celery.connection_for_write().connection_errors):
+        except (OperationalError, OSError, KombuOperationalError, *celery.connection_for_write().connection_errors):
             pass  # the next tick's pass retries
 
-    collect(celery, Collector(engine, max_attempts=settings.max_attempts, after_batch=lease_now), done)
+    collect(celery, Collector(engine, max_attempts=settings.max_attempts, after_batch=lease_now,
+                              relay=results_relay(settings, engine)), done)
     if state["timed_out"]:
         return Followed(n_jobs, state["n_finished"], timed_out=True)
     with session_scope(engine) as session:

@@ -58,12 +58,15 @@ def worker_broker_url(settings: Settings, name: str, address: str = "") -> str:
     return address or settings.effective_broker_url
 
 
-def join_code(settings: Settings, name: str, token: str, broker_address: str = "") -> str:
-    """The code `tokenfarm worker join` takes: broker address, the worker's token, the jobs public key."""
+def join_code(settings: Settings, name: str, token: str, broker_address: str = "", own_broker_url: str = "") -> str:
+    """The code `tokenfarm worker join` takes: broker address (on a confined farm the worker's own
+    Redis user, `own_broker_url`), the worker's token, the jobs public key, and the broker's CA."""
     from orchestrator.keys import public_key_text
 
-    return JoinCode(name=name, broker_url=worker_broker_url(settings, name, broker_address), worker_token=token,
-                    jobs_public_key=public_key_text(settings.data_dir)).encode()
+    ca_pem = settings.broker_ca_file.read_text() if settings.broker_ca_file is not None else ""
+    return JoinCode(name=name, broker_url=own_broker_url or worker_broker_url(settings, name, broker_address),
+                    worker_token=token, jobs_public_key=public_key_text(settings.data_dir),
+                    confined=bool(own_broker_url), ca_pem=ca_pem).encode()
 
 
 def set_flag(session: Session, name: str, flagged: bool, reason: str = "") -> None:

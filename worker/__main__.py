@@ -43,7 +43,12 @@ def _join(args) -> int:
     try:
         code = JoinCode.decode(args.code)
         path = Path(args.env_file) if args.env_file else load_settings().data_dir / f"worker-{code.name}.env"
-        write_env_file(path, code.env())
+        ca_file = path.with_name(f"{path.stem}.ca.pem") if code.ca_pem else None
+        if ca_file is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ca_file.write_text(code.ca_pem)
+        env = code.env(ca_file)
+        write_env_file(path, env)
     except JoinError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
@@ -51,7 +56,7 @@ def _join(args) -> int:
           f"Start it again later with: python -m worker start --env-file {path}", flush=True)
     if args.no_start:
         return 0
-    os.environ.update(code.env())
+    os.environ.update(env)
     args.env_file, args.name = None, None
     return _start(args)
 

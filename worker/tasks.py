@@ -314,7 +314,7 @@ def register(app: Celery, settings: Settings, admission: Admission) -> None:
 
 def start(settings: Settings, loglevel: str = "INFO") -> None:
     """Serve jobs until stopped: one measurement at a time, in this process."""
-    from farm.broker import create_app
+    from farm.broker import BrokerConfigError, worker_app
 
     if not settings.worker_token:
         raise SystemExit("error: no worker token: on the orchestrator run `tokenfarm workers add "
@@ -324,7 +324,10 @@ def start(settings: Settings, loglevel: str = "INFO") -> None:
     except AdmissionError as exc:
         raise SystemExit(f"error: {exc}")
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    try:
+        app = worker_app(settings)
+    except BrokerConfigError as exc:
+        raise SystemExit(f"error: {exc}")
     register(app, settings, admission)
     caps = capabilities(settings)
     log.info("serving %d queues: %s", len(caps.queues), ", ".join(caps.queues))
@@ -333,6 +336,8 @@ def start(settings: Settings, loglevel: str = "INFO") -> None:
         "worker", f"--hostname={settings.worker_name}@%h", f"--queues={','.join(caps.queues)}",
         # solo pool: the measurement runs in this process, with nothing else competing for cores.
         "--pool=solo", "--concurrency=1", f"--loglevel={loglevel}",
-        "--without-gossip", "--without-mingle",
+        # Gossip, mingle and heartbeat events are broadcasts to every worker; this one's
+        # liveness reaches the orchestrator as signed heartbeats on the results queue.
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]
     app.worker_main(argv)

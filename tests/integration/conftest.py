@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -124,18 +125,27 @@ def at_head(env: dict[str, str]) -> dict[str, str]:
 
 
 def register_worker(env: dict[str, str], name: str) -> str:
+    return enrol_worker(env, name)[0]
+
+
+def enrol_worker(env: dict[str, str], name: str) -> tuple[str, str]:
+    """(token, broker URL for the worker): on a confined farm (TOKENFARM_BROKER_CONFINED=1) its
+    own Redis user's URL, which `workers add --quiet` prints after the token; else the env's."""
     proc = tokenfarm(env, "workers", "add", name, "--rotate", "--quiet", timeout=60)
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
+    lines = proc.stdout.split()
+    return lines[0], lines[1] if len(lines) > 1 else env.get("TOKENFARM_BROKER_URL", "")
 
 
 @contextmanager
 def worker_process(env: dict[str, str], name: str, log_path: Path, entry: list[str] | None = None):
     """A real worker process with its own token; a worker never gets the database URL.
     entry: what to run instead of `python -m worker` (a test's dishonest worker)."""
-    token = register_worker(env, name)
+    token, broker_url = enrol_worker(env, name)
     worker_env = {k: v for k, v in env.items() if k != "TOKENFARM_DATABASE_URL"}
     worker_env["TOKENFARM_WORKER_TOKEN"] = token
+    if broker_url:
+        worker_env["TOKENFARM_BROKER_URL"] = broker_url
     with log_path.open("ab") as log:
         proc = subprocess.Popen([sys.executable, *(entry or ["-m", "worker"]), "--name", name], env=worker_env,
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -162,3 +172,82 @@ def wait_until(predicate, timeout: float, interval: float = 0.2) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ConfinedRedis:
+    """A redis-server of the test's own: TLS only, on loopback, users from an ACL file."""
+
+    tls_port: int
+    ca_file: Path
+    admin_url: str  # the orchestrator's user: every key and command
+    proc: subprocess.Popen | None
+    argv: list[str]
+    log_path: Path
+
+    def worker_url(self, name: str, password: str) -> str:
+        return f"rediss://w%3A{name}:{password}@127.0.0.1:{self.tls_port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"redis-server with TLS did not start (built without TLS?): {self.log_path.read_text()[-2000:]}")
+            try:
+                return self.client().ping()
+            except Exception:
+                return False
+
+        assert wait_until(ready, 20)
+
+    def restart(self, down_s: float = 4.0) -> None:
+        """Down for down_s, then up again with what it had: its append-only file and its ACL file
+        (the workers' users, saved there by `workers add`)."""
+        try:
+            self.client().shutdown()
+        except Exception:  # redis-py reports the connection the shutdown closed
+            pass
+        self.proc.wait(timeout=20)
+        time.sleep(down_s)
+        self.start()
+
+    def client(self, url: str | None = None, **kw):
+        import redis
+
+        return redis.Redis.from_url(url or self.admin_url, ssl_ca_certs=str(self.ca_file), ssl_cert_reqs="required",
+                                    ssl_check_hostname=True, **kw)
+
+
+@pytest.fixture
+def confined_redis(tmp_path):
+    """`redis-server --port 0 --tls-port Q --aclfile ...` on 127.0.0.1, with certificates from
+    `tokenfarm broker certs`' own code: the default user off, one admin user, no plain-text port."""
+    from orchestrator.brokercerts import make_certs
+
+    version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+    if "v=" not in version or int(version.split("v=")[1].split(".")[0]) < 7:
+        pytest.skip(f"needs redis-server 7 or later (scripts checked against ACLs): {version.strip()}")
+    root = tmp_path / "confined-redis"
+    files = make_certs(root / "certs", ["127.0.0.1", "localhost"])
+    admin_password = uuid.uuid4().hex
+    acl = root / "users.acl"
+    acl.write_text(f"user default off\nuser tf-admin on >{admin_password} ~* &* +@all\n")
+    port = free_port()
+    argv = ["redis-server", "--port", "0", "--bind", "127.0.0.1", "--tls-port", str(port),
+            "--tls-cert-file", str(files.server_cert), "--tls-key-file", str(files.server_key),
+            "--tls-ca-cert-file", str(files.ca_cert), "--tls-auth-clients", "no", "--aclfile", str(acl),
+            "--save", "", "--appendonly", "yes", "--dir", str(root)]
+    server = ConfinedRedis(port, files.ca_cert, f"rediss://tf-admin:{admin_password}@127.0.0.1:{port}/0", None,
+                           argv, root / "redis.log")
+    server.start()
+    yield server
+    stop_process(server.proc)
