@@ -33,7 +33,12 @@ def test_plain_text_redis_off_loopback_is_refused_with_the_fix(url, data_dir):
 
 def test_a_worker_given_a_plain_text_remote_broker_stops_with_one_line(data_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENFARM_")}
-    env.update(TOKENFARM_DATA_DIR=str(data_dir), TOKENFARM_WORKER_TOKEN="t",
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    public_pem = Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    env.update(TOKENFARM_DATA_DIR=str(data_dir), TOKENFARM_WORKER_TOKEN="t", TOKENFARM_JOBS_PUBLIC_KEY=public_pem,
                TOKENFARM_BROKER_URL="redis://:pw@203.0.113.7:6379/0", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "worker", "--name", "w1"], env=env, capture_output=True, text=True,
                           timeout=60)
