@@ -612,8 +612,11 @@ def _write_join_env(settings: Settings, path: Path, name: str, token: str, broke
     import shutil
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    from orchestrator.keys import public_key_text
+
     lines = {"TOKENFARM_WORKER_NAME": name, "TOKENFARM_WORKER_TOKEN": token,
-             "TOKENFARM_BROKER_URL": broker_url or settings.effective_broker_url}
+             "TOKENFARM_BROKER_URL": broker_url or settings.effective_broker_url,
+             "TOKENFARM_JOBS_PUBLIC_KEY": public_key_text(settings.data_dir)}
     if broker_url:
         lines["TOKENFARM_BROKER_CONFINED"] = "1"
     if settings.broker_ca_file is not None:
@@ -667,7 +670,8 @@ def workers_revoke(name: str = typer.Argument(..., help="the worker to shut out"
         except Exception as exc:
             raise fail(f"worker {name}: token revoked, but its Redis user could not be deleted on "
                        f"{_redact_broker(settings)}: {exc}; run the command again")
-        line += "; its Redis user deleted, its connections closed" if existed else "; it had no Redis user"
+        line += "; its Redis user deleted, its connections closed" if existed else \
+            "; it had no Redis user (already revoked)"
     console.print(line)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -209,14 +210,18 @@ class ConfinedRedis:
 
         assert wait_until(ready, 20)
 
-    def restart(self, down_s: float = 4.0) -> None:
+    def restart(self, down_s: float = 4.0, empty: bool = False) -> None:
         """Down for down_s, then up again with what it had: its append-only file and its ACL file
-        (the workers' users, saved there by `workers add`)."""
+        (the workers' users, saved there by `workers add`). empty: every message forgotten (the
+        append-only file removed), the users kept."""
         try:
-            self.client().shutdown()
+            self.client().shutdown(nosave=empty)
         except Exception:  # redis-py reports the connection the shutdown closed
             pass
         self.proc.wait(timeout=20)
+        if empty:
+            data_dir = Path(self.argv[self.argv.index("--dir") + 1])
+            shutil.rmtree(data_dir / "appendonlydir", ignore_errors=True)
         time.sleep(down_s)
         self.start()
 

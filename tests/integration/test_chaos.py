@@ -1,5 +1,9 @@
 """Faults with real processes: a worker killed mid-job, the collector restarted, the broker down.
 
+The collector restart, the broker that forgets and the database outage run twice: on plain-text
+Redis, and on a TLS-only Redis where each worker has its own confined user (the worker kill and
+the broker outage under TLS and ACLs are in test_confined_broker.py).
+
 Real Redis and PostgreSQL on 127.0.0.1 (a private redis-server where the test stops it), real
 worker processes killed by pid. What must hold: every job ends stored exactly once.
 """
@@ -96,8 +100,38 @@ def test_a_job_of_a_worker_killed_mid_job_is_redone_elsewhere_and_stored_once(tm
     print(f"job redone and stored {redone_after_s:.1f} s after the kill")
 
 
-def test_the_collector_restarted_mid_sweep_loses_nothing(tmp_path, pg_url, redis_url, smollm2):
-    env = chaos_env(tmp_path, pg_url, redis_url)
+@pytest.fixture(params=["plain", "tls+acl"])
+def broker(request, tmp_path) -> "Broker":
+    """The shared plain-text Redis (a database of this test worker's own), or a TLS-only
+    redis-server whose workers each have their own confined Redis user."""
+    if request.param == "plain":
+        return Broker(request.getfixturevalue("redis_url"), {}, None)
+    server = request.getfixturevalue("confined_redis")
+    return Broker(server.admin_url, {"TOKENFARM_BROKER_CA_FILE": str(server.ca_file),
+                                     "TOKENFARM_BROKER_CONFINED": "1"}, server)
+
+
+class Broker:
+    def __init__(self, url: str, env: dict[str, str], server) -> None:
+        self.url, self.env, self.server = url, env, server
+
+    def results_waiting(self) -> int:
+        """Result messages no collector has taken yet: in the results queue, and on a confined
+        broker also in the workers' own results lists, before the relay moves them."""
+        if self.server is None:
+            return results_waiting(self.url)
+        from farm.broker import RESULTS_QUEUE
+
+        client = self.server.client()
+        try:
+            return client.llen(RESULTS_QUEUE) + sum(client.llen(k) for k in client.scan_iter(f"tf:w:*:{RESULTS_QUEUE}"))
+        finally:
+            client.close()
+
+
+def test_the_collector_restarted_mid_sweep_loses_nothing(tmp_path, pg_url, broker, smollm2):
+    env = chaos_env(tmp_path, pg_url, broker.url)
+    env.update(broker.env)
     sweep = sweep_file(tmp_path, FAST, "fast")
     with worker_process(env, "steady", tmp_path / "steady.log"):
         first = subprocess.Popen([TOKENFARM, "sweep", "submit", str(sweep), "--wait"],
@@ -108,7 +142,7 @@ def test_the_collector_restarted_mid_sweep_loses_nothing(tmp_path, pg_url, redis
         n_stored_at_kill = n_results(pg_url)
         assert n_stored_at_kill < 5, "every job was stored before the collector was killed"
         # A result that arrives while nobody collects: the restarted collector must pick it up.
-        assert wait_until(lambda: results_waiting(redis_url) >= 1 or n_results(pg_url) == 5, 120)
+        assert wait_until(lambda: broker.results_waiting() >= 1 or n_results(pg_url) == 5, 120)
         waited = tokenfarm(env, "sweep", "wait", "fast", "--timeout", "300")
     assert waited.returncode == 0, waited.stderr
     assert n_results(pg_url) == 5
@@ -184,10 +218,25 @@ def test_the_broker_down_for_seconds_mid_sweep_loses_nothing(tmp_path, pg_url, s
         assert n_results(pg_url) == 5
 
 
+@contextmanager
+def amnesiac_broker(kind: str, tmp_path: Path, request) -> Iterator[tuple[str, dict[str, str], Callable[[], None]]]:
+    """(URL, env, restart) of a broker of the test's own that forgets every message on a restart:
+    plain, or TLS-only with per-worker users (which survive in its ACL file)."""
+    if kind == "plain":
+        with private_redis(tmp_path, persistent=False) as (url, restart):
+            yield url, {}, restart
+        return
+    server = request.getfixturevalue("confined_redis")
+    yield server.admin_url, {"TOKENFARM_BROKER_CA_FILE": str(server.ca_file), "TOKENFARM_BROKER_CONFINED": "1"}, \
+        lambda: server.restart(empty=True)
+
+
 @needs_redis_server
-def test_jobs_a_broker_restarted_without_its_data_lost_are_sent_again(tmp_path, pg_url, smollm2):
-    with private_redis(tmp_path, persistent=False) as (broker_url, restart):
+@pytest.mark.parametrize("kind", ["plain", "tls+acl"])
+def test_jobs_a_broker_restarted_without_its_data_lost_are_sent_again(tmp_path, pg_url, smollm2, kind, request):
+    with amnesiac_broker(kind, tmp_path, request) as (broker_url, broker_env, restart):
         env = chaos_env(tmp_path, pg_url, broker_url)
+        env.update(broker_env)
         # Long enough for the worker to stay live across the restart, so its jobs keep their lease.
         env["TOKENFARM_WORKER_DEAD_AFTER_S"] = "30"
         sweep = sweep_file(tmp_path, FAST, "amnesia")
@@ -219,7 +268,7 @@ def _as_postgres(args: list[str]) -> list[str]:
 
 
 @pytest.mark.skipif(_postgres_bin() is None, reason="needs PostgreSQL's server binaries to run a private database")
-def test_the_database_down_for_seconds_mid_sweep_loses_nothing(tmp_path, redis_url, smollm2):
+def test_the_database_down_for_seconds_mid_sweep_loses_nothing(tmp_path, broker, smollm2):
     bin_dir = _postgres_bin()
     port = _free_port()
     # Outside pytest's tmp_path: the postgres user cannot enter root's private temp folders.
@@ -236,7 +285,8 @@ def test_the_database_down_for_seconds_mid_sweep_loses_nothing(tmp_path, redis_u
 
     pg("start")
     url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    env = chaos_env(tmp_path, url, redis_url)
+    env = chaos_env(tmp_path, url, broker.url)
+    env.update(broker.env)
     sweep = sweep_file(tmp_path, FAST, "db-outage")
     try:
         with worker_process(env, "patient", tmp_path / "patient.log"):
@@ -246,7 +296,7 @@ def test_the_database_down_for_seconds_mid_sweep_loses_nothing(tmp_path, redis_u
             pg("stop")
             # Results keep arriving in the queue while the only writer cannot write: the outage
             # lasts until one does, so the collector has something to catch up on.
-            assert wait_until(lambda: results_waiting(redis_url) >= 1, 120), "no result arrived during the outage"
+            assert wait_until(lambda: broker.results_waiting() >= 1, 120), "no result arrived during the outage"
             pg("start")
             out, errs = waiter.communicate(timeout=420)
         assert waiter.returncode == 0, out + errs
