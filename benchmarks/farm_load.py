@@ -53,69 +53,89 @@ def fake_result(job: Job, worker: str, rng: random.Random) -> Result:
                   model_facts=ModelFacts(size_bytes=100 << 20), hardware=Hardware(cpu="simulated", bandwidth_gbps=20.0))
 
 
-def simulate(broker_url: str, workers: dict[str, str], seed: int, heartbeat_s: float, visibility_timeout_s: float,
-             jobs_public_key: str) -> None:
+def simulate(lanes: list[tuple[str, dict[str, str]]], seed: int, heartbeat_s: float, visibility_timeout_s: float,
+             jobs_public_key: str, ca_file: str = "") -> None:
     """One process standing in for several workers: each job is claimed, answered and acked.
 
-    It behaves as a worker process does: a hello for each of its workers when it starts (so the
-    collector gives back jobs a killed predecessor was running), heartbeats every heartbeat_s, and
-    kombu's periodic restore of messages left unacked by killed consumers, which a Celery worker's
-    event loop runs every `unacked_restore_interval`.
+    `lanes`: (broker URL, {worker: token}) per connection. On a plain broker one connection serves
+    every worker of the process; on a confined one (ca_file given) each worker has its own, logged
+    in as its own Redis user and confined to its key prefix (farm.broker.worker_app), as a real
+    worker is. It behaves as a worker process does: a hello for each of its workers when it starts
+    (so the collector gives back jobs a killed predecessor was running), heartbeats every
+    heartbeat_s, and kombu's periodic restore of messages left unacked by killed consumers, which
+    a Celery worker's event loop runs every `unacked_restore_interval`.
     """
+    from contextlib import ExitStack
+
     from kombu import Exchange, Queue
 
-    from farm.broker import publish_results
+    from farm.broker import publish_results, worker_app
     from farm.jobsign import JobRefused, load_public_key
     from worker.admission import Admission, SeenJobs
 
-    # The real worker's gate, its seen-set in memory only: a restarted process is a new worker here.
-    gate = Admission(load_public_key(jobs_public_key), "", SeenJobs(None))
-    settings = Settings(broker_url=broker_url, heartbeat_s=heartbeat_s, visibility_timeout_s=visibility_timeout_s)
-    app = create_app(settings)
+    # The real worker's gate, one per worker (a job's seal names the worker it was leased to), its
+    # seen-set in memory only: a restarted process is a new worker here.
+    public_key = load_public_key(jobs_public_key)
+    gates = {name: Admission(public_key, name, SeenJobs(None)) for _, workers in lanes for name in workers}
     rng = random.Random(seed)
-    names = list(workers)
+
     # Every simulated worker is a 16 GiB CPU box running llama.cpp, consuming its own queue.
     def caps(name: str) -> Capabilities:
         return Capabilities(engines=["llamacpp"], offered_ram_bytes=16 << 30, queues=[worker_queue(name)],
                             hardware=Hardware(cpu="simulated", host_bandwidth_gbps=20.0, bandwidth_gbps=20.0))
 
-    by_queue = {worker_queue(name): name for name in names}
-    jobs_queues = [Queue(q, Exchange(q), routing_key=q) for q in by_queue]
-    with app.connection_for_write() as conn:
-        producer = conn.Producer(serializer="json")
+    with ExitStack() as stack:
+        opened = []
+        for broker_url, workers in lanes:
+            names = list(workers)
+            settings = Settings(broker_url=broker_url, heartbeat_s=heartbeat_s, visibility_timeout_s=visibility_timeout_s,
+                                broker_confined=bool(ca_file), broker_ca_file=Path(ca_file) if ca_file else None,
+                                worker_name=names[0])
+            conn = stack.enter_context(worker_app(settings).connection_for_write())
+            producer = conn.Producer(serializer="json")
+            by_queue = {worker_queue(name): name for name in names}
 
-        def publish(env: Envelope) -> None:
-            publish_results(producer, signed_body(env, workers[env.worker]))
+            def publish(env: Envelope, producer=producer, workers=workers) -> None:
+                publish_results(producer, signed_body(env, workers[env.worker]))
 
-        def on_job(body, message) -> None:
-            args = body[0] if isinstance(body, list) else body.get("args", [])
-            name = by_queue[message.delivery_info["routing_key"]]
-            try:
-                job = gate.admit(args[0], args[1] if len(args) > 1 else None)
-            except JobRefused as exc:
-                publish(Envelope(kind="refused", job_id=str(args[0].get("job_id", ""))[:36], worker=name, reason=exc.reason))
+            def on_job(body, message, by_queue=by_queue, publish=publish) -> None:
+                args = body[0] if isinstance(body, list) else body.get("args", [])
+                name = by_queue[message.delivery_info["routing_key"]]
+                try:
+                    job = gates[name].admit(args[0], args[1] if len(args) > 1 else None)
+                except JobRefused as exc:
+                    publish(Envelope(kind="refused", job_id=str(args[0].get("job_id", ""))[:36], worker=name,
+                                     reason=exc.reason))
+                    message.ack()
+                    return
+                lease = {"lease_id": job.lease_id, "attempt": job.attempt}
+                publish(Envelope(kind="started", job_id=job.job_id, worker=name, **lease))
+                publish(Envelope(kind="result", job_id=job.job_id, worker=name, result=fake_result(job, name, rng),
+                                 **lease))
                 message.ack()
-                return
-            lease = {"lease_id": job.lease_id, "attempt": job.attempt}
-            publish(Envelope(kind="started", job_id=job.job_id, worker=name, **lease))
-            publish(Envelope(kind="result", job_id=job.job_id, worker=name, result=fake_result(job, name, rng), **lease))
-            message.ack()
 
-        for name in names:
-            publish(Envelope(kind="hello", worker=name, capabilities=caps(name)))
+            for name in names:
+                publish(Envelope(kind="hello", worker=name, capabilities=caps(name)))
+            queues = [Queue(q, Exchange(q), routing_key=q) for q in by_queue]
+            consumer = stack.enter_context(conn.Consumer(queues, accept=["json"], callbacks=[on_job],
+                                                         prefetch_count=len(names)))
+            opened.append((conn, consumer, names, publish))
         last_beat = last_restore = time.monotonic()
-        with conn.Consumer(jobs_queues, accept=["json"], callbacks=[on_job], prefetch_count=len(names)) as consumer:
-            while True:
-                now = time.monotonic()
-                if now - last_beat > heartbeat_s:
+        wait_s = max(0.01, 0.5 / len(opened))
+        while True:
+            now = time.monotonic()
+            if now - last_beat > heartbeat_s:
+                for _, _, names, publish in opened:
                     for name in names:
                         publish(Envelope(kind="heartbeat", worker=name))
-                    last_beat = now
-                if now - last_restore > 2.0:
+                last_beat = now
+            if now - last_restore > 2.0:
+                for _, consumer, _, _ in opened:
                     consumer.channel.qos.restore_visible(num=1000, interval=1)
-                    last_restore = now
+                last_restore = now
+            for conn, _, _, _ in opened:
                 try:
-                    conn.drain_events(timeout=0.5)
+                    conn.drain_events(timeout=wait_s)
                 except TimeoutError:
                     pass
 
@@ -148,7 +168,7 @@ def seal_costs(jobs: list[Job], data_dir: Path, n: int = 2000) -> tuple[float, f
     return seal_s, verify_s, admit_s
 
 
-def service_pids(engine, redis_url: str) -> list[int]:
+def service_pids(engine, redis_url: str, ca_file: str = "") -> list[int]:
     """Redis's process and the PostgreSQL backends serving this benchmark's database."""
     import redis
     from sqlalchemy import text
@@ -156,7 +176,8 @@ def service_pids(engine, redis_url: str) -> list[int]:
     with engine.connect() as c:
         backends = [pid for (pid,) in c.execute(text(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"))]
-    return [int(redis.Redis.from_url(redis_url).info("server")["process_id"]), *backends]
+    client = redis.Redis.from_url(redis_url, **({"ssl_ca_certs": ca_file} if ca_file else {}))
+    return [int(client.info("server")["process_id"]), *backends]
 
 
 def cpu_s(pid: int) -> float:
@@ -178,12 +199,19 @@ def main() -> None:
     ap.add_argument("--stall-s", type=float, default=30.0, help="no progress this long: resume the sweep")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/13")
     ap.add_argument("--timeout-s", type=float, default=600)
+    ap.add_argument("--confined", action="store_true",
+                    help="a redis-server of its own on TLS only, each simulated worker its own confined Redis user")
     args = ap.parse_args()
 
     import redis
     from sqlalchemy import create_engine, text
 
-    redis.Redis.from_url(args.redis).flushdb()
+    if args.confined:
+        server = confined_broker(Path(tempfile.mkdtemp(prefix="tokenfarm-load-redis-")))
+        args.redis, args.ca_file = server.admin_url, server.ca_file
+    else:
+        server, args.ca_file = None, ""
+        redis.Redis.from_url(args.redis).flushdb()
     db_name = f"tokenfarm_load_{uuid.uuid4().hex[:8]}"
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
@@ -194,12 +222,54 @@ def main() -> None:
     finally:
         with admin.connect() as c:
             c.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+        if server is not None:
+            server.stop()
+
+
+class _Broker:
+    def __init__(self, proc, admin_url: str, ca_file: str) -> None:
+        self.proc, self.admin_url, self.ca_file = proc, admin_url, ca_file
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+
+def confined_broker(root: Path) -> _Broker:
+    """redis-server on 127.0.0.1 with TLS only (certificates from `tokenfarm broker certs`' code),
+    the default user off and one admin user: the deployment's broker (docker-compose.yml)."""
+    import socket
+    import subprocess
+
+    import redis
+
+    from orchestrator.brokercerts import make_certs
+
+    files = make_certs(root / "certs", ["127.0.0.1", "localhost"])
+    password = uuid.uuid4().hex
+    (root / "users.acl").write_text(f"user default off\nuser tf-admin on >{password} ~* &* +@all\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", "0", "--bind", "127.0.0.1", "--tls-port", str(port),
+                             "--tls-cert-file", str(files.server_cert), "--tls-key-file", str(files.server_key),
+                             "--tls-ca-cert-file", str(files.ca_cert), "--tls-auth-clients", "no",
+                             "--aclfile", str(root / "users.acl"), "--save", "", "--dir", str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"rediss://tf-admin:{password}@127.0.0.1:{port}/0"
+    for _ in range(100):
+        try:
+            if redis.Redis.from_url(url, ssl_ca_certs=str(files.ca_cert)).ping():
+                return _Broker(proc, url, str(files.ca_cert))
+        except Exception:
+            time.sleep(0.1)
+    raise SystemExit("the TLS redis-server did not start (is redis-server built with TLS?)")
 
 
 def run(args, url: str) -> None:
     from sqlalchemy import func, select
 
-    from orchestrator import dispatch, lifecycle, scheduler
+    from orchestrator import brokerusers, dispatch, lifecycle, scheduler
     from orchestrator.collector import Collector, collect
     from orchestrator.db import JobRow, ResultRow, make_engine, session_scope, upgrade
     from orchestrator.lifecycle import sweep_progress
@@ -214,7 +284,8 @@ def run(args, url: str) -> None:
     # Its own data dir: the orchestrator's job-signing key is made there, not in the user's.
     data_dir = Path(tempfile.mkdtemp(prefix="tokenfarm-load-"))
     settings = Settings(database_url=url, broker_url=args.redis, heartbeat_s=5.0, worker_dead_after_s=15.0,
-                        visibility_timeout_s=10, max_attempts=10, data_dir=data_dir)
+                        visibility_timeout_s=10, max_attempts=10, data_dir=data_dir,
+                        broker_confined=args.confined, broker_ca_file=Path(args.ca_file) if args.ca_file else None)
     from orchestrator.keys import public_key_text
 
     jobs_public_key = public_key_text(data_dir)
@@ -222,6 +293,9 @@ def run(args, url: str) -> None:
     names = [f"sim-{i:03d}" for i in range(args.workers)]
     with session_scope(engine) as s:
         tokens = {n: add_worker(s, n) for n in names}
+    # On a confined broker each worker logs in as its own Redis user, as `workers add` makes it.
+    urls = {n: brokerusers.worker_broker_url(args.redis, n, brokerusers.create_user(app, n)) for n in names} \
+        if args.confined else {}
     half = max(1, args.jobs // 2)
     spec = SweepSpec(name="farm-load", models=["smollm2-135m"], n_prompt=list(range(1, half + 1)),
                      n_gen=list(range(1, args.jobs - half + 1)), repetitions=3)
@@ -238,11 +312,13 @@ def run(args, url: str) -> None:
           f"admitting with the seen-set on disk {admit_us:.0f} us (worker; an fsync per job)")
 
     per_proc = [dict(list(tokens.items())[i::args.procs]) for i in range(args.procs)]
+    lanes = [[(urls[n], {n: t}) for n, t in workers.items()] if args.confined else [(args.redis, workers)]
+             for workers in per_proc]
     ctx = mp.get_context("spawn")
 
     def spawn(i: int, seed: int):
-        proc = ctx.Process(target=simulate, args=(args.redis, per_proc[i], seed, settings.heartbeat_s,
-                                                   settings.visibility_timeout_s, jobs_public_key), daemon=True)
+        proc = ctx.Process(target=simulate, args=(lanes[i], seed, settings.heartbeat_s, settings.visibility_timeout_s,
+                                                   jobs_public_key, str(args.ca_file)), daemon=True)
         proc.start()
         return proc
 
@@ -254,8 +330,9 @@ def run(args, url: str) -> None:
     last_check = time.monotonic()
     upkeep = dispatch.Upkeep(settings)  # the orchestrator's own recovery, as `sweep wait` runs it
     collector = Collector(engine, batch_size=500, max_attempts=settings.max_attempts,
-                          after_batch=lambda: upkeep.maybe_run(engine, app, now=True))
-    services_cpu = {pid: cpu_s(pid) for pid in service_pids(engine, args.redis)}
+                          after_batch=lambda: upkeep.maybe_run(engine, app, now=True),
+                          relay=brokerusers.results_relay(settings, engine))
+    services_cpu = {pid: cpu_s(pid) for pid in service_pids(engine, args.redis, str(args.ca_file))}
     t0 = time.perf_counter()
     cpu0 = time.process_time()
     progress_at: list[tuple[float, int]] = []
@@ -314,6 +391,7 @@ def run(args, url: str) -> None:
           f"{os.cpu_count()} idle cores could ingest {os.cpu_count() * 1e3 / total_ms:.0f} jobs/s")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (above {os.cpu_count()}: other "
           f"processes shared the cores and the wall-clock figures are low)")
+    print(f"broker: {'TLS, each worker its own confined Redis user' if args.confined else 'plain text, one shared user'}")
     print(f"workers: {args.workers} simulated in {args.procs} processes, {kills} processes killed with SIGKILL "
           f"and restarted; sweep resumes needed: {resumes}")
     audit = upkeep.audit
