@@ -128,15 +128,24 @@ class LoopbackHub:
                     return self._file(m[1], m[2], m[3])
                 self._error(404, "EntryNotFound", f"no route {path}")
 
-            def _info(self, repo_id: str, revision: str) -> None:
+            def _commit(self, repo_id: str, revision: str) -> tuple[HubRepo, str] | None:
+                """The repo and the commit a revision names, or None with the hub's error sent."""
                 from urllib.parse import unquote
 
                 repo = self._repo(repo_id)
                 if repo is None:
-                    return
+                    return None
                 commit = repo.commit_of(unquote(revision))
                 if commit is None:
-                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+                    self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+                    return None
+                return repo, commit
+
+            def _info(self, repo_id: str, revision: str) -> None:
+                found = self._commit(repo_id, revision)
+                if found is None:
+                    return
+                repo, commit = found
                 siblings = [{"rfilename": name, "size": f.size_bytes, "blobId": f.sha256[:40],
                              "lfs": {"sha256": f.sha256, "size": f.size_bytes, "pointerSize": 134}}
                             for name, f in sorted(repo.commits[commit].items())]
@@ -152,12 +161,10 @@ class LoopbackHub:
             def _file(self, repo_id: str, revision: str, filename: str) -> None:
                 from urllib.parse import unquote
 
-                repo = self._repo(repo_id)
-                if repo is None:
+                found = self._commit(repo_id, revision)
+                if found is None:
                     return
-                commit = repo.commit_of(unquote(revision))
-                if commit is None:
-                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+                repo, commit = found
                 file = repo.commits[commit].get(unquote(filename))
                 if file is None:
                     return self._error(404, "EntryNotFound", f"{filename} does not exist at {commit}")

@@ -238,7 +238,7 @@ def test_jobs_a_broker_restarted_without_its_data_lost_are_sent_again(tmp_path, 
         env = chaos_env(tmp_path, pg_url, broker_url)
         env.update(broker_env)
         # Long enough for the worker to stay live across the restart, so its jobs keep their lease.
-        env["TOKENFARM_WORKER_DEAD_AFTER_S"] = "30"
+        env["TOKENFARM_WORKER_DEAD_AFTER_S"] = "15"
         sweep = sweep_file(tmp_path, FAST, "amnesia")
         with worker_process(env, "patient", tmp_path / "patient.log") as first:
             assert wait_until(lambda: " ready." in (tmp_path / "patient.log").read_text(errors="replace"), 120)
