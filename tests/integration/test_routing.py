@@ -7,7 +7,6 @@ Workers here share one machine; each is made a different memory class by capping
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -131,7 +130,8 @@ def test_the_scheduler_leases_each_job_to_a_worker_of_its_class(tmp_path, pg_url
             return jobs(pg_url)[0].state == "done"
 
         assert wait_until(small_done, 180, interval=0)
-        time.sleep(3)
+        # Three more seconds of the loop that leases (every 2 s and after each batch): the large
+        # job is offered to the only live worker again and again, and must stay queued.
         tokenfarm(env, "sweep", "wait", "classes", "--timeout", "3")
         by_index = jobs(pg_url)
         assert by_index[1].state == "queued" and by_index[1].worker is None and by_index[1].attempts == 0
