@@ -45,7 +45,9 @@ demo: install
 
 # --durations=15 so CI's log names the slow tests; -n 2: two xdist workers (one per core), each with its
 # own Redis database and PostgreSQL databases copied from one migrated template (tests/integration/conftest.py).
-PYTEST_ARGS ?= -n 2
+# worksteal: a worker that runs out of tests takes half of the other's, so the slow chaos tests at
+# the end of one worker's list do not leave the other core idle.
+PYTEST_ARGS ?= -n 2 --dist worksteal
 test: install-test
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
