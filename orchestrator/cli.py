@@ -367,7 +367,7 @@ def status(sweep: Optional[str] = typer.Argument(None, help="sweep id, id prefix
         for job in jobs:
             s = job.spec
             table.add_row(str(job.index), s["model"], s["quant"], format_test_name(s["kind"], s["n_prompt"], s["n_gen"], s["n_depth"]),
-                          download_line(job.download) if job.state == "running" and job.download else job.state,
+                          (job.state == "running" and download_line(job.download)) or job.state,
                           job.worker or "", str(job.attempts), _check_cell(found.get(job.id), index_of),
                           job.error or "")
         console.print(table)

@@ -60,3 +60,33 @@ def test_a_download_report_restarts_the_time_limit(engine):
         ingest(s, progress(job, "w1", token, 10, 100))
     with session_scope(engine) as s:
         assert requeue_lost(s, dead_after_s=3600, max_attempts=3, job_timeout_s=60) == 0
+
+
+def test_status_shows_the_download_and_then_the_state(data_dir):
+    """`tokenfarm status SWEEP` as a user runs it, on the embedded database."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from orchestrator.db import make_engine, upgrade
+
+    url = f"sqlite:///{data_dir / 'tokenfarm.sqlite3'}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(url)
+    engine = make_engine(url)
+    spec = SweepSpec(name="dl", models=["smollm2-135m"], n_gen=[4], repetitions=1)
+    jobs = plan(spec)
+    with session_scope(engine) as s:
+        token = add_worker(s, "w1")
+        record(s, spec, jobs)
+        job = lease(s.get(JobRow, jobs[0].job_id), "w1")
+        start(s.get(JobRow, jobs[0].job_id))
+    cli = [str(Path(sys.executable).parent / "tokenfarm"), "status", "dl"]
+    env = {**os.environ, "TOKENFARM_DATA_DIR": str(data_dir)}
+    for done, shown in ((4_200_000_000, "downloading 4.2 / 18.6 GB"), (18_600_000_000, "running")):
+        with session_scope(engine) as s:
+            assert ingest(s, progress(job, "w1", token, done, 18_600_000_000)).action == "progress"
+        out = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert shown in out.stdout, out.stdout
