@@ -121,11 +121,11 @@ def _sha256(path: Path) -> str:
 
 
 def combined_sha256(part_sha256s: list[str]) -> str:
-    """A model's identity: its file's sha256, or for a split model the sha256 of its parts' hex
-    digests joined by newlines, in order (both sides compute it the same way)."""
-    if len(part_sha256s) == 1:
-        return part_sha256s[0]
-    return hashlib.sha256("\n".join(part_sha256s).encode()).hexdigest()
+    """A model's identity: its file's sha256, or for a split model farm.identity's combination of
+    its parts' digests, in order (both sides compute it the same way)."""
+    from farm.identity import combine_sha256
+
+    return part_sha256s[0] if len(part_sha256s) == 1 else combine_sha256(part_sha256s)
 
 
 def model_sha256(path: Path) -> str:
@@ -285,17 +285,22 @@ def gguf_header_extent(buf: bytes) -> int | None:
     return -(-pos // alignment) * alignment
 
 
-def split_set(path: Path) -> list[Path]:
-    """The parts of the split model whose first part is `path`, where all lie beside it; [path]
-    for a whole file (or a part other than the first, which does not stand for the model)."""
-    path = Path(path)
-    m = SPLIT_NAME.match(path.name)
+def split_names(name: str) -> list[str]:
+    """Every file name of the split set whose first part is `name`, in order; [name] for a whole
+    file or a part other than the first (which does not stand for the model)."""
+    m = SPLIT_NAME.match(name)
     if m is None or int(m["no"]) != 1:
-        return [path]
+        return [name]
     count = int(m["count"])
-    parts = [path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    return [f"{m['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def split_set(path: Path) -> list[Path]:
+    """The parts of the model `path` stands for, where all lie beside it (split_names)."""
+    path = Path(path)
+    parts = [path.with_name(n) for n in split_names(path.name)]
     missing = [p for p in parts if not p.exists()]
-    if missing:
+    if missing and len(parts) > 1:
         raise ModelError(f"split model {path}: part {missing[0].name} is missing beside it; fetch the whole set")
     return parts
 

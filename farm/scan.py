@@ -13,7 +13,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from farm.modelfiles import SPLIT_NAME, ModelError, _read_facts, combined_sha256, model_sha256, read_facts, split_set
+from farm.modelfiles import (
+    SPLIT_NAME,
+    ModelError,
+    combined_sha256,
+    model_sha256,
+    read_facts,
+    read_parts_facts,
+    split_set,
+)
 from farm.sources import hub_cache_dir, ollama_models, ollama_store
 
 
@@ -43,7 +51,7 @@ def scan(folders: list[Path] | None = None, defaults: bool = True) -> tuple[list
         for m in ollama_models(ollama_store()):
             seen.add(m.blob.resolve())
             try:
-                facts = _read_facts(m.blob)  # not remembered: nothing is written into Ollama's store
+                facts = read_parts_facts([m.blob])  # not remembered: nothing is written into Ollama's store
             except ModelError as exc:
                 problems.append(f"{m.ref}: {exc}")
                 continue
@@ -79,7 +87,7 @@ def _hub_cache(cache: Path, seen: set[Path], problems: list[str]) -> list[Found]
                 name = path.relative_to(snap).as_posix()
                 try:
                     parts = split_set(path)
-                    facts = _read_facts(path)
+                    facts = read_parts_facts(parts)  # not remembered: nothing is written into the cache
                 except ModelError as exc:
                     problems.append(f"hf://{repo}/{name}: {exc}")
                     continue

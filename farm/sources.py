@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from farm.modelfiles import SPLIT_NAME, ModelError
+from farm.identity import is_sha256
+from farm.modelfiles import SPLIT_NAME, ModelError, split_names
 
 HF_SCHEME = "hf://"
 OLLAMA_SCHEME = "ollama://"
@@ -108,11 +109,8 @@ def split_parts(filename: str, all_files: list[str]) -> list[str]:
 
     Raises ModelError when a part is missing, so a partial set is never planned or fetched.
     """
-    m = SPLIT_NAME.match(filename)
-    if m is None:
-        return [filename]
-    count = int(m["count"])
-    parts = [f"{m['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+    folder, _, base = filename.rpartition("/")
+    parts = [f"{folder}/{n}" if folder else n for n in split_names(base)]
     missing = [p for p in parts if p not in all_files]
     if missing:
         raise ModelError(f"split model {filename}: part {missing[0]} is missing from the repository; "
@@ -154,10 +152,6 @@ def quant_tags(filenames: list[str]) -> list[str]:
         if m:
             found.add(m.group(1).upper())
     return sorted(found)
-
-
-def is_sha256(value: str) -> bool:
-    return bool(re.fullmatch(r"[0-9a-f]{64}", value or "")) and set(value) != {"0"}
 
 
 def hub_cache_dir() -> Path:
@@ -215,7 +209,7 @@ def ollama_model(ref: OllamaRef, store: Path | None = None) -> OllamaModel:
         raise ModelError(f"model {ref}: its manifest {path} names no model layer ({exc!r}); "
                          f"run `ollama pull {ref.name}:{ref.tag}` again") from exc
     algo, _, hexdigest = digest.partition(":")
-    if algo != "sha256" or not is_sha256(hexdigest):
+    if algo != "sha256" or not is_sha256(hexdigest) or set(hexdigest) == {"0"}:
         raise ModelError(f"model {ref}: its manifest's digest {digest!r} is not a sha256")
     blob = store / "blobs" / f"sha256-{hexdigest}"
     if not blob.is_file():
