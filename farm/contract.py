@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -64,14 +64,66 @@ def tokens_per_run(kind: str, n_prompt: int, n_gen: int) -> int:
     return {"pp": n_prompt, "tg": n_gen, "pg": n_prompt + n_gen}[kind]
 
 
+# KV-cache element types llama.cpp's context accepts (`-ctk`/`-ctv`), in ggml's spelling.
+KV_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+SPLIT_MODES: tuple[str, ...] = ("none", "layer", "row", "tensor")
+# Parameters that change what a loaded model is (a new one must be loaded); the rest of
+# EngineConfig only needs a new context, as llama-bench reloads.
+MODEL_LEVEL_FIELDS: tuple[str, ...] = ("n_gpu_layers", "split_mode", "main_gpu", "tensor_split", "use_mmap",
+                                       "n_cpu_moe", "override_tensors")
+
+
 class EngineConfig(BaseModel):
+    """llama-bench's parameters that change speed or memory, with llama-bench's names and spellings,
+    so a llama-bench command line translates field for field."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     n_threads: int = Field(default=0, ge=0, description="0: all physical cores")
     n_batch: int = Field(default=2048, ge=1)
     n_ubatch: int = Field(default=512, ge=1)
     n_gpu_layers: int = Field(default=0, ge=-1, description="-1: every layer")
-    flash_attn: bool = False
+    flash_attn: Literal["on", "off", "auto"] = "off"
+    type_k: str = Field(default="f16", description="KV cache K type (-ctk)")
+    type_v: str = Field(default="f16", description="KV cache V type (-ctv)")
+    n_cpu_moe: int = Field(default=0, ge=0, description="MoE expert tensors of the first N layers kept in host RAM")
+    override_tensors: str = Field(default="", max_length=1000,
+                                  description="-ot: 'regex=BUFFER[,regex=BUFFER...]'; empty: none")
+    split_mode: Literal["none", "layer", "row", "tensor"] = "layer"
+    main_gpu: int = Field(default=0, ge=0)
+    tensor_split: tuple[float, ...] = Field(default=(), max_length=16, description="share per device; empty: even")
+    no_kv_offload: bool = False
+    use_mmap: bool = True
+    cpu_mask: str = Field(default="0x0", max_length=130, description="hex CPU affinity mask; 0x0: no pinning")
+    cpu_strict: bool = False
+    poll: int = Field(default=50, ge=0, le=100, description="busy-wait level of the threadpool")
+    prio: int = Field(default=0, ge=-1, le=3, description="thread priority: -1 low .. 3 realtime")
+
+    @field_validator("flash_attn", mode="before")
+    @classmethod
+    def _flash_attn_words(cls, value):
+        # Results stored before the on/off/auto spelling carry a bool; llama-bench's JSON an int.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, int):
+            return {1: "on", 0: "off", -1: "auto"}.get(value, value)
+        return value
+
+    @field_validator("type_k", "type_v")
+    @classmethod
+    def _known_kv_type(cls, value: str) -> str:
+        if value.lower() not in KV_TYPES:
+            raise ValueError(f"unknown KV cache type {value!r}; use one of {', '.join(KV_TYPES)}")
+        return value.lower()
+
+    @property
+    def flash_attn_on(self) -> bool:
+        """Whether attention is fused for memory planning: auto counts as on (llama.cpp's choice where it can)."""
+        return self.flash_attn != "off"
+
+    def model_level(self) -> tuple:
+        """The parameters a loaded model is keyed by: equal keys share one load."""
+        return tuple(getattr(self, f) for f in MODEL_LEVEL_FIELDS)
 
 
 class SourceFile(BaseModel):
@@ -150,6 +202,10 @@ class Job(BaseModel):
     # started and result messages echo both; anything else is refused. Empty on the stored spec.
     lease_id: str = Field(default="", max_length=36)
     attempt: int = Field(default=0, ge=0)
+    # Quality pass (issue 14): besides the speed test, the quant's next-token distributions against
+    # its reference's (the highest-precision file of the same model) over worker/data's text.
+    quality: bool = False
+    quality_n_ctx: int = Field(default=512, ge=16, le=8192, description="context of each scored chunk")
 
     @model_validator(mode="after")
     def _technique_options(self) -> "Job":
@@ -297,6 +353,40 @@ class Speculation(BaseModel):
     baseline_sha256: list[Sha256] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
     output_sha256: list[Sha256] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
 
+class Quality(BaseModel):
+    """The quant against its reference over a fixed text, with llama-perplexity --kl-divergence's
+    definitions: per scored token, KL(reference || quant) of the next-token distributions, whether
+    both put the same token on top, and each one's negative log-likelihood of the true next token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference_quant: str = Field(max_length=16)
+    reference_sha256: Sha256
+    text_name: Name
+    text_sha256: Sha256
+    n_ctx: int = Field(ge=1)
+    n_chunks: int = Field(ge=1)
+    n_tokens_scored: int = Field(ge=1)
+    kld_mean: float = Field(ge=0.0)
+    kld_median: float = Field(ge=0.0)
+    kld_p99: float = Field(ge=0.0)
+    kld_max: float = Field(ge=0.0)
+    top1_agreement: float = Field(ge=0.0, le=1.0, description="share of scored tokens whose top token matches")
+    ppl: float = Field(ge=1.0, description="perplexity of the quant on the text")
+    ppl_reference: float = Field(ge=1.0)
+    # Samples the statistics follow from (the collector recomputes them): one row per chunk.
+    kld_chunk_means: list[float] = Field(max_length=MAX_LIST_ITEMS)
+    top1_chunk: list[float] = Field(max_length=MAX_LIST_ITEMS)
+    nll_chunk_means: list[float] = Field(max_length=MAX_LIST_ITEMS)
+    nll_reference_chunk_means: list[float] = Field(max_length=MAX_LIST_ITEMS)
+    # The reference's logits are cached as top-k; 0: full vocabulary. mass: mean probability kept.
+    reference_top_k: int = Field(default=0, ge=0)
+    reference_mass_kept: float = Field(default=1.0, ge=0.0, le=1.0)
+    reference_cached: bool = Field(default=False, description="the reference pass was read from the cache")
+    pass_ns: int = Field(default=0, ge=0, description="wall time of the quant's scoring pass")
+    reference_ns: int = Field(default=0, ge=0, description="wall time of the reference pass (0 when cached)")
+
+
 class Result(BaseModel):
     """What a worker sends back for one Job, ok or failed."""
 
@@ -359,6 +449,7 @@ class Result(BaseModel):
     n_mtp: int = 0
     temperature: float = 0.0
     speculation: Speculation | None = None
+    quality: Quality | None = None
 
     @classmethod
     def failed(cls, job: Job, worker: str, error: str, **extra) -> "Result":

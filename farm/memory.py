@@ -137,7 +137,7 @@ def estimate_need_bytes(job: Job, facts: ModelFacts, draft_facts: ModelFacts | N
             share = job.config.n_gpu_layers / f.n_layer
             weights, kv = int(weights * share), int(kv * share)
         n_tokens = min(job.config.n_batch if torch else job.config.n_ubatch, job.config.n_batch, n_ctx)
-        return weights + kv + _compute_bytes(f, n_tokens, n_ctx, job.config.flash_attn and not torch)
+        return weights + kv + _compute_bytes(f, n_tokens, n_ctx, job.config.flash_attn_on and not torch)
 
     total = model_bytes(facts)
     if job.technique == "spec" and draft_facts is not None:

@@ -57,7 +57,7 @@ def to_record(r: Result) -> dict:
         "type_k": r.conditions.kv_type,
         "type_v": r.conditions.kv_type,
         "n_gpu_layers": r.config.n_gpu_layers,
-        "flash_attn": r.config.flash_attn,
+        "flash_attn": {"on": 1, "off": 0, "auto": -1}[r.config.flash_attn],
         "n_prompt": r.n_prompt,
         "n_gen": r.n_gen,
         "n_depth": r.n_depth,
@@ -144,7 +144,7 @@ def to_result(record: dict, line: int, machine: str, sweep_id: str) -> tuple[Res
     config = EngineConfig(
         n_threads=max(0, int(record.get("n_threads", 0))), n_batch=max(1, int(record.get("n_batch", 2048))),
         n_ubatch=max(1, int(record.get("n_ubatch", 512))), n_gpu_layers=max(-1, int(record.get("n_gpu_layers", 0))),
-        flash_attn=fa is True or (not isinstance(fa, bool) and int(fa) > 0),
+        flash_attn=fa if isinstance(fa, bool) or fa in ("on", "off", "auto") else int(fa),
     )
     try:
         when = datetime.fromisoformat(str(record["test_time"]).replace("Z", "+00:00"))

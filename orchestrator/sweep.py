@@ -116,7 +116,7 @@ class SweepSpec(BaseModel):
     n_batch: list[int] = Field(default_factory=lambda: [2048], min_length=1)
     n_ubatch: list[int] = Field(default_factory=lambda: [512], min_length=1)
     n_gpu_layers: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    flash_attn: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+    flash_attn: list[Literal["on", "off", "auto"] | bool] = Field(default_factory=lambda: ["off"], min_length=1)
     # Decode techniques (spec, lookup) run as tg tests over the prompts of each category.
     prompt_categories: list[str] | None = None
     n_prompts: int = Field(default=0, ge=0, description="prompts per category; 0: all")

@@ -116,9 +116,10 @@ class LlamaCppBackend:
         cparams.n_ubatch = min(config.n_ubatch, self._n_batch)
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
-        cparams.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        cparams.flash_attn_type = {
+            "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+        }[config.flash_attn]
         cparams.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
