@@ -98,6 +98,9 @@ class EngineConfig(BaseModel):
     cpu_strict: bool = False
     poll: int = Field(default=50, ge=0, le=100, description="busy-wait level of the threadpool")
     prio: int = Field(default=0, ge=-1, le=3, description="thread priority: -1 low .. 3 realtime")
+    # The torch engine's weights and activations (llama.cpp's are the file's quant); the device is
+    # the worker's (its settings' torch_device), recorded in the Result's versions.
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @field_validator("flash_attn", mode="before")
     @classmethod
@@ -229,6 +232,12 @@ class Job(BaseModel):
             raise ValueError(f"unknown draft quant {self.draft_quant!r}")
         if self.temperature > 0 and self.engine != "torch":
             raise ValueError("sampled speculation (temperature > 0) runs on the torch engine only")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_settings(self) -> "Job":
+        if self.engine != "torch" and self.config.torch_dtype != "float32":
+            raise ValueError("torch_dtype applies to engine torch only; llama.cpp's precision is the file's quant")
         return self
 
     @model_validator(mode="after")

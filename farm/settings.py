@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     # offer, so an owner sharing the box can keep some for themselves.
     max_ram_bytes: int = Field(default=0, ge=0)
     max_vram_bytes: int = Field(default=0, ge=0)
+    # Worker only. The torch engine's device: auto takes CUDA where torch sees it, else the CPU.
+    torch_device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
     # Where derived models (quantizations) and fetched catalogue models are cached.
     models_dir: Path | None = None
     # Bound on what this worker downloads from hubs (GB; 0: none): least recently used goes first.

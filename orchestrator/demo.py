@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +20,10 @@ from sqlalchemy.engine import Engine
 
 from orchestrator.db import session_scope
 from orchestrator.workers import add_worker
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 @contextmanager
@@ -33,9 +38,16 @@ def local_worker(engine: Engine, name: str, log_path: Path, stop_timeout_s: floa
     with log_path.open("ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "worker", "--name", name], env=worker_env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # The worker is in a session of its own (a Ctrl-C meant for the demo must not cut its job
+    # short), so a demo killed with SIGTERM (`timeout`, a CI runner, `kill`) has to stop it itself:
+    # Python's default for SIGTERM ends the process without running this block's finally.
+    in_main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main else None
     try:
         yield proc
     finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=stop_timeout_s)

@@ -117,6 +117,8 @@ class SweepSpec(BaseModel):
     n_ubatch: list[int] = Field(default_factory=lambda: [512], min_length=1)
     n_gpu_layers: list[int] = Field(default_factory=lambda: [0], min_length=1)
     flash_attn: list[Literal["on", "off", "auto"] | bool] = Field(default_factory=lambda: ["off"], min_length=1)
+    # The torch engine's precision; llama.cpp's jobs take only float32's (their precision is the quant).
+    torch_dtype: list[Literal["float32", "bfloat16", "float16"]] = Field(default_factory=lambda: ["float32"], min_length=1)
     # Decode techniques (spec, lookup) run as tg tests over the prompts of each category.
     prompt_categories: list[str] | None = None
     n_prompts: int = Field(default=0, ge=0, description="prompts per category; 0: all")
@@ -277,7 +279,7 @@ def technique_options(spec: SweepSpec, technique: str,
 def count_jobs(spec: SweepSpec) -> int:
     """An upper bound on the jobs expand() makes, from the list lengths alone (nothing materialised)."""
     n_configs = (len(spec.n_threads) * len(spec.n_batch) * len(spec.n_ubatch) * len(spec.n_gpu_layers)
-                 * len(spec.flash_attn))
+                 * len(spec.flash_attn) * len(spec.torch_dtype))
     n_pp = sum(1 for n in spec.n_prompt if n > 0) + len(spec.n_pg)
     n_tg = sum(1 for n in spec.n_gen if n > 0) * len(spec.prompt_categories or [None])
     n_draft_quants = sum(len(e.quants or spec.quants or [None]) for e in spec.draft_entries())
@@ -309,9 +311,9 @@ def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str 
         raise SweepError("llama.cpp runs no MTP heads here; use engines: [torch] for technique 'mtp'")
     jobs: list[Job] = []
     configs = [
-        EngineConfig(n_threads=t, n_batch=b, n_ubatch=u, n_gpu_layers=g, flash_attn=fa)
-        for t, b, u, g, fa in itertools.product(spec.n_threads, spec.n_batch, spec.n_ubatch,
-                                                 spec.n_gpu_layers, spec.flash_attn)
+        EngineConfig(n_threads=t, n_batch=b, n_ubatch=u, n_gpu_layers=g, flash_attn=fa, torch_dtype=dt)
+        for t, b, u, g, fa, dt in itertools.product(spec.n_threads, spec.n_batch, spec.n_ubatch,
+                                                     spec.n_gpu_layers, spec.flash_attn, spec.torch_dtype)
     ]
     tests = [("pp", n, 0) for n in spec.n_prompt if n > 0] + [("tg", 0, n) for n in spec.n_gen if n > 0]
     tests += [("pg", p, g) for p, g in spec.n_pg]
@@ -334,6 +336,8 @@ def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str 
         for quant, engine, config, technique in itertools.product(quants, spec.engines, configs, spec.techniques):
             if technique == "mtp" and engine != "torch":
                 continue  # MTP heads run only in the torch engine; llama.cpp's jobs skip it
+            if engine != "torch" and config.torch_dtype != "float32":
+                continue  # one llama.cpp job per setting, not one per torch precision
             for options in technique_options(spec, technique, drafts):
                 for (kind, n_prompt, n_gen), n_depth in itertools.product(tests, spec.n_depth):
                     if technique != "baseline" and kind != "tg":

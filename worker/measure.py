@@ -100,15 +100,40 @@ def decode_context(job: Job) -> float:
     return start + (job.n_gen - 1) / 2
 
 
-def roofline_tok_s(bandwidth_gbps: float, active_bytes: int, kv_bytes_per_token: int, n_context: float) -> float:
+def roofline_tok_s(bandwidth_gbps: float, active_bytes: int, kv_bytes_per_token: int, n_context: float,
+                   device_share: float = 0.0, device_bandwidth_gbps: float = 0.0) -> float:
     """Decode's memory-bound ceiling: each token reads the active weights and the KV cache once.
 
-    Returns 0.0 when the bandwidth or the model's active bytes are unknown.
+    bandwidth_gbps is the host's. device_share of those bytes sit in device memory (offloaded
+    layers) and stream at device_bandwidth_gbps: a partial offload is bound by the sum of both
+    reads, not by either bandwidth alone. Returns 0.0 when a bandwidth needed or the model's
+    active bytes are unknown.
     """
     bytes_per_token = active_bytes + kv_bytes_per_token * n_context
-    if bandwidth_gbps <= 0 or active_bytes <= 0:
+    if active_bytes <= 0:
         return 0.0
-    return bandwidth_gbps * 1e9 / bytes_per_token
+    device_share = min(max(device_share, 0.0), 1.0)
+    s_per_token = 0.0
+    for share, gbps in ((device_share, device_bandwidth_gbps), (1.0 - device_share, bandwidth_gbps)):
+        if share > 0:
+            if gbps <= 0:
+                return 0.0
+            s_per_token += share * bytes_per_token / (gbps * 1e9)
+    return 1.0 / s_per_token if s_per_token else 0.0
+
+
+def device_share(engine: str, n_gpu_layers: int, n_layer: int, flags: dict) -> float:
+    """The share of a decode step's weight reads served from device memory, from what the engine
+    reports it ran with (flags: Conditions.flags): the torch engine is on its device whole; llama.cpp
+    offloads n_gpu_layers of n_layer repeating layers, and only where its build can offload at all
+    (a CPU build given -ngl 99 still reads every weight from host memory)."""
+    if engine == "torch":
+        return 1.0 if str(flags.get("device", "")).startswith("cuda") else 0.0
+    if not flags.get("gpu_offload") or n_gpu_layers == 0:
+        return 0.0
+    if n_gpu_layers < 0 or n_layer <= 0 or n_gpu_layers >= n_layer:
+        return 1.0
+    return n_gpu_layers / n_layer
 
 
 def speculation_block(n_tokens: int, baseline_samples_ns: list[int], samples_ns: list[int], n_drafted: int,

@@ -39,7 +39,7 @@ from farm.stats import sample_stats, summarize, tok_s
 from worker import __version__, hardware
 from worker.admission import Admission, AdmissionError, job_id_of
 from worker.engines import Backend, EngineError, create_backend
-from worker.measure import Measurement, decode_context, measure, roofline_tok_s
+from worker.measure import Measurement, decode_context, device_share, measure, roofline_tok_s
 from worker.fetch import Progress, downloaded_models, fetch_source
 from worker.models import resolve
 
@@ -87,7 +87,7 @@ def measure_over_prompts(job: Job, target, settings: Settings, model_sha256: str
         if job.technique == "spec":
             draft_path = draft_file(job, settings, progress)
             extra["draft_sha256"] = model_identity(draft_path)
-            draft = create_backend(job.engine)
+            draft = create_backend(job.engine, job.config, settings.torch_device)
             draft.load(draft_path, job.config, context_size(job))
             # Before any measurement: a draft with another tokenizer would be measured as garbage.
             check_vocab_pair(target.token_texts(), draft.token_texts())
@@ -110,7 +110,8 @@ class LoadedModel:
     file or an out-of-memory error the engine's state is not to be trusted.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, torch_device: str = "auto") -> None:
+        self.torch_device = torch_device
         self.backend: Backend | None = None
         self._key: tuple | None = None
         self._n_ctx = 0
@@ -121,7 +122,7 @@ class LoadedModel:
         if self.backend is not None and key == self._key and n_ctx <= self._n_ctx:
             return self.backend, 0, True
         self.drop()
-        backend = create_backend(engine)
+        backend = create_backend(engine, config, self.torch_device)
         t0 = time.perf_counter_ns()
         backend.load(path, config, n_ctx)
         load_ns = time.perf_counter_ns() - t0
@@ -145,7 +146,7 @@ def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None,
     started = utc_now()
     base_versions = {"tokenfarm": __version__, "python": platform.python_version()}
     keep = loaded is not None
-    loaded = loaded if keep else LoadedModel()
+    loaded = loaded if keep else LoadedModel(settings.torch_device)
     hardware.reset_peak_rss()  # a kept model stays resident and is counted in this job's peak
     try:
         path, source_sha = resolve(job.model, job.quant, settings.effective_models_dir, job.model_sha256,
@@ -185,7 +186,7 @@ def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None,
     fields = {**{f: getattr(job, f) for f in TECHNIQUE_FIELDS}, **extra}
     avg, std = summarize(job.n_tokens, m.samples_ns)
     hw = hardware.summary()
-    decode = decode_figures(job, m, facts, hw, avg)
+    decode = decode_figures(job, m, facts, hw, avg, conditions.flags)
     return Result(
         job_id=job.job_id, sweep_id=job.sweep_id, status="ok", worker=worker,
         model=job.model, model_sha256=model_sha, source_sha256=source_sha, model_source=job.model_source,
@@ -210,14 +211,15 @@ def energy_per_token_j(job: Job, before_mj: int | None, after_mj: int | None) ->
     return (after_mj - before_mj) / 1000 / n_tokens
 
 
-def decode_figures(job: Job, m: Measurement, facts, hw, avg_ts: float) -> dict:
-    """decode_ts (pg's directly timed decode part) and the roofline bound for tg and pg."""
+def decode_figures(job: Job, m: Measurement, facts, hw, avg_ts: float, flags: dict | None = None) -> dict:
+    """decode_ts (pg's directly timed decode part) and the roofline bound for tg and pg.
+    flags: the engine's Conditions.flags, which say where the weights really sat."""
     if job.kind == "pp":
         return {}
     decode_ts = avg_ts if job.kind == "tg" else statistics.fmean(tok_s(job.n_gen, ns) for ns in m.decode_samples_ns)
-    on_device = job.config.n_gpu_layers != 0 and hw.device_bandwidth_gbps > 0
-    bandwidth = hw.device_bandwidth_gbps if on_device else hw.host_bandwidth_gbps
-    ceiling = roofline_tok_s(bandwidth, facts.active_bytes, facts.kv_bytes_per_token, decode_context(job))
+    share = device_share(job.engine, job.config.n_gpu_layers, facts.n_layer, flags or {})
+    ceiling = roofline_tok_s(hw.host_bandwidth_gbps, facts.active_bytes, facts.kv_bytes_per_token, decode_context(job),
+                             share, hw.device_bandwidth_gbps)
     return {"decode_ts": decode_ts, "roofline_tok_s": ceiling,
             "roofline_pct": 100 * decode_ts / ceiling if ceiling else 0.0}
 
@@ -275,7 +277,7 @@ def refuse(app: Celery, settings: Settings, job_json: object, exc: JobRefused) -
 
 
 def register(app: Celery, settings: Settings, admission: Admission) -> None:
-    loaded = LoadedModel()  # one per worker process: the solo pool runs one job at a time
+    loaded = LoadedModel(settings.torch_device)  # one per worker process: the solo pool runs one job at a time
 
     @app.task(name=RUN_JOB_TASK, bind=True)
     def run_job(self, job_json: object = None, seal: object = None, *extra_args, **extra_kwargs) -> None:

@@ -60,3 +60,50 @@ def test_cuda_bfloat16_starts_like_cpu(smollm2):
     tokens, versions = greedy("cuda", "bfloat16", smollm2, PROMPT_BF16, N_GEN_BF16)
     assert versions["dtype"] == "bfloat16"
     assert tokens == greedy("cpu", "float32", smollm2, PROMPT_BF16, N_GEN_BF16)[0]
+
+
+def test_cuda_timers_see_finished_work_and_peak_memory_is_the_processes(smollm2):
+    """A wall-clock timer read after a backend call must cover the GPU's work (each call returns with
+    the device idle), and the reported peak is at least the weights this process put there."""
+    import time
+
+    from worker.engines.torch import TorchBackend
+
+    backend = TorchBackend(device="cuda", dtype="bfloat16")
+    backend.load(smollm2, EngineConfig(), 256)
+    try:
+        tokens = backend.tokenize("The quick brown fox jumps over the lazy dog. " * 4)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter_ns()
+        backend.prefill(tokens)
+        wall_ms = (time.perf_counter_ns() - t0) / 1e6
+        end.record()
+        end.synchronize()
+        assert wall_ms >= 0.9 * start.elapsed_time(end)
+        weights = sum(p.numel() * p.element_size() for p in backend.model.parameters())
+        assert backend.conditions()["flags"]["cuda_max_allocated_bytes"] >= weights
+    finally:
+        backend.close()
+
+
+def test_llamacpp_offloads_to_cuda_and_decodes_like_the_cpu(smollm2):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    if not llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama.cpp build has no GPU backend (LLAMA_CPP_LIB_PATH names the CUDA build)")
+    from worker.engines.llamacpp import LlamaCppBackend
+
+    def run(n_gpu_layers: int) -> tuple[list[int], dict]:
+        backend = LlamaCppBackend()
+        backend.load(smollm2, EngineConfig(n_gpu_layers=n_gpu_layers), 128)
+        try:
+            out = [backend.prefill(backend.tokenize(PROMPT_F32))]
+            while len(out) < 8:
+                out.append(backend.decode(out[-1]))
+            return out, backend.conditions()
+        finally:
+            backend.close()
+
+    gpu_tokens, conditions = run(-1)
+    assert conditions["flags"]["gpu_offload"] is True
+    assert gpu_tokens == run(0)[0]

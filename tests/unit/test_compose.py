@@ -79,3 +79,15 @@ def test_the_worker_starts_from_its_join_folder_with_no_admin_secret_and_no_serv
     assert "worker-join:/join:ro" in worker["volumes"]
     assert not any(v.startswith(("broker-certs", "broker-ca", "redis-acl")) for v in worker["volumes"])
     assert "REDIS" not in yaml.safe_dump(worker) and "DATABASE" not in yaml.safe_dump(worker)
+
+
+def test_the_compose_worker_builds_the_cuda_engine_the_way_the_gpu_check_does():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    args = services["worker"]["build"]["args"]
+    assert "-DGGML_CUDA=ON" in args["LLAMA_CMAKE_ARGS"]
+    assert "90" in args["CUDA_ARCHITECTURES"].split("}")[0].split(":-")[-1].split(";")  # the H200 it was proven on
+    assert "torch" in args["EXTRAS"].split(",")
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES}" in dockerfile and '".[${EXTRAS}]"' in dockerfile
+    check = (REPO / "tests" / "gpu" / "device_check.sh").read_text()
+    assert "-DGGML_CUDA=ON" in check and "-DCMAKE_CUDA_ARCHITECTURES=90" in check

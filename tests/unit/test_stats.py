@@ -105,7 +105,20 @@ def test_roofline_and_energy_figures_of_a_worker_result():
     assert figures["roofline_tok_s"] == pytest.approx(10e9 / 110e6)
     assert figures["roofline_pct"] == pytest.approx(100 * 45.0 / (10e9 / 110e6))
     on_gpu = job(kind="tg", n_gen=9, n_depth=995, config={"n_gpu_layers": -1})
-    assert decode_figures(on_gpu, Measurement(samples_ns=[1]), facts, hw, 45.0)["roofline_tok_s"] == pytest.approx(1e12 / 110e6)
+    offloading = {"gpu_offload": True}
+    assert decode_figures(on_gpu, Measurement(samples_ns=[1]), facts, hw, 45.0, offloading)["roofline_tok_s"] == pytest.approx(1e12 / 110e6)
+    # A CPU build of llama.cpp given -ngl -1 still reads every weight from host memory.
+    cpu_build = decode_figures(on_gpu, Measurement(samples_ns=[1]), facts, hw, 45.0, {"gpu_offload": False})
+    assert cpu_build["roofline_tok_s"] == pytest.approx(10e9 / 110e6)
+    # Half the layers offloaded: half the bytes at each bandwidth, 1 / (55 MB / 1000 GB/s + 55 MB / 10 GB/s).
+    half = job(kind="tg", n_gen=9, n_depth=995, config={"n_gpu_layers": 15})
+    half_facts = facts.model_copy(update={"n_layer": 30})
+    expected = 1 / (55e6 / 1e12 + 55e6 / 10e9)
+    assert decode_figures(half, Measurement(samples_ns=[1]), half_facts, hw, 45.0, offloading)["roofline_tok_s"] == pytest.approx(expected)
+    # The torch engine on CUDA is on the device whole, whatever n_gpu_layers says (llama.cpp's knob).
+    on_cuda = job(kind="tg", n_gen=9, n_depth=995, engine="torch")
+    assert decode_figures(on_cuda, Measurement(samples_ns=[1]), facts, hw, 45.0, {"device": "cuda:0"})["roofline_tok_s"] == pytest.approx(1e12 / 110e6)
+    assert decode_figures(on_cuda, Measurement(samples_ns=[1]), facts, hw, 45.0, {"device": "cpu"})["roofline_tok_s"] == pytest.approx(10e9 / 110e6)
     pg = job(kind="pg", n_prompt=8, n_gen=2)
     assert decode_figures(pg, Measurement(samples_ns=[3], decode_samples_ns=[1_000_000_000]), facts, hw, 9.0)["decode_ts"] == 2.0
     assert decode_figures(job(kind="pp", n_prompt=8), Measurement(samples_ns=[1]), facts, hw, 1.0) == {}

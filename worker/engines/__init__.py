@@ -5,8 +5,18 @@ from __future__ import annotations
 from worker.engines.base import Backend, EngineError
 
 
-def create_backend(engine: str) -> Backend:
-    """The Backend for an engine name; imports the engine only when asked (heavy imports)."""
+def torch_device(asked: str = "auto") -> str:
+    """The torch engine's device for a worker setting: auto is CUDA where torch sees a GPU."""
+    if asked != "auto":
+        return asked
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def create_backend(engine: str, config=None, device: str = "auto") -> Backend:
+    """The Backend for an engine name; imports the engine only when asked (heavy imports).
+    config: the job's EngineConfig, for the torch engine's precision."""
     if engine == "llamacpp":
         from worker.engines.llamacpp import LlamaCppBackend
 
@@ -14,7 +24,7 @@ def create_backend(engine: str) -> Backend:
     if engine == "torch":
         from worker.engines.torch import TorchBackend
 
-        return TorchBackend()
+        return TorchBackend(device=torch_device(device), dtype=config.torch_dtype if config is not None else "float32")
     raise EngineError(f"unknown engine {engine!r}: use llamacpp or torch")
 
 

@@ -79,6 +79,8 @@ class TorchBackend:
         self._n_past = 0
         self._path = Path(path)
         self._synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     @property
     def n_vocab(self) -> int:
@@ -187,6 +189,10 @@ class TorchBackend:
     def conditions(self) -> dict:
         """Settings the engine really ran with: threads after torch's defaulting, the cache dtype."""
         flags = {"device": str(self.device), "n_batch": self._n_batch}
+        if self.device.type == "cuda":
+            # This process's own peak on the card since its last load (the device's used memory
+            # counts every process on it): weights, KV cache and the largest activation.
+            flags["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
         if self._n_threads_asked:
             flags["n_threads_asked"] = self._n_threads_asked
         return {"n_threads": torch.get_num_threads(), "kv_type": str(self.dtype).removeprefix("torch."),
