@@ -94,12 +94,11 @@ def wheels(dest: Path) -> list[Path]:
 
 
 def model_files(names: list[str], models_dir: Path) -> list[Path]:
-    from farm.modelfiles import CATALOGUE
+    from farm.modelfiles import catalogue_path
 
     files = []
     for name in names:
-        entry = CATALOGUE[name]
-        path = models_dir / "catalogue" / entry.filename
+        path = catalogue_path(name, models_dir)
         if not path.exists():
             sys.exit(f"{path} is missing: fetch it first (tokenfarm models fetch {name})")
         files.append(path)
