@@ -131,7 +131,14 @@ seed_models() {  # the catalogue files where the worker looks, with nothing to d
 }
 
 sweep() {  # one sweep through `tokenfarm demo`: a real worker process on the embedded default
-    tokenfarm demo --sweep "$1" --timeout "$2"
+    local spec=$1
+    if [ "$DRY_RUN" = 1 ]; then
+        # A CPU worker is refused every offloaded job at submit (routing by memory class): the dry
+        # run keeps the layers on the host and the jobs otherwise the same.
+        spec=$OUT/dry-$(basename "$1")
+        sed -e 's/^n_gpu_layers: .*/n_gpu_layers: [0]/' "$1" >"$spec"
+    fi
+    tokenfarm demo --sweep "$spec" --timeout "$(($2 * ${STAGE_SCALE:-1}))"
 }
 
 export_results() {
