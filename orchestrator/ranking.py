@@ -62,6 +62,7 @@ class LeaderRow:
     n_params: int = 0
     n_params_active: int = 0
     n_depth: int = 0
+    model_sha256: str = ""
 
     def as_dict(self) -> dict:
         # Flat scalars only, so a shallow read; dataclasses.asdict deep-copies and costs
@@ -196,7 +197,7 @@ def rank(measurements: Iterable[Measurement], filters: Filters = Filters()) -> l
             tg_n_runs=tg.n_runs if tg else 0, pp_n_runs=pp.n_runs if pp else 0,
             ttft_ms=min(ttfts) / 1e6 if ttfts else None,
             n_params=max(m.n_params for m in ms), n_params_active=max(m.n_params_active for m in ms),
-            n_depth=filters.n_depth,
+            n_depth=filters.n_depth, model_sha256=sha,
         ))
     if filters.tier_gb is not None:
         # A model that fits a smaller card fits this one too.
