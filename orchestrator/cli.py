@@ -948,6 +948,87 @@ def demo(sweep: Path = typer.Option(Path("examples/demo.yaml"), help="the sweep 
     raise typer.Exit(code)
 
 
+class WorkloadChoice(str, enum.Enum):
+    chat = "chat"
+    code = "code"
+
+
+def _analysis_results(settings: Settings):
+    """Every ok Result from workers not flagged, for recommend and claims; the flagged names beside."""
+    from orchestrator.db import session_scope
+    from orchestrator.store import load_results
+    from orchestrator.workers import flagged_names
+
+    _require_schema(settings)
+    with session_scope(_engine(settings)) as session:
+        flagged = flagged_names(session)
+        return load_results(session, status="ok", exclude_workers=flagged), flagged
+
+
+@app.command()
+def recommend(
+    vram: float = typer.Option(..., "--vram", help="GB of VRAM on the card (e.g. 8, 12, 24)"),
+    ram: Optional[float] = typer.Option(None, "--ram", help="GB of RAM: also admit what CPU-only boxes ran in it"),
+    workload: WorkloadChoice = typer.Option("chat", "--workload", help="whose prompts speak for spec / lookup / MTP"),
+    min_agreement: Optional[float] = typer.Option(
+        None, "--min-agreement", help="drop files whose top-1 agreement with their reference is below this (0-1)"),
+    top: int = typer.Option(10, "--top", min=1, help="rows to show"),
+) -> None:
+    """What should I run? The best model x quant x technique for this much memory, on the farm's data."""
+    from orchestrator.recommend import recommend as best
+    from orchestrator.report import ts_cell
+
+    if vram <= 0:
+        raise fail(f"--vram {vram:g}: give the card's VRAM in GB, a positive number such as 8 or 24")
+    if min_agreement is not None and not 0 < min_agreement <= 1:
+        raise fail(f"--min-agreement {min_agreement:g}: a share between 0 and 1, e.g. 0.95")
+    settings = load_settings()
+    results, flagged = _analysis_results(settings)
+    report = best(results, vram, ram, workload.value, min_agreement, flagged, top_n=top)
+    title = f"tokenfarm recommend: {vram:g} GB VRAM" + (f", {ram:g} GB RAM" if ram else "") + f", {workload.value}"
+    if report.rows:
+        table = Table("#", "model", "technique: what gives the speed", "decode t/s", "prefill t/s",
+                      "quality", "memory / limit", "measured on", "runs", title=title)
+        for r in report.rows:
+            memory = (f"{r.memory_bytes / 2**30:.2f}{'~' if r.memory_estimated else ''} / "
+                      f"{r.memory_limit_bytes / 2**30:g} GiB {r.fits}")
+            table.add_row(str(r.rank), r.model, r.how, f"{ts_cell(r.tg_ts, r.tg_stddev_ts)} ({r.tg_test})",
+                          f"{r.pp_ts:.1f}" if r.pp_ts else "-", r.quality_text, memory, r.hardware,
+                          str(r.n_results))
+        console.print(table)
+    console.print(report.data_statement(), highlight=False)
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)
+    if report.n_flagged_results:
+        console.print(f"note: {report.n_flagged_results} results from flagged workers never count", highlight=False)
+    if report.rows:
+        console.print("memory: the measured peak (~: estimated from the file size, +10 %, +512 MiB); "
+                      "decode: mean ± stddev over every repetition", highlight=False)
+
+
+@app.command()
+def claims() -> None:
+    """The 2026 local-LLM efficiency claims, measured: a computed verdict per hardware class, with its query."""
+    from orchestrator.claims import claims as judge
+
+    settings = load_settings()
+    results, flagged = _analysis_results(settings)
+    reports = judge(results, flagged)
+    style = {"holds": "green", "refuted": "red", "not enough data": "yellow"}
+    console.print(f"tokenfarm claims: {len(results)} ok results from "
+                  f"{len({r.worker for r in results})} workers ({len(flagged)} flagged, never counted)", highlight=False)
+    for report in reports:
+        table = Table("hardware class", "verdict", "numbers", "runs", title=f"{report.claim}: {report.verdict}",
+                      title_justify="left", show_lines=False)
+        for f in report.findings:
+            table.add_row(f.hardware_class, f"[{style[f.verdict]}]{f.verdict}[/]", f.numbers, str(f.n_runs))
+        if not report.findings:
+            table.add_row("(none)", f"[{style['not enough data']}]not enough data[/]", "no results at all", "0")
+        console.print(table)
+        console.print(f"  test: {report.test}", highlight=False)
+        console.print(f"  query: {report.query}", highlight=False)
+
+
 def main() -> None:
     app()
 

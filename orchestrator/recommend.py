@@ -13,6 +13,7 @@ measured", and a `min_agreement` asked for then excludes it, saying so.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -213,3 +214,26 @@ def recommend(results: Iterable[Result], vram_gb: float, ram_gb: float | None = 
                            rows=picked, n_results=len(behind), n_workers=len({r.worker for r in behind}),
                            n_excluded_quality=n_excluded, n_flagged_results=n_flagged, notes=notes)
 
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """For (decode tok/s, KLD) points: True where no other point is at least as fast and as faithful, and better in one.
+
+    One sweep from the fastest down (n log n: a tier may hold thousands of points).
+    """
+    order = sorted(range(len(points)), key=lambda i: (-points[i][0], points[i][1]))
+    front = [False] * len(points)
+    best_faster = math.inf  # the lowest KLD among strictly faster points
+    k = 0
+    while k < len(order):
+        ts = points[order[k]][0]
+        end = k
+        while end < len(order) and points[order[end]][0] == ts:
+            end += 1
+        group = order[k:end]
+        lowest = points[group[0]][1]  # sorted: the first of a speed is its most faithful
+        for i in group:
+            front[i] = points[i][1] == lowest and lowest < best_faster
+        best_faster = min(best_faster, lowest)
+        k += len(group)
+    return front

@@ -86,3 +86,11 @@ def test_bad_input_is_refused_with_the_fix():
         recommend([], vram_gb=8, workload="poetry")
     with pytest.raises(ValueError, match="positive"):
         recommend([], vram_gb=0)
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
+    from orchestrator.recommend import pareto_front
+
+    # (tok/s, KLD): fast-lossy and slow-faithful are both on the front; the middle one is beaten by (80, 0.02).
+    points = [(90.0, 0.4), (70.0, 0.03), (80.0, 0.02), (40.0, 0.0), (40.0, 0.0)]
+    assert pareto_front(points) == [True, False, True, True, True]
