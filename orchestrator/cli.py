@@ -987,20 +987,27 @@ def recommend(
     report = best(results, vram, ram, workload.value, min_agreement, flagged, top_n=top)
     title = f"tokenfarm recommend: {vram:g} GB VRAM" + (f", {ram:g} GB RAM" if ram else "") + f", {workload.value}"
     if report.rows:
-        table = Table("#", "model", "technique: what gives the speed", "decode t/s", "prefill t/s",
-                      "quality", "memory / limit", "measured on", "runs", title=title)
+        table = Table("#", "model", "quant", "technique", "decode t/s", "prefill t/s", "KLD", "top-1",
+                      "memory / limit", "measured on", "runs", title=title)
         for r in report.rows:
             memory = (f"{r.memory_bytes / 2**30:.2f}{'~' if r.memory_estimated else ''} / "
                       f"{r.memory_limit_bytes / 2**30:g} GiB {r.fits}")
-            table.add_row(str(r.rank), r.model, r.how, f"{ts_cell(r.tg_ts, r.tg_stddev_ts)} ({r.tg_test})",
-                          f"{r.pp_ts:.1f}" if r.pp_ts else "-", r.quality_text, memory, r.hardware,
-                          str(r.n_results))
+            q = r.quality
+            table.add_row(str(r.rank), r.model, r.quant, r.technique,
+                          f"{ts_cell(r.tg_ts, r.tg_stddev_ts)} ({r.tg_test})", f"{r.pp_ts:.1f}" if r.pp_ts else "-",
+                          f"{q.kld_mean:.4f}" if q else "not measured", f"{q.top1_agreement:.1%}" if q else "-",
+                          memory, r.hardware, str(r.n_results))
         console.print(table)
+        # Whole sentences below the table: in a cell they would wrap into fragments.
+        for r in report.rows:
+            console.print(f"{r.rank}. {r.model} {r.how}; {r.quality_text}", highlight=False)
     console.print(report.data_statement(), highlight=False)
     for note in report.notes:
         console.print(f"note: {note}", highlight=False)
-    if report.n_flagged_results:
-        console.print(f"note: {report.n_flagged_results} results from flagged workers never count", highlight=False)
+    if flagged:
+        # Their results were never loaded (load_results leaves them out); the names say whose.
+        console.print(f"note: results of {len(flagged)} flagged worker{'s' if len(flagged) != 1 else ''} "
+                      f"({', '.join(sorted(flagged))}) never count", highlight=False)
     if report.rows:
         console.print("memory: the measured peak (~: estimated from the file size, +10 %, +512 MiB); "
                       "decode: mean ± stddev over every repetition", highlight=False)
@@ -1015,11 +1022,13 @@ def claims() -> None:
     results, flagged = _analysis_results(settings)
     reports = judge(results, flagged)
     style = {"holds": "green", "refuted": "red", "not enough data": "yellow"}
-    console.print(f"tokenfarm claims: {len(results)} ok results from "
-                  f"{len({r.worker for r in results})} workers ({len(flagged)} flagged, never counted)", highlight=False)
+    n_workers = len({r.worker for r in results})
+    console.print(f"tokenfarm claims: {len(results)} ok results from {n_workers} worker{'s' if n_workers != 1 else ''} "
+                  f"({len(flagged)} flagged, never counted)", highlight=False)
     for report in reports:
-        table = Table("hardware class", "verdict", "numbers", "runs", title=f"{report.claim}: {report.verdict}",
-                      title_justify="left", show_lines=False)
+        # The heading as a line of its own: a table title wraps at the table's width.
+        console.print(f"\n[bold]{report.claim}: [{style[report.verdict]}]{report.verdict}[/][/]", highlight=False)
+        table = Table("hardware class", "verdict", "numbers", "runs")
         for f in report.findings:
             table.add_row(f.hardware_class, f"[{style[f.verdict]}]{f.verdict}[/]", f.numbers, str(f.n_runs))
         if not report.findings:
