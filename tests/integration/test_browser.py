@@ -27,6 +27,9 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 # (navigation label, heading, charts and tables that must have drawn before the screenshot)
 PAGES = [
+    ("Pareto: speed vs quality", "Speed against quality: the Pareto frontier", 1, 1),
+    ("What should I run?", "What should I run?", 0, 1),
+    ("The 2026 claims, measured", "The 2026 claims, measured", 0, 1),
     ("Techniques", "Techniques", 2, 1),
     ("Prefill vs decode", "Prefill vs decode", 2, 1),
     ("MoE and the roofline", "MoE and the roofline", 1, 1),
