@@ -8,6 +8,7 @@ own browser download (`playwright install`) is never used.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -121,7 +122,7 @@ def test_every_page_renders_in_chromium(dashboard_url):
                     page.get_by_text("tok/s (mean)").first.wait_for(state="visible", timeout=60_000)
                     page.get_by_text('"n_threads"').first.wait_for(state="visible", timeout=60_000)
                 assert page.locator('[data-testid="stException"]').count() == 0, label
-                name = heading.lower().replace(" ", "_")
+                name = re.sub(r"[^a-z0-9]+", "_", heading.lower()).strip("_")  # a plain file name
                 page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
             assert not errors, errors
         finally:
