@@ -19,8 +19,13 @@ if frame.empty or "kld_mean" not in frame or frame["kld_mean"].isna().all() or f
             "`tokenfarm sweep submit SWEEP.yaml --wait`; speed alone is on the leaderboard.")
     st.stop()
 
-tier = st.selectbox("VRAM tier", TIERS_GB, index=list(TIERS_GB).index(24) if 24 in TIERS_GB else 0,
-                    format_func=lambda t: f"{t} GB" + (" and above" if t == TIERS_GB[-1] else ""))
+left, right = st.columns(2)
+tier = left.selectbox("VRAM tier", TIERS_GB, index=list(TIERS_GB).index(24) if 24 in TIERS_GB else 0,
+                      format_func=lambda t: f"{t} GB" + (" and above" if t == TIERS_GB[-1] else ""))
+# Speeds from an H100 say little about a 3060: narrow to the boxes like yours.
+hardware = right.multiselect("Measured on", sorted(frame["hardware"].unique()), placeholder="all hardware")
+if hardware:
+    frame = frame[frame["hardware"].isin(hardware)]
 points = frame[(frame["tier_gb"] <= tier) & frame["kld_mean"].notna() & frame["tg_ts"].notna()].copy()
 n_unmeasured = int(((frame["tier_gb"] <= tier) & frame["kld_mean"].isna() & frame["tg_ts"].notna()).sum())
 if points.empty:

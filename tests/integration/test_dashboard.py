@@ -271,6 +271,9 @@ def test_pareto_page_draws_the_frontier_per_tier(seeded):
     tier = next(s for s in at.selectbox if s.label == "VRAM tier")
     tier.set_value(8).run()
     assert not at.exception and all(float(m) <= 8 for m in at.dataframe[0].value["memory GiB"])
+    boxes = next(m for m in at.multiselect if m.label == "Measured on")
+    boxes.set_value(["NVIDIA GeForce RTX 3060"]).run()
+    assert set(at.dataframe[0].value["hardware"]) == {"NVIDIA GeForce RTX 3060"}
 
 
 def test_recommend_page_shows_what_the_cli_would(seeded):
