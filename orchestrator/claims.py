@@ -71,11 +71,17 @@ def hardware_class(r: Result) -> str:
     return "CPU-only"
 
 
+def class_order(name: str) -> tuple:
+    """GPU tiers smallest first, then CPU-only: the order a reader scans a table of classes in."""
+    parts = name.split()
+    return (0, int(parts[1])) if len(parts) == 3 and parts[1].isdigit() else (1 if name.startswith("GPU") else 2, 0)
+
+
 def _by_class(results: Iterable[Result]) -> dict[str, list[Result]]:
     out: dict[str, list[Result]] = {}
     for r in results:
         out.setdefault(hardware_class(r), []).append(r)
-    return dict(sorted(out.items()))
+    return out
 
 
 def _median(xs: Iterable[float]) -> float:
@@ -89,7 +95,7 @@ def _per_class(selected: list[Result], judge: Callable[[list[Result]], tuple[str
     for c in classes:
         groups.setdefault(c, [])
     findings = []
-    for c, runs in sorted(groups.items()):
+    for c, runs in sorted(groups.items(), key=lambda item: class_order(item[0])):
         verdict, numbers = judge(runs)
         findings.append(Finding(c, verdict, numbers, len(runs)))
     return findings
@@ -328,5 +334,5 @@ CLAIMS = (claim_mtp, claim_spec_gain, claim_spec_poor_draft, claim_moe_active_sp
 def claims(results: Iterable[Result], flagged_workers: frozenset[str] | set[str] = frozenset()) -> list[ClaimReport]:
     """Every claim on the ok Results of unflagged workers; each class the farm has data on gets a finding."""
     ok = [r for r in results if r.status == "ok" and r.worker not in flagged_workers]
-    classes = sorted({hardware_class(r) for r in ok})
+    classes = sorted({hardware_class(r) for r in ok}, key=class_order)
     return [claim(ok, classes) for claim in CLAIMS]

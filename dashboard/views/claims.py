@@ -20,5 +20,8 @@ for report in claims(results, flagged):
     st.markdown(f"**Verdict: {ICON[report.verdict]}** — {report.test}")
     if report.findings:
         st.dataframe(pd.DataFrame([{"hardware class": f.hardware_class, "verdict": f.verdict, "numbers": f.numbers,
-                                    "runs": f.n_runs} for f in report.findings]), hide_index=True, width="stretch")
+                                    "runs": f.n_runs} for f in report.findings]), hide_index=True, width="stretch",
+                     column_config={"numbers": st.column_config.TextColumn(width="large"),
+                                    "verdict": st.column_config.TextColumn(width="small"),
+                                    "runs": st.column_config.NumberColumn(width="small")})
     st.caption(f"Query: {report.query}")

@@ -46,7 +46,7 @@ def test_spec_gain_per_hardware_class():
     runs = [spec(2.0, 0.8), spec(1.8, 0.7), spec(1.1, 0.75, cpu()), spec(1.2, 0.8, cpu()), spec(0.5, 0.2)]
     report = claim_spec_gain(runs)
     assert verdicts(report) == {"GPU 12 GB": HOLDS, "CPU-only": REFUTED}
-    assert report.verdict == REFUTED and "median 1.90x" in report.findings[1].numbers
+    assert report.verdict == REFUTED and "median 1.90x" in report.findings[0].numbers
     assert claim_spec_gain([spec(0.5, 0.2)]).verdict == THIN
 
 
@@ -97,7 +97,7 @@ def test_moe_memory_is_its_total_size():
                    hardware=cpu())
     report = claim_moe_memory([full, paged])
     assert verdicts(report) == {"GPU 12 GB": HOLDS, "CPU-only": REFUTED}
-    assert "peak memory 1.06x the file's total size (active weights 0.06x of it)" in report.findings[1].numbers
+    assert "peak memory 1.06x the file's total size (active weights 0.06x of it)" in report.findings[0].numbers
     assert claim_moe_memory([decode("dense", 10, 1)]).verdict == THIN
 
 
@@ -120,3 +120,8 @@ def test_every_claim_answers_on_an_empty_farm_and_flagged_workers_are_no_evidenc
         r.worker = "liar"
     assert claims(liar, flagged_workers={"liar"})[0].verdict == THIN
     assert claims(liar)[0].verdict == HOLDS
+
+
+def test_classes_read_smallest_gpu_tier_first_then_cpu():
+    runs = [spec(2.0, 0.8, gpu(vram_gb=80)), spec(2.0, 0.8, gpu(vram_gb=8)), spec(2.0, 0.8, cpu())] * 2
+    assert [f.hardware_class for f in claim_spec_gain(runs).findings] == ["GPU 8 GB", "GPU 80 GB", "CPU-only"]
