@@ -290,6 +290,8 @@ def leaderboard_frame(tier_gb: int | None, n_depth: int = 0, hardware_classes: t
     if frame.empty:
         return frame
     quality = file_quality()[["model_sha256", "kld_mean", "kld_p99", "top1_agreement"]]
+    # The file's quality from its own query; any the rows already carry would only be a partial copy.
+    frame = frame.drop(columns=[c for c in quality.columns if c != "model_sha256" and c in frame])
     return frame.merge(quality, on="model_sha256", how="left")
 
 
