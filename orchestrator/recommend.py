@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from farm.contract import Result
-from orchestrator.ranking import Filters, LeaderRow, from_result, hardware_class, rank
+from orchestrator.ranking import (
+    Filters,
+    LeaderRow,
+    from_result,
+    hardware_class,
+    rank,
+    tier_for,
+)
 
 _GIB = 1 << 30
 Workload = Literal["chat", "code"]
@@ -149,6 +156,18 @@ def _key(r: Result) -> tuple:
             f"{r.hardware.cpu} ({r.hardware.n_cpu_cores} cores)")
 
 
+def _same_class(r: Result, vram_gb: float, ram_gb: float | None) -> bool:
+    """A GPU of the VRAM asked for's tier, or (with ram_gb) a CPU-only box with no more RAM than that."""
+    if r.hardware.gpu:
+        return bool(r.hardware.vram_bytes) and tier_for(r.hardware.vram_bytes) == tier_for(int(vram_gb * _GIB))
+    return bool(ram_gb) and 0 < r.hardware.ram_bytes <= int(ram_gb * _GIB * 1.05)
+
+
+def _class_words(vram_gb: float, ram_gb: float | None) -> str:
+    tier = tier_for(int(vram_gb * _GIB))
+    return f"GPUs of the {tier} GB tier" + (f", CPU-only boxes up to {ram_gb:g} GB RAM" if ram_gb else "")
+
+
 def _for_workload(results: list[Result], workload: str) -> list[Result]:
     """Baseline tests as they are; technique runs only over the workload's prompt categories."""
     categories = WORKLOAD_CATEGORIES[workload]
@@ -169,6 +188,14 @@ def recommend(results: Iterable[Result], vram_gb: float, ram_gb: float | None = 
     quality = file_quality(ok)
     chosen = _for_workload(ok, workload)
     notes = []
+    own = [r for r in chosen if _same_class(r, vram_gb, ram_gb)]
+    if own:
+        # Speed is the box's bandwidth's: a 3060 owner learns little from an H100's figures.
+        chosen = own
+        notes.append(f"speeds measured on boxes of this class ({_class_words(vram_gb, ram_gb)})")
+    elif chosen:
+        notes.append(f"no box of this class ({_class_words(vram_gb, ram_gb)}) measured these: "
+                     "speeds come from the hardware named in each row")
     if len(chosen) < len(ok):
         notes.append(f"{len(ok) - len(chosen)} technique runs over other prompt categories than "
                      f"{workload} ({', '.join(WORKLOAD_CATEGORIES[workload])}) left out")

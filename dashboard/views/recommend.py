@@ -28,13 +28,15 @@ if not report.rows:
 st.dataframe(pd.DataFrame([{
     "#": r.rank, "model": r.model, "what gives the speed": r.how, "decode tok/s": r.tg_ts, "± stddev": r.tg_stddev_ts,
     "test": r.tg_test, "prefill tok/s": r.pp_ts, "KLD": r.quality.kld_mean if r.quality else None,
-    "top-1": r.quality.top1_agreement if r.quality else None, "quality": r.quality_text,
+    "top-1": r.quality.top1_agreement if r.quality else None,
     "memory GiB": r.memory_bytes / 2**30, "limit GiB": r.memory_limit_bytes / 2**30, "fits": r.fits,
     "memory": "estimated" if r.memory_estimated else "measured", "measured on": r.hardware, "runs": r.n_results,
 } for r in report.rows]), hide_index=True, width="stretch", column_config={
+    "what gives the speed": st.column_config.TextColumn(width="large"),
     "decode tok/s": st.column_config.NumberColumn(format="%.1f"), "± stddev": st.column_config.NumberColumn(format="%.1f"),
     "prefill tok/s": st.column_config.NumberColumn(format="%.1f"), "KLD": st.column_config.NumberColumn(format="%.4f"),
     "top-1": st.column_config.NumberColumn(format="%.3f"), "memory GiB": st.column_config.NumberColumn(format="%.2f")})
-st.caption("Ranked by decode tok/s among what fits; results from flagged workers never count. The same table as "
+st.caption("Ranked by decode tok/s among what fits; results from flagged workers never count. KLD and top-1: the "
+           "file against its reference; empty: quality not measured. The same table as "
            f"`tokenfarm recommend --vram {vram:g}" + (f" --ram {ram:g}" if ram else "") + f" --workload {workload}"
            + (f" --min-agreement {agreement:g}" if agreement else "") + "`.")

@@ -99,7 +99,7 @@ def test_todays_schema_renders_and_says_what_is_missing(data_dir, page):
     if page == "recommend":
         # Two results from one worker: the page says the data is thin, and that quality was not measured.
         assert any(w.value.startswith("thin data:") for w in at.warning)
-        assert set(at.dataframe[0].value["quality"]) == {"quality not measured"}
+        assert at.dataframe[0].value["KLD"].isna().all()  # quality not measured
 
 
 def test_leaderboard_has_a_table_per_tier_and_a_chart(seeded):
@@ -285,7 +285,9 @@ def test_recommend_page_shows_what_the_cli_would(seeded):
     assert list(shown["model"]) == [r.model for r in expected.rows]
     assert [round(x, 3) for x in shown["decode tok/s"]] == [round(r.tg_ts, 3) for r in expected.rows]
     assert (shown["memory GiB"] <= 8).all() and shown["KLD"].notna().any()
-    assert at.success[0].value == expected.data_statement()
+    assert [a.value for a in (*at.success, *at.warning)] == [expected.data_statement()]
+    # The sample's one 8 GB card: speeds from boxes of the class asked for.
+    assert set(shown["measured on"]) == {"NVIDIA GeForce RTX 2070"}
     agreement = next(n for n in at.number_input if n.label.startswith("Minimum top-1"))
     agreement.set_value(0.9).run()
     assert (at.dataframe[0].value["top-1"] >= 0.9).all()

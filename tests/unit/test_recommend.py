@@ -94,3 +94,16 @@ def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
     # (tok/s, KLD): fast-lossy and slow-faithful are both on the front; the middle one is beaten by (80, 0.02).
     points = [(90.0, 0.4), (70.0, 0.03), (80.0, 0.02), (40.0, 0.0), (40.0, 0.0)]
     assert pareto_front(points) == [True, False, True, True, True]
+
+
+def test_speeds_come_from_boxes_of_the_class_asked_for_when_there_are_any():
+    from tests.results_factory import gpu
+
+    small = result("m", "Q4_0", "tg", 40.0, hardware=gpu("RTX 2070", vram_gb=8, bandwidth_gbps=448))
+    big = result("m", "Q4_0", "tg", 300.0, hardware=gpu("H100", vram_gb=80, bandwidth_gbps=3350))
+    report = recommend([small, big], vram_gb=8)
+    assert [r.hardware for r in report.rows] == ["RTX 2070"]
+    assert "speeds measured on boxes of this class (GPUs of the 8 GB tier)" in report.notes
+    # Nothing of the class measured: the other hardware's figures, named, and said so.
+    report = recommend([big], vram_gb=8)
+    assert [r.hardware for r in report.rows] == ["H100"] and report.notes[0].startswith("no box of this class")
