@@ -953,16 +953,36 @@ class WorkloadChoice(str, enum.Enum):
     code = "code"
 
 
-def _analysis_results(settings: Settings):
-    """Every ok Result from workers not flagged, for recommend and claims; the flagged names beside."""
+def _analysis_results(settings: Settings, sweep: str | None = None):
+    """Every ok Result from workers not flagged (of one sweep, if named), for recommend and claims;
+    the flagged names beside."""
     from orchestrator.db import session_scope
-    from orchestrator.store import load_results
+    from orchestrator.store import find_sweep, load_results
     from orchestrator.workers import flagged_names
 
     _require_schema(settings)
     with session_scope(_engine(settings)) as session:
+        sweep_id = None
+        if sweep:
+            row = find_sweep(session, sweep)
+            if row is None:
+                raise fail(f"no sweep matches {sweep!r}: list them with `tokenfarm status`")
+            sweep_id = row.id
         flagged = flagged_names(session)
-        return load_results(session, status="ok", exclude_workers=flagged), flagged
+        return load_results(session, sweep_id, status="ok", exclude_workers=flagged), flagged
+
+
+def _selected_results(settings: Settings, sweeps: list[str] | None):
+    if not sweeps:
+        return _analysis_results(settings)
+    results, flagged = [], set()
+    for sweep in sweeps:
+        some, flagged = _analysis_results(settings, sweep)
+        results += some
+    return results, flagged
+
+
+SWEEPS_OPTION_HELP = "only these sweeps' results (id, id prefix or name; repeat for several); default: every sweep"
 
 
 @app.command()
@@ -973,6 +993,7 @@ def recommend(
     min_agreement: Optional[float] = typer.Option(
         None, "--min-agreement", help="drop files whose top-1 agreement with their reference is below this (0-1)"),
     top: int = typer.Option(10, "--top", min=1, help="rows to show"),
+    sweeps: Optional[list[str]] = typer.Option(None, "--sweep", help=SWEEPS_OPTION_HELP),
 ) -> None:
     """What should I run? The best model x quant x technique for this much memory, on the farm's data."""
     from orchestrator.recommend import recommend as best
@@ -983,7 +1004,7 @@ def recommend(
     if min_agreement is not None and not 0 < min_agreement <= 1:
         raise fail(f"--min-agreement {min_agreement:g}: a share between 0 and 1, e.g. 0.95")
     settings = load_settings()
-    results, flagged = _analysis_results(settings)
+    results, flagged = _selected_results(settings, sweeps)
     report = best(results, vram, ram, workload.value, min_agreement, flagged, top_n=top)
     title = f"tokenfarm recommend: {vram:g} GB VRAM" + (f", {ram:g} GB RAM" if ram else "") + f", {workload.value}"
     if report.rows:
@@ -1014,12 +1035,12 @@ def recommend(
 
 
 @app.command()
-def claims() -> None:
+def claims(sweeps: Optional[list[str]] = typer.Option(None, "--sweep", help=SWEEPS_OPTION_HELP)) -> None:
     """The 2026 local-LLM efficiency claims, measured: a computed verdict per hardware class, with its query."""
     from orchestrator.claims import claims as judge
 
     settings = load_settings()
-    results, flagged = _analysis_results(settings)
+    results, flagged = _selected_results(settings, sweeps)
     reports = judge(results, flagged)
     style = {"holds": "green", "refuted": "red", "not enough data": "yellow"}
     n_workers = len({r.worker for r in results})

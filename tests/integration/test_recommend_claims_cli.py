@@ -68,5 +68,10 @@ def test_recommend_and_claims_on_stored_results(pg_url, data_dir):
     assert "MTP gives about 1.8x decode at 85-90 % second-token acceptance: not enough data" in out
     assert out.count("query: ") == 8
 
+    one = tokenfarm(env, "claims", "--sweep", "handmade", timeout=120)
+    assert one.returncode == 0 and one.stdout == out  # the one sweep holds every result
+    proc = tokenfarm(env, "claims", "--sweep", "nosuch", timeout=60)
+    assert proc.returncode == 3 and "no sweep matches 'nosuch'" in proc.stderr
+
     proc = tokenfarm(env, "recommend", "--vram", "8", "--workload", "poetry", timeout=60)
     assert proc.returncode == 2 and "poetry" in proc.stderr
