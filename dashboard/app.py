@@ -9,6 +9,9 @@ import streamlit as st
 st.set_page_config(page_title="tokenfarm", layout="wide")
 PAGES = [
     st.Page("views/leaderboard.py", title="Leaderboard by VRAM tier", url_path="leaderboard"),
+    st.Page("views/pareto.py", title="Pareto: speed vs quality", url_path="pareto"),
+    st.Page("views/recommend.py", title="What should I run?", url_path="recommend"),
+    st.Page("views/claims.py", title="The 2026 claims, measured", url_path="claims"),
     st.Page("views/techniques.py", title="Techniques", url_path="techniques"),
     st.Page("views/prefill_decode.py", title="Prefill vs decode", url_path="prefill-decode"),
     st.Page("views/roofline.py", title="MoE and the roofline", url_path="roofline"),

@@ -116,7 +116,9 @@ HARDWARE_PATHS = ("hardware.gpu", "hardware.cpu", "hardware.n_cpu_cores", "hardw
 TECHNIQUE_PATHS = ("prompt_category", "n_draft", "p_min", "ngram_max", "draft_model", "draft_quant",
                    "speculation.speedup", "speculation.acceptance_rate", "speculation.mean_accepted_per_pass",
                    "speculation.lossless", "speculation.first_mismatch")
-JSON_PATHS = MEASUREMENT_PATHS + FACT_PATHS + HARDWARE_PATHS + TECHNIQUE_PATHS
+QUALITY_PATHS = ("quality.kld_mean", "quality.kld_p99", "quality.top1_agreement", "quality.ppl",
+                 "quality.ppl_reference")
+JSON_PATHS = MEASUREMENT_PATHS + FACT_PATHS + HARDWARE_PATHS + TECHNIQUE_PATHS + QUALITY_PATHS
 
 
 def _path(dotted: str) -> tuple[str, ...]:
@@ -260,11 +262,64 @@ def _num(value) -> float | None:
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
+def file_quality() -> pd.DataFrame:
+    """Per model file (sha256): its quality pass's figures averaged over the Results that carry one.
+
+    Quality is a property of the file, not of the run, so any unflagged job that measured it speaks for it.
+    """
+    fields = list(QUALITY_PATHS)
+
+    def build(eng: Engine) -> pd.DataFrame:
+        query = (select(R.model_sha256, R.worker, *[_j(*_path(p)).label(p.rsplit(".", 1)[-1]) for p in fields])
+                 .where(R.status == "ok", _j("quality", "kld_mean").is_not(None)))
+        return _read(eng, query)
+    frame = _frame(build)
+    if frame.empty:
+        return pd.DataFrame(columns=["model_sha256"] + [p.rsplit(".", 1)[-1] for p in fields])
+    frame = frame[~frame["worker"].isin(flagged_workers())].drop(columns=["worker"])
+    return frame.groupby("model_sha256").mean().reset_index()
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
 def leaderboard_frame(tier_gb: int | None, n_depth: int = 0, hardware_classes: tuple[str, ...] = (),
                       backends: tuple[str, ...] = (), techniques: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The ranking's rows, with each file's KLD and top-1 agreement beside (NaN where not measured)."""
     filters = Filters(tier_gb=tier_gb, n_depth=n_depth, hardware_classes=hardware_classes, backends=backends,
                       techniques=techniques, flagged_workers=flagged_workers())
-    return pd.DataFrame([row.as_dict() for row in rank(measurement_objects(), filters)])
+    frame = pd.DataFrame([row.as_dict() for row in rank(measurement_objects(), filters)])
+    if frame.empty:
+        return frame
+    quality = file_quality()[["model_sha256", "kld_mean", "kld_p99", "top1_agreement"]]
+    # The file's quality from its own query; any the rows already carry would only be a partial copy.
+    frame = frame.drop(columns=[c for c in quality.columns if c != "model_sha256" and c in frame])
+    return frame.merge(quality, on="model_sha256", how="left")
+
+
+# recommend and claims read whole Results; at most this many (by job id, a fixed sample) bound a page's memory.
+MAX_ANALYSIS_RESULTS = 20_000
+
+
+@st.cache_resource(ttl=TTL_S, show_spinner=False)
+def analysis_results() -> tuple[list, frozenset[str]]:
+    """Ok Results of unflagged workers (up to MAX_ANALYSIS_RESULTS), whole, for recommend and claims; and the flagged names.
+
+    A resource, not data: Streamlit would otherwise pickle thousands of Results on every read.
+    """
+    from farm.contract import Result
+
+    flagged = flagged_workers()
+
+    def build(eng: Engine) -> pd.DataFrame:
+        query = select(R.result).where(R.status == "ok")
+        if flagged:
+            query = query.where(R.worker.not_in(flagged))
+        query = query.order_by(R.job_id.desc()).limit(MAX_ANALYSIS_RESULTS)
+        with eng.connect() as conn:
+            return pd.DataFrame({"result": list(conn.execute(query).scalars())})
+    frame = _frame(build)
+    if frame.empty:
+        return [], flagged
+    return [Result.model_validate(json.loads(d) if isinstance(d, str) else d) for d in frame["result"]], flagged
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)

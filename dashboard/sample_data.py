@@ -24,6 +24,7 @@ from farm.contract import (
     Hardware,
     Job,
     ModelFacts,
+    Quality,
     Result,
     format_test_name,
 )
@@ -69,6 +70,9 @@ TECHNIQUES = ["baseline", "baseline", "spec", "lookup"]
 N_PROMPTS = 8
 REPETITIONS = 5
 DRAFT = ("smollm2-135m", "Q4_0")
+# Mean KLD from the F16 reference per quant, about what llama-perplexity --kl-divergence reports for
+# small models: the quality pass's ladder (issue 14).
+QUANT_KLD = {"F16": 0.0, "Q8_0": 0.002, "Q6_K": 0.008, "Q4_K_M": 0.035, "Q4_0": 0.07, "Q2_K": 0.55}
 START = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
 
@@ -144,6 +148,25 @@ def _greedy_tokens(job: dict, first_mismatch: list[int | None] | None = None) ->
     base = [[rng.randrange(2, 49_152) for _ in range(n)] for _ in first_mismatch]
     tech = [b if m is None else b[:m] + [b[m] + 1] + b[m + 1:] for b, m in zip(base, first_mismatch)]
     return base, tech
+
+
+def _quality(mf: dict) -> dict:
+    """A file's quality block, the same for every run of that file (a generator seeded by the file),
+    its statistics following from its per-chunk samples as the collector checks."""
+    rng = random.Random(mf["sha"])
+    kld = QUANT_KLD[mf["quant"]] * rng.uniform(0.8, 1.25)
+    chunks = [kld * rng.uniform(0.7, 1.3) for _ in range(8)]
+    kld_mean = sum(chunks) / len(chunks)
+    top1 = [max(0.0, min(1.0, 1.0 - 0.9 * math.sqrt(c) * rng.uniform(0.9, 1.1))) for c in chunks]
+    nll_ref = [rng.uniform(2.3, 2.6) for _ in chunks]
+    nll = [n + c for n, c in zip(nll_ref, chunks)]
+    return Quality(
+        reference_quant="F16", reference_sha256=_sha(f"{mf['model']}/F16"), text_name="wiki.test.raw (sample)",
+        text_sha256=_sha("sample text"), n_ctx=512, n_chunks=len(chunks), n_tokens_scored=255 * len(chunks),
+        kld_mean=kld_mean, kld_median=statistics.median(chunks), kld_p99=max(chunks) * 6, kld_max=max(chunks) * 12,
+        top1_agreement=sum(top1) / len(top1), ppl=math.exp(sum(nll) / len(nll)),
+        ppl_reference=math.exp(sum(nll_ref) / len(nll_ref)), kld_chunk_means=chunks, top1_chunk=top1,
+        nll_chunk_means=nll, nll_reference_chunk_means=nll_ref).model_dump(mode="json")
 
 
 def job_spec(rng: random.Random, job_id: str, sweep_id: str, index: int, mf: dict, test: tuple,
@@ -223,6 +246,8 @@ def result_json(rng: random.Random, job: dict, mf: dict, worker: tuple, when: da
         data["output_sha256"] = combine_sha256(data["speculation"]["baseline_sha256"])
     else:
         data["output_sha256"] = output_sha256(_greedy_tokens(job)[0])
+        if kind == "tg" and n_depth == 0:
+            data["quality"] = _quality(mf)
     return data
 
 

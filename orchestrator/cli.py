@@ -948,6 +948,117 @@ def demo(sweep: Path = typer.Option(Path("examples/demo.yaml"), help="the sweep 
     raise typer.Exit(code)
 
 
+class WorkloadChoice(str, enum.Enum):
+    chat = "chat"
+    code = "code"
+
+
+def _analysis_results(settings: Settings, sweep: str | None = None):
+    """Every ok Result from workers not flagged (of one sweep, if named), for recommend and claims;
+    the flagged names beside."""
+    from orchestrator.db import session_scope
+    from orchestrator.store import find_sweep, load_results
+    from orchestrator.workers import flagged_names
+
+    _require_schema(settings)
+    with session_scope(_engine(settings)) as session:
+        sweep_id = None
+        if sweep:
+            row = find_sweep(session, sweep)
+            if row is None:
+                raise fail(f"no sweep matches {sweep!r}: list them with `tokenfarm status`")
+            sweep_id = row.id
+        flagged = flagged_names(session)
+        return load_results(session, sweep_id, status="ok", exclude_workers=flagged), flagged
+
+
+def _selected_results(settings: Settings, sweeps: list[str] | None):
+    if not sweeps:
+        return _analysis_results(settings)
+    results, flagged = [], set()
+    for sweep in sweeps:
+        some, flagged = _analysis_results(settings, sweep)
+        results += some
+    return results, flagged
+
+
+SWEEPS_OPTION_HELP = "only these sweeps' results (id, id prefix or name; repeat for several); default: every sweep"
+
+
+@app.command()
+def recommend(
+    vram: float = typer.Option(..., "--vram", help="GB of VRAM on the card (e.g. 8, 12, 24)"),
+    ram: Optional[float] = typer.Option(None, "--ram", help="GB of RAM: also admit what CPU-only boxes ran in it"),
+    workload: WorkloadChoice = typer.Option("chat", "--workload", help="whose prompts speak for spec / lookup / MTP"),
+    min_agreement: Optional[float] = typer.Option(
+        None, "--min-agreement", help="drop files whose top-1 agreement with their reference is below this (0-1)"),
+    top: int = typer.Option(10, "--top", min=1, help="rows to show"),
+    sweeps: Optional[list[str]] = typer.Option(None, "--sweep", help=SWEEPS_OPTION_HELP),
+) -> None:
+    """What should I run? The best model x quant x technique for this much memory, on the farm's data."""
+    from orchestrator.recommend import recommend as best
+    from orchestrator.report import ts_cell
+
+    if vram <= 0:
+        raise fail(f"--vram {vram:g}: give the card's VRAM in GB, a positive number such as 8 or 24")
+    if min_agreement is not None and not 0 < min_agreement <= 1:
+        raise fail(f"--min-agreement {min_agreement:g}: a share between 0 and 1, e.g. 0.95")
+    settings = load_settings()
+    results, flagged = _selected_results(settings, sweeps)
+    report = best(results, vram, ram, workload.value, min_agreement, flagged, top_n=top)
+    title = f"tokenfarm recommend: {vram:g} GB VRAM" + (f", {ram:g} GB RAM" if ram else "") + f", {workload.value}"
+    if report.rows:
+        table = Table("#", "model", "quant", "technique", "decode t/s", "prefill t/s", "KLD", "top-1",
+                      "memory / limit", "measured on", "runs", title=title)
+        for r in report.rows:
+            memory = (f"{r.memory_bytes / 2**30:.2f}{'~' if r.memory_estimated else ''} / "
+                      f"{r.memory_limit_bytes / 2**30:g} GiB {r.fits}")
+            q = r.quality
+            table.add_row(str(r.rank), r.model, r.quant, r.technique,
+                          f"{ts_cell(r.tg_ts, r.tg_stddev_ts)} ({r.tg_test})", f"{r.pp_ts:.1f}" if r.pp_ts else "-",
+                          f"{q.kld_mean:.4f}" if q else "not measured", f"{q.top1_agreement:.1%}" if q else "-",
+                          memory, r.hardware, str(r.n_results))
+        console.print(table)
+        # Whole sentences below the table: in a cell they would wrap into fragments.
+        for r in report.rows:
+            console.print(f"{r.rank}. {r.model} {r.how}; {r.quality_text}", highlight=False)
+    console.print(report.data_statement(), highlight=False)
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)
+    if flagged:
+        # Their results were never loaded (load_results leaves them out); the names say whose.
+        console.print(f"note: results of {len(flagged)} flagged worker{'s' if len(flagged) != 1 else ''} "
+                      f"({', '.join(sorted(flagged))}) never count", highlight=False)
+    if report.rows:
+        console.print("memory: the measured peak (~: estimated from the file size, +10 %, +512 MiB); "
+                      "decode: mean ± stddev over every repetition", highlight=False)
+
+
+@app.command()
+def claims(sweeps: Optional[list[str]] = typer.Option(None, "--sweep", help=SWEEPS_OPTION_HELP)) -> None:
+    """The 2026 local-LLM efficiency claims, measured: a computed verdict per hardware class, with its query."""
+    from orchestrator.claims import claims as judge
+
+    settings = load_settings()
+    results, flagged = _selected_results(settings, sweeps)
+    reports = judge(results, flagged)
+    style = {"holds": "green", "refuted": "red", "not enough data": "yellow"}
+    n_workers = len({r.worker for r in results})
+    console.print(f"tokenfarm claims: {len(results)} ok results from {n_workers} worker{'s' if n_workers != 1 else ''} "
+                  f"({len(flagged)} flagged, never counted)", highlight=False)
+    for report in reports:
+        # The heading as a line of its own: a table title wraps at the table's width.
+        console.print(f"\n[bold]{report.claim}: [{style[report.verdict]}]{report.verdict}[/][/]", highlight=False)
+        table = Table("hardware class", "verdict", "numbers", "runs")
+        for f in report.findings:
+            table.add_row(f.hardware_class, f"[{style[f.verdict]}]{f.verdict}[/]", f.numbers, str(f.n_runs))
+        if not report.findings:
+            table.add_row("(none)", f"[{style['not enough data']}]not enough data[/]", "no results at all", "0")
+        console.print(table)
+        console.print(f"  test: {report.test}", highlight=False)
+        console.print(f"  query: {report.query}", highlight=False)
+
+
 def main() -> None:
     app()
 

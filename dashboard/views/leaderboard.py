@@ -48,9 +48,16 @@ view = pd.DataFrame({
     "memory": frame["memory_estimated"].map({True: "estimated", False: "measured"}),
     "hardware": frame["hardware"], "tier_gb": frame["tier_gb"],
 })
+# Quality of the file against its reference (issue 14's quality pass), where one was measured.
+has_quality = "kld_mean" in frame and frame["kld_mean"].notna().any()
+if has_quality:
+    view.insert(view.columns.get_loc("prefill tok/s"), "KLD", frame["kld_mean"])
+    view.insert(view.columns.get_loc("prefill tok/s"), "top-1", frame["top1_agreement"])
 st.caption("Ranked by decode tok/s (mean over runs; ± is the pooled stddev of every repetition). "
            "Memory is the measured peak where a run recorded one, else estimated from the file size. "
-           "Results from flagged workers never rank.")
+           "Results from flagged workers never rank."
+           + (" KLD: mean KL divergence of the file's next-token distributions from its reference's; top-1: share "
+              "of tokens where both agree on the top token (empty: quality not measured)." if has_quality else ""))
 
 best = view.sort_values("decode tok/s", ascending=False)
 # Every combination against the memory it needs, tier limits drawn: what fits where, and how fast.
@@ -81,4 +88,6 @@ for tier, tab in zip(TIERS_GB, tabs):
             "prefill tok/s": st.column_config.NumberColumn(format="%.1f"),
             "prefill ± stddev": st.column_config.NumberColumn(format="%.1f"),
             "TTFT ms": st.column_config.NumberColumn(format="%.1f"),
+            "KLD": st.column_config.NumberColumn(format="%.4f"),
+            "top-1": st.column_config.NumberColumn(format="%.3f"),
         })

@@ -72,7 +72,8 @@ def test_a_raised_job_limit_lets_a_big_sweep_through_to_the_next_check(tmp_path:
 
 def test_read_only_commands_on_a_fresh_database_say_upgrade_and_write_nothing(tmp_path: Path):
     env = service_env(tmp_path / "data")
-    for args in (["status"], ["results"], ["leaderboard"], ["workers"], ["canaries", "list"]):
+    for args in (["status"], ["results"], ["leaderboard"], ["workers"], ["canaries", "list"], ["recommend", "--vram", "8"],
+                 ["claims"]):
         proc = tokenfarm(env, *args, timeout=60)
         assert proc.returncode == 3 and "the database schema is behind: run `tokenfarm db upgrade`" in proc.stderr, args
     assert not (tmp_path / "data" / "tokenfarm.sqlite3").exists()

@@ -8,6 +8,7 @@ own browser download (`playwright install`) is never used.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -27,6 +28,9 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 # (navigation label, heading, charts and tables that must have drawn before the screenshot)
 PAGES = [
+    ("Pareto: speed vs quality", "Speed against quality: the Pareto frontier", 1, 1),
+    ("What should I run?", "What should I run?", 0, 1),
+    ("The 2026 claims, measured", "The 2026 claims, measured", 0, 1),
     ("Techniques", "Techniques", 2, 1),
     ("Prefill vs decode", "Prefill vs decode", 2, 1),
     ("MoE and the roofline", "MoE and the roofline", 1, 1),
@@ -118,7 +122,7 @@ def test_every_page_renders_in_chromium(dashboard_url):
                     page.get_by_text("tok/s (mean)").first.wait_for(state="visible", timeout=60_000)
                     page.get_by_text('"n_threads"').first.wait_for(state="visible", timeout=60_000)
                 assert page.locator('[data-testid="stException"]').count() == 0, label
-                name = heading.lower().replace(" ", "_")
+                name = re.sub(r"[^a-z0-9]+", "_", heading.lower()).strip("_")  # a plain file name
                 page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
             assert not errors, errors
         finally:

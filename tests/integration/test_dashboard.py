@@ -21,7 +21,8 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 APP = str(REPO / "dashboard" / "app.py")
-PAGES = ["leaderboard", "techniques", "prefill_decode", "roofline", "workers", "result_detail"]
+PAGES = ["leaderboard", "techniques", "prefill_decode", "roofline", "workers", "result_detail", "pareto", "recommend",
+         "claims"]
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +94,12 @@ def test_todays_schema_renders_and_says_what_is_missing(data_dir, page):
         assert any("No spec / lookup results yet" in i.value for i in at.info)
     if page == "roofline":
         assert any("bandwidth" in i.value for i in at.info)
+    if page == "pareto":
+        assert any("No quality measured yet" in i.value for i in at.info)
+    if page == "recommend":
+        # Two results from one worker: the page says the data is thin, and that quality was not measured.
+        assert any(w.value.startswith("thin data:") for w in at.warning)
+        assert at.dataframe[0].value["KLD"].isna().all()  # quality not measured
 
 
 def test_leaderboard_has_a_table_per_tier_and_a_chart(seeded):
@@ -228,6 +235,73 @@ def test_every_page_has_its_own_address(data_dir, monkeypatch):
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception
     visible = {p.url_path for p in seen if p.visibility == "visible"}
-    assert visible == {"leaderboard", "techniques", "prefill-decode", "roofline", "workers", "result"}
+    assert visible == {"leaderboard", "techniques", "prefill-decode", "roofline", "workers", "result", "pareto",
+                       "recommend", "claims"}
     # / forwards to the leaderboard, which is what a newcomer sees first.
     assert at.title and at.title[0].value == "Leaderboard by VRAM tier"
+
+
+def seeded_results(path) -> list:
+    from orchestrator.store import load_results
+
+    with session_scope(make_engine(f"sqlite:///{path}")) as s:
+        return load_results(s, status="ok")
+
+
+def test_leaderboard_shows_quality_where_measured(seeded):
+    at = open_page("leaderboard")
+    large = at.dataframe[-1].value
+    assert {"KLD", "top-1"} <= set(large.columns)
+    # The sample ladder: Q2_K strays furthest from its reference, Q8_0 least.
+    by_quant = large.groupby("quant")["KLD"].median()
+    assert by_quant["Q2_K"] > by_quant["Q4_0"] > by_quant["Q8_0"]
+
+
+def test_pareto_page_draws_the_frontier_per_tier(seeded):
+    from orchestrator.recommend import pareto_front
+
+    at = open_page("pareto")
+    assert charts(at)
+    front = at.dataframe[0].value
+    assert len(front) >= 2
+    # Along the frontier, faster means further from the reference: nothing on it is beaten on both axes.
+    ordered = front.sort_values("decode tok/s", ascending=False)
+    assert list(ordered["KLD"]) == sorted(ordered["KLD"], reverse=True)
+    assert all(pareto_front(list(zip(front["decode tok/s"], front["KLD"]))))
+    tier = next(s for s in at.selectbox if s.label == "VRAM tier")
+    tier.set_value(8).run()
+    assert not at.exception and all(float(m) <= 8 for m in at.dataframe[0].value["memory GiB"])
+    boxes = next(m for m in at.multiselect if m.label == "Measured on")
+    boxes.set_value(["NVIDIA GeForce RTX 3060"]).run()
+    assert set(at.dataframe[0].value["hardware"]) == {"NVIDIA GeForce RTX 3060"}
+
+
+def test_recommend_page_shows_what_the_cli_would(seeded):
+    from orchestrator.recommend import recommend
+
+    at = open_page("recommend")
+    shown = at.dataframe[0].value
+    expected = recommend(seeded_results(seeded), 8.0)
+    assert list(shown["model"]) == [r.model for r in expected.rows]
+    assert [round(x, 3) for x in shown["decode tok/s"]] == [round(r.tg_ts, 3) for r in expected.rows]
+    assert (shown["memory GiB"] <= 8).all() and shown["KLD"].notna().any()
+    assert [a.value for a in (*at.success, *at.warning)] == [expected.data_statement()]
+    # The sample's one 8 GB card: speeds from boxes of the class asked for.
+    assert set(shown["measured on"]) == {"NVIDIA GeForce RTX 2070"}
+    agreement = next(n for n in at.number_input if n.label.startswith("Minimum top-1"))
+    agreement.set_value(0.9).run()
+    assert (at.dataframe[0].value["top-1"] >= 0.9).all()
+
+
+def test_claims_page_shows_computed_verdicts_with_their_queries(seeded):
+    from orchestrator.claims import claims
+
+    at = open_page("claims")
+    expected = claims(seeded_results(seeded))
+    assert [h.value for h in at.subheader] == [c.claim for c in expected]
+    assert len(at.caption) == len(expected) + 1 and all(c.value.startswith("Query: ") for c in at.caption[1:])
+    lossless = next(c for c in expected if c.key == "lossless")
+    table = at.dataframe[[c.claim for c in expected if c.findings].index(lossless.claim)].value
+    assert list(table["numbers"]) == [f.numbers for f in lossless.findings]
+    # The sample's spec runs diverge now and then: the claim is refuted on the numbers, not by hand.
+    assert lossless.verdict == "refuted" and any("refuted" in m.value for m in at.markdown)
