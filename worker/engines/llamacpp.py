@@ -100,7 +100,7 @@ class LlamaCppBackend:
 
     def load(self, path: Path, config: EngineConfig, n_ctx: int) -> None:
         _init_backend()
-        mparams = llama_cpp.llama_model_default_params()
+        mparams = self._model_params()
         mparams.n_gpu_layers = 999 if config.n_gpu_layers < 0 else config.n_gpu_layers
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
@@ -141,6 +141,16 @@ class LlamaCppBackend:
         if config.n_threads > n_threads:
             self._conditions["flags"]["n_threads_asked"] = config.n_threads
 
+    def _model_params(self):
+        return llama_cpp.llama_model_default_params()
+
+    # Hooks for a subclass that keeps what each decode call produces (llamacpp_mtp's hidden states).
+    def _before_call(self) -> None:
+        pass
+
+    def _after_chunk(self, n_tokens: int, last_chunk: bool) -> None:
+        pass
+
     @property
     def n_vocab(self) -> int:
         return self._n_vocab
@@ -157,6 +167,7 @@ class LlamaCppBackend:
         batch = self._batch
         if all_logits and len(tokens) > self._n_batch:
             raise EngineError(f"cannot verify {len(tokens)} tokens in one batch of {self._n_batch}: raise n_batch")
+        self._before_call()
         for start in range(0, len(tokens), self._n_batch):
             chunk = tokens[start:start + self._n_batch]
             last_chunk = start + self._n_batch >= len(tokens)
@@ -171,6 +182,7 @@ class LlamaCppBackend:
             if rc != 0:
                 raise EngineError(f"llama_decode failed with code {rc} at position {self._n_past}: context full or out of memory")
             self._n_past += len(chunk)
+            self._after_chunk(len(chunk), last_chunk)
         # Decode may return before the backend finishes; timers must see finished work.
         llama_cpp.llama_synchronize(self._ctx)
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self._n_vocab,))
