@@ -216,8 +216,11 @@ class Job(BaseModel):
         if self.kind != "tg" or self.prompt_category is None:
             raise ValueError(f"a {self.technique} job is a decode (tg) test over a prompt_category")
         if self.technique == "mtp":
-            if self.n_mtp < 1 or self.engine != "torch":
-                raise ValueError("an mtp job needs n_mtp >= 1 and engine torch (llama.cpp runs no MTP heads here)")
+            # torch: the project's trained heads beside the file; llamacpp: the file's own NextN layers.
+            if self.n_mtp < 1:
+                raise ValueError(f"an mtp job needs n_mtp >= 1 (tokens drafted per target pass), not {self.n_mtp}")
+            if self.temperature > 0 and self.engine != "torch":
+                raise ValueError("sampled speculation (temperature > 0) runs on the torch engine only")
             return self
         if self.n_draft < 1:
             raise ValueError(f"a {self.technique} job needs n_draft >= 1")
@@ -298,6 +301,8 @@ class ModelFacts(BaseModel):
     n_params_active: int = Field(default=0, description="parameters one token passes through")
     active_bytes: int = Field(default=0, description="weight bytes one decode step reads")
     kv_bytes_per_token: int = Field(default=0, description="K and V of one context position, f16 cache")
+    # `<arch>.nextn_predict_layers`: MTP layers llama.cpp drafts with (issue 15); 0: none.
+    n_nextn_layers: int = 0
 
 
 class Stats(BaseModel):

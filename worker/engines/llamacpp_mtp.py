@@ -118,7 +118,7 @@ class LlamaCppMTPBackend(LlamaCppBackend):
         last = np.ctypeslib.as_array(ptr, shape=(self._n_last, self._n_embd))
         return np.concatenate([*self._hidden_chunks, last]) if self._hidden_chunks else last
 
-    def mtp_context(self, n_mtp: int, base_sha256: str | None = None) -> "LlamaMTPContext":
+    def mtp_context(self, n_mtp: int, base_sha256: str | None = None) -> LlamaMTPContext:
         if n_mtp <= 0:
             raise EngineError(f"n_mtp is {n_mtp}: draft at least one token")
         if self._mtp is None:
