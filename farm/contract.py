@@ -188,6 +188,11 @@ class Job(BaseModel):
     n_draft: int = Field(default=0, ge=0, le=64, description="most tokens drafted per target pass")
     p_min: float = Field(default=0.0, ge=0.0, le=1.0, description="spec, mtp: stop drafting below this top probability")
     ngram_max: int = Field(default=0, ge=0, le=16, description="lookup: longest n-gram matched")
+    # lookup: which drafter (issue 15): today's longest match, or llama.cpp's n-gram drafters
+    # (`--spec-type ngram-simple|ngram-map-k|ngram-map-k4v`) with their key size and hit count.
+    lookup_mode: Literal["longest", "ngram-simple", "ngram-map-k", "ngram-map-k4v"] = "longest"
+    ngram_size_n: int = Field(default=0, ge=0, le=64, description="lookup n-gram modes: key size; 0: ngram_max")
+    ngram_min_hits: int = Field(default=1, ge=1, le=64, description="ngram-map-k*: key/value hits before drafting")
     # mtp: the target's own trained multi-token-prediction heads propose (torch engine only).
     n_mtp: int = Field(default=0, ge=0, le=16, description="mtp: heads proposing per target pass")
     temperature: float = Field(default=0.0, ge=0.0, description="0: greedy; above: sampled speculation")
@@ -451,6 +456,9 @@ class Result(BaseModel):
     n_draft: int = 0
     p_min: float = 0.0
     ngram_max: int = 0
+    lookup_mode: str = Field(default="longest", max_length=32)
+    ngram_size_n: int = 0
+    ngram_min_hits: int = 1
     n_mtp: int = 0
     temperature: float = 0.0
     speculation: Speculation | None = None
@@ -468,7 +476,7 @@ class Result(BaseModel):
 
 # Technique options a Result echoes from its Job (the break-even map groups by them).
 TECHNIQUE_FIELDS = ("prompt_category", "n_prompts", "draft_model", "draft_quant", "n_draft", "p_min", "ngram_max",
-                    "n_mtp", "temperature")
+                    "lookup_mode", "ngram_size_n", "ngram_min_hits", "n_mtp", "temperature")
 
 
 class Capabilities(BaseModel):

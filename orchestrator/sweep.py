@@ -124,6 +124,9 @@ class SweepSpec(BaseModel):
     n_draft: list[int] = Field(default_factory=lambda: [4], min_length=1)
     p_min: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
     ngram_max: list[int] = Field(default_factory=lambda: [3], min_length=1)
+    # lookup: the drafters (issue 15); the n-gram modes key on ngram_max tokens.
+    lookup_mode: list[Literal["longest", "ngram-simple", "ngram-map-k", "ngram-map-k4v"]] = Field(
+        default_factory=lambda: ["longest"], min_length=1)
 
     @field_validator("name")
     @classmethod
@@ -267,8 +270,8 @@ def technique_options(spec: SweepSpec, technique: str,
                      temperature=t)
                 for ref, sha, quant, source in drafts for n in spec.n_draft for p in spec.p_min for t in spec.temperature]
     if technique == "lookup":
-        return [dict(ngram_max=g, n_draft=n, temperature=t)
-                for g in spec.ngram_max for n in spec.n_draft for t in spec.temperature]
+        return [dict(ngram_max=g, n_draft=n, temperature=t, lookup_mode=mode)
+                for mode in spec.lookup_mode for g in spec.ngram_max for n in spec.n_draft for t in spec.temperature]
     if technique == "mtp":
         return [dict(n_mtp=n, p_min=p, temperature=t) for n in spec.n_mtp for p in spec.p_min for t in spec.temperature]
     return [{}]
@@ -284,7 +287,7 @@ def count_jobs(spec: SweepSpec) -> int:
     per_technique = {
         "baseline": n_pp + n_tg,
         "spec": n_tg * n_draft_quants * len(spec.n_draft) * len(spec.p_min) * len(spec.temperature),
-        "lookup": n_tg * len(spec.ngram_max) * len(spec.n_draft) * len(spec.temperature),
+        "lookup": n_tg * len(spec.lookup_mode) * len(spec.ngram_max) * len(spec.n_draft) * len(spec.temperature),
         "mtp": n_tg * len(spec.n_mtp) * len(spec.p_min) * len(spec.temperature),
     }
     n_per_quant = n_configs * len(spec.n_depth) * len(spec.engines) * sum(per_technique[t] for t in spec.techniques)
