@@ -470,12 +470,14 @@ class UpcycleConfig:
 # `<parent>-mtp`: the parent's weights and its trained MTP head as one GGUF with a NextN layer
 # (worker/mtp_export.py), which the llama.cpp engine drafts with.
 MTP_NAME = re.compile(r"^(?P<parent>.+)-mtp$")
+# The catalogue's llama decoders: the export maps llama onto glm4moe only (Gemma's layout differs).
+MTP_PARENTS = ("smollm2-135m",)
 
 
 def parse_mtp_name(ref: str) -> str | None:
     """The parent catalogue name of a derived MTP build's name; None for other names."""
     m = MTP_NAME.match(ref)
-    return m["parent"] if m is not None and m["parent"] in CATALOGUE else None
+    return m["parent"] if m is not None and m["parent"] in MTP_PARENTS else None
 
 
 def parse_moe_name(ref: str) -> tuple[str, UpcycleConfig] | None:
