@@ -165,7 +165,8 @@ class SweepSpec(BaseModel):
     # Override the orchestrator's TOKENFARM_CANARY_FRACTION / TOKENFARM_CROSSCHECK_FRACTION.
     canary_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
     crosscheck_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
-    # mtp: the torch engine's trained heads (`tokenfarm models train-mtp`); each list multiplies
+    # mtp: the torch engine's trained heads (`tokenfarm models train-mtp`), or on llamacpp the
+    # file's own NextN layers (planning refuses a file without them); each list multiplies
     # only the jobs of the technique that reads it.
     n_mtp: list[int] = Field(default_factory=lambda: [2], min_length=1)
     # Above 0: sampled speculation (torch engine), accept-with-probability instead of greedy.
@@ -308,8 +309,6 @@ def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str 
     beforehand by orchestrator/planning.py, which reads the files); touches no file."""
     sweep_id = sweep_id or str(uuid.uuid4())
     check_job_bound(spec, max_jobs)
-    if "mtp" in spec.techniques and "torch" not in spec.engines:
-        raise SweepError("llama.cpp runs no MTP heads here; use engines: [torch] for technique 'mtp'")
     jobs: list[Job] = []
     configs = [
         EngineConfig(n_threads=t, n_batch=b, n_ubatch=u, n_gpu_layers=g, flash_attn=fa)
@@ -335,8 +334,6 @@ def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str 
         ref, sha = ident.ref, ident.sha256
         quants = entry.quants or spec.quants or [ident.native_quant]
         for quant, engine, config, technique in itertools.product(quants, spec.engines, configs, spec.techniques):
-            if technique == "mtp" and engine != "torch":
-                continue  # MTP heads run only in the torch engine; llama.cpp's jobs skip it
             for options in technique_options(spec, technique, drafts):
                 for (kind, n_prompt, n_gen), n_depth in itertools.product(tests, spec.n_depth):
                     if technique != "baseline" and kind != "tg":

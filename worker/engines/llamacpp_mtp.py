@@ -62,14 +62,28 @@ get_embeddings_nextn_ith = _bind("get_embeddings_nextn_ith", [_ctx_p, ctypes.c_i
 set_nextn_layer_offset = _bind("set_nextn_layer_offset", [_ctx_p, ctypes.c_int32], None)
 
 
+# What every NextN block needs to draft at all (the rest of its tensors llama.cpp checks itself).
+_NEXTN_TENSORS = ("nextn.eh_proj.weight", "nextn.enorm.weight", "nextn.hnorm.weight", "attn_norm.weight")
+
+
 def n_nextn_layers(path: Path) -> int:
-    """NextN layers the file's header declares (0 for a file without MTP layers)."""
+    """NextN layers the file's header declares (0 for a file without MTP layers), after checking
+    that their tensors are in the file: llama.cpp loads a glm4moe file whose NextN tensors are
+    absent as a trunk-only part without a word, and its MTP context would then fail mid-job."""
     import gguf
 
     reader = gguf.GGUFReader(str(path), "r")
     arch = reader.fields["general.architecture"].contents()
     f = reader.fields.get(f"{arch}.nextn_predict_layers")
-    return int(f.contents()) if f is not None else 0
+    n = int(f.contents()) if f is not None else 0
+    if n > 0:
+        n_all = int(reader.fields[f"{arch}.block_count"].contents())
+        names = {t.name for t in reader.tensors}
+        missing = [f"blk.{i}.{t}" for i in range(n_all - n, n_all) for t in _NEXTN_TENSORS if f"blk.{i}.{t}" not in names]
+        if missing:
+            raise EngineError(f"{path} declares {n} NextN layer(s) but lacks {', '.join(missing[:3])}: a trunk-only "
+                              "part or a broken export; fetch or export the MTP build again")
+    return n
 
 
 class LlamaCppMTPBackend(LlamaCppBackend):
