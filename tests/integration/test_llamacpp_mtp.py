@@ -187,9 +187,9 @@ def test_context_too_small_for_prompt_and_drafts(mtp_models):
     lc = LlamaCppMTPBackend()
     lc.load(mtp_models["mtp"], CFG, 256)
     try:
-        prompt = (_prompt(lc) * 10)[:240]  # 240 + 16 tokens + 8 drafts: past 256
-        with pytest.raises(EngineError, match="raise n_ctx|context full"):
-            speculative(lc, MTPDrafter(lc, lc.mtp_context(8), 8), prompt, 16)
+        prompt = (_prompt(lc) * 10)[:240]  # 240 + 24 tokens and their drafts: past 256
+        with pytest.raises(EngineError, match=r"(do not fit the context of 256|more than the MTP context.s 256): raise n_ctx"):
+            speculative(lc, MTPDrafter(lc, lc.mtp_context(8), 8), prompt, 24)
     finally:
         lc.close()
 

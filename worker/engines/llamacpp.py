@@ -111,6 +111,7 @@ class LlamaCppBackend:
         n_threads = min(config.n_threads, default_n_threads()) if config.n_threads else default_n_threads()
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
+        self._n_ctx_asked = n_ctx
         self._n_batch = min(config.n_batch, n_ctx)
         cparams.n_batch = self._n_batch
         cparams.n_ubatch = min(config.n_ubatch, self._n_batch)
@@ -167,6 +168,10 @@ class LlamaCppBackend:
         batch = self._batch
         if all_logits and len(tokens) > self._n_batch:
             raise EngineError(f"cannot verify {len(tokens)} tokens in one batch of {self._n_batch}: raise n_batch")
+        if self._n_past + len(tokens) > self._n_ctx_asked:
+            # llama.cpp may pad its cache past the context asked for; the job's context is the contract.
+            raise EngineError(f"{self._n_past + len(tokens)} positions (prompt, tokens and drafts) do not fit the "
+                              f"context of {self._n_ctx_asked}: raise n_ctx")
         self._before_call()
         for start in range(0, len(tokens), self._n_batch):
             chunk = tokens[start:start + self._n_batch]
