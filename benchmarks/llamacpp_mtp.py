@@ -27,9 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from farm.contract import EngineConfig  # noqa: E402
-from farm.prompts import load_prompts  # noqa: E402
-from worker.speculative import MTPDrafter, NgramDrafter, Run, plain, speculative  # noqa: E402
+from farm.contract import EngineConfig
+from farm.prompts import load_prompts
+from worker.engines.base import EngineError
+from worker.speculative import MTPDrafter, NgramDrafter, Run, plain, speculative
 
 NGRAM_MODES = ("ngram-simple", "ngram-map-k", "ngram-map-k4v")
 
@@ -45,7 +46,7 @@ def native(bin_dir: Path, model: Path, prompt: str, spec_type: str, n_draft: int
     if spec_type.startswith("ngram"):
         flag = {"ngram-simple": "simple", "ngram-map-k": "map-k", "ngram-map-k4v": "map-k4v"}[spec_type]
         cmd += [f"--spec-ngram-{flag}-size-n", str(ngram_n), f"--spec-ngram-{flag}-size-m", str(n_draft)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     out = proc.stdout + proc.stderr
     m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", out)
     if proc.returncode != 0 or m is None:
@@ -148,7 +149,7 @@ def crosscheck(lc, args, cfg) -> None:
                         p = backend.tokenize(backend.chat_prompt(t), add_bos=True, special=True)
                         try:
                             ctx = backend.mtp_context(n)
-                        except Exception as exc:  # torch holds as many heads as were trained
+                        except EngineError as exc:  # torch holds as many heads as were trained
                             figures.append(f"{name}: {exc}".splitlines()[0][:90])
                             break
                         runs.append(speculative(backend, MTPDrafter(backend, ctx, n), p, args.n_gen))
