@@ -114,6 +114,7 @@ FACT_PATHS = ("model_facts.model_type",) + tuple(f"model_facts.{f}" for f in FAC
 HARDWARE_PATHS = ("hardware.gpu", "hardware.cpu", "hardware.n_cpu_cores", "hardware.vram_bytes",
                   "hardware.bandwidth_gbps")
 TECHNIQUE_PATHS = ("prompt_category", "n_draft", "p_min", "ngram_max", "draft_model", "draft_quant",
+                   "lookup_mode",
                    "speculation.speedup", "speculation.acceptance_rate", "speculation.mean_accepted_per_pass",
                    "speculation.lossless", "speculation.first_mismatch")
 QUALITY_PATHS = ("quality.kld_mean", "quality.kld_p99", "quality.top1_agreement", "quality.ppl",
@@ -343,6 +344,11 @@ def techniques() -> pd.DataFrame:
     if rows.empty:
         return rows
     rows["prompt_category"] = rows["prompt_category"].fillna("(none)")
+    # One name per drafter, so llama.cpp MTP, torch MTP, the draft model and each lookup mode
+    # stand side by side on the page (issue 15): `mtp llamacpp`, `lookup ngram-simple`, `spec`.
+    rows["technique"] = [
+        f"mtp {b}" if t == "mtp" else f"lookup {m}" if t == "lookup" and isinstance(m, str) and m != "longest" else t
+        for t, b, m in zip(rows["technique"], rows["backend"], rows.get("lookup_mode", [None] * len(rows)))]
     rows["first_divergence"] = rows["first_mismatch"].map(_first_divergence)
     rows["n_runs"] = 1
     rows["n_lossless"] = rows["lossless"].map(lambda v: 1 if v in (True, 1) else 0)

@@ -191,6 +191,11 @@ class Job(BaseModel):
     n_draft: int = Field(default=0, ge=0, le=64, description="most tokens drafted per target pass")
     p_min: float = Field(default=0.0, ge=0.0, le=1.0, description="spec, mtp: stop drafting below this top probability")
     ngram_max: int = Field(default=0, ge=0, le=16, description="lookup: longest n-gram matched")
+    # lookup: which drafter (issue 15): today's longest match, or llama.cpp's n-gram drafters
+    # (`--spec-type ngram-simple|ngram-map-k|ngram-map-k4v`) with their key size and hit count.
+    lookup_mode: Literal["longest", "ngram-simple", "ngram-map-k", "ngram-map-k4v"] = "longest"
+    ngram_size_n: int = Field(default=0, ge=0, le=64, description="lookup n-gram modes: key size; 0: ngram_max")
+    ngram_min_hits: int = Field(default=1, ge=1, le=64, description="ngram-map-k*: key/value hits before drafting")
     # mtp: the target's own trained multi-token-prediction heads propose (torch engine only).
     n_mtp: int = Field(default=0, ge=0, le=16, description="mtp: heads proposing per target pass")
     temperature: float = Field(default=0.0, ge=0.0, description="0: greedy; above: sampled speculation")
@@ -219,8 +224,11 @@ class Job(BaseModel):
         if self.kind != "tg" or self.prompt_category is None:
             raise ValueError(f"a {self.technique} job is a decode (tg) test over a prompt_category")
         if self.technique == "mtp":
-            if self.n_mtp < 1 or self.engine != "torch":
-                raise ValueError("an mtp job needs n_mtp >= 1 and engine torch (llama.cpp runs no MTP heads here)")
+            # torch: the project's trained heads beside the file; llamacpp: the file's own NextN layers.
+            if self.n_mtp < 1:
+                raise ValueError(f"an mtp job needs n_mtp >= 1 (tokens drafted per target pass), not {self.n_mtp}")
+            if self.temperature > 0 and self.engine != "torch":
+                raise ValueError("sampled speculation (temperature > 0) runs on the torch engine only")
             return self
         if self.n_draft < 1:
             raise ValueError(f"a {self.technique} job needs n_draft >= 1")
@@ -307,6 +315,8 @@ class ModelFacts(BaseModel):
     n_params_active: int = Field(default=0, description="parameters one token passes through")
     active_bytes: int = Field(default=0, description="weight bytes one decode step reads")
     kv_bytes_per_token: int = Field(default=0, description="K and V of one context position, f16 cache")
+    # `<arch>.nextn_predict_layers`: MTP layers llama.cpp drafts with (issue 15); 0: none.
+    n_nextn_layers: int = 0
 
 
 class Stats(BaseModel):
@@ -455,6 +465,9 @@ class Result(BaseModel):
     n_draft: int = 0
     p_min: float = 0.0
     ngram_max: int = 0
+    lookup_mode: str = Field(default="longest", max_length=32)
+    ngram_size_n: int = 0
+    ngram_min_hits: int = 1
     n_mtp: int = 0
     temperature: float = 0.0
     speculation: Speculation | None = None
@@ -472,7 +485,7 @@ class Result(BaseModel):
 
 # Technique options a Result echoes from its Job (the break-even map groups by them).
 TECHNIQUE_FIELDS = ("prompt_category", "n_prompts", "draft_model", "draft_quant", "n_draft", "p_min", "ngram_max",
-                    "n_mtp", "temperature")
+                    "lookup_mode", "ngram_size_n", "ngram_min_hits", "n_mtp", "temperature")
 
 
 class Capabilities(BaseModel):

@@ -85,7 +85,7 @@ def context_size(job: Job) -> int:
 
         # A token is at least one byte of text; 256 more for the chat template's markers.
         longest = max(len(t.encode("utf-8")) for t in load_prompts(job.prompt_category, job.n_prompts))
-        need = longest + 256 + job.n_gen + job.n_draft + 16
+        need = longest + 256 + job.n_gen + max(job.n_draft, job.n_mtp) + 16
     return ((need + 255) // 256) * 256
 
 
@@ -184,6 +184,7 @@ def facts_for(ref: str, quant: str, models_dir: Path | None, known: ModelFacts |
         catalogue_path,
         derived_path,
         parse_moe_name,
+        parse_mtp_name,
         read_facts,
         sha256_file,
     )
@@ -204,6 +205,15 @@ def facts_for(ref: str, quant: str, models_dir: Path | None, known: ModelFacts |
             path = Path(models_dir) / "derived" / name
             source = path if path.exists() else None
         fallback = upcycled(CATALOGUE[parent].facts(), CATALOGUE[parent].n_ff, cfg.n_expert)
+    elif (mtp_parent := parse_mtp_name(ref)) is not None:
+        # The parent's shape plus one NextN block (about one layer's weights), as F32.
+        source, source_sha = None, ""
+        if models_dir:
+            built = sorted((Path(models_dir) / "derived").glob(f"{CATALOGUE[mtp_parent].sha256[:16]}.mtp-*.F32.gguf"))
+            source = built[-1] if built else None
+        parent = CATALOGUE[mtp_parent].facts()
+        fallback = scaled_to_quant(parent, "F32").model_copy(update={
+            "arch": "glm4moe", "n_nextn_layers": 1, "n_layer": parent.n_layer + 1})
     else:
         source, source_sha, fallback = Path(ref).expanduser(), "", None
         if not source.exists():

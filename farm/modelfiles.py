@@ -407,6 +407,7 @@ def read_parts_facts(paths: list[Path], sizes: list[int] | None = None):
         quant_mix_bytes=dict(sorted(mix.items(), key=lambda kv: -kv[1])), weight_bytes=weight_bytes,
         n_expert=n_expert, n_expert_used=n_expert_used, n_params_active=n_active,
         active_bytes=active_bytes, kv_bytes_per_token=kv_bytes_per_token,
+        n_nextn_layers=count(f"{arch}.nextn_predict_layers"),
     )
 
 
@@ -464,6 +465,19 @@ class UpcycleConfig:
             raise ModelError(f"router {self.router!r}: use 'zero' or 'random'")
         if self.noise < 0:
             raise ModelError("noise must be >= 0")
+
+
+# `<parent>-mtp`: the parent's weights and its trained MTP head as one GGUF with a NextN layer
+# (worker/mtp_export.py), which the llama.cpp engine drafts with.
+MTP_NAME = re.compile(r"^(?P<parent>.+)-mtp$")
+# The catalogue's llama decoders: the export maps llama onto glm4moe only (Gemma's layout differs).
+MTP_PARENTS = ("smollm2-135m",)
+
+
+def parse_mtp_name(ref: str) -> str | None:
+    """The parent catalogue name of a derived MTP build's name; None for other names."""
+    m = MTP_NAME.match(ref)
+    return m["parent"] if m is not None and m["parent"] in MTP_PARENTS else None
 
 
 def parse_moe_name(ref: str) -> tuple[str, UpcycleConfig] | None:

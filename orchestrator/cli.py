@@ -802,13 +802,19 @@ def canaries_pin(file: Path = typer.Argument(..., help="sweep YAML file whose ca
 @models_app.command("list")
 def models_list() -> None:
     """The models that ship inside PyPI packages, and whether they are fetched."""
-    from farm.modelfiles import CATALOGUE, catalogue_path
+    from farm.modelfiles import CATALOGUE, MTP_PARENTS, catalogue_path
 
     settings = load_settings()
-    table = Table("name", "quant", "fetched", "description")
+    table = Table("name", "quant", "fetched", "MTP", "description")
     for m in CATALOGUE.values():
         fetched = catalogue_path(m.name, settings.effective_models_dir).exists()
-        table.add_row(m.name, m.quant, "yes" if fetched else "no", m.description)
+        # MTP: NextN layers in the file (llama.cpp's draft-mtp); a catalogue model carries none,
+        # its `-mtp` build one (the project's trained head, worker/mtp_export.py).
+        table.add_row(m.name, m.quant, "yes" if fetched else "no", str(m.facts().n_nextn_layers or "no"), m.description)
+        if m.name not in MTP_PARENTS:
+            continue  # the MTP export maps llama decoders only
+        table.add_row(f"{m.name}-mtp", "F32", "-", "1", f"{m.name} and its trained MTP head as one glm4moe GGUF "
+                      "(needs `tokenfarm models train-mtp NAME --heads 1 --n-head-vocab 0`)")
     console.print(table)
 
 
@@ -829,13 +835,15 @@ def models_scan(
         for m in found:
             print(json.dumps({"model": m.ref, "where": m.where, "path": str(m.path), "arch": m.facts.arch,
                               "n_params": m.facts.n_params, "n_params_active": m.facts.n_params_active,
-                              "quant": m.facts.file_type, "size_bytes": m.size_bytes, "sha256": m.sha256}))
+                              "quant": m.facts.file_type, "size_bytes": m.size_bytes, "sha256": m.sha256,
+                              "n_nextn_layers": m.facts.n_nextn_layers}))
     else:
-        table = Table("where", "arch", "params", "active", "quant", "size", "sha256")
+        table = Table("where", "arch", "params", "active", "quant", "MTP", "size", "sha256")
         table.columns.insert(0, Column("model", overflow="fold"))  # whole, so it can be pasted into a sweep
         for m in found:
             table.add_row(m.ref, m.where, m.facts.arch, _count(m.facts.n_params), _count(m.facts.n_params_active),
-                          m.facts.file_type, f"{m.size_bytes / 1e9:.2f} GB", m.sha256[:16])
+                          m.facts.file_type, str(m.facts.n_nextn_layers or "no"), f"{m.size_bytes / 1e9:.2f} GB",
+                          m.sha256[:16])
         console.print(table if found else "no GGUF models found; name folders to look in: tokenfarm models scan DIR")
     for line in problems:
         err.print(f"skipped {line}", highlight=False)

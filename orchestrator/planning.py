@@ -20,6 +20,7 @@ from farm.modelfiles import (
     catalogue_path,
     check_gguf,
     parse_moe_name,
+    parse_mtp_name,
     read_facts,
     sha256_file,
     vocab_mismatch,
@@ -67,11 +68,31 @@ def plan(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."
     facts_cache: dict = {}
     remote = {i.ref: i.facts for i in identities.values() if i.facts is not None}
     try:
+        check_mtp_files(jobs, models_dir, remote)
         return [j.model_copy(update={"need_bytes": job_need_bytes(j, models_dir, facts_cache, remote),
                                      "active_bytes": job_active_bytes(j, models_dir, facts_cache, remote)})
                 for j in jobs]
     except ModelError as exc:
         raise SweepError(f"cannot estimate the memory of a job: {exc}") from exc
+
+
+MTP_REFUSAL = "this file carries no MTP layers; use engine torch with trained heads, or an MTP build of the model"
+
+
+def check_mtp_files(jobs: list[Job], models_dir: Path | None, remote: dict) -> None:
+    """Refuse llama.cpp MTP jobs on a file whose header declares no NextN layers: the engine
+    drafts with the file's own MTP layers, and there would be nothing to draft with."""
+    from farm.memory import facts_for
+
+    seen: dict[tuple[str, str], int] = {}
+    for j in jobs:
+        if j.technique != "mtp" or j.engine != "llamacpp":
+            continue
+        key = (j.model, j.quant)
+        if key not in seen:
+            seen[key] = facts_for(j.model, j.quant, models_dir, remote.get(j.model)).n_nextn_layers
+        if seen[key] <= 0:
+            raise SweepError(f"model {j.model} ({j.quant}), engine llamacpp, technique mtp: {MTP_REFUSAL}")
 
 
 def model_identity(ref: str, base_dir: Path) -> ModelIdentity:
@@ -95,7 +116,7 @@ def model_identity(ref: str, base_dir: Path) -> ModelIdentity:
         moe = parse_moe_name(ref)
     except ModelError as exc:
         raise SweepError(f"model {ref!r}: {exc}") from exc
-    if moe is not None:
+    if moe is not None or parse_mtp_name(ref) is not None:
         # Derived on the worker from its catalogue parent, deterministically; the file is F32.
         return ModelIdentity(ref, None, "F32")
     try:
@@ -139,6 +160,7 @@ def _local_source(ref: str, models_dir: Path | None) -> Path | None:
     moe = parse_moe_name(ref)
     if moe is not None:
         ref = moe[0]
+    ref = parse_mtp_name(ref) or ref  # an MTP build keeps its parent's vocabulary too
     if ref in CATALOGUE:
         path = catalogue_path(ref, models_dir) if models_dir else None
         return path if path is not None and path.exists() else None

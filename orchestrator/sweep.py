@@ -126,6 +126,9 @@ class SweepSpec(BaseModel):
     n_draft: list[int] = Field(default_factory=lambda: [4], min_length=1)
     p_min: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
     ngram_max: list[int] = Field(default_factory=lambda: [3], min_length=1)
+    # lookup: the drafters (issue 15); the n-gram modes key on ngram_max tokens.
+    lookup_mode: list[Literal["longest", "ngram-simple", "ngram-map-k", "ngram-map-k4v"]] = Field(
+        default_factory=lambda: ["longest"], min_length=1)
 
     @field_validator("name")
     @classmethod
@@ -164,7 +167,8 @@ class SweepSpec(BaseModel):
     # Override the orchestrator's TOKENFARM_CANARY_FRACTION / TOKENFARM_CROSSCHECK_FRACTION.
     canary_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
     crosscheck_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
-    # mtp: the torch engine's trained heads (`tokenfarm models train-mtp`); each list multiplies
+    # mtp: the torch engine's trained heads (`tokenfarm models train-mtp`), or on llamacpp the
+    # file's own NextN layers (planning refuses a file without them); each list multiplies
     # only the jobs of the technique that reads it.
     n_mtp: list[int] = Field(default_factory=lambda: [2], min_length=1)
     # Above 0: sampled speculation (torch engine), accept-with-probability instead of greedy.
@@ -269,8 +273,8 @@ def technique_options(spec: SweepSpec, technique: str,
                      temperature=t)
                 for ref, sha, quant, source in drafts for n in spec.n_draft for p in spec.p_min for t in spec.temperature]
     if technique == "lookup":
-        return [dict(ngram_max=g, n_draft=n, temperature=t)
-                for g in spec.ngram_max for n in spec.n_draft for t in spec.temperature]
+        return [dict(ngram_max=g, n_draft=n, temperature=t, lookup_mode=mode)
+                for mode in spec.lookup_mode for g in spec.ngram_max for n in spec.n_draft for t in spec.temperature]
     if technique == "mtp":
         return [dict(n_mtp=n, p_min=p, temperature=t) for n in spec.n_mtp for p in spec.p_min for t in spec.temperature]
     return [{}]
@@ -286,7 +290,7 @@ def count_jobs(spec: SweepSpec) -> int:
     per_technique = {
         "baseline": n_pp + n_tg,
         "spec": n_tg * n_draft_quants * len(spec.n_draft) * len(spec.p_min) * len(spec.temperature),
-        "lookup": n_tg * len(spec.ngram_max) * len(spec.n_draft) * len(spec.temperature),
+        "lookup": n_tg * len(spec.lookup_mode) * len(spec.ngram_max) * len(spec.n_draft) * len(spec.temperature),
         "mtp": n_tg * len(spec.n_mtp) * len(spec.p_min) * len(spec.temperature),
     }
     n_per_quant = n_configs * len(spec.n_depth) * len(spec.engines) * sum(per_technique[t] for t in spec.techniques)
@@ -307,8 +311,6 @@ def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str 
     beforehand by orchestrator/planning.py, which reads the files); touches no file."""
     sweep_id = sweep_id or str(uuid.uuid4())
     check_job_bound(spec, max_jobs)
-    if "mtp" in spec.techniques and "torch" not in spec.engines:
-        raise SweepError("llama.cpp runs no MTP heads here; use engines: [torch] for technique 'mtp'")
     jobs: list[Job] = []
     configs = [
         EngineConfig(n_threads=t, n_batch=b, n_ubatch=u, n_gpu_layers=g, flash_attn=fa, torch_dtype=dt)
@@ -334,8 +336,6 @@ def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str 
         ref, sha = ident.ref, ident.sha256
         quants = entry.quants or spec.quants or [ident.native_quant]
         for quant, engine, config, technique in itertools.product(quants, spec.engines, configs, spec.techniques):
-            if technique == "mtp" and engine != "torch":
-                continue  # MTP heads run only in the torch engine; llama.cpp's jobs skip it
             if engine != "torch" and config.torch_dtype != "float32":
                 continue  # one llama.cpp job per setting, not one per torch precision
             for options in technique_options(spec, technique, drafts):

@@ -26,6 +26,7 @@ from farm.modelfiles import (
     is_catalogue_name,
     model_sha256,
     parse_moe_name,
+    parse_mtp_name,
     read_facts,
     sha256_file,
 )
@@ -94,6 +95,8 @@ def resolve(model: str, quant: str, models_dir: Path, expected_sha256: str | Non
         source = fetch(model, models_dir)
     elif parse_moe_name(model) is not None:
         source = moe_path(model, models_dir)
+    elif parse_mtp_name(model) is not None:
+        source = mtp_path(model, models_dir)
     else:
         source = Path(model).expanduser()
     check_gguf(source)
@@ -134,6 +137,32 @@ def moe_path(name: str, models_dir: Path) -> Path:
         target.with_name(target.name + ".provenance.json").write_text(json.dumps({
             "derived_by": "tokenfarm upcycle", "parent": parent, "parent_sha256": parent_sha,
             "parent_f32": str(dense_f32), "parent_f32_sha256": sha256_file(dense_f32), **asdict(cfg),
+        }, indent=2))
+    return target
+
+
+def mtp_path(name: str, models_dir: Path) -> Path:
+    """The MTP build for a name like `smollm2-135m-mtp`: the parent's F32 file and the MTP head
+    trained beside it (`tokenfarm models train-mtp <parent> --heads 1 --n-head-vocab 0`), exported
+    once and cached. Its F16 and Q8_0 are derived from it like any quant."""
+    from worker.engines.torch.mtp import heads_path
+    from worker.mtp_export import export_mtp
+
+    parent = parse_mtp_name(name)
+    if parent is None:
+        raise ModelError(f"{name!r} is not a derived MTP name: use <catalogue model>-mtp, e.g. smollm2-135m-mtp")
+    dense_f32, parent_sha = resolve(parent, "F32", models_dir)
+    heads = heads_path(dense_f32)
+    if not heads.exists():
+        raise ModelError(f"{name} needs an MTP head trained on {parent}: run "
+                         f"`tokenfarm models train-mtp {parent} --heads 1 --n-head-vocab 0` first")
+    heads_sha = sha256_file(heads)
+    target = Path(models_dir) / "derived" / f"{parent_sha[:16]}.mtp-{heads_sha[:8]}.F32.gguf"
+    if not target.exists():
+        export_mtp(dense_f32, heads, target)
+        target.with_name(target.name + ".provenance.json").write_text(json.dumps({
+            "derived_by": "tokenfarm mtp-export (glm4moe, one NextN layer)", "parent": parent,
+            "parent_sha256": parent_sha, "parent_f32": str(dense_f32), "heads": str(heads), "heads_sha256": heads_sha,
         }, indent=2))
     return target
 

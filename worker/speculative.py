@@ -183,6 +183,72 @@ class LookupDrafter:
         return []
 
 
+class NgramDrafter:
+    """llama.cpp's self-speculative n-gram drafters (common/speculative.cpp's `--spec-type`), the
+    project's own code over the same loop. History `inp` is seq[:-1] and `sampled` seq[-1], as
+    llama.cpp splits them; the key is the last n tokens (inp's last n - 1 and sampled).
+
+    ngram-simple: the latest earlier position where the key occurs in inp (the current one
+    skipped); propose up to m tokens that followed it, none when fewer than n follow (llama.cpp's
+    `copy_max < n_draft_min` rule) or when inp is shorter than n + m + 1.
+    ngram-map-k: as simple, but only a key seen at least min_hits times before is trusted.
+    ngram-map-k4v: of the (up to four) distinct m-grams that followed earlier occurrences of the
+    key, the most frequent (ties: the latest), if it was seen at least min_hits times.
+    These follow the definitions, not llama.cpp's hash-map bookkeeping (which may miss a match
+    on a hash collision); benchmarks/llamacpp_mtp.py measures the acceptance side by side.
+    """
+
+    q = None  # proposals are deterministic
+    N_VALUES = 4
+
+    def __init__(self, mode: str, n_draft: int, size_n: int, min_hits: int = 1) -> None:
+        if size_n < 1:
+            raise EngineError(f"{mode} needs an n-gram size >= 1, not {size_n}")
+        self.mode, self.n_draft, self.size_n, self.min_hits = mode, n_draft, size_n, max(1, min_hits)
+
+    def start(self, prompt: Sequence[int]) -> None:
+        pass
+
+    def propose(self, seq: Sequence[int], n_max: int, sampler: Sampler | None = None) -> list[int]:
+        m = min(self.n_draft, n_max)
+        n = self.size_n
+        if m <= 0:
+            return []
+        inp = seq[:-1]
+        cur = len(inp)
+        if cur <= n + self.n_draft + 1:
+            return []
+        key = list(seq[-n:])
+        first = key[0]
+        # Earlier occurrences of the key in inp, latest first; the current one (at cur - n + 1) skipped.
+        hits = [j for j in range(cur - n - 1, 0, -1) if inp[j] == first and list(inp[j:j + n]) == key]
+        if not hits:
+            return []
+        if self.mode == "ngram-simple" or self.mode == "ngram-map-k":
+            if self.mode == "ngram-map-k" and len(hits) < self.min_hits:
+                return []
+            j = hits[0]
+            copy = min(m, cur - (j + n))
+            return list(inp[j + n:j + n + copy]) if copy >= n else []
+        # ngram-map-k4v: count the distinct values that followed the key.
+        counts: dict[tuple[int, ...], int] = {}
+        order: list[tuple[int, ...]] = []
+        for j in hits:
+            value = tuple(inp[j + n:j + n + m])
+            if len(value) < m:
+                continue
+            if value not in counts:
+                if len(order) >= self.N_VALUES:
+                    continue
+                order.append(value)
+                counts[value] = 0
+            counts[value] += 1
+        if not order:
+            return []
+        best = max(order, key=lambda v: (counts[v], -order.index(v)))
+        return list(best) if counts[best] >= self.min_hits else []
+
+
 class MTPDrafter:
     """Proposals from an engine's MTP heads, chained on the target's own hidden states.
 
@@ -325,6 +391,8 @@ def make_drafter(job: Job, target: SpeculativeBackend, draft: SpeculativeBackend
             raise EngineError("a spec job needs a loaded draft model")
         return ModelDrafter(draft, job.n_draft, job.p_min)
     if job.technique == "lookup":
+        if job.lookup_mode != "longest":
+            return NgramDrafter(job.lookup_mode, job.n_draft, job.ngram_size_n or job.ngram_max, job.ngram_min_hits)
         return LookupDrafter(job.n_draft, job.ngram_max)
     if job.technique == "mtp":
         if not hasattr(target, "mtp_context"):

@@ -101,6 +101,11 @@ def measure_over_prompts(job: Job, target, settings: Settings, model_sha256: str
     return m, extra
 
 
+def backend_name(job: Job) -> str:
+    """The backend a job loads: llama.cpp's MTP jobs need the file's NextN layers and an MTP context."""
+    return "llamacpp-mtp" if job.engine == "llamacpp" and job.technique == "mtp" else job.engine
+
+
 class LoadedModel:
     """The model a worker keeps loaded between jobs (model affinity).
 
@@ -153,7 +158,7 @@ def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None,
                                    job.model_source, progress, max_download_bytes(settings))
         facts = read_facts(path)
         model_sha = model_identity(path)
-        backend, load_ns, reused = loaded.acquire(job.engine, path, model_sha, job.config, context_size(job))
+        backend, load_ns, reused = loaded.acquire(backend_name(job), path, model_sha, job.config, context_size(job))
         extra: dict = {}
         try:
             energy_before_mj = hardware.gpu_energy_mj()

@@ -20,7 +20,7 @@ CASES = {
     "too_many_jobs": ("name: x\nmodels: [smollm2-135m]\nn_prompt: [" + ", ".join(map(str, range(1, 101)))
                       + "]\nn_threads: [" + ", ".join(map(str, range(1, 201))) + "]\n", "--max-jobs"),
     "mtp_on_llamacpp": ("name: x\nmodels: [smollm2-135m]\nn_gen: [8]\ntechniques: [mtp]\nprompt_categories: [qa]\n",
-                        "llama.cpp runs no MTP heads here"),
+                        "this file carries no MTP layers; use engine torch"),
     "long_model_path": ("name: x\nmodels: [./" + "m" * 300 + ".gguf]\n", "File name too long"),
 }
 

@@ -162,7 +162,7 @@ def test_a_model_or_quant_listed_twice_runs_once_with_a_warning():
 
 def test_mtp_on_llamacpp_alone_is_one_line_not_an_index_error():
     spec = SweepSpec(name="t", models=["smollm2-135m"], n_gen=[8], techniques=["mtp"], prompt_categories=["qa"])
-    with pytest.raises(SweepError, match=r"llama.cpp runs no MTP heads here; use engines: \[torch\]"):
+    with pytest.raises(SweepError, match=r"this file carries no MTP layers; use engine torch with trained heads"):
         plan(spec)
 
 

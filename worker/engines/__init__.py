@@ -21,6 +21,12 @@ def create_backend(engine: str, config=None, device: str = "auto") -> Backend:
         from worker.engines.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend()
+    if engine == "llamacpp-mtp":
+        # llama.cpp with a GGUF's NextN layers loaded and its MTP context beside the target:
+        # chosen by the worker for an mtp job, never named in a job.
+        from worker.engines.llamacpp_mtp import LlamaCppMTPBackend
+
+        return LlamaCppMTPBackend()
     if engine == "torch":
         from worker.engines.torch import TorchBackend
 

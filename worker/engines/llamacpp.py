@@ -100,7 +100,7 @@ class LlamaCppBackend:
 
     def load(self, path: Path, config: EngineConfig, n_ctx: int) -> None:
         _init_backend()
-        mparams = llama_cpp.llama_model_default_params()
+        mparams = self._model_params()
         mparams.n_gpu_layers = 999 if config.n_gpu_layers < 0 else config.n_gpu_layers
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
@@ -111,6 +111,7 @@ class LlamaCppBackend:
         n_threads = min(config.n_threads, default_n_threads()) if config.n_threads else default_n_threads()
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
+        self._n_ctx_asked = n_ctx
         self._n_batch = min(config.n_batch, n_ctx)
         cparams.n_batch = self._n_batch
         cparams.n_ubatch = min(config.n_ubatch, self._n_batch)
@@ -141,6 +142,16 @@ class LlamaCppBackend:
         if config.n_threads > n_threads:
             self._conditions["flags"]["n_threads_asked"] = config.n_threads
 
+    def _model_params(self):
+        return llama_cpp.llama_model_default_params()
+
+    # Hooks for a subclass that keeps what each decode call produces (llamacpp_mtp's hidden states).
+    def _before_call(self) -> None:
+        pass
+
+    def _after_chunk(self, n_tokens: int, last_chunk: bool) -> None:
+        pass
+
     @property
     def n_vocab(self) -> int:
         return self._n_vocab
@@ -157,6 +168,11 @@ class LlamaCppBackend:
         batch = self._batch
         if all_logits and len(tokens) > self._n_batch:
             raise EngineError(f"cannot verify {len(tokens)} tokens in one batch of {self._n_batch}: raise n_batch")
+        if self._n_past + len(tokens) > self._n_ctx_asked:
+            # llama.cpp may pad its cache past the context asked for; the job's context is the contract.
+            raise EngineError(f"{self._n_past + len(tokens)} positions (prompt, tokens and drafts) do not fit the "
+                              f"context of {self._n_ctx_asked}: raise n_ctx")
+        self._before_call()
         for start in range(0, len(tokens), self._n_batch):
             chunk = tokens[start:start + self._n_batch]
             last_chunk = start + self._n_batch >= len(tokens)
@@ -171,6 +187,7 @@ class LlamaCppBackend:
             if rc != 0:
                 raise EngineError(f"llama_decode failed with code {rc} at position {self._n_past}: context full or out of memory")
             self._n_past += len(chunk)
+            self._after_chunk(len(chunk), last_chunk)
         # Decode may return before the backend finishes; timers must see finished work.
         llama_cpp.llama_synchronize(self._ctx)
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self._n_vocab,))

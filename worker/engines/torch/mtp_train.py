@@ -100,7 +100,8 @@ def _data(name: str) -> str:
 def benchmark_texts() -> set[str]:
     """Every benchmark prompt's text: none may be trained on."""
     texts = set()
-    folder = resources.files("worker").joinpath("data").joinpath("prompts")
+    # The benchmark prompts are the contract's (farm/prompts.py reads them from farm/data).
+    folder = resources.files("farm").joinpath("data").joinpath("prompts")
     for f in folder.iterdir():
         if f.name.endswith(".jsonl"):
             texts |= {json.loads(ln)["text"].strip() for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()}
