@@ -444,7 +444,8 @@ def leaderboard(tier: Optional[int] = typer.Option(None, help="only what fits th
     console.print(table)
     for hw in sorted({row.hardware for row in rows}):
         console.print(f"measured on: {hw}", highlight=False)
-    console.print("tier: the smallest VRAM that fits, estimated from the file size (+10 %, +512 MiB)", highlight=False)
+    console.print("tier: the smallest VRAM that holds the memory the run used: measured where marked, else estimated "
+                  "from the file and its offload settings (n_gpu_layers, n_cpu_moe, -ot, no_kv_offload)", highlight=False)
 
 
 @app.command()

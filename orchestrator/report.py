@@ -64,13 +64,14 @@ def render_results(results: Iterable[Result], fmt: str) -> str:
     raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
-LEADER_COLUMNS = ("#", "tier", "model", "quant", "technique", "engine", "MiB", "prefill", "t/s", "decode", "t/s")
+LEADER_COLUMNS = ("#", "tier", "model", "quant", "technique", "engine", "settings", "hardware", "MiB", "prefill", "t/s",
+                  "decode", "t/s")
 
 
 def leader_cells(row: LeaderRow) -> list[str]:
     return [
-        str(row.rank), f"{row.tier_gb} GB", row.model, row.quant, row.technique, row.backend,
-        f"{row.size_bytes / 2**20:.1f}",
+        str(row.rank), f"{row.tier_gb} GB" + ("" if row.memory_estimated else " (measured)"), row.model, row.quant,
+        row.technique, row.backend, row.settings or "defaults", row.hardware, f"{row.size_bytes / 2**20:.1f}",
         row.pp_test, ts_cell(row.pp_ts, row.pp_stddev_ts),
         row.tg_test, ts_cell(row.tg_ts, row.tg_stddev_ts),
     ]
