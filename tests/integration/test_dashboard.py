@@ -150,8 +150,8 @@ def test_a_flagged_worker_never_ranks(seeded):
     engine.dispose()
     at = open_page("leaderboard")
     hardware = set(at.dataframe[-1].value["hardware"])
-    assert "NVIDIA GeForce RTX 3090" in hardware
-    assert "NVIDIA GeForce RTX 4090" not in hardware
+    assert "NVIDIA GeForce RTX 3090 (CUDA)" in hardware
+    assert not any("RTX 4090" in h for h in hardware)
     workers = open_page("workers")
     trust = dict(zip(workers.dataframe[1].value["worker"], workers.dataframe[1].value["trust"]))
     assert trust["rtx4090"] == "flagged" and trust["rtx3090"] == "registered" and trust["nuc"] == "unknown"
