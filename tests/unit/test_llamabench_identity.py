@@ -101,3 +101,20 @@ def test_settings_label_names_only_what_differs_in_llama_bench_spelling():
     assert settings_label(EngineConfig(n_gpu_layers=-1, split_mode="row", tensor_split=(0.6, 0.4),
                                        no_kv_offload=True)) == "ngl=-1 sm=row ts=0.6/0.4 nkvo=1"
     json.dumps(settings_label(EngineConfig(flash_attn="auto")))
+
+
+def test_run_memory_counts_kv_types_and_no_kv_offload_on_the_device():
+    from farm.contract import ModelFacts
+    from farm.memory import run_memory_bytes
+
+    facts = ModelFacts(size_bytes=4 * GB, weight_bytes=4 * GB, n_params=7 * GB, n_layer=32,
+                       kv_bytes_per_token=512 << 10)
+    f16, kind = run_memory_bytes(facts, EngineConfig(n_gpu_layers=99), 32768, on_device=True)
+    q8, _ = run_memory_bytes(facts, EngineConfig(n_gpu_layers=99, type_k="q8_0", type_v="q8_0"), 32768, True)
+    off, _ = run_memory_bytes(facts, EngineConfig(n_gpu_layers=99, no_kv_offload=True), 32768, True)
+    assert kind == "vram"
+    kv = (512 << 10) * 32768  # 16 GiB of f16 K and V at this context
+    assert f16 - off == pytest.approx(kv * 1.15, rel=0.01)
+    assert f16 - q8 == pytest.approx(kv * (1 - 8.5 / 16) * 1.15, rel=0.01)
+    # No layer on the device: the run was bound by host RAM.
+    assert run_memory_bytes(facts, EngineConfig(n_gpu_layers=0), 512, True)[1] == "ram"
