@@ -24,9 +24,9 @@ from sqlalchemy import case, create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import aliased
 
+from farm.contract import EngineConfig
 from farm.settings import load_settings
 from orchestrator.db import JobRow, ResultRow, SweepRow
-from farm.contract import EngineConfig
 from orchestrator.ranking import Filters, Measurement, hardware_label, rank
 
 TTL_S = 30

@@ -93,9 +93,8 @@ def test_real_results_round_trip_through_export_and_import(tmp_path, pg_url, smo
     from farm.contract import EngineConfig, Job
     from farm.settings import Settings
     from orchestrator.report import render_results
-    from worker.tasks import execute
-
     from tests.integration.conftest import MODELS_DIR as models
+    from worker.tasks import execute
 
     config = EngineConfig(n_threads=1, type_k="q8_0", type_v="q8_0", flash_attn="on")
     results = [execute(Job(job_id=f"j{i}", sweep_id="s", index=i, model="smollm2-135m", quant="Q4_1", kind=kind,

@@ -15,8 +15,8 @@ GB = 10**9
 
 
 def record(ts: float, *, n_gen: int = 128, model="models/llama-2-7b.Q4_K_M.gguf", model_type="llama 7B Q4_K - Medium",
-           size=4081004544, n_params=6738415616, gpu="NVIDIA GeForce RTX 4090", cpu="AMD Ryzen 9 7950X 16-Core Processor",
-           backends="CUDA", **settings) -> dict:
+           size=4081004544, n_params=6738415616, gpu="NVIDIA GeForce RTX 4090",
+           cpu="AMD Ryzen 9 7950X 16-Core Processor", backends="CUDA", **settings) -> dict:
     ns = int(n_gen * 1e9 / ts)
     return {"build_commit": "a1b2c3d4", "build_number": 6500, "cpu_info": cpu, "gpu_info": gpu, "backends": backends,
             "model_filename": model, "model_type": model_type, "model_size": size, "model_n_params": n_params,
@@ -33,8 +33,8 @@ def rows(records: list[dict], machine: str = "farm"):
 
 def test_two_models_of_the_same_quant_are_two_rows():
     # Was one row at 120 tok/s: imports carry no sha256 and the ranking grouped by it.
-    board = rows([record(150.0), record(90.0, model="models/mistral-7b.Q4_K_M.gguf", model_type="llama 7B Q4_K - Medium",
-                                        size=4368439296, n_params=7241732096)])
+    board = rows([record(150.0), record(90.0, model="models/mistral-7b.Q4_K_M.gguf",
+                                        model_type="llama 7B Q4_K - Medium", size=4368439296, n_params=7241732096)])
     assert sorted(round(r.tg_ts) for r in board) == [90, 150]
     assert {r.model for r in board} == {"models/llama-2-7b.Q4_K_M.gguf", "models/mistral-7b.Q4_K_M.gguf"}
 
