@@ -24,9 +24,10 @@ from sqlalchemy import case, create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import aliased
 
+from farm.contract import EngineConfig
 from farm.settings import load_settings
 from orchestrator.db import JobRow, ResultRow, SweepRow
-from orchestrator.ranking import Filters, Measurement, rank
+from orchestrator.ranking import Filters, Measurement, hardware_label, rank
 
 TTL_S = 30
 R = ResultRow
@@ -112,14 +113,23 @@ MEASUREMENT_PATHS = ("conditions.peak_vram_bytes", "conditions.peak_rss_bytes", 
 FACTS = ("size_bytes", "n_params", "n_params_active", "active_bytes", "n_expert", "n_expert_used")
 FACT_PATHS = ("model_facts.model_type",) + tuple(f"model_facts.{f}" for f in FACTS)
 HARDWARE_PATHS = ("hardware.gpu", "hardware.cpu", "hardware.n_cpu_cores", "hardware.vram_bytes",
-                  "hardware.bandwidth_gbps")
+                  "hardware.bandwidth_gbps", "hardware.backends")
 TECHNIQUE_PATHS = ("prompt_category", "n_draft", "p_min", "ngram_max", "draft_model", "draft_quant",
                    "lookup_mode",
                    "speculation.speedup", "speculation.acceptance_rate", "speculation.mean_accepted_per_pass",
                    "speculation.lossless", "speculation.first_mismatch")
 QUALITY_PATHS = ("quality.kld_mean", "quality.kld_p99", "quality.top1_agreement", "quality.ppl",
                  "quality.ppl_reference")
-JSON_PATHS = MEASUREMENT_PATHS + FACT_PATHS + HARDWARE_PATHS + TECHNIQUE_PATHS + QUALITY_PATHS
+# What a leaderboard row is besides the key columns (orchestrator/ranking.py): the model's identity
+# where it has no sha256 (an import), the hardware class of each result (a farm's 4090 and 3090
+# under one worker name stay two), and the engine settings; grouped by in SQL, so they never pool.
+IDENTITY_PATHS = ("model_facts.model_type", "model_facts.size_bytes", "model_facts.n_params", "hardware.gpu",
+                  "hardware.cpu", "hardware.backends", "config")
+# One representative run's figures per group, for the memory estimate and the hardware label.
+ROW_FACT_PATHS = ("model_facts.n_params_active", "model_facts.n_layer", "model_facts.kv_bytes_per_token",
+                  "hardware.n_cpu_cores")
+JSON_PATHS = (MEASUREMENT_PATHS + FACT_PATHS + HARDWARE_PATHS + TECHNIQUE_PATHS + QUALITY_PATHS + IDENTITY_PATHS
+              + ROW_FACT_PATHS)
 
 
 def _path(dotted: str) -> tuple[str, ...]:
@@ -129,29 +139,38 @@ def _path(dotted: str) -> tuple[str, ...]:
 KEY = (R.model, R.model_sha256, R.quant, R.technique, R.backend, R.worker, R.test, R.n_prompt, R.n_gen, R.n_depth)
 
 
+def _identity_columns() -> list:
+    return [_js(*_path(p)).label("id_" + p.rsplit(".", 1)[-1]) for p in IDENTITY_PATHS]
+
+
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def measurements() -> pd.DataFrame:
-    """One row per (model file, quant, technique, engine, worker, test), its ok runs pooled.
+    """One row per (model file, quant, technique, engine, worker, test, and IDENTITY_PATHS), its ok runs pooled.
 
     tok/s statistics pool every run from key columns; the JSON-only figures (peak memory, TTFT,
     roofline) come from one representative run per row, so 100,000 results cost about as many
     JSON parses as there are rows here. Never touch `created_at` in these: SQLite stores it
     after the Result JSON, and reading it walks every overflow page.
     """
+    identity = _identity_columns()
     stats = (
-        select(*KEY, func.count().label("n_runs"), func.avg(R.avg_ts).label("avg_ts"),
+        select(*KEY, *identity, func.count().label("n_runs"), func.avg(R.avg_ts).label("avg_ts"),
                func.avg(R.avg_ts * R.avg_ts).label("avg_sq_ts"), func.avg(R.stddev_ts * R.stddev_ts).label("avg_var_ts"),
                func.max(R.job_id).label("job_id"))
-        .where(R.status == "ok").group_by(*KEY)
+        .where(R.status == "ok").group_by(*KEY, *[c.element for c in identity])
     ).subquery()
     rep = aliased(R)
-    extras = list(MEASUREMENT_PATHS)
+    extras = list(MEASUREMENT_PATHS + ROW_FACT_PATHS)
 
     def build(eng: Engine) -> pd.DataFrame:
         query = (select(stats, _packed(eng, rep.result, extras).label("extras"))
                  .join(rep, rep.job_id == stats.c.job_id))
         frame = _read(eng, query)
-        return _unpack(frame, "extras", extras) if not frame.empty else frame
+        if frame.empty:
+            return frame
+        # Prefixed, so pages that join model_facts() keep their own columns of those names.
+        return _unpack(frame, "extras", extras).rename(columns={p.rsplit(".", 1)[-1]: "row_" + p.rsplit(".", 1)[-1]
+                                                                 for p in ROW_FACT_PATHS})
     frame = _frame(build)
     if frame.empty:
         return frame
@@ -200,7 +219,7 @@ def workers() -> pd.DataFrame:
                      .where(JobRow.worker.is_not(None)).group_by(JobRow.worker))
         counts = counts.merge(seen, on="worker", how="left")
         latest = select(func.max(R.job_id)).group_by(R.worker)
-        texts = ("hardware.gpu", "hardware.cpu")
+        texts = ("hardware.gpu", "hardware.cpu", "hardware.backends")
         hw = _read(eng, select(R.worker, *[(_js if p in texts else _j)(*_path(p)).label(p.rsplit(".", 1)[-1])
                                            for p in HARDWARE_PATHS]).where(R.job_id.in_(latest)))
         frame = counts.merge(hw, on="worker", how="left")
@@ -212,8 +231,8 @@ def workers() -> pd.DataFrame:
             frame = frame.merge(marks, on="worker", how="left")
         frame["trust"] = [_trust(row) for row in frame.to_dict("records")]
         frame["gpu"] = frame["gpu"].fillna("")
-        frame["hardware"] = [g or f"{c} ({int(n or 0)} cores)" for g, c, n in
-                             zip(frame["gpu"], frame["cpu"], frame["n_cpu_cores"])]
+        frame["hardware"] = [hardware_label(_text(c), _text(g), int(_num(n) or 0), _text(b)) for g, c, n, b in
+                             zip(frame["gpu"], frame["cpu"], frame["n_cpu_cores"], frame["backends"])]
         return frame.sort_values("last_seen", ascending=False)
     return _frame(build)
 
@@ -237,23 +256,38 @@ def measurement_objects() -> list[Measurement]:
     frame = measurements()
     if frame.empty:
         return []
-    facts = model_facts().set_index("model_sha256").to_dict("index")
-    hw = workers().set_index("worker").to_dict("index")
     out = []
     for row in frame.itertuples(index=False):
-        f = facts.get(row.model_sha256, {})
-        w = hw.get(row.worker, {})
         peak = _num(row.peak_vram_bytes) or _num(row.peak_rss_bytes)
+        gpu, cpu, backends = _text(row.id_gpu), _text(row.id_cpu), _text(row.id_backends)
         out.append(Measurement(
             model=row.model, model_sha256=row.model_sha256, quant=row.quant, technique=row.technique,
-            backend=row.backend, worker=row.worker, hardware=w.get("hardware") or row.worker,
+            backend=row.backend, worker=row.worker,
+            hardware=hardware_label(cpu, gpu, int(_num(row.row_n_cpu_cores) or 0), backends),
             test=row.test, n_prompt=row.n_prompt, n_gen=row.n_gen, n_depth=row.n_depth, avg_ts=row.avg_ts,
-            stddev_ts=row.stddev_ts, n_runs=row.n_runs, size_bytes=int(_num(f.get("size_bytes")) or 0),
-            model_type=f.get("model_type") or "", n_params=int(_num(f.get("n_params")) or 0),
-            n_params_active=int(_num(f.get("n_params_active")) or 0),
-            peak_memory_bytes=int(peak) if peak else None, ttft_ns=_num(row.ttft_ns), gpu=w.get("gpu") or "",
+            stddev_ts=row.stddev_ts, n_runs=row.n_runs, size_bytes=int(_num(row.id_size_bytes) or 0),
+            model_type=_text(row.id_model_type), n_params=int(_num(row.id_n_params) or 0),
+            n_params_active=int(_num(row.row_n_params_active) or 0),
+            peak_memory_bytes=int(peak) if peak else None, ttft_ns=_num(row.ttft_ns), gpu=gpu, backends=backends,
+            config=_config(row.id_config), n_layer=int(_num(row.row_n_layer) or 0),
+            kv_bytes_per_token=int(_num(row.row_kv_bytes_per_token) or 0),
         ))
     return out
+
+
+def _config(stored) -> EngineConfig:
+    """A stored Result's engine settings; a Result from before a field existed takes its default."""
+    if not stored:
+        return EngineConfig()
+    try:
+        return EngineConfig.model_validate(json.loads(stored) if isinstance(stored, str) else stored)
+    except ValueError:
+        return EngineConfig()
+
+
+def _text(value) -> str:
+    """A text read from JSON: empty where the Result predates the field (NULL, NaN in pandas)."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
 def _num(value) -> float | None:

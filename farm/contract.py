@@ -280,6 +280,9 @@ class Hardware(BaseModel):
     n_cpu_cores: int = 0
     ram_bytes: int = 0
     gpu: Annotated[str, Field(max_length=300)] = ""
+    # llama.cpp's backends the run used, llama-bench's spelling ("CUDA", "Metal,BLAS", "CPU"): an
+    # Apple GPU has no separate gpu name in older llama-bench files, only its Metal backend.
+    backends: Annotated[str, Field(max_length=300)] = ""
     vram_bytes: int = 0
     os: Annotated[str, Field(max_length=300)] = ""
     gpu_driver: Annotated[str, Field(max_length=300)] = ""

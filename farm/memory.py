@@ -11,10 +11,11 @@ knows nothing of Celery, the database, or any engine's code (only the sizes engi
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Literal
 
-from farm.contract import Capabilities, Job, ModelFacts
+from farm.contract import Capabilities, EngineConfig, Job, ModelFacts
 
 GIB = 1 << 30
 # The leaderboard's VRAM tiers (GB): a row's tier is the smallest that fits it.
@@ -294,3 +295,58 @@ def fits(caps: Capabilities, job: Job) -> bool:
         return True  # never estimated: any worker with its engine may try
     need = class_gb(job.need_bytes)
     return need is not None and need in served_classes_gb(offered_bytes(caps, memory_kind(job)))
+
+
+# Bits per element of the KV cache types (ggml's block sizes: q8_0 is 34 bytes per 32 values).
+KV_TYPE_BITS: dict[str, float] = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0,
+                                  "iq4_nl": 4.5, "q5_0": 5.5, "q5_1": 6.0}
+# Decoder depth by parameter count, for files whose header was never read here (llama-bench
+# imports carry only model_type, size and n_params): what partial offload's share is taken over.
+_TYPICAL_N_LAYER: tuple[tuple[float, int], ...] = ((0.6e9, 30), (2e9, 28), (4.5e9, 36), (9e9, 32), (15e9, 40),
+                                                   (40e9, 48), (80e9, 80))
+
+
+def typical_n_layer(n_params: int) -> int:
+    for limit, n_layer in _TYPICAL_N_LAYER:
+        if n_params <= limit:
+            return n_layer
+    return 96
+
+
+def expert_share(facts: ModelFacts) -> float:
+    """The share of an MoE's weights in its expert tensors; 0 for a dense model.
+
+    A token passes through the shared weights and n_expert_used experts, so the parameters it does
+    not pass through are experts: 1 - active/total, a lower bound on the expert share.
+    """
+    if not facts.n_params or not facts.n_params_active or facts.n_params_active >= facts.n_params:
+        return 0.0
+    return 1.0 - facts.n_params_active / facts.n_params
+
+
+def run_memory_bytes(facts: ModelFacts, config: EngineConfig, n_ctx: int, on_device: bool) -> tuple[int, MemoryKind]:
+    """(bytes, memory) a finished run held at its peak, estimated for runs that measured none.
+
+    The memory is the device's where llama.cpp offloaded layers (`on_device` and n_gpu_layers != 0),
+    else host RAM. On the device: the offloaded layers' share of the weights (n_gpu_layers of
+    n_layer), less the expert tensors of the first n_cpu_moe layers (or all experts, for an -ot
+    pattern sending `exps` to the CPU), the KV cache of its types unless no_kv_offload keeps it
+    in host RAM, and the compute buffers of one micro-batch; then MARGIN and the runtime.
+    """
+    weights = facts.weight_bytes or facts.size_bytes
+    bits_kv = KV_TYPE_BITS.get(config.type_k, 16.0) + KV_TYPE_BITS.get(config.type_v, 16.0)
+    kv = int(facts.kv_bytes_per_token * n_ctx * bits_kv / 32)
+    compute = _compute_bytes(facts, min(config.n_ubatch, config.n_batch, n_ctx), n_ctx, config.flash_attn_on)
+    if not on_device or config.n_gpu_layers == 0:
+        return int((weights + kv + compute) * (1 + MARGIN)) + RUNTIME_BYTES[("ram", "llamacpp")], "ram"
+    n_layer = facts.n_layer or typical_n_layer(facts.n_params)
+    share = 1.0 if config.n_gpu_layers < 0 or config.n_gpu_layers >= n_layer else config.n_gpu_layers / n_layer
+    experts = expert_share(facts)
+    if experts and re.search(r"exps[^=,]*=CPU", config.override_tensors, re.IGNORECASE):
+        host_experts = experts
+    else:
+        host_experts = experts * min(config.n_cpu_moe, n_layer) / n_layer
+    device_weights = weights * max(0.0, share - host_experts)
+    device_kv = 0 if config.no_kv_offload else kv * share
+    total = device_weights + device_kv + compute
+    return int(total * (1 + MARGIN)) + RUNTIME_BYTES[("vram", "llamacpp")], "vram"

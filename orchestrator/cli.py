@@ -444,7 +444,8 @@ def leaderboard(tier: Optional[int] = typer.Option(None, help="only what fits th
     console.print(table)
     for hw in sorted({row.hardware for row in rows}):
         console.print(f"measured on: {hw}", highlight=False)
-    console.print("tier: the smallest VRAM that fits, estimated from the file size (+10 %, +512 MiB)", highlight=False)
+    console.print("tier: the smallest VRAM that holds the memory the run used: measured where marked, else estimated "
+                  "from the file and its offload settings (n_gpu_layers, n_cpu_moe, -ot, no_kv_offload)", highlight=False)
 
 
 @app.command()
@@ -873,7 +874,8 @@ def models_derive(
 @import_app.command("llama-bench")
 def import_llama_bench(
     file: Path = typer.Argument(..., help="llama-bench -o json or -o jsonl output"),
-    machine: str = typer.Option(..., "--machine", help="name of the machine the numbers come from"),
+    machine: Optional[str] = typer.Option(
+        None, "--machine", help="name of the machine the numbers come from; default: each record's cpu_info/gpu_info"),
 ) -> None:
     """Store llama-bench results as this farm's results from a named machine (idempotent)."""
     from orchestrator.db import session_scope
@@ -890,7 +892,8 @@ def import_llama_bench(
             stored, present = import_text(session, text, machine, file.name)
     except LlamaBenchError as exc:
         raise fail(f"{file}: {exc}")
-    console.print(f"imported {stored} results from {file} as machine {machine!r}"
+    console.print(f"imported {stored} results from {file}"
+                  + (f" as machine {machine!r}" if machine else " (machines named by their cpu_info/gpu_info)")
                   + (f" ({present} already present)" if present else ""), highlight=False)
 
 

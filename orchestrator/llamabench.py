@@ -19,6 +19,7 @@ from datetime import datetime
 from sqlalchemy.orm import Session
 
 from farm.contract import (
+    Conditions,
     EngineConfig,
     Hardware,
     Job,
@@ -39,29 +40,88 @@ class LlamaBenchError(ValueError):
     """A llama-bench file cannot be imported; the message names the line and the problem."""
 
 
+# llama-bench's JSON fields in its own order (tools/llama-bench get_fields(), with the raw samples
+# its JSON printer adds). `use_mmap` is the older builds' spelling of `load_mode`; both are written.
+FIELDS: tuple[str, ...] = (
+    "build_commit", "build_number", "cpu_info", "gpu_info", "backends", "model_filename", "model_type",
+    "model_size", "model_n_params", "n_batch", "n_ubatch", "n_threads", "cpu_mask", "cpu_strict", "poll",
+    "type_k", "type_v", "n_gpu_layers", "n_cpu_moe", "split_mode", "main_gpu", "no_kv_offload", "flash_attn",
+    "devices", "tensor_split", "tensor_buft_overrides", "load_mode", "use_mmap", "lazy_mode", "embeddings",
+    "no_op_offload", "no_host", "repack", "fit_target", "fit_min_ctx", "n_prompt", "n_gen", "n_depth",
+    "test_time", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts", "samples_ns", "samples_ts",
+)
+# llama-bench fields EngineConfig has no place for: kept in conditions.flags under their own
+# names on import, so an export gives them back unchanged.
+PASSTHROUGH: tuple[str, ...] = ("devices", "lazy_mode", "embeddings", "no_op_offload", "no_host", "repack",
+                                "fit_target", "fit_min_ctx")
+_FA_INT = {"on": 1, "off": 0, "auto": -1}
+
+
+def tensor_split_text(split: tuple[float, ...]) -> str:
+    """llama-bench's spelling: shares to two decimals joined by '/', "0.00" for an even split."""
+    return "/".join(f"{x:.2f}" for x in split) if split else "0.00"
+
+
+def parse_tensor_split(text: str) -> tuple[float, ...]:
+    shares = tuple(float(x) for x in str(text).split("/") if x.strip())
+    return () if not any(shares) else shares
+
+
+def overrides_text(override_tensors: str) -> str:
+    """Our -ot spelling (comma-separated, as llama.cpp's -ot parses) as llama-bench prints it."""
+    parts = [p.strip() for p in override_tensors.split(",") if p.strip()]
+    return ";".join(parts) if parts else "none"
+
+
+def parse_overrides(text: str) -> str:
+    parts = [p.strip() for p in str(text).split(";") if p.strip() and p.strip() != "none"]
+    return ",".join(parts)
+
+
 def to_record(r: Result) -> dict:
     """A Result under llama-bench's field names first, then every field of ours that is not one of them."""
     rates = [tok_s(tokens_per_run(_kind(r.n_prompt, r.n_gen), r.n_prompt, r.n_gen), ns) for ns in r.samples_ns]
+    c, flags = r.config, r.conditions.flags
     record = {
         "build_commit": r.versions.get("llama_cpp_build_commit", r.versions.get("llama_cpp", "")),
         "build_number": int(r.versions.get("llama_cpp_build_number", 0) or 0),
         "cpu_info": r.hardware.cpu,
         "gpu_info": r.hardware.gpu,
+        "backends": r.hardware.backends or ("CUDA" if r.hardware.gpu and c.n_gpu_layers else "CPU"),
         "model_filename": r.model,
         "model_type": r.model_facts.model_type,
         "model_size": r.model_facts.size_bytes,
         "model_n_params": r.model_facts.n_params,
-        "n_batch": r.config.n_batch,
-        "n_ubatch": r.config.n_ubatch,
-        "n_threads": r.conditions.n_threads or r.config.n_threads,
-        "type_k": r.conditions.kv_type,
-        "type_v": r.conditions.kv_type,
-        "n_gpu_layers": r.config.n_gpu_layers,
-        "flash_attn": {"on": 1, "off": 0, "auto": -1}[r.config.flash_attn],
+        "n_batch": c.n_batch,
+        "n_ubatch": c.n_ubatch,
+        "n_threads": r.conditions.n_threads or c.n_threads,
+        "cpu_mask": c.cpu_mask,
+        "cpu_strict": c.cpu_strict,
+        "poll": c.poll,
+        "type_k": c.type_k,
+        "type_v": c.type_v,
+        "n_gpu_layers": c.n_gpu_layers,
+        "n_cpu_moe": c.n_cpu_moe,
+        "split_mode": c.split_mode,
+        "main_gpu": c.main_gpu,
+        "no_kv_offload": c.no_kv_offload,
+        "flash_attn": _FA_INT[c.flash_attn],
+        "devices": flags.get("devices", "auto"),
+        "tensor_split": tensor_split_text(c.tensor_split),
+        "tensor_buft_overrides": overrides_text(c.override_tensors),
+        "load_mode": flags.get("load_mode", "mmap" if c.use_mmap else "none"),
+        "use_mmap": c.use_mmap,
+        "lazy_mode": flags.get("lazy_mode", "off"),
+        "embeddings": flags.get("embeddings", False),
+        "no_op_offload": flags.get("no_op_offload", 0),
+        "no_host": flags.get("no_host", False),
+        "repack": flags.get("repack", True),
+        "fit_target": flags.get("fit_target", 0),
+        "fit_min_ctx": flags.get("fit_min_ctx", 0),
         "n_prompt": r.n_prompt,
         "n_gen": r.n_gen,
         "n_depth": r.n_depth,
-        "test_time": r.started_at.isoformat(),
+        "test_time": r.started_at.isoformat().replace("+00:00", "Z"),
         "avg_ns": int(statistics.fmean(r.samples_ns)) if r.samples_ns else 0,
         "stddev_ns": int(statistics.stdev(r.samples_ns)) if len(r.samples_ns) > 1 else 0,
         "avg_ts": r.avg_ts,
@@ -115,6 +175,57 @@ def parse(text: str) -> list[tuple[int, dict]]:
     return records
 
 
+def machine_of(record: dict) -> str:
+    """The machine a record names: its CPU and GPU (one name where they are the same chip, as on Apple)."""
+    names = [str(record.get(k) or "").strip() for k in ("cpu_info", "gpu_info")]
+    return " + ".join(dict.fromkeys(n for n in names if n))
+
+
+def _flag(value) -> bool:
+    return value if isinstance(value, bool) else bool(int(value))
+
+
+def _config(record: dict) -> EngineConfig:
+    """EngineConfig from llama-bench's fields; what a record leaves out takes llama-bench's default."""
+    use_mmap = record.get("use_mmap")
+    if use_mmap is None:
+        use_mmap = record.get("load_mode", "mmap") != "none"
+    return EngineConfig(
+        n_threads=max(0, int(record.get("n_threads", 0))), n_batch=max(1, int(record.get("n_batch", 2048))),
+        n_ubatch=max(1, int(record.get("n_ubatch", 512))), n_gpu_layers=max(-1, int(record.get("n_gpu_layers", 0))),
+        flash_attn=record.get("flash_attn", "off"),
+        type_k=str(record.get("type_k", "f16")), type_v=str(record.get("type_v", "f16")),
+        n_cpu_moe=int(record.get("n_cpu_moe", 0)),
+        override_tensors=parse_overrides(record.get("tensor_buft_overrides", "none")),
+        split_mode=str(record.get("split_mode", "layer")), main_gpu=int(record.get("main_gpu", 0)),
+        tensor_split=parse_tensor_split(record.get("tensor_split", "0.00")),
+        no_kv_offload=_flag(record.get("no_kv_offload", False)), use_mmap=_flag(use_mmap),
+        cpu_mask=str(record.get("cpu_mask", "0x0")), cpu_strict=_flag(record.get("cpu_strict", False)),
+        poll=int(record.get("poll", 50)),
+    )
+
+
+def _first_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        e = errors()[0]
+        return f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+    return str(exc)
+
+
+_MOE_SIZE = re.compile(r"\b(\d+(?:\.\d+)?)B\.A(\d+(?:\.\d+)?)B\b")
+
+
+def _facts(record: dict, model_type: str, quant: str) -> ModelFacts:
+    """What a record says of its model; an MoE's active share from llama.cpp's `30B.A3B` size label."""
+    n_params = int(record.get("model_n_params", 0))
+    active = 0
+    if (m := _MOE_SIZE.search(model_type)) and float(m[1]) > 0:
+        active = int(n_params * float(m[2]) / float(m[1]))
+    return ModelFacts(model_type=model_type, size_bytes=int(record.get("model_size", 0)), n_params=n_params,
+                      n_params_active=active, file_type=quant)
+
+
 def to_result(record: dict, line: int, machine: str, sweep_id: str) -> tuple[Result, dict]:
     """(Result, job spec) for one llama-bench record; raises LlamaBenchError naming the line."""
     if not isinstance(record, dict):
@@ -137,15 +248,21 @@ def to_result(record: dict, line: int, machine: str, sweep_id: str) -> tuple[Res
     avg, std = summarize(n_tokens, samples_ns)
     if abs(avg - avg_ts) > 0.01 * avg:
         raise LlamaBenchError(f"line {line}: avg_ts {avg_ts:.4g} does not match samples_ns ({avg:.4g} t/s)")
+    machine = machine or machine_of(record)
+    if not machine:
+        raise LlamaBenchError(f"line {line}: cpu_info and gpu_info are empty; name the machine with --machine NAME")
     job_id = str(uuid.uuid5(IMPORT_NAMESPACE, machine + "\n" + json.dumps(record, sort_keys=True)))
     model = str(record.get("model_filename") or record.get("model_type") or "unknown")
-    quant = quant_from_model_type(str(record.get("model_type", "")))
-    fa = record.get("flash_attn", False)
-    config = EngineConfig(
-        n_threads=max(0, int(record.get("n_threads", 0))), n_batch=max(1, int(record.get("n_batch", 2048))),
-        n_ubatch=max(1, int(record.get("n_ubatch", 512))), n_gpu_layers=max(-1, int(record.get("n_gpu_layers", 0))),
-        flash_attn=fa if isinstance(fa, bool) or fa in ("on", "off", "auto") else int(fa),
-    )
+    model_type = str(record.get("model_type", ""))
+    quant = quant_from_model_type(model_type)
+    try:
+        config = _config(record)
+    except (TypeError, ValueError) as exc:
+        raise LlamaBenchError(f"line {line}: a setting is out of range ({_first_error(exc)})") from exc
+    flags = {k: record[k] for k in PASSTHROUGH if isinstance(record.get(k), (str, int, float, bool))}
+    load_mode = record.get("load_mode")
+    if isinstance(load_mode, str) and load_mode not in ("mmap", "none"):
+        flags["load_mode"] = load_mode  # auto, mlock, dio: kept as written, use_mmap says what it maps
     try:
         when = datetime.fromisoformat(str(record["test_time"]).replace("Z", "+00:00"))
     except (KeyError, ValueError):
@@ -155,10 +272,10 @@ def to_result(record: dict, line: int, machine: str, sweep_id: str) -> tuple[Res
         test=format_test_name(kind, n_prompt, n_gen, n_depth), n_prompt=n_prompt, n_gen=n_gen, n_depth=n_depth,
         repetitions=len(samples_ns), samples_ns=samples_ns, avg_ts=avg, stddev_ts=std,
         stats=sample_stats(n_tokens, samples_ns), decode_ts=avg if kind == "tg" else 0.0,
-        model_facts=ModelFacts(model_type=str(record.get("model_type", "")), size_bytes=int(record.get("model_size", 0)),
-                               n_params=int(record.get("model_n_params", 0)), file_type=quant),
-        config=config,
-        hardware=Hardware(cpu=str(record.get("cpu_info", "")), gpu=str(record.get("gpu_info", ""))),
+        model_facts=_facts(record, model_type, quant),
+        config=config, conditions=Conditions(n_threads=config.n_threads, kv_type=config.type_k, flags=flags),
+        hardware=Hardware(cpu=str(record.get("cpu_info", "")), gpu=str(record.get("gpu_info", "")),
+                          backends=str(record.get("backends", ""))),
         versions={"imported_from": "llama-bench", "llama_cpp_build_commit": str(record.get("build_commit", "")),
                   "llama_cpp_build_number": str(record.get("build_number", ""))},
         started_at=when, finished_at=when,
@@ -170,31 +287,34 @@ def to_result(record: dict, line: int, machine: str, sweep_id: str) -> tuple[Res
     return result, spec
 
 
-def import_text(session: Session, text: str, machine: str, source_name: str) -> tuple[int, int]:
+def import_text(session: Session, text: str, machine: str | None, source_name: str) -> tuple[int, int]:
     """Store every record of a llama-bench file as results of `machine`; returns (stored, already present).
 
-    Each goes through the collector's storing path as a trusted import (validated against its
-    job, stored once per job id). Every line is checked before the caller commits, so a broken
-    file stores nothing.
+    Without `machine`, each record's own cpu_info/gpu_info name it (machine_of), so one file
+    from several boxes stays several machines. Each goes through the collector's storing path as
+    a trusted import (validated against its job, stored once per job id). Every line is checked
+    before the caller commits, so a broken file stores nothing.
     """
-    if not machine.strip():
-        raise LlamaBenchError("--machine must name the machine the numbers come from")
+    if machine is not None and not machine.strip():
+        raise LlamaBenchError("--machine must name the machine the numbers come from (or leave it out)")
     from orchestrator.collector import TrustedImport, store_import
 
     digest = hashlib.sha256(text.encode()).hexdigest()
-    sweep_id = str(uuid.uuid5(IMPORT_NAMESPACE, f"sweep\n{machine}\n{digest}"))
+    sweep_id = str(uuid.uuid5(IMPORT_NAMESPACE, f"sweep\n{machine or ''}\n{digest}"))
     records = parse(text)
-    converted = [(line, *to_result(rec, line, machine, sweep_id)) for line, rec in records]
+    converted = [(line, *to_result(rec, line, machine or "", sweep_id)) for line, rec in records]
     if not converted:
         raise LlamaBenchError(f"{source_name} holds no llama-bench records")
+    machines = sorted({result.worker for _, result, _ in converted})
     if session.get(SweepRow, sweep_id) is None:
-        session.add(SweepRow(id=sweep_id, name=f"import {machine}: {source_name}"[:200],
-                             spec={"imported_from": "llama-bench", "file": source_name, "machine": machine,
+        label = machine or ", ".join(machines)
+        session.add(SweepRow(id=sweep_id, name=f"import {label}: {source_name}"[:200],
+                             spec={"imported_from": "llama-bench", "file": source_name, "machine": label,
                                    "sha256": digest}, n_jobs=len(converted)))
         session.flush()
-    source = TrustedImport("llama-bench", source_name, machine)
     stored = present = 0
     for index, (line, result, spec) in enumerate(converted):
+        source = TrustedImport("llama-bench", source_name, result.worker)
         outcome = store_import(session, result, Job.model_validate({**spec, "index": index}), source)
         if outcome.action == "rejected":
             # Raised inside the caller's transaction: nothing of the file is committed.

@@ -1,8 +1,12 @@
 """Results to a leaderboard by VRAM tier. Pure: the CLI and the dashboard both call it.
 
-A row is one (model file, quant, technique, engine, hardware) combination; it ranks by decode
-tok/s at a chosen context depth, with prefill and TTFT beside it. Memory is the measured peak
-where a result carries one, else estimated from the file size (and marked so).
+A row is one model x quant x technique x engine x settings x hardware class: the model by its
+sha256, or for an import that has none by file name + model_type + size + n_params (model_key);
+the settings are the engine parameters that differ from the defaults (settings_label); the
+hardware class is the GPU and llama.cpp backend, or the CPU of a CPU-only box (hardware_label).
+It ranks by decode tok/s at a chosen context depth, with prefill and TTFT beside it. Its tier is
+the memory the run used: the measured peak where a result carries one, else estimated from the
+file and the offload settings it ran with (farm.memory.run_memory_bytes, marked so).
 
 The CLI feeds whole Results; the dashboard feeds `Measurement`s that SQL already averaged per
 test, so ranking 100,000 results never loads 100,000 JSON documents. Both take one road here.
@@ -14,8 +18,8 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Iterable
 
-from farm.contract import Result, kind_of_test
-from farm.memory import TIERS_GB
+from farm.contract import EngineConfig, ModelFacts, Result, kind_of_test
+from farm.memory import TIERS_GB, run_memory_bytes
 
 _GIB = 1 << 30
 # Room for the KV cache, compute buffers and the runtime beside the weights.
@@ -63,6 +67,7 @@ class LeaderRow:
     n_params: int = 0
     n_params_active: int = 0
     n_depth: int = 0
+    settings: str = ""
 
     def as_dict(self) -> dict:
         # Flat scalars only, so a shallow read; dataclasses.asdict deep-copies and costs
@@ -70,13 +75,55 @@ class LeaderRow:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _hardware_label(r: Result) -> str:
-    return r.hardware.gpu or f"{r.hardware.cpu} ({r.hardware.n_cpu_cores} cores)"
+# llama.cpp backends that run on something other than the CPU (llama-bench's `backends` spelling).
+_HOST_BACKENDS = {"CPU", "BLAS", "ZenDNN", "RPC", ""}
 
 
-def hardware_class(gpu: str) -> str:
-    """The filter's coarse class: a GPU box or a CPU-only box."""
-    return "GPU" if gpu else "CPU"
+def accelerators(backends: str) -> list[str]:
+    return [b.strip() for b in backends.split(",") if b.strip() not in _HOST_BACKENDS]
+
+
+def hardware_label(cpu: str, gpu: str, n_cpu_cores: int = 0, backends: str = "") -> str:
+    """One hardware class: the GPU and its backend, so an RTX 4090 and a 3090 never pool; an Apple
+    chip by its Metal backend where the file names no GPU; the CPU of a CPU-only box."""
+    accel = ",".join(accelerators(backends))
+    if gpu:
+        return f"{gpu} ({accel})" if accel else gpu
+    if accel:
+        return f"{cpu or 'unknown'} ({accel})"
+    return f"{cpu} ({n_cpu_cores} cores)" if n_cpu_cores else (cpu or "unknown CPU")
+
+
+def hardware_class(gpu: str, backends: str = "") -> str:
+    """The filter's coarse class: a GPU box (a GPU named, or an accelerator backend) or a CPU-only box."""
+    return "GPU" if gpu or accelerators(backends) else "CPU"
+
+
+# llama-bench's column names for EngineConfig's fields, for the settings label.
+SETTING_NAMES = {"n_gpu_layers": "ngl", "n_threads": "threads", "split_mode": "sm", "no_kv_offload": "nkvo",
+                 "flash_attn": "fa", "tensor_split": "ts", "override_tensors": "ot", "use_mmap": "mmap"}
+_DEFAULTS = EngineConfig()
+
+
+def settings_label(config: EngineConfig) -> str:
+    """The engine parameters a run changed from the defaults, `ngl=99 fa=on type_k=q8_0`: a leaderboard
+    row is one setting, so a Q8_0 KV cache or experts in host RAM never average with the defaults."""
+    parts = []
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if value != getattr(_DEFAULTS, name):
+            if isinstance(value, tuple):
+                value = "/".join(f"{x:g}" for x in value)
+            parts.append(f"{SETTING_NAMES.get(name, name)}={int(value) if isinstance(value, bool) else value}")
+    return " ".join(parts)
+
+
+def model_key(model: str, sha256: str, model_type: str, size_bytes: int, n_params: int) -> str:
+    """A model's identity: its sha256, else (a llama-bench import hashes nothing) its file name with
+    llama.cpp's description, size and parameter count, so two models never merge into one row."""
+    if sha256:
+        return sha256
+    return f"{model.replace(chr(92), '/').rsplit('/', 1)[-1]}|{model_type}|{size_bytes}|{n_params}"
 
 
 @dataclass(frozen=True)
@@ -108,6 +155,22 @@ class Measurement:
     peak_memory_bytes: int | None = None
     ttft_ns: float | None = None
     gpu: str = ""
+    backends: str = ""
+    config: EngineConfig = _DEFAULTS
+    # From the model's header where a result carries it: what the memory estimate needs.
+    n_layer: int = 0
+    kv_bytes_per_token: int = 0
+
+    @property
+    def model_key(self) -> str:
+        return model_key(self.model, self.model_sha256, self.model_type, self.size_bytes, self.n_params)
+
+    def estimated_memory(self) -> int:
+        """Peak memory of the run from its file and offload settings, for runs that measured none."""
+        facts = ModelFacts(size_bytes=self.size_bytes, n_params=self.n_params, n_params_active=self.n_params_active,
+                           n_layer=self.n_layer, kv_bytes_per_token=self.kv_bytes_per_token)
+        n_ctx = self.n_depth + self.n_prompt + self.n_gen
+        return run_memory_bytes(facts, self.config, n_ctx, hardware_class(self.gpu, self.backends) == "GPU")[0]
 
 
 def from_result(r: Result) -> Measurement:
@@ -116,10 +179,12 @@ def from_result(r: Result) -> Measurement:
     peak = r.conditions.peak_vram_bytes or r.conditions.peak_rss_bytes or None
     return Measurement(
         model=r.model, model_sha256=r.model_sha256, quant=r.quant, technique=r.technique, backend=r.backend,
-        worker=r.worker, hardware=_hardware_label(r), test=r.test, n_prompt=r.n_prompt, n_gen=r.n_gen,
+        worker=r.worker, hardware=hardware_label(r.hardware.cpu, r.hardware.gpu, r.hardware.n_cpu_cores,
+                                                 r.hardware.backends), test=r.test, n_prompt=r.n_prompt, n_gen=r.n_gen,
         n_depth=r.n_depth, avg_ts=r.avg_ts, stddev_ts=r.stddev_ts, size_bytes=facts.size_bytes,
         model_type=facts.model_type, n_params=facts.n_params, n_params_active=facts.n_params_active,
-        peak_memory_bytes=peak, ttft_ns=r.ttft_ns or None, gpu=r.hardware.gpu,
+        peak_memory_bytes=peak, ttft_ns=r.ttft_ns or None, gpu=r.hardware.gpu, backends=r.hardware.backends,
+        config=r.config, n_layer=facts.n_layer, kv_bytes_per_token=facts.kv_bytes_per_token,
     )
 
 
@@ -166,13 +231,14 @@ def rank(measurements: Iterable[Measurement], filters: Filters = Filters()) -> l
         # A flagged worker's numbers are kept in the database but never rank.
         if m.worker in filters.flagged_workers:
             continue
-        if filters.hardware_classes and hardware_class(m.gpu) not in filters.hardware_classes:
+        if filters.hardware_classes and hardware_class(m.gpu, m.backends) not in filters.hardware_classes:
             continue
         if filters.backends and m.backend not in filters.backends:
             continue
-        groups.setdefault((m.model_sha256, m.quant, m.technique, m.backend, m.hardware), []).append(m)
+        key = (m.model_key, m.quant, m.technique, m.backend, settings_label(m.config), m.hardware)
+        groups.setdefault(key, []).append(m)
     rows: list[LeaderRow] = []
-    for (sha, quant, technique, backend, hw), ms in groups.items():
+    for (model, quant, technique, backend, settings, hw), ms in groups.items():
         if filters.techniques and technique not in filters.techniques:
             continue  # filtered here, not above, so a technique row can still borrow its baseline's prefill
         tg = _pick_measurement(ms, "tg", filters.n_depth)
@@ -180,11 +246,11 @@ def rank(measurements: Iterable[Measurement], filters: Filters = Filters()) -> l
             continue  # nothing measured at the depth asked for
         # Techniques change decode only: a spec/lookup/MTP row shows its baseline's prefill.
         pp = _pick_measurement(ms, "pp", 0) or _pick_measurement(
-            groups.get((sha, quant, "baseline", backend, hw), []), "pp", 0)
+            groups.get((model, quant, "baseline", backend, settings, hw), []), "pp", 0)
         first = ms[0]
         peaks = [m.peak_memory_bytes for m in ms if m.peak_memory_bytes]
         size = max(m.size_bytes for m in ms)
-        memory = max(peaks) if peaks else estimated_memory_bytes(size)
+        memory = max(peaks) if peaks else max(m.estimated_memory() for m in ms)
         ttfts = [m.ttft_ns for m in ([pp] if pp and pp.ttft_ns else ms) if m.ttft_ns]
         rows.append(LeaderRow(
             rank=0, tier_gb=tier_for(memory), model=first.model, quant=quant, technique=technique,
@@ -197,7 +263,7 @@ def rank(measurements: Iterable[Measurement], filters: Filters = Filters()) -> l
             tg_n_runs=tg.n_runs if tg else 0, pp_n_runs=pp.n_runs if pp else 0,
             ttft_ms=min(ttfts) / 1e6 if ttfts else None,
             n_params=max(m.n_params for m in ms), n_params_active=max(m.n_params_active for m in ms),
-            n_depth=filters.n_depth,
+            n_depth=filters.n_depth, settings=settings,
         ))
     if filters.tier_gb is not None:
         # A model that fits a smaller card fits this one too.

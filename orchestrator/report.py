@@ -52,25 +52,100 @@ def render_results(results: Iterable[Result], fmt: str) -> str:
         writer.writerows(rows)
         return buf.getvalue()
     if fmt == "md":
-        head = "| model | size | quant | technique | backend | test | t/s | worker | status |"
-        lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
-        for r in results:
-            size = f"{r.model_facts.size_bytes / 2**20:.1f} MiB" if r.model_facts.size_bytes else ""
-            speed = ts_cell(r.avg_ts, r.stddev_ts) if r.status == "ok" else ""
-            status = r.status if r.status == "ok" else f"failed: {r.error}"
-            lines.append(f"| {r.model} | {size} | {r.quant} | {r.technique} | {r.backend} | {r.test} "
-                         f"| {speed} | {r.worker} | {status} |")
-        return "\n".join(lines) + "\n"
+        return render_markdown(results)
     raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
-LEADER_COLUMNS = ("#", "tier", "model", "quant", "technique", "engine", "MiB", "prefill", "t/s", "decode", "t/s")
+# llama-bench's markdown printer: the fields it may show between backend and test, in its order, with
+# its column names and its defaults; a field is shown when a result differs from the default or
+# the results differ among themselves (n_threads: also on a CPU backend, where it sets the speed).
+MD_FIELDS: tuple[tuple[str, str, object], ...] = (
+    ("n_gpu_layers", "ngl", None), ("n_cpu_moe", "n_cpu_moe", 0), ("n_threads", "threads", None),
+    ("cpu_mask", "cpu_mask", "0x0"), ("cpu_strict", "cpu_strict", False), ("poll", "poll", 50),
+    ("n_batch", "n_batch", 2048), ("n_ubatch", "n_ubatch", 512), ("type_k", "type_k", "f16"),
+    ("type_v", "type_v", "f16"), ("main_gpu", "main_gpu", 0), ("split_mode", "sm", "layer"),
+    ("no_kv_offload", "nkvo", False), ("flash_attn", "fa", -1), ("devices", "dev", "auto"),
+    ("tensor_split", "ts", "0.00"), ("tensor_buft_overrides", "ot", "none"), ("load_mode", "lm", "mmap"),
+)
+_NUMERIC = {"n_gpu_layers", "n_cpu_moe", "n_threads", "poll", "n_batch", "n_ubatch", "main_gpu", "flash_attn",
+            "cpu_strict", "no_kv_offload", "size", "params", "t/s"}
+
+
+def _cpu_backend(backends: str) -> bool:
+    return any(b in backends for b in ("CPU", "BLAS", "ZenDNN"))
+
+
+def _md_value(value) -> str:
+    return str(int(value)) if isinstance(value, bool) else str(value)
+
+
+def render_markdown(results: list[Result]) -> str:
+    """llama-bench's markdown table (model, size, params, backend, its varying or non-default
+    parameters, test, t/s), printed from the llama-bench records the JSON formats write, then the
+    file, worker, and where present technique and failure columns of ours."""
+    records = [to_record(r) for r in results]
+    columns: list[tuple[str, str]] = [("model", "model"), ("size", "size"), ("params", "params"),
+                                      ("backend", "backend")]
+    for name, title, default in MD_FIELDS:
+        values = {_md_value(rec[name]) for rec in records}
+        if name == "n_gpu_layers":
+            show = not all(_cpu_backend(rec["backends"]) for rec in records)
+        elif name == "n_threads":
+            show = len(values) > 1 or any(_cpu_backend(rec["backends"]) for rec in records)
+        else:
+            show = len(values) > 1 or values - {_md_value(default)} != set()
+        if show:
+            columns.append((name, title))
+    columns += [("test", "test"), ("t/s", "t/s"), ("file", "file"), ("worker", "worker")]
+    if any(r.technique != "baseline" for r in results):
+        columns.append(("technique", "technique"))
+    if any(r.status != "ok" for r in results):
+        columns.append(("status", "status"))
+
+    def cell(r: Result, rec: dict, name: str) -> str:
+        if name == "model":
+            return rec["model_type"] or r.model
+        if name == "size":
+            size = rec["model_size"]
+            return f"{size / 2**20:.2f} MiB" if size < 2**30 else f"{size / 2**30:.2f} GiB"
+        if name == "params":
+            n = rec["model_n_params"]
+            return f"{n / 1e6:.2f} M" if n < 1e9 else f"{n / 1e9:.2f} B"
+        if name == "backend":
+            return rec["backends"]
+        if name == "test":
+            return r.test
+        if name == "t/s":
+            return ts_cell(r.avg_ts, r.stddev_ts) if r.status == "ok" else ""
+        if name == "file":
+            return r.model
+        if name == "worker":
+            return r.worker
+        if name == "technique":
+            return r.technique
+        if name == "status":
+            return r.status if r.status == "ok" else f"failed: {r.error}"
+        return _md_value(rec[name])
+
+    table = [[cell(r, rec, name) for name, _ in columns] for r, rec in zip(results, records)]
+    widths = [max([len(title)] + [len(row[i]) for row in table]) for i, (_, title) in enumerate(columns)]
+    right = [name in _NUMERIC for name, _ in columns]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
+
+    rule = "| " + " | ".join("-" * (w - 1) + (":" if r else "-") for w, r in zip(widths, right)) + " |"
+    return "\n".join([line([t for _, t in columns]), rule, *(line(row) for row in table)]) + "\n"
+
+
+LEADER_COLUMNS = ("#", "tier", "model", "quant", "technique", "engine", "settings", "hardware", "MiB", "prefill", "t/s",
+                  "decode", "t/s")
 
 
 def leader_cells(row: LeaderRow) -> list[str]:
     return [
-        str(row.rank), f"{row.tier_gb} GB", row.model, row.quant, row.technique, row.backend,
-        f"{row.size_bytes / 2**20:.1f}",
+        str(row.rank), f"{row.tier_gb} GB" + ("" if row.memory_estimated else " (measured)"), row.model, row.quant,
+        row.technique, row.backend, row.settings or "defaults", row.hardware, f"{row.size_bytes / 2**20:.1f}",
         row.pp_test, ts_cell(row.pp_ts, row.pp_stddev_ts),
         row.tg_test, ts_cell(row.tg_ts, row.tg_stddev_ts),
     ]

@@ -1,4 +1,4 @@
-"""Leaderboard page: for each VRAM tier, the fastest model x quant x technique that fits."""
+"""Leaderboard page: for each VRAM tier, the fastest model x quant x technique x settings x hardware that fits."""
 
 import altair as alt
 import pandas as pd
@@ -40,6 +40,7 @@ def params_b(n: float) -> str:
 
 view = pd.DataFrame({
     "model": frame["model"], "quant": frame["quant"], "technique": frame["technique"], "engine": frame["backend"],
+    "settings": frame["settings"].replace("", "defaults"),
     "decode tok/s": frame["tg_ts"], "± stddev": frame["tg_stddev_ts"], "decode runs": frame["tg_n_runs"],
     "test": frame["tg_test"], "prefill tok/s": frame["pp_ts"], "prefill ± stddev": frame["pp_stddev_ts"],
     "prefill test": frame["pp_test"], "TTFT ms": frame["ttft_ms"],
@@ -54,7 +55,9 @@ if has_quality:
     view.insert(view.columns.get_loc("prefill tok/s"), "KLD", frame["kld_mean"])
     view.insert(view.columns.get_loc("prefill tok/s"), "top-1", frame["top1_agreement"])
 st.caption("Ranked by decode tok/s (mean over runs; ± is the pooled stddev of every repetition). "
-           "Memory is the measured peak where a run recorded one, else estimated from the file size. "
+           "A row is one model x quant x technique x settings x hardware. Memory is the measured peak where a run "
+           "recorded one, else estimated from the file and its offload settings (n_gpu_layers, n_cpu_moe, -ot, "
+           "no_kv_offload). "
            "Results from flagged workers never rank."
            + (" KLD: mean KL divergence of the file's next-token distributions from its reference's; top-1: share "
               "of tokens where both agree on the top token (empty: quality not measured)." if has_quality else ""))

@@ -157,8 +157,8 @@ def test_a_flagged_worker_never_ranks(seeded):
     engine.dispose()
     at = open_page("leaderboard")
     hardware = set(at.dataframe[-1].value["hardware"])
-    assert "NVIDIA GeForce RTX 3090" in hardware
-    assert "NVIDIA GeForce RTX 4090" not in hardware
+    assert "NVIDIA GeForce RTX 3090 (CUDA)" in hardware
+    assert not any("RTX 4090" in h for h in hardware)
     workers = open_page("workers")
     trust = dict(zip(workers.dataframe[1].value["worker"], workers.dataframe[1].value["trust"]))
     assert trust["rtx4090"] == "flagged" and trust["rtx3090"] == "registered" and trust["nuc"] == "unknown"
@@ -305,3 +305,52 @@ def test_claims_page_shows_computed_verdicts_with_their_queries(seeded):
     assert list(table["numbers"]) == [f.numbers for f in lossless.findings]
     # The sample's spec runs diverge now and then: the claim is refuted on the numbers, not by hand.
     assert lossless.verdict == "refuted" and any("refuted" in m.value for m in at.markdown)
+
+
+def test_imported_llama_bench_rows_keep_models_gpus_and_settings_apart(data_dir):
+    """Issue 17 as a user met it: llama-bench files imported under one machine name."""
+    import json
+
+    from orchestrator.llamabench import import_text
+    from tests.unit.test_llamabench_identity import MOE, record
+
+    url = f"sqlite:///{data_dir / 'tokenfarm.sqlite3'}"
+    upgrade(url)
+    big = {"model": "Qwen3.5-35B-A3B-Q4_K_M.gguf", "model_type": "qwen35moe 35B.A3B Q4_K - Medium",
+           "size": 20_700_000_000, "n_params": 34_700_000_000, "gpu": "NVIDIA GeForce RTX 3060"}
+    farm = [record(150.0), record(90.0, model="models/mistral-7b.Q4_K_M.gguf", size=4368439296, n_params=7241732096),
+            record(130.0, gpu="NVIDIA GeForce RTX 3090"), record(75.0, gpu="NVIDIA GeForce RTX 3060"),
+            record(110.0, **MOE), record(25.0, **big, n_cpu_moe=30)]
+    apple = [record(60.0, cpu="Apple M2 Max", gpu="", backends="Metal,BLAS")]
+    engine = make_engine(url)
+    with session_scope(engine) as s:
+        import_text(s, "\n".join(json.dumps(r) for r in farm), "farm", "farm.jsonl")
+        import_text(s, "\n".join(json.dumps(r) for r in apple), None, "mac.jsonl")
+    engine.dispose()
+    at = open_page("leaderboard")
+    board = at.dataframe[-1].value
+    by = {(m, h, st): row for m, h, st, row in zip(board["model"], board["hardware"], board["settings"],
+                                                    board.to_dict("records"))}
+    llama = "models/llama-2-7b.Q4_K_M.gguf"
+    # Two models of one quant: two rows, not one at 120.
+    assert by[(llama, "NVIDIA GeForce RTX 4090 (CUDA)", "threads=16 ngl=99 fa=on")]["decode tok/s"] == \
+        pytest.approx(150.0, rel=1e-3)
+    assert by[("models/mistral-7b.Q4_K_M.gguf", "NVIDIA GeForce RTX 4090 (CUDA)",
+               "threads=16 ngl=99 fa=on")]["decode tok/s"] == pytest.approx(90.0, rel=1e-3)
+    # One farm's 4090, 3090 and 3060: three rows, none pooled.
+    gpus = {h: row["decode tok/s"] for (m, h, _), row in by.items() if m == llama}
+    assert gpus == pytest.approx({"NVIDIA GeForce RTX 4090 (CUDA)": 150.0, "NVIDIA GeForce RTX 3090 (CUDA)": 130.0,
+                                  "NVIDIA GeForce RTX 3060 (CUDA)": 75.0, "Apple M2 Max (Metal)": 60.0}, rel=1e-3)
+    # The Apple box: a Metal GPU row, not a CPU box with 0 cores.
+    assert not any("0 cores" in h for h in board["hardware"])
+    hardware = next(m for m in at.multiselect if m.label == "Hardware class")
+    hardware.set_value(["CPU"]).run()
+    assert any("No result matches" in i.value for i in at.info)  # every row here ran on a GPU
+    # Tiers: the 18.5 GB MoE in 24 GB, not 8; n_cpu_moe 30 on the 12 GB 3060 in 12 GB, not 24.
+    at = open_page("leaderboard")
+    fit = [int(c.value.split(" fit ")[1].split()[0]) for c in at.caption if "combinations fit" in c.value]
+    tables = {tier: set(df.value["model"]) for tier, df in zip(fit, at.dataframe)}
+    assert "Qwen3.5-35B-A3B-Q4_K_M.gguf" in tables[12] and "Qwen3.5-35B-A3B-Q4_K_M.gguf" not in tables.get(8, set())
+    assert "Qwen3-30B-A3B-Q4_K_M.gguf" in tables[24] and "Qwen3-30B-A3B-Q4_K_M.gguf" not in tables[16]
+    moe = board[board["model"] == "Qwen3-30B-A3B-Q4_K_M.gguf"].iloc[0]
+    assert float(moe["memory GiB"]) > 17 and moe["memory"] == "estimated"

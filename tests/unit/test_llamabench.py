@@ -106,3 +106,38 @@ def test_import_goes_through_the_collectors_store_once_per_job_and_refuses_what_
         outcome = store_import(s, result, Job.model_validate(spec), TrustedImport("llama-bench", "x.jsonl", "rig"))
         assert outcome.action == "rejected" and "the import is from 'rig'" in outcome.reason
         assert s.get(ResultRow, result.job_id) is None
+
+
+def test_markdown_has_llama_bench_columns_and_only_the_parameters_that_vary_or_differ_from_its_defaults():
+    from orchestrator.report import render_results
+
+    records = [rec for _, rec in parse((FIXTURES / "llama-bench.jsonl").read_text())]
+    results = [to_result(rec, n, "rig", "s")[0] for n, rec in enumerate(records, 1)]
+    head, rule, *rows = render_results(results, "md").splitlines()
+    titles = [c.strip() for c in head.strip("|").split("|")]
+    # All on CUDA with fa=1 (llama-bench's default is auto, -1): ngl and fa shown, the rest left out.
+    assert titles == ["model", "size", "params", "backend", "ngl", "fa", "test", "t/s", "file", "worker"]
+    first = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert first[:8] == ["llama 7B Q4_K - Medium", "3.80 GiB", "6.74 B", "CUDA", "99", "1", "pp512", "10633.04 ± 39.88"]
+    assert rule.startswith("| ---") and len(rows) == 4
+    # A KV type and expert offload that vary get their columns, in llama-bench's order.
+    changed = to_result({**records[1], "type_k": "q8_0", "type_v": "q8_0", "n_cpu_moe": 4}, 9, "rig", "s")[0]
+    titles = [c.strip() for c in render_results([*results, changed], "md").splitlines()[0].strip("|").split("|")]
+    assert titles[4:9] == ["ngl", "n_cpu_moe", "type_k", "type_v", "fa"]
+    # On a CPU backend llama-bench drops ngl and shows threads.
+    cpu = to_result({**records[1], "backends": "CPU", "gpu_info": "", "n_gpu_layers": 0}, 1, "rig", "s")[0]
+    titles = [c.strip() for c in render_results([cpu], "md").splitlines()[0].strip("|").split("|")]
+    assert "ngl" not in titles and titles[4] == "threads"
+
+
+def test_every_llama_bench_field_round_trips_through_a_result():
+    from orchestrator.llamabench import FIELDS
+
+    for name in ("llama-bench.jsonl", "llama-bench.json"):
+        for n, rec in parse((FIXTURES / name).read_text()):
+            back = to_record(to_result(rec, n, "", "s")[0])
+            for key in set(rec) & set(FIELDS):
+                if isinstance(rec[key], float) or key == "samples_ts":
+                    assert back[key] == pytest.approx(rec[key]), key
+                else:
+                    assert back[key] == rec[key], key
