@@ -259,7 +259,7 @@ def rank(measurements: Iterable[Measurement], filters: Filters = Filters()) -> l
             pp_test=pp.test if pp else "", pp_ts=pp.avg_ts if pp else None, pp_stddev_ts=pp.stddev_ts if pp else None,
             tg_test=tg.test if tg else "", tg_ts=tg.avg_ts if tg else None, tg_stddev_ts=tg.stddev_ts if tg else None,
             n_results=sum(m.n_runs for m in ms), hardware=hw,
-            worker=", ".join(sorted({m.worker for m in ms})), model_sha256=sha,
+            worker=", ".join(sorted({m.worker for m in ms})), model_sha256=first.model_sha256,
             tg_n_runs=tg.n_runs if tg else 0, pp_n_runs=pp.n_runs if pp else 0,
             ttft_ms=min(ttfts) / 1e6 if ttfts else None,
             n_params=max(m.n_params for m in ms), n_params_active=max(m.n_params_active for m in ms),
