@@ -86,6 +86,8 @@ def context_size(job: Job) -> int:
         # A token is at least one byte of text; 256 more for the chat template's markers.
         longest = max(len(t.encode("utf-8")) for t in load_prompts(job.prompt_category, job.n_prompts))
         need = longest + 256 + job.n_gen + job.n_draft + 16
+    if job.quality:  # the quality pass evaluates chunks of quality_n_ctx in the same context
+        need = max(need, job.quality_n_ctx)
     return ((need + 255) // 256) * 256
 
 

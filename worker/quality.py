@@ -242,3 +242,17 @@ def load_reference(path: Path, reference_sha256: str, text_sha: str) -> Referenc
                              int(meta[3]))
     except (OSError, KeyError, ValueError, IndexError):
         return None
+
+
+def text_chunks(tokenize: Callable[..., list[int]], text: str, n_ctx: int, n_chunks: int = 0) -> list[list[int]]:
+    """The text's chunks through an engine's tokenizer (both engines share llama.cpp's)."""
+    bos = tokenize("", add_bos=True)
+    return chunk_tokens(tokenize(text, add_bos=False), n_ctx, n_chunks, bos[0] if bos else None)
+
+
+def reference_pass(chunk_logits: Callable[[list[int]], np.ndarray], chunks: Sequence[Sequence[int]], n_ctx: int,
+                   top_k: int = TOP_K) -> tuple[Reference, int]:
+    """(reference, wall ns) of a reference pass."""
+    t0 = time.perf_counter_ns()
+    ref = reference_from_logits(chunk_logits, chunks, n_ctx, top_k)
+    return ref, time.perf_counter_ns() - t0
