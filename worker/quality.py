@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 TEXT_NAME = "eval_text.txt"
-TOP_K = 128
+TOP_K = 512
 # Probabilities below this are 0 in float64 exp; a tail bin this empty is taken as empty.
 _TINY = 1e-300
 
