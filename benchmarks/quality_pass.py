@@ -50,7 +50,7 @@ def main() -> None:
     print(f"{args.model} on {args.engine}: {len(chunks)} chunks x {args.n_ctx} tokens ({n_tokens} evaluated, "
           f"{len(ref.targets)} scored), reference F32 top-{ref.top_k} keeps {ref.mass_kept:.4f} of the mass")
     print(f"reference pass: {ref_ns / 1e9:.1f} s ({n_tokens / (ref_ns / 1e9):.0f} tok/s)")
-    print(f"| quant | load s | pass s | tok/s | KLD mean | KLD median | KLD p99 | top-1 | ppl | ppl ref |")
+    print("| quant | load s | pass s | tok/s | KLD mean | KLD median | KLD p99 | top-1 | ppl | ppl ref |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for quant in args.quants.split(","):
         backend, load_s = loaded(quant)

@@ -21,12 +21,12 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("llama_cpp")
 
-from farm.contract import Job  # noqa: E402
-from farm.modelfiles import model_sha256  # noqa: E402
-from farm.settings import Settings  # noqa: E402
-from worker import quality as wq  # noqa: E402
-from worker.models import resolve  # noqa: E402
-from worker.tasks import execute  # noqa: E402
+from farm.contract import Job
+from farm.modelfiles import model_sha256
+from farm.settings import Settings
+from worker import quality as wq
+from worker.models import resolve
+from worker.tasks import execute
 
 pytestmark = pytest.mark.integration
 
