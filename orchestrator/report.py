@@ -52,19 +52,28 @@ def render_results(results: Iterable[Result], fmt: str) -> str:
         writer.writerows(rows)
         return buf.getvalue()
     if fmt == "md":
-        head = "| model | size | quant | technique | backend | test | t/s | worker | status |"
+        # Quality columns only where some result measured it (issue 14), so plain sweeps read as before.
+        graded = any(r.quality is not None for r in results)
+        head = "| model | size | quant | technique | backend | test | t/s |"
+        head += " KLD | top-1 | ppl |" if graded else ""
+        head += " worker | status |"
         lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
         for r in results:
             size = f"{r.model_facts.size_bytes / 2**20:.1f} MiB" if r.model_facts.size_bytes else ""
             speed = ts_cell(r.avg_ts, r.stddev_ts) if r.status == "ok" else ""
             status = r.status if r.status == "ok" else f"failed: {r.error}"
+            quality = ""
+            if graded:
+                q = r.quality
+                quality = f" {q.kld_mean:.5f} | {q.top1_agreement:.4f} | {q.ppl:.3f} |" if q else " | | |"
             lines.append(f"| {r.model} | {size} | {r.quant} | {r.technique} | {r.backend} | {r.test} "
-                         f"| {speed} | {r.worker} | {status} |")
+                         f"| {speed} |{quality} {r.worker} | {status} |")
         return "\n".join(lines) + "\n"
     raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
-LEADER_COLUMNS = ("#", "tier", "model", "quant", "technique", "engine", "MiB", "prefill", "t/s", "decode", "t/s")
+LEADER_COLUMNS = ("#", "tier", "model", "quant", "technique", "engine", "MiB", "prefill", "t/s", "decode", "t/s",
+                  "KLD", "top-1")
 
 
 def leader_cells(row: LeaderRow) -> list[str]:
@@ -73,6 +82,8 @@ def leader_cells(row: LeaderRow) -> list[str]:
         f"{row.size_bytes / 2**20:.1f}",
         row.pp_test, ts_cell(row.pp_ts, row.pp_stddev_ts),
         row.tg_test, ts_cell(row.tg_ts, row.tg_stddev_ts),
+        "" if row.kld_mean is None else f"{row.kld_mean:.4f}",
+        "" if row.top1_agreement is None else f"{row.top1_agreement:.3f}",
     ]
 
 
