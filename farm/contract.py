@@ -357,6 +357,11 @@ class Speculation(BaseModel):
     baseline_sha256: list[Sha256] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
     output_sha256: list[Sha256] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
 
+# The evaluation texts a quality block may name (worker/data/), by sha256: the collector refuses
+# any other, without reading worker files; tests/unit/test_quality.py holds the shipped file to it.
+EVAL_TEXTS: dict[str, str] = {"eval_text.txt": "331bf0954e741ed8e407a2601a90eb13f70ee9aa7ab21bb2e98694ed2e85e47d"}
+
+
 class Quality(BaseModel):
     """The quant against its reference over a fixed text, with llama-perplexity --kl-divergence's
     definitions: per scored token, KL(reference || quant) of the next-token distributions, whether
