@@ -57,7 +57,10 @@ def chunk_tokens(tokens: Sequence[int], n_ctx: int, n_chunks: int = 0, bos: int 
     n_avail = len(tokens) // n_ctx
     if n_avail < 1:
         raise ValueError(f"the text has {len(tokens)} tokens, fewer than one chunk of {n_ctx}: lower quality_n_ctx")
-    n = min(n_avail, n_chunks) if n_chunks else n_avail
+    if n_chunks > n_avail:
+        raise ValueError(f"the text holds {n_avail} chunks of {n_ctx} tokens, not the {n_chunks} asked for: "
+                         "lower quality_n_chunks (0: all of them) or quality_n_ctx")
+    n = n_chunks or n_avail
     chunks = [list(tokens[c * n_ctx:(c + 1) * n_ctx]) for c in range(n)]
     if bos is not None:
         for c in chunks:

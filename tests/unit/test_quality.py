@@ -94,6 +94,8 @@ def test_chunks_drop_the_tail_take_a_limit_and_start_with_bos():
     assert len(chunk_tokens(list(range(100)), 30, n_chunks=2)) == 2
     with pytest.raises(ValueError, match="lower quality_n_ctx"):
         chunk_tokens(list(range(10)), 30)
+    with pytest.raises(ValueError, match="lower quality_n_chunks"):
+        chunk_tokens(list(range(100)), 30, n_chunks=4)
 
 
 def test_a_reference_of_other_tokens_is_refused():
