@@ -48,6 +48,10 @@ def passes(smollm2):
             r = execute(job, settings)
             assert r.status == "ok", r.error
             out[engine, quant] = r
+            q = r.quality  # the figures, for a run with -s (the closing note quotes them)
+            print(f"{engine} {quant}: KLD {q.kld_mean:.5f} median {q.kld_median:.5f} p99 {q.kld_p99:.4f} "
+                  f"top-1 {q.top1_agreement:.4f} ppl {q.ppl:.3f} ref {q.ppl_reference:.3f} "
+                  f"mass {q.reference_mass_kept:.3f} pass {q.pass_ns / 1e9:.1f} s ref {q.reference_ns / 1e9:.1f} s")
     return out
 
 

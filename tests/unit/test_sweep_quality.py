@@ -43,3 +43,17 @@ def test_the_ladder_example_asks_for_quality():
     spec = load_spec("examples/ladder.yaml")
     assert spec.quality
     assert sum(j.quality for j in plan(spec, sweep_id="s")) == sum(len(e.quants) for e in spec.entries())
+
+
+def test_a_quality_job_needs_room_for_its_reference_beside_it():
+    from farm.memory import job_need_bytes
+
+    job = next(j for j in plan(SweepSpec(name="q", models=[{"name": "smollm2-135m", "quants": ["Q4_0"]}],
+                                         n_prompt=[16], n_gen=[], quality=True), sweep_id="s"))
+    plain = job.model_copy(update={"quality": False, "quality_reference_quant": ""})
+    f32 = job.model_copy(update={"quant": "F32"})
+    # The F32 reference of SmolLM2 is ~540 MB: a Q4_0 quality job holds it beside its own file;
+    # the F32 job is its own reference and adds only the pass's logits.
+    extra_q4 = job_need_bytes(job, None) - job_need_bytes(plain, None)
+    extra_f32 = job_need_bytes(f32, None) - job_need_bytes(f32.model_copy(update={"quality": False}), None)
+    assert extra_f32 > 4 * 512 * 49152 and extra_q4 - extra_f32 > 500e6
