@@ -146,3 +146,50 @@ def quality_problems(result: Result, job: Job | None = None) -> list[str]:
 # The same file on the same engine gives the same logits; a cached reference made with other
 # threads or batch sizes can differ by rounding only.
 SELF_KLD_MAX = 1e-4
+
+
+def _speculation_problems(result: Result, n_tokens: int, avg_ts: float) -> list[str]:
+    s = result.speculation
+    if s is None:
+        return [f"a {result.technique} result must carry its speculation statistics"]
+    problems: list[str] = []
+    if result.technique == "spec" and not result.draft_sha256:
+        problems.append("draft_sha256 is missing")
+    if len(s.baseline_samples_ns) != result.repetitions or any(ns <= 0 for ns in s.baseline_samples_ns):
+        problems.append("baseline_samples_ns must hold one positive duration per repetition")
+    else:
+        base, _ = summarize(n_tokens, s.baseline_samples_ns)
+        if not math.isclose(base, s.baseline_avg_ts, rel_tol=1e-6):
+            problems.append(f"baseline_avg_ts {s.baseline_avg_ts:.6g} does not match its samples ({base:.6g})")
+        if not math.isclose(s.speedup, avg_ts / base, rel_tol=1e-6):
+            problems.append(f"speedup {s.speedup:.6g} is not avg_ts / baseline_avg_ts ({avg_ts / base:.6g})")
+    if s.n_accepted > s.n_drafted:
+        problems.append("more tokens accepted than drafted")
+    rate = s.n_accepted / s.n_drafted if s.n_drafted else 0.0
+    if not 0.0 <= s.acceptance_rate <= 1.0 or not math.isclose(s.acceptance_rate, rate, abs_tol=1e-9):
+        problems.append(f"acceptance_rate {s.acceptance_rate:.6g} is not n_accepted / n_drafted ({rate:.6g})")
+    if any(not 0.0 <= a <= 1.0 for a in s.acceptance_by_position):
+        problems.append("an acceptance by position lies outside [0, 1]")
+    if s.n_passes and not math.isclose(s.mean_accepted_per_pass, s.n_accepted / s.n_passes, abs_tol=1e-9):
+        problems.append("mean_accepted_per_pass is not n_accepted / n_passes")
+    if len(s.first_mismatch) != result.n_prompts:
+        problems.append(f"{len(s.first_mismatch)} losslessness verdicts for {result.n_prompts} prompts")
+    if s.lossless != all(m is None for m in s.first_mismatch):
+        problems.append("lossless disagrees with the per-prompt first mismatches")
+    return problems + _token_hash_problems(result)
+
+def _token_hash_problems(result: Result) -> list[str]:
+    """The losslessness claim against the token hashes: a prompt is identical iff its hashes are."""
+    s = result.speculation
+    if len(s.baseline_sha256) != result.n_prompts or len(s.output_sha256) != result.n_prompts:
+        return [f"{len(s.baseline_sha256)} baseline and {len(s.output_sha256)} technique token hashes "
+                f"for {result.n_prompts} prompts"]
+    if not all(is_sha256(h) for h in [*s.baseline_sha256, *s.output_sha256]):
+        return ["a per-prompt token hash is not a sha256 hex digest"]
+    problems = [f"prompt {i}: first_mismatch {m!r} contradicts the token hashes, which "
+                f"{'agree' if b == t else 'differ'}"
+                for i, (m, b, t) in enumerate(zip(s.first_mismatch, s.baseline_sha256, s.output_sha256))
+                if (m is None) != (b == t)]
+    if result.output_sha256 and result.output_sha256 != combine_sha256(s.baseline_sha256):
+        problems.append("output_sha256 is not the hash of the per-prompt baseline token hashes")
+    return problems
