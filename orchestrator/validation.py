@@ -7,9 +7,17 @@ decides what a refusal means.
 
 from __future__ import annotations
 
+import itertools
 import math
 
-from farm.contract import EVAL_TEXTS, TECHNIQUE_FIELDS, Job, Result, kind_of_test, tokens_per_run
+from farm.contract import (
+    EVAL_TEXTS,
+    TECHNIQUE_FIELDS,
+    Job,
+    Result,
+    kind_of_test,
+    tokens_per_run,
+)
 from farm.identity import combine_sha256, is_sha256
 from farm.stats import sample_stats, summarize
 
@@ -111,8 +119,8 @@ def quality_problems(result: Result, job: Job | None = None) -> list[str]:
     per_chunk = q.n_ctx - 1 - q.n_ctx // 2
     samples = (q.kld_chunk_means, q.top1_chunk, q.nll_chunk_means, q.nll_reference_chunk_means)
     if any(len(x) != q.n_chunks for x in samples) or q.n_tokens_scored != q.n_chunks * per_chunk:
-        return problems + [f"quality samples: {q.n_chunks} chunks of {q.n_ctx} score {q.n_chunks * per_chunk} tokens "
-                           "and carry one sample per chunk in each list"]
+        return [*problems, (f"quality samples: {q.n_chunks} chunks of {q.n_ctx} score {q.n_chunks * per_chunk} "
+                            "tokens and carry one sample per chunk in each list")]
     if any(not math.isfinite(x) or x < 0 for x in (*q.kld_chunk_means, *q.nll_chunk_means, *q.nll_reference_chunk_means)):
         problems.append("a quality chunk sample is negative or not finite")
         return problems
@@ -127,7 +135,7 @@ def quality_problems(result: Result, job: Job | None = None) -> list[str]:
         if not _close(value, want):
             problems.append(f"quality {name} {value:.6g} does not follow from its chunk samples ({want:.6g})")
     pct = q.kld_percentiles
-    if len(pct) != 101 or any(b < a for a, b in zip(pct, pct[1:])) or (pct and pct[0] < 0):
+    if len(pct) != 101 or any(b < a for a, b in itertools.pairwise(pct)) or (pct and pct[0] < 0):
         problems.append("kld_percentiles must be the 101 non-decreasing per-token percentiles 0..100")
     else:
         for name, value, want in (("kld_median", q.kld_median, pct[50]), ("kld_p99", q.kld_p99, pct[99]),

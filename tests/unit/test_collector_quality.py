@@ -12,7 +12,13 @@ from orchestrator.lifecycle import record
 from orchestrator.planning import plan
 from orchestrator.sweep import SweepSpec
 from orchestrator.validation import quality_problems
-from tests.unit.test_collector import TOKENS, _remember_tokens, envelope, result_for, tokens  # noqa: F401
+from tests.unit.test_collector import (  # noqa: F401
+    TOKENS,
+    _remember_tokens,
+    envelope,
+    result_for,
+    tokens,
+)
 from worker import quality as wq
 
 N_CTX, N_CHUNKS = 32, 2
