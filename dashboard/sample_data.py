@@ -19,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy.engine import Engine
 
 from farm.contract import (
+    EVAL_TEXTS,
     PROMPT_CATEGORIES,
     Conditions,
     Hardware,
@@ -150,20 +151,33 @@ def _greedy_tokens(job: dict, first_mismatch: list[int | None] | None = None) ->
     return base, tech
 
 
+EVAL_TEXT_NAME = next(iter(EVAL_TEXTS))
+N_QUALITY_CHUNKS = 8
+QUALITY_N_CTX = 512
+
+
 def _quality(mf: dict) -> dict:
     """A file's quality block, the same for every run of that file (a generator seeded by the file),
-    its statistics following from its per-chunk samples as the collector checks."""
+    over the shipped text, its statistics following from its samples as the collector checks."""
     rng = random.Random(mf["sha"])
+    per_chunk = QUALITY_N_CTX - 1 - QUALITY_N_CTX // 2
     kld = QUANT_KLD[mf["quant"]] * rng.uniform(0.8, 1.25)
-    chunks = [kld * rng.uniform(0.7, 1.3) for _ in range(8)]
-    kld_mean = sum(chunks) / len(chunks)
-    top1 = [max(0.0, min(1.0, 1.0 - 0.9 * math.sqrt(c) * rng.uniform(0.9, 1.1))) for c in chunks]
+    chunks = [kld * rng.uniform(0.7, 1.3) for _ in range(N_QUALITY_CHUNKS)]
+    # top-1 as counts of scored tokens, as a real pass gives it.
+    top1 = [round(max(0.0, min(1.0, 1.0 - 0.9 * math.sqrt(c) * rng.uniform(0.9, 1.1))) * per_chunk) / per_chunk
+            for c in chunks]
     nll_ref = [rng.uniform(2.3, 2.6) for _ in chunks]
     nll = [n + c for n, c in zip(nll_ref, chunks)]
+    # Per-token percentiles: a long right tail above the chunk means, as KLD has.
+    top = max(chunks) * 12
+    pct = sorted(top * (i / 100) ** 4 for i in range(101))
+    pct[50] = max(pct[50], min(chunks) * 0.6)
+    pct = [max(a, b) for a, b in zip(pct, [0.0, *pct[:-1]])]
     return Quality(
-        reference_quant="F16", reference_sha256=_sha(f"{mf['model']}/F16"), text_name="wiki.test.raw (sample)",
-        text_sha256=_sha("sample text"), n_ctx=512, n_chunks=len(chunks), n_tokens_scored=255 * len(chunks),
-        kld_mean=kld_mean, kld_median=statistics.median(chunks), kld_p99=max(chunks) * 6, kld_max=max(chunks) * 12,
+        reference_quant="F16", reference_sha256=_sha(f"{mf['model']}/F16"), text_name=EVAL_TEXT_NAME,
+        text_sha256=EVAL_TEXTS[EVAL_TEXT_NAME], n_ctx=QUALITY_N_CTX, n_chunks=len(chunks),
+        n_tokens_scored=per_chunk * len(chunks), kld_mean=sum(chunks) / len(chunks), kld_median=pct[50],
+        kld_p99=pct[99], kld_max=pct[100], kld_percentiles=pct,
         top1_agreement=sum(top1) / len(top1), ppl=math.exp(sum(nll) / len(nll)),
         ppl_reference=math.exp(sum(nll_ref) / len(nll_ref)), kld_chunk_means=chunks, top1_chunk=top1,
         nll_chunk_means=nll, nll_reference_chunk_means=nll_ref).model_dump(mode="json")
@@ -178,6 +192,9 @@ def job_spec(rng: random.Random, job_id: str, sweep_id: str, index: int, mf: dic
             "n_depth": n_depth, "repetitions": REPETITIONS, "prompt_category": None, "n_prompts": 0,
             "draft_model": None, "draft_sha256": None, "draft_quant": None, "n_draft": 0, "p_min": 0.0,
             "ngram_max": 0}
+    if technique == "baseline" and kind == "tg" and n_depth == 0:
+        spec.update(quality=True, quality_n_ctx=QUALITY_N_CTX, quality_n_chunks=N_QUALITY_CHUNKS,
+                    quality_reference_quant="F16")
     if technique != "baseline":
         spec.update(prompt_category=rng.choice(PROMPT_CATEGORIES), n_prompts=N_PROMPTS, n_draft=rng.choice([2, 4, 8]))
         if technique == "spec":

@@ -214,6 +214,10 @@ class Job(BaseModel):
     # its reference's (the highest-precision file of the same model) over worker/data's text.
     quality: bool = False
     quality_n_ctx: int = Field(default=512, ge=16, le=8192, description="context of each scored chunk")
+    quality_n_chunks: int = Field(default=0, ge=0, le=1024, description="chunks of the text scored; 0: all")
+    # Chosen at submit (orchestrator/sweep.py reference_quant): the model's own F32/F16/BF16 file,
+    # or F32 derived from a quantized one. Empty: not a quality job.
+    quality_reference_quant: str = Field(default="", max_length=16)
 
     @model_validator(mode="after")
     def _technique_options(self) -> "Job":
@@ -375,6 +379,11 @@ class Speculation(BaseModel):
     baseline_sha256: list[Sha256] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
     output_sha256: list[Sha256] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
 
+# The evaluation texts a quality block may name (worker/data/), by sha256: the collector refuses
+# any other, without reading worker files; tests/unit/test_quality.py holds the shipped file to it.
+EVAL_TEXTS: dict[str, str] = {"eval_text.txt": "331bf0954e741ed8e407a2601a90eb13f70ee9aa7ab21bb2e98694ed2e85e47d"}
+
+
 class Quality(BaseModel):
     """The quant against its reference over a fixed text, with llama-perplexity --kl-divergence's
     definitions: per scored token, KL(reference || quant) of the next-token distributions, whether
@@ -401,6 +410,9 @@ class Quality(BaseModel):
     top1_chunk: list[float] = Field(max_length=MAX_LIST_ITEMS)
     nll_chunk_means: list[float] = Field(max_length=MAX_LIST_ITEMS)
     nll_reference_chunk_means: list[float] = Field(max_length=MAX_LIST_ITEMS)
+    # Per-token KLD at percentiles 0, 1, ..., 100 (linear interpolation, as llama-perplexity's):
+    # median is [50], p99 [99], max [100]; the collector checks the figures against them.
+    kld_percentiles: list[float] = Field(default_factory=list, max_length=101)
     # The reference's logits are cached as top-k; 0: full vocabulary. mass: mean probability kept.
     reference_top_k: int = Field(default=0, ge=0)
     reference_mass_kept: float = Field(default=1.0, ge=0.0, le=1.0)

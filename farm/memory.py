@@ -87,6 +87,8 @@ def context_size(job: Job) -> int:
         # A token is at least one byte of text; 256 more for the chat template's markers.
         longest = max(len(t.encode("utf-8")) for t in load_prompts(job.prompt_category, job.n_prompts))
         need = longest + 256 + job.n_gen + max(job.n_draft, job.n_mtp) + 16
+    if job.quality:  # the quality pass evaluates chunks of quality_n_ctx in the same context
+        need = max(need, job.quality_n_ctx)
     return ((need + 255) // 256) * 256
 
 
@@ -111,7 +113,8 @@ def _layer_params(facts: ModelFacts) -> int:
     return max(0, facts.n_params - embeddings) // max(1, facts.n_layer)
 
 
-def estimate_need_bytes(job: Job, facts: ModelFacts, draft_facts: ModelFacts | None = None) -> int:
+def estimate_need_bytes(job: Job, facts: ModelFacts, draft_facts: ModelFacts | None = None,
+                        reference_facts: ModelFacts | None = None) -> int:
     """Bytes of the bounding memory (memory_kind) a job needs at its peak.
 
     llama.cpp: the file's tensor data (memory-mapped, resident once read), an f16 KV cache at
@@ -145,6 +148,13 @@ def estimate_need_bytes(job: Job, facts: ModelFacts, draft_facts: ModelFacts | N
         total += model_bytes(draft_facts)
     if job.technique == "mtp":
         total += 4 * job.n_mtp * (_layer_params(facts) + 2 * facts.n_embd * facts.n_embd)
+    if job.quality:
+        # A chunk's logits at every position: the engine's output buffer, the copy the pass
+        # scores, and its float64 log-softmax of the scored half; the reference loaded beside
+        # the quant for its one pass when it is another file (worker/tasks.quality_block).
+        total += 4 * job.quality_n_ctx * facts.n_vocab * 3
+        if reference_facts is not None and job.quality_reference_quant != job.quant:
+            total += model_bytes(reference_facts)
     if kind == "ram":
         total = max(total, HEADER_BYTES_PER_TOKEN * facts.n_vocab)
     return int(total * (1 + MARGIN)) + RUNTIME_BYTES[(kind, job.engine)]
@@ -253,7 +263,8 @@ def job_need_bytes(job: Job, models_dir: Path | None, cache: dict | None = None,
                 known[job.draft_model].file_type if job.draft_model in known else \
                 read_facts(Path(job.draft_model)).file_type
         draft = facts(job.draft_model, quant)
-    return estimate_need_bytes(job, facts(job.model, job.quant), draft)
+    reference = facts(job.model, job.quality_reference_quant) if job.quality and job.quality_reference_quant else None
+    return estimate_need_bytes(job, facts(job.model, job.quant), draft, reference)
 
 
 def job_active_bytes(job: Job, models_dir: Path | None, cache: dict | None = None,

@@ -177,6 +177,37 @@ def sha256_problems(result: Result, job: Job) -> list[str]:
     return problems  # a well-formed source_sha256 other than the job's: validation.result_problems
 
 
+def reference_problems(session: Session, result: Result) -> list[str]:
+    """A quality block's reference against the model's reference as the farm has recorded it.
+
+    The model's reference file (its quality reference quant, derived on a worker where the
+    catalogue file is quantized) is known by sha256 from what the farm stored before: the
+    model_sha256 of that quant's own ok results, and the reference_sha256 of earlier quality
+    results, both of the same model and source file. A block naming another file is refused.
+    The first such figure to arrive for a model sets the record (nothing is stored to hold it
+    against yet); validation.quality_problems already ties the reference quant's own result to
+    the file it measured.
+    """
+    q = result.quality
+    if q is None or result.status != "ok":
+        return []
+    known: set[str] = set()
+    rows = session.scalars(select(ResultRow).where(ResultRow.model == result.model, ResultRow.status == "ok"))
+    for row in rows:
+        stored = row.result or {}
+        if stored.get("source_sha256") != result.source_sha256:
+            continue
+        if row.quant == q.reference_quant and row.model_sha256:
+            known.add(row.model_sha256)
+        sq = stored.get("quality") or {}
+        if sq.get("reference_quant") == q.reference_quant and sq.get("reference_sha256"):
+            known.add(sq["reference_sha256"])
+    if known and q.reference_sha256 not in known:
+        return [f"quality reference_sha256 {q.reference_sha256[:16]}... is not the model's {q.reference_quant} "
+                f"reference ({', '.join(sorted(k[:16] + '...' for k in known))} stored for {result.model[:200]})"]
+    return []
+
+
 def _hold_bandwidth(worker: WorkerRow, hw: dict) -> None:
     """The first announced figures are kept; a later announcement may lower them, never raise them."""
     for column, key in (("host_bandwidth_gbps", "host_bandwidth_gbps"), ("device_bandwidth_gbps", "device_bandwidth_gbps")):
@@ -288,6 +319,7 @@ def ingest(session: Session, body: object, max_attempts: int = 3, known: Known |
         problems.append(f"result claims worker {result.worker[:200]!r} inside a message from {name!r}")
     problems += sha256_problems(result, job)
     problems += implausibilities(result, worker, job)
+    problems += reference_problems(session, result)
     problems += checks.misrouted(check, name)
     if problems:
         # The job keeps its state: a refused message decides nothing about it.

@@ -68,6 +68,9 @@ class LeaderRow:
     n_params_active: int = 0
     n_depth: int = 0
     settings: str = ""
+    # Quality against the model's reference (issue 14); None where no quality pass was measured.
+    kld_mean: float | None = None
+    top1_agreement: float | None = None
 
     def as_dict(self) -> dict:
         # Flat scalars only, so a shallow read; dataclasses.asdict deep-copies and costs
@@ -171,6 +174,8 @@ class Measurement:
                            n_layer=self.n_layer, kv_bytes_per_token=self.kv_bytes_per_token)
         n_ctx = self.n_depth + self.n_prompt + self.n_gen
         return run_memory_bytes(facts, self.config, n_ctx, hardware_class(self.gpu, self.backends) == "GPU")[0]
+    kld_mean: float | None = None
+    top1_agreement: float | None = None
 
 
 def from_result(r: Result) -> Measurement:
@@ -185,6 +190,8 @@ def from_result(r: Result) -> Measurement:
         model_type=facts.model_type, n_params=facts.n_params, n_params_active=facts.n_params_active,
         peak_memory_bytes=peak, ttft_ns=r.ttft_ns or None, gpu=r.hardware.gpu, backends=r.hardware.backends,
         config=r.config, n_layer=facts.n_layer, kv_bytes_per_token=facts.kv_bytes_per_token,
+        kld_mean=r.quality.kld_mean if r.quality else None,
+        top1_agreement=r.quality.top1_agreement if r.quality else None,
     )
 
 
@@ -252,6 +259,10 @@ def rank(measurements: Iterable[Measurement], filters: Filters = Filters()) -> l
         size = max(m.size_bytes for m in ms)
         memory = max(peaks) if peaks else max(m.estimated_memory() for m in ms)
         ttfts = [m.ttft_ns for m in ([pp] if pp and pp.ttft_ns else ms) if m.ttft_ns]
+        # Quality is the file's, whatever the test or technique: the mean of its passes, or the
+        # baseline's where a technique row has none (speculation is lossless).
+        graded = [m for m in ms if m.kld_mean is not None] or [
+            m for m in groups.get((model, quant, "baseline", backend, settings, hw), []) if m.kld_mean is not None]
         rows.append(LeaderRow(
             rank=0, tier_gb=tier_for(memory), model=first.model, quant=quant, technique=technique,
             backend=backend, model_type=first.model_type, size_bytes=size,
@@ -264,6 +275,8 @@ def rank(measurements: Iterable[Measurement], filters: Filters = Filters()) -> l
             ttft_ms=min(ttfts) / 1e6 if ttfts else None,
             n_params=max(m.n_params for m in ms), n_params_active=max(m.n_params_active for m in ms),
             n_depth=filters.n_depth, settings=settings,
+            kld_mean=sum(m.kld_mean for m in graded) / len(graded) if graded else None,
+            top1_agreement=sum(m.top1_agreement for m in graded) / len(graded) if graded else None,
         ))
     if filters.tier_gb is not None:
         # A model that fits a smaller card fits this one too.

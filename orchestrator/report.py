@@ -67,7 +67,7 @@ MD_FIELDS: tuple[tuple[str, str, object], ...] = (
     ("no_kv_offload", "nkvo", False), ("flash_attn", "fa", -1), ("devices", "dev", "auto"),
     ("tensor_split", "ts", "0.00"), ("tensor_buft_overrides", "ot", "none"), ("load_mode", "lm", "mmap"),
 )
-_NUMERIC = {"n_gpu_layers", "n_cpu_moe", "n_threads", "poll", "n_batch", "n_ubatch", "main_gpu", "flash_attn",
+_NUMERIC = {"kld", "top1", "ppl", "n_gpu_layers", "n_cpu_moe", "n_threads", "poll", "n_batch", "n_ubatch", "main_gpu", "flash_attn",
             "cpu_strict", "no_kv_offload", "size", "params", "t/s"}
 
 
@@ -96,7 +96,11 @@ def render_markdown(results: list[Result]) -> str:
             show = len(values) > 1 or values - {_md_value(default)} != set()
         if show:
             columns.append((name, title))
-    columns += [("test", "test"), ("t/s", "t/s"), ("file", "file"), ("worker", "worker")]
+    columns += [("test", "test"), ("t/s", "t/s")]
+    # Quality columns only where some result measured it (issue 14), so plain sweeps read as before.
+    if any(r.quality is not None for r in results):
+        columns += [("kld", "KLD"), ("top1", "top-1"), ("ppl", "ppl")]
+    columns += [("file", "file"), ("worker", "worker")]
     if any(r.technique != "baseline" for r in results):
         columns.append(("technique", "technique"))
     if any(r.status != "ok" for r in results):
@@ -117,6 +121,10 @@ def render_markdown(results: list[Result]) -> str:
             return r.test
         if name == "t/s":
             return ts_cell(r.avg_ts, r.stddev_ts) if r.status == "ok" else ""
+        if name in ("kld", "top1", "ppl"):
+            q = r.quality
+            return "" if q is None else {"kld": f"{q.kld_mean:.5f}", "top1": f"{q.top1_agreement:.4f}",
+                                         "ppl": f"{q.ppl:.3f}"}[name]
         if name == "file":
             return r.model
         if name == "worker":
@@ -139,7 +147,7 @@ def render_markdown(results: list[Result]) -> str:
 
 
 LEADER_COLUMNS = ("#", "tier", "model", "quant", "technique", "engine", "settings", "hardware", "MiB", "prefill", "t/s",
-                  "decode", "t/s")
+                  "decode", "t/s", "KLD", "top-1")
 
 
 def leader_cells(row: LeaderRow) -> list[str]:
@@ -148,6 +156,8 @@ def leader_cells(row: LeaderRow) -> list[str]:
         row.technique, row.backend, row.settings or "defaults", row.hardware, f"{row.size_bytes / 2**20:.1f}",
         row.pp_test, ts_cell(row.pp_ts, row.pp_stddev_ts),
         row.tg_test, ts_cell(row.tg_ts, row.tg_stddev_ts),
+        "" if row.kld_mean is None else f"{row.kld_mean:.4f}",
+        "" if row.top1_agreement is None else f"{row.top1_agreement:.3f}",
     ]
 
 

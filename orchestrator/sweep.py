@@ -173,6 +173,11 @@ class SweepSpec(BaseModel):
     n_mtp: list[int] = Field(default_factory=lambda: [2], min_length=1)
     # Above 0: sampled speculation (torch engine), accept-with-probability instead of greedy.
     temperature: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
+    # Quality pass (issue 14): KLD, top-1 agreement and perplexity against the model's reference
+    # over worker/data's text, on one baseline text job per model x quant x engine x config.
+    quality: bool = False
+    quality_n_ctx: int = Field(default=512, ge=16, le=8192)
+    quality_n_chunks: int = Field(default=0, ge=0, le=1024, description="chunks of the text scored; 0: all")
 
     @field_validator("quants")
     @classmethod
@@ -280,6 +285,18 @@ def technique_options(spec: SweepSpec, technique: str,
     return [{}]
 
 
+# Types a reference can be in: a model whose own file is one of them is its own reference.
+REFERENCE_QUANTS = ("F32", "F16", "BF16")
+
+
+def reference_quant(native_quant: str) -> str:
+    """The quant a model's quality is measured against: its own file where that is full
+    precision (an MoE upcycle is written F32, so it is its own reference), else F32 derived by
+    llama.cpp from the quantized file, which is a dequantized upcast: it carries what the
+    publisher's quantization lost, so the KLD ladder measures loss beyond that file's."""
+    return native_quant if native_quant in REFERENCE_QUANTS else "F32"
+
+
 def count_jobs(spec: SweepSpec) -> int:
     """An upper bound on the jobs expand() makes, from the list lengths alone (nothing materialised)."""
     n_configs = (len(spec.n_threads) * len(spec.n_batch) * len(spec.n_ubatch) * len(spec.n_gpu_layers)
@@ -331,6 +348,10 @@ def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str 
         d = identities[entry.name]
         drafts += [(d.ref, d.sha256, q, d.source) for q in entry.quants or [d.native_quant]]
     categories = spec.prompt_categories or [None]
+    # One quality pass per model x quant x engine x config, carried by its first baseline text
+    # job: a technique job decodes prompts (its losslessness is checked instead), and a second
+    # pass of the same file would only repeat the first.
+    quality_owners: set[tuple] = set()
     for entry in spec.entries():
         ident = identities[entry.name]
         ref, sha = ident.ref, ident.sha256
@@ -343,12 +364,20 @@ def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str 
                     if technique != "baseline" and kind != "tg":
                         continue  # a drafter has nothing to do in a prefill test
                     for category in categories if kind == "tg" else [None]:
+                        quality: dict = {}
+                        owner = (entry.name, quant, engine, config)
+                        if spec.quality and technique == "baseline" and category is None and owner not in quality_owners:
+                            quality_owners.add(owner)
+                            quality = dict(quality=True, quality_n_ctx=spec.quality_n_ctx,
+                                           quality_n_chunks=spec.quality_n_chunks,
+                                           quality_reference_quant=reference_quant(ident.native_quant))
                         jobs.append(Job(
                             job_id=str(uuid.uuid4()), sweep_id=sweep_id, index=len(jobs), model=ref,
                             model_sha256=sha, model_source=ident.source, quant=quant, technique=technique, engine=engine, kind=kind,
                             n_prompt=n_prompt, n_gen=n_gen, n_depth=n_depth, repetitions=spec.repetitions,
                             n_warmup=spec.n_warmup, prompt_source=spec.prompt_source, seed=spec.seed, config=config,
                             prompt_category=category, n_prompts=spec.n_prompts if category else 0, **options,
+                            **quality,
                         ))
     return jobs
 

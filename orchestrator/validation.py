@@ -7,9 +7,17 @@ decides what a refusal means.
 
 from __future__ import annotations
 
+import itertools
 import math
 
-from farm.contract import TECHNIQUE_FIELDS, Job, Result, kind_of_test, tokens_per_run
+from farm.contract import (
+    EVAL_TEXTS,
+    TECHNIQUE_FIELDS,
+    Job,
+    Result,
+    kind_of_test,
+    tokens_per_run,
+)
 from farm.identity import combine_sha256, is_sha256
 from farm.stats import sample_stats, summarize
 
@@ -68,7 +76,85 @@ def result_problems(result: Result, job: Job | None = None, from_worker: bool = 
         problems.append("output_sha256 is missing or not a sha256 hex digest")
     if result.technique != "baseline":
         problems += _speculation_problems(result, n_tokens, mean)
+    problems += quality_problems(result, job)
     return problems
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def quality_problems(result: Result, job: Job | None = None) -> list[str]:
+    """A quality block against its job and against its own samples (worker/quality.py's figures).
+
+    The statistics are recomputed from the per-chunk samples: every chunk scores the same number
+    of tokens (n_ctx - 1 - n_ctx // 2), so the means are plain means of the chunk means; ppl is
+    exp of the mean nll; median, p99 and max are the percentiles' [50], [99] and [100]. Whether
+    the reference is the model's is the collector's check against what the farm has stored
+    (orchestrator/collector.py reference_problems); here, only what the message shows on itself:
+    the reference quant measured against itself names its own file and scores ~0.
+    """
+    q = result.quality
+    if job is not None and result.status == "ok" and job.quality and q is None:
+        return ["the job asked for a quality pass and the result carries none"]
+    if q is None:
+        return []
+    if job is not None and not job.quality:
+        return ["a quality block the job did not ask for"]
+    problems: list[str] = []
+    if job is not None:
+        if q.reference_quant != job.quality_reference_quant:
+            problems.append(f"quality reference_quant is {q.reference_quant!r}, the job named {job.quality_reference_quant!r}")
+        if q.n_ctx != job.quality_n_ctx:
+            problems.append(f"quality n_ctx is {q.n_ctx}, the job asked for {job.quality_n_ctx}")
+        if job.quality_n_chunks and q.n_chunks != job.quality_n_chunks:
+            problems.append(f"quality n_chunks is {q.n_chunks}, the job asked for {job.quality_n_chunks}")
+    if not is_sha256(q.reference_sha256) or not is_sha256(q.text_sha256):
+        problems.append("quality reference_sha256 and text_sha256 must be sha256 hex digests")
+    known_text = EVAL_TEXTS.get(q.text_name)
+    if known_text is None:
+        problems.append(f"quality text {q.text_name[:100]!r} is not one this farm ships (worker/data/)")
+    elif q.text_sha256 != known_text:
+        problems.append(f"quality text {q.text_name!r} has sha256 {q.text_sha256[:16]}..., not the shipped text's")
+    per_chunk = q.n_ctx - 1 - q.n_ctx // 2
+    samples = (q.kld_chunk_means, q.top1_chunk, q.nll_chunk_means, q.nll_reference_chunk_means)
+    if any(len(x) != q.n_chunks for x in samples) or q.n_tokens_scored != q.n_chunks * per_chunk:
+        return [*problems, (f"quality samples: {q.n_chunks} chunks of {q.n_ctx} score {q.n_chunks * per_chunk} "
+                            "tokens and carry one sample per chunk in each list")]
+    if any(not math.isfinite(x) or x < 0 for x in (*q.kld_chunk_means, *q.nll_chunk_means, *q.nll_reference_chunk_means)):
+        problems.append("a quality chunk sample is negative or not finite")
+        return problems
+    if any(not 0.0 <= t <= 1.0 or abs(t * per_chunk - round(t * per_chunk)) > 1e-6 for t in q.top1_chunk):
+        problems.append(f"a top1_chunk sample is not a count of {per_chunk} scored tokens")
+    for name, value, want in (
+        ("kld_mean", q.kld_mean, sum(q.kld_chunk_means) / q.n_chunks),
+        ("top1_agreement", q.top1_agreement, sum(q.top1_chunk) / q.n_chunks),
+        ("ppl", q.ppl, math.exp(sum(q.nll_chunk_means) / q.n_chunks)),
+        ("ppl_reference", q.ppl_reference, math.exp(sum(q.nll_reference_chunk_means) / q.n_chunks)),
+    ):
+        if not _close(value, want):
+            problems.append(f"quality {name} {value:.6g} does not follow from its chunk samples ({want:.6g})")
+    pct = q.kld_percentiles
+    if len(pct) != 101 or any(b < a for a, b in itertools.pairwise(pct)) or (pct and pct[0] < 0):
+        problems.append("kld_percentiles must be the 101 non-decreasing per-token percentiles 0..100")
+    else:
+        for name, value, want in (("kld_median", q.kld_median, pct[50]), ("kld_p99", q.kld_p99, pct[99]),
+                                  ("kld_max", q.kld_max, pct[100])):
+            if not _close(value, want):
+                problems.append(f"quality {name} {value:.6g} is not its percentile ({want:.6g})")
+        if not pct[0] - 1e-9 <= q.kld_mean <= pct[100] + 1e-9 or max(q.kld_chunk_means) > pct[100] + 1e-9:
+            problems.append("quality kld means lie outside the per-token range of its percentiles")
+    if result.quant == q.reference_quant and result.model_sha256 and q.reference_sha256 != result.model_sha256:
+        problems.append("the reference quant's own pass names another reference file than the one it measured")
+    if q.reference_sha256 == result.model_sha256 and (q.kld_mean > SELF_KLD_MAX or q.top1_agreement < 0.999):
+        problems.append(f"a file against itself scores KLD 0 and top-1 1.0, not {q.kld_mean:.3g} and {q.top1_agreement:.4f}")
+    return problems
+
+
+# The same file on the same engine gives the same logits; a cached reference made with other
+# threads or batch sizes can differ by rounding only.
+SELF_KLD_MAX = 1e-4
+
 
 def _speculation_problems(result: Result, n_tokens: int, avg_ts: float) -> list[str]:
     s = result.speculation

@@ -26,6 +26,7 @@ from farm.contract import (
     Download,
     Envelope,
     Job,
+    Quality,
     Result,
     utc_now,
 )
@@ -106,6 +107,49 @@ def backend_name(job: Job) -> str:
     return "llamacpp-mtp" if job.engine == "llamacpp" and job.technique == "mtp" else job.engine
 
 
+def quality_block(job: Job, backend: Backend, model_sha256: str, settings: Settings,
+                  progress: Progress | None = None) -> Quality:
+    """The quant's quality pass against its reference (worker/quality.py's definitions).
+
+    The reference is the job's quality_reference_quant of the same model, resolved (derived if
+    need be) like any quant; its pass is cached under the models folder per (file, text, context,
+    chunks, engine), so only the first quant of a model pays for it. When the reference is the
+    loaded file itself, the loaded engine makes the reference pass too; otherwise the reference
+    is loaded beside it for the one pass and closed.
+    """
+    from worker import quality as q
+
+    models_dir = settings.effective_models_dir
+    ref_path, _ = resolve(job.model, job.quality_reference_quant, models_dir, job.model_sha256, job.model_source,
+                          progress, max_download_bytes(settings))
+    ref_sha = model_identity(ref_path)
+    text = q.eval_text()
+    text_sha = q.text_sha256(text)
+    chunks = q.text_chunks(backend.tokenize, text, job.quality_n_ctx, job.quality_n_chunks)
+    path = q.cache_path(models_dir, job.engine, ref_sha, text_sha, job.quality_n_ctx, len(chunks), q.TOP_K)
+    ref = q.load_reference(path, ref_sha, text_sha)
+    cached, reference_ns = ref is not None, 0
+    if ref is None:
+        if ref_sha == model_sha256:
+            ref, reference_ns = q.reference_pass(backend.chunk_logits, chunks, job.quality_n_ctx)
+        else:
+            ref_backend = create_backend(job.engine, job.config, settings.torch_device)
+            try:
+                ref_backend.load(ref_path, job.config, context_size(job))
+                ref, reference_ns = q.reference_pass(ref_backend.chunk_logits, chunks, job.quality_n_ctx)
+            finally:
+                ref_backend.close()
+        q.save_reference(path, ref, ref_sha, text_sha)
+    scores = q.score(ref, backend.chunk_logits, chunks)
+    f = q.figures(scores)
+    return Quality(
+        reference_quant=job.quality_reference_quant, reference_sha256=ref_sha, text_name=q.TEXT_NAME,
+        text_sha256=text_sha, n_ctx=job.quality_n_ctx, n_chunks=len(chunks), reference_top_k=ref.top_k,
+        reference_mass_kept=min(1.0, ref.mass_kept), reference_cached=cached, pass_ns=scores.pass_ns,
+        reference_ns=reference_ns, **vars(f),
+    )
+
+
 class LoadedModel:
     """The model a worker keeps loaded between jobs (model affinity).
 
@@ -169,6 +213,8 @@ def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None,
             else:
                 m = measure(backend, job)
                 extra = {"output_sha256": output_sha256([m.tokens])}
+            if job.quality:
+                extra["quality"] = quality_block(job, backend, model_sha, settings, progress)
             energy_after_mj = hardware.gpu_energy_mj()
             versions = {**base_versions, **backend.versions(), **hardware.library_versions()}
             conditions = Conditions(

@@ -8,9 +8,12 @@ techniques built on top (speculation, MTP) and the losslessness checks need them
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from farm.contract import EngineConfig
+
+if TYPE_CHECKING:  # numpy only for the annotation: the protocol stays importable without it
+    import numpy as np
 
 
 class EngineError(Exception):
@@ -36,6 +39,10 @@ class Backend(Protocol):
 
     def decode(self, token: int) -> int:
         """Append one token; return the greedy next token."""
+
+    def chunk_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits (T, V), float32, after every position of tokens, evaluated from an empty cache
+        (the quality pass, worker/quality.py); the cache is left empty."""
 
     def conditions(self) -> dict:
         """Settings the loaded context really uses: n_threads, kv_type and engine flags."""

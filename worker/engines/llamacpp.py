@@ -232,6 +232,23 @@ class LlamaCppBackend:
         """user_text as one user turn in the model's own chat template; the text itself without one."""
         return chat_prompt_with(self._model, user_text)
 
+    def chunk_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits (T, V) after every position of tokens, evaluated from an empty cache.
+
+        In batches of n_batch, each asking for every position's logits; the cache carries the
+        chunk across batches, so a row sees every token before it, as one batch would."""
+        if not tokens:
+            raise EngineError("chunk_logits needs at least one token")
+        self.reset()
+        out = np.empty((len(tokens), self._n_vocab), dtype=np.float32)
+        for start in range(0, len(tokens), self._n_batch):
+            part = tokens[start:start + self._n_batch]
+            self._decode(part, all_logits=True)
+            out[start:start + len(part)] = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx),
+                                                                 shape=(len(part), self._n_vocab))
+        self.reset()
+        return out
+
     def prefill(self, tokens: Sequence[int]) -> int:
         if not tokens:
             raise EngineError("prefill needs at least one token")

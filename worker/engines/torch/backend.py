@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from farm.contract import EngineConfig
@@ -139,6 +140,16 @@ class TorchBackend:
 
     def decode(self, token: int) -> int:
         return self._run((token,))
+
+    def chunk_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits (T, V) after every position of tokens, from an empty cache, in one forward."""
+        if not tokens:
+            raise EngineError("chunk_logits needs at least one token")
+        self.reset()
+        logits = self._forward(tokens, all_logits=True).cpu().numpy()  # (T, V) float32
+        self._synchronize()
+        self.reset()
+        return logits
 
     # What draft-and-verify decoding needs beyond plain greedy decoding (worker/speculative.py).
 
