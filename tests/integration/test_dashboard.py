@@ -272,8 +272,8 @@ def test_pareto_page_draws_the_frontier_per_tier(seeded):
     tier.set_value(8).run()
     assert not at.exception and all(float(m) <= 8 for m in at.dataframe[0].value["memory GiB"])
     boxes = next(m for m in at.multiselect if m.label == "Measured on")
-    boxes.set_value(["NVIDIA GeForce RTX 3060"]).run()
-    assert set(at.dataframe[0].value["hardware"]) == {"NVIDIA GeForce RTX 3060"}
+    boxes.set_value(["NVIDIA GeForce RTX 3060 (CUDA)"]).run()
+    assert set(at.dataframe[0].value["hardware"]) == {"NVIDIA GeForce RTX 3060 (CUDA)"}
 
 
 def test_recommend_page_shows_what_the_cli_would(seeded):
@@ -287,7 +287,7 @@ def test_recommend_page_shows_what_the_cli_would(seeded):
     assert (shown["memory GiB"] <= 8).all() and shown["KLD"].notna().any()
     assert [a.value for a in (*at.success, *at.warning)] == [expected.data_statement()]
     # The sample's one 8 GB card: speeds from boxes of the class asked for.
-    assert set(shown["measured on"]) == {"NVIDIA GeForce RTX 2070"}
+    assert set(shown["measured on"]) == {"NVIDIA GeForce RTX 2070 (CUDA)"}
     agreement = next(n for n in at.number_input if n.label.startswith("Minimum top-1"))
     agreement.set_value(0.9).run()
     assert (at.dataframe[0].value["top-1"] >= 0.9).all()
