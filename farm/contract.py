@@ -73,6 +73,12 @@ MODEL_LEVEL_FIELDS: tuple[str, ...] = ("n_gpu_layers", "split_mode", "main_gpu",
                                        "n_cpu_moe", "override_tensors")
 
 
+# Parameters only llama.cpp has: the torch engine refuses a job that sets one (issue 17).
+LLAMACPP_ONLY_FIELDS: tuple[str, ...] = ("type_k", "type_v", "n_cpu_moe", "override_tensors", "split_mode",
+                                         "main_gpu", "tensor_split", "no_kv_offload", "use_mmap", "cpu_mask",
+                                         "cpu_strict", "poll", "prio")
+
+
 class EngineConfig(BaseModel):
     """llama-bench's parameters that change speed or memory, with llama-bench's names and spellings,
     so a llama-bench command line translates field for field."""
@@ -115,6 +121,10 @@ class EngineConfig(BaseModel):
         if value.lower() not in KV_TYPES:
             raise ValueError(f"unknown KV cache type {value!r}; use one of {', '.join(KV_TYPES)}")
         return value.lower()
+
+    def llamacpp_only(self) -> list[str]:
+        """The llama.cpp-only parameters set away from their defaults (the torch engine has none of them)."""
+        return [f for f in LLAMACPP_ONLY_FIELDS if getattr(self, f) != type(self).model_fields[f].default]
 
     @property
     def flash_attn_on(self) -> bool:
@@ -327,6 +337,17 @@ class Conditions(BaseModel):
     # The worker kept the model loaded from its previous job (load_ns is then 0: nothing loaded).
     model_reused: bool = False
     energy_per_token_j: float | None = None
+    # Issue 17: llama.cpp's own allocations, split by where they live. device_bytes is this
+    # process's (weights on the device + KV + compute buffers there), host_bytes the RAM beside it.
+    weights_device_bytes: int = Field(default=0, ge=0)
+    weights_host_bytes: int = Field(default=0, ge=0)
+    kv_bytes: int = Field(default=0, ge=0)
+    compute_bytes: int = Field(default=0, ge=0)
+    device_bytes: int = Field(default=0, ge=0)
+    host_bytes: int = Field(default=0, ge=0)
+    # Time this job spent making a context for a kept model (0 when the context was kept too);
+    # the model's own load time is Result.load_ns (0 when the model was kept).
+    context_ns: int = Field(default=0, ge=0)
 
 
 class Speculation(BaseModel):

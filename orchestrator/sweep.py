@@ -391,6 +391,8 @@ def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str 
         for quant, engine, config, technique in itertools.product(quants, spec.engines, configs, spec.techniques):
             if technique == "mtp" and engine != "torch":
                 continue  # MTP heads run only in the torch engine; llama.cpp's jobs skip it
+            if engine == "torch" and config.llamacpp_only():
+                continue  # KV types, expert offload, threadpool...: llama.cpp's levers; torch runs the defaults
             for options in technique_options(spec, technique, drafts):
                 for (kind, n_prompt, n_gen), n_depth in itertools.product(tests, spec.n_depth):
                     if technique != "baseline" and kind != "tg":
