@@ -229,6 +229,7 @@ class LlamaCppBackend:
         flags.update({
             "n_ctx": int(llama_cpp.llama_n_ctx(ctx)), "n_batch": int(llama_cpp.llama_n_batch(ctx)),
             "n_ubatch": int(llama_cpp.llama_n_ubatch(ctx)), "flash_attn": config.flash_attn,
+            "flash_attn_used": report["flash_attn_used"],
             "type_k": type_k, "type_v": type_v, "no_kv_offload": config.no_kv_offload,
             "kv_k_bytes": report.get("kv_k_bytes", 0), "kv_v_bytes": report.get("kv_v_bytes", 0),
             "cpu_mask": config.cpu_mask, "cpu_strict": config.cpu_strict, "poll": config.poll, "prio": config.prio,

@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import llama_cpp
 import llama_cpp._logger
@@ -250,4 +250,7 @@ def context_report(lines: list[str]) -> dict:
         out["kv_v_bytes"] = sum(int(float(v) * _MIB) for _, _, _, v in kv)
     out["kv_buffers"] = {n: int(float(m) * _MIB) for n, m in _KV_BUFFER.findall(text)}
     out["compute_buffers"] = {n: int(float(m) * _MIB) for n, m in _COMPUTE.findall(text)}
+    # The graph llama.cpp reserved uses the fused attention op: flash attention on as it decided
+    # (auto resolves here), not as it was asked.
+    out["flash_attn_used"] = "FLASH_ATTN_EXT" in text
     return out
