@@ -158,6 +158,9 @@ class LlamaCppBackend:
                 "use_mmap": config.use_mmap, "load_mode": int(mparams.load_mode),
                 "n_cpu_moe": config.n_cpu_moe, "override_tensors": config.override_tensors,
                 "n_tensors_overridden": len(report["overridden"]),
+                # Bytes of the tensors an override placed (to the MiB llama.cpp prints per tensor):
+                # on a GPU build, weights moved to host RAM; on a CPU build, into a plain CPU buffer.
+                "overridden_bytes": report["overridden_bytes"],
                 "model_size_bytes": int(llama_cpp.llama_model_size(model)),
                 **{f"weights_{n}_bytes": b for n, b in buffers.items()},
                 "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),

@@ -226,7 +226,7 @@ _MODEL_BUFFER = re.compile(r"\b(\S+) model buffer size\s*=\s*([\d.]+) MiB")
 _KV_SIZE = re.compile(r"K \((\w+)\):\s*([\d.]+) MiB, V \((\w+)\):\s*([\d.]+) MiB")
 _COMPUTE = re.compile(r"\b(\S+) compute buffer size\s*=\s*([\d.]+) MiB")
 _KV_BUFFER = re.compile(r"\b(\S+) KV buffer size\s*=\s*([\d.]+) MiB")
-_OVERRIDDEN = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
+_OVERRIDDEN = re.compile(r"tensor (\S+) \((\d+) MiB \S+\) buffer type overridden to (\S+)")
 
 
 def model_report(lines: list[str]) -> dict:
@@ -235,8 +235,10 @@ def model_report(lines: list[str]) -> dict:
     buffers: dict[str, int] = {}
     for name, mib in _MODEL_BUFFER.findall(text):
         buffers[name] = buffers.get(name, 0) + int(float(mib) * _MIB)
-    overridden = {t: b for t, b in _OVERRIDDEN.findall(text)}
-    return {"model_buffers": buffers, "overridden": overridden}
+    # llama.cpp prints each override twice (loader and model); a dict keeps each tensor once.
+    overridden = {t: (int(mib) * _MIB, b) for t, mib, b in _OVERRIDDEN.findall(text)}
+    return {"model_buffers": buffers, "overridden": overridden,
+            "overridden_bytes": sum(n for n, _ in overridden.values())}
 
 
 def context_report(lines: list[str]) -> dict:
