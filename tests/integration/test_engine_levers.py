@@ -171,3 +171,16 @@ def test_the_torch_engine_refuses_llama_cpp_levers(q8_path):
     backend = create_backend("torch")
     with pytest.raises(EngineError, match="torch engine has no type_k, n_cpu_moe"):
         backend.load(q8_path, EngineConfig(type_k="q8_0", n_cpu_moe=2), N_CTX)
+
+
+def test_an_override_pattern_that_matches_no_tensor_is_refused_at_submit(q8_path):
+    from orchestrator.planning import plan
+    from orchestrator.sweep import SweepError, SweepSpec
+
+    spec = SweepSpec(name="t", models=[{"name": "smollm2-135m", "quants": ["Q8_0"]}], n_prompt=[8], n_gen=[],
+                     override_tensors=["ffn_(up|down)_exps=CPU"])
+    with pytest.raises(SweepError) as e:
+        plan(spec, models_dir=MODELS_DIR)
+    assert "matches no tensor" in str(e.value) and "fix the pattern" in str(e.value) and "\n" not in str(e.value)
+    ok = spec.model_copy(update={"override_tensors": [r"blk\.1\.ffn_down=CPU"]})
+    assert len(plan(ok, models_dir=MODELS_DIR)) == 1

@@ -20,6 +20,7 @@ from pathlib import Path
 import llama_cpp
 import llama_cpp._logger
 
+from farm.contract import parse_override_tensors
 from worker.engines.base import EngineError
 
 _LIB_DIR = Path(llama_cpp.__file__).parent / "lib"
@@ -96,21 +97,6 @@ EXPERT_TENSOR_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 def n_cpu_moe_patterns(n_cpu_moe: int) -> list[str]:
     """The patterns --n-cpu-moe N adds: the experts of the first N layers, kept in host memory."""
     return [rf"blk\.{i}{EXPERT_TENSOR_REGEX}" for i in range(n_cpu_moe)]
-
-
-def parse_override_tensors(value: str) -> list[tuple[str, str]]:
-    """llama.cpp's -ot syntax 'regex=BUFFER[,regex=BUFFER...]' as (regex, buffer type) pairs."""
-    pairs = []
-    for item in (s for s in value.split(",") if s.strip()):
-        pattern, sep, buft = item.rpartition("=")
-        if not sep or not pattern or not buft:
-            raise ValueError(f"override_tensors item {item!r} is not 'regex=BUFFER'; write e.g. 'exps=CPU'")
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"override_tensors pattern {pattern!r} is not a regular expression ({exc})") from None
-        pairs.append((pattern, buft))
-    return pairs
 
 
 def buffer_types() -> dict[str, int]:
