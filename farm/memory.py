@@ -140,7 +140,7 @@ class MemoryEstimate:
     def host_bytes(self) -> int:
         return self.weights_host_bytes + self.kv_host_bytes + (0 if self.weights_device_bytes else self.compute_bytes)
 
-    def __add__(self, other: "MemoryEstimate") -> "MemoryEstimate":
+    def __add__(self, other: MemoryEstimate) -> MemoryEstimate:
         return MemoryEstimate(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
 
 
@@ -305,7 +305,14 @@ def tensor_table_for(ref: str, quant: str, models_dir: Path | None) -> list[tupl
     None when no file is here (a remote model, a catalogue model not fetched)."""
     import gguf
 
-    from farm.modelfiles import CATALOGUE, _tensor_table, catalogue_path, derived_path, parse_moe_name, read_facts
+    from farm.modelfiles import (
+        CATALOGUE,
+        _tensor_table,
+        catalogue_path,
+        derived_path,
+        parse_moe_name,
+        read_facts,
+    )
 
     candidates: list[Path] = []
     if ref in CATALOGUE:

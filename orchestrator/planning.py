@@ -13,7 +13,13 @@ import os
 import re
 from pathlib import Path
 
-from farm.contract import Capabilities, Job, ModelSource, SourceFile, parse_override_tensors
+from farm.contract import (
+    Capabilities,
+    Job,
+    ModelSource,
+    SourceFile,
+    parse_override_tensors,
+)
 from farm.memory import facts_for, job_active_bytes, job_need_bytes, tensor_table_for
 from farm.modelfiles import (
     CATALOGUE,

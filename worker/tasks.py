@@ -39,8 +39,8 @@ from farm.stats import sample_stats, summarize, tok_s
 from worker import __version__, hardware
 from worker.admission import Admission, AdmissionError, job_id_of
 from worker.engines import Backend, EngineError, create_backend
-from worker.measure import Measurement, decode_context, measure, roofline_tok_s
 from worker.fetch import Progress, downloaded_models, fetch_source
+from worker.measure import Measurement, decode_context, measure, roofline_tok_s
 from worker.models import resolve
 
 log = logging.getLogger("tokenfarm.worker")

@@ -18,7 +18,7 @@ import llama_cpp._logger
 import numpy as np
 
 from farm.contract import EngineConfig
-from worker.engines import llamacpp_levers as levers
+import worker.engines.llamacpp_levers as levers
 from worker.engines.base import EngineError
 
 # llama.cpp's load chatter would bury the worker's own log.
