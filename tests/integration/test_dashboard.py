@@ -21,7 +21,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 APP = str(REPO / "dashboard" / "app.py")
-PAGES = ["leaderboard", "techniques", "prefill_decode", "roofline", "workers", "result_detail"]
+PAGES = ["leaderboard", "techniques", "prefill_decode", "roofline", "workers", "result_detail", "levers"]
 
 
 @pytest.fixture(autouse=True)
