@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from farm.contract import Conditions, EngineConfig, Result
+from farm.contract import Conditions, Result
 from farm.stats import summarize
 from orchestrator.collector import result_row
 from orchestrator.db import make_engine, session_scope, upgrade
