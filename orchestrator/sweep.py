@@ -369,6 +369,10 @@ def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str 
     if "mtp" in spec.techniques and "torch" not in spec.engines:
         raise SweepError("llama.cpp runs no MTP heads here; use engines: [torch] for technique 'mtp'")
     jobs: list[Job] = []
+    quantized_v = [t for t in spec.type_v if t not in ("f32", "f16", "bf16")]
+    if quantized_v and "off" in spec.flash_attn and "llamacpp" in spec.engines:
+        raise SweepError(f"type_v {quantized_v[0]} needs flash attention (llama.cpp refuses a quantized V cache "
+                         "without it); use flash_attn: [on] or [auto] with it")
     configs = engine_configs(spec)
     tests = [("pp", n, 0) for n in spec.n_prompt if n > 0] + [("tg", 0, n) for n in spec.n_gen if n > 0]
     tests += [("pg", p, g) for p, g in spec.n_pg]

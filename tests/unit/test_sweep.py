@@ -193,7 +193,7 @@ models: [smollm2-135m]
 n_prompt: [16]
 n_gen: []
 type_k: [f16, q8_0]
-type_v: [q8_0]
+type_v: [f16]
 n_cpu_moe: [0]
 override_tensors: ["", "token_embd=CPU"]
 n_gpu_layers: [0, 99]
@@ -218,7 +218,7 @@ prio: [1]
     assert len(set(configs)) == len(configs)
     assert {c.tensor_split for c in configs} == {(3.0, 1.0), (1.0, 1.0)}
     assert {c.flash_attn for c in configs} == {"on", "off", "auto"}
-    assert all(c.type_v == "q8_0" and c.cpu_mask == "0x3" and c.cpu_strict and c.poll == 0 and c.prio == 1
+    assert all(c.type_v == "f16" and c.cpu_mask == "0x3" and c.cpu_strict and c.poll == 0 and c.prio == 1
                for c in configs)
     # Model-major: each model-level key occupies one contiguous run of jobs, so a worker
     # loads each once; context-level settings (KV types, flash attention) vary inside a run.
@@ -251,3 +251,11 @@ def test_a_bad_engine_value_is_one_line_naming_the_field(tmp_path, line, words):
     assert "\n" not in msg
     for w in words:
         assert w in msg, msg
+
+
+def test_a_quantized_v_cache_without_flash_attention_is_refused():
+    spec = SweepSpec(name="t", models=["smollm2-135m"], n_prompt=[8], n_gen=[], type_v=["f16", "q8_0"],
+                     flash_attn=["on", "off"])
+    with pytest.raises(SweepError, match="type_v q8_0 needs flash attention.*flash_attn: \\[on\\]"):
+        plan(spec)
+    assert len(plan(spec.model_copy(update={"flash_attn": ["on", "auto"]}))) == 4
