@@ -184,3 +184,20 @@ def test_an_override_pattern_that_matches_no_tensor_is_refused_at_submit(q8_path
     assert "matches no tensor" in str(e.value) and "fix the pattern" in str(e.value) and "\n" not in str(e.value)
     ok = spec.model_copy(update={"override_tensors": [r"blk\.1\.ffn_down=CPU"]})
     assert len(plan(ok, models_dir=MODELS_DIR)) == 1
+
+
+def test_n_cpu_moe_patterns_and_cpu_masks_read_as_llama_cpp_reads_them():
+    import re
+
+    from worker.engines.llamacpp_levers import n_cpu_moe_patterns, parse_cpu_mask
+
+    patterns = n_cpu_moe_patterns(2)
+    names = ["blk.0.ffn_up_exps.weight", "blk.1.ffn_gate_exps.weight", "blk.1.ffn_down_exps.weight",
+             "blk.10.ffn_up_exps.weight", "blk.2.ffn_up_exps.weight", "blk.0.ffn_up.weight", "blk.0.attn_q.weight"]
+    matched = [n for n in names if any(re.search(p, n) for p in patterns)]
+    # Layers 0 and 1 only: "blk\.1\." must not catch layer 10, and dense FFNs stay where they are.
+    assert matched == names[:3]
+    mask = parse_cpu_mask("0x5")
+    assert mask[:4] == [True, False, True, False] and sum(mask) == 2
+    with pytest.raises(EngineError, match="not hexadecimal"):
+        parse_cpu_mask("0xZZ")
