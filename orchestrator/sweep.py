@@ -49,6 +49,10 @@ ENGINE_FIELDS: tuple[str, ...] = MODEL_LEVEL_FIELDS + tuple(
     f for f in EngineConfig.model_fields if f not in MODEL_LEVEL_FIELDS)
 
 
+# llama.cpp's LLAMA_MAX_DEVICES in its CUDA builds (llama_max_devices()); EngineConfig's bound.
+MAX_DEVICES = 16
+
+
 def parse_tensor_split(value: str | list[float] | tuple[float, ...]) -> tuple[float, ...]:
     """llama-bench's -ts spelling "3/1" (or "3,1"), or a list of shares, as a tuple of floats."""
     if isinstance(value, str):
@@ -59,6 +63,9 @@ def parse_tensor_split(value: str | list[float] | tuple[float, ...]) -> tuple[fl
             raise ValueError(f"tensor_split {value!r} is not numbers joined by '/'; write e.g. \"3/1\"") from None
     if any(not x >= 0 for x in value) or (value and not any(value)):
         raise ValueError(f"tensor_split {list(value)} needs shares >= 0, at least one above 0; e.g. [3, 1]")
+    if len(value) > MAX_DEVICES:
+        raise ValueError(f"tensor_split has {len(value)} shares but llama.cpp splits over at most {MAX_DEVICES} "
+                         "devices; give one share per GPU")
     return tuple(float(x) for x in value)
 
 

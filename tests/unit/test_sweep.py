@@ -241,6 +241,7 @@ def test_a_value_listed_twice_runs_once():
     ("tensor_split: ['3/x']", ["field 'tensor_split'", "3/1"]),
     ("tensor_split: [[0, 0]]", ["field 'tensor_split'", "at least one above 0"]),
     ("poll: [101]", ["field 'poll'", "100"]),
+    ("tensor_split: ['" + "/".join(["1"] * 17) + "']", ["field 'tensor_split'", "at most 16 devices", "one share per GPU"]),
     ("n_cpu_moe: [-1]", ["field 'n_cpu_moe'", "0"]),
 ])
 def test_a_bad_engine_value_is_one_line_naming_the_field(tmp_path, line, words):
