@@ -120,7 +120,7 @@ class LlamaCppBackend:
         mparams.n_gpu_layers = 999 if config.n_gpu_layers < 0 else config.n_gpu_layers
         mparams.split_mode = levers.SPLIT_MODES[config.split_mode]
         mparams.main_gpu = config.main_gpu
-        # This llama.cpp spells use_mmap as a load mode (llama-bench's --mmap 0 is LOAD_MODE_NONE);
+        # This llama.cpp spells use_mmap as a load mode (llama-bench -lm none, default auto);
         # on, it keeps llama.cpp's own choice (AUTO maps the file where it can).
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_AUTO if config.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
         n_max = int(llama_cpp.llama_max_devices())
