@@ -90,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--cv-reps", type=int, default=5, help="tg128 repetitions of the repeatability check; 0: skip it")
     ap.add_argument("--llama-cpp-bin", default=os.environ.get("TOKENFARM_LLAMA_CPP_BIN", ""),
                     help="folder holding the native llama-bench (default: $TOKENFARM_LLAMA_CPP_BIN)")
     args = ap.parse_args()
@@ -137,10 +138,14 @@ def main() -> None:
             nat = statistics.median(native_ts[test])
             line += f", native llama-bench {nat:.2f} t/s (ratio {ours_ts / nat:.4f}, target >= 0.97)"
         print(line)
-    rep_job = Job(kind="tg", n_gen=128, **{**base, "repetitions": 5, "n_warmup": 1})
+    if not args.cv_reps:
+        ours.close()
+        bare.close()
+        return
+    rep_job = Job(kind="tg", n_gen=128, **{**base, "repetitions": args.cv_reps, "n_warmup": 1})
     m = measure(ours, rep_job)
     s = sample_stats(128, m.samples_ns)
-    print(f"repeatability tg128 x5: median {s.median_ts:.2f} t/s, 95% CI [{s.ci95_low_ts:.2f}, {s.ci95_high_ts:.2f}], "
+    print(f"repeatability tg128 x{args.cv_reps}: median {s.median_ts:.2f} t/s, 95% CI [{s.ci95_low_ts:.2f}, {s.ci95_high_ts:.2f}], "
           f"CV {100 * s.cv:.2f} %{' (noisy)' if s.noisy else ''}")
     ours.close()
     bare.close()
