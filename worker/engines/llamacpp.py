@@ -206,11 +206,11 @@ class LlamaCppBackend:
                               f"(KV cache and compute buffers) for {self._path}; lower the context")
         self._ctx = ctx
         report = levers.context_report(lines)
-        # A threadpool kept for the context's life, as llama-bench attaches one to every context:
-        # without one, ggml's CPU backend makes a disposable pool for each graph, a cost in every
-        # decode step (tg128 was 0.91 of native llama-bench without it; benchmarks/harness_overhead.py).
-        self._threadpool = levers.Threadpool(n_threads, config.cpu_mask, config.cpu_strict, config.poll, config.prio)
-        self._threadpool.attach(ctx)
+        # llama-bench's threadpool, only when asked for: llama.cpp's own one otherwise.
+        if config.cpu_mask not in ("0x0", "0", "") or config.cpu_strict or config.poll != 50 or config.prio != 0:
+            self._threadpool = levers.Threadpool(n_threads, config.cpu_mask, config.cpu_strict, config.poll,
+                                                 config.prio)
+            self._threadpool.attach(ctx)
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         n_b = self._n_batch
