@@ -1,18 +1,24 @@
-"""Harness overhead and repeatability: tokenfarm's tg128 and pp512 against a bare llama_decode loop.
+"""Harness overhead and repeatability: tokenfarm's pp512 and tg128 against native llama-bench.
 
-Both sides run SmolLM2-135M Q8_0 in this process with the same threads and batch, alternating
-repetition by repetition so a drifting machine affects both alike. The bare loop is what
-llama-bench does: llama_batch_get_one, llama_decode, llama_synchronize, nothing else. The ratio
-ours / bare is the share of llama.cpp's speed the harness keeps (target >= 0.98). Then the CV of
-tg128 over 5 repetitions through tokenfarm's measurement core.
+SmolLM2-135M Q8_0, same threads, batch sizes and flags (-fa 0, -ngl 0) on all sides, alternating
+repetition by repetition so a drifting machine affects each alike: tokenfarm's measurement core
+and llama.cpp engine; the native `llama-bench` binary built from the same vendored llama.cpp
+(TOKENFARM_LLAMA_CPP_BIN or --llama-cpp-bin: the folder holding it; never committed), one
+repetition per call; and a bare llama_decode loop in this process (what llama-bench's inner loop
+does: llama_batch_get_one, llama_decode, llama_synchronize). ours / native is the share of
+llama.cpp's speed the harness keeps (target >= 0.97). Then the CV of tg128 over 5 repetitions.
 
-    PYTHONPATH=. python benchmarks/harness_overhead.py [--reps 5] [--threads 0]
+    flock /tmp/bench.lock env PYTHONPATH=. TOKENFARM_LLAMA_CPP_BIN=/work/scratch/llama-build/bin \
+        python benchmarks/harness_overhead.py [--reps 5] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -67,11 +73,32 @@ class BareLoop:
         llama_cpp.llama_model_free(self.model)
 
 
+class NativeBench:
+    """The native llama-bench binary, one repetition per call (its own warm-up run skipped)."""
+
+    def __init__(self, binary: Path, path: Path, config: EngineConfig) -> None:
+        self.base = [str(binary), "-m", str(path), "-t", str(config.n_threads), "-b", str(config.n_batch),
+                     "-ub", str(config.n_ubatch), "-ngl", "0", "-fa", "0", "-r", "1", "--no-warmup", "-o", "json"]
+
+    def run(self, n_prompt: int, n_gen: int) -> float:
+        out = subprocess.run([*self.base, "-p", str(n_prompt), "-n", str(n_gen)], capture_output=True, text=True,
+                             check=True, timeout=600)
+        return float(json.loads(out.stdout)[0]["avg_ts"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--cv-reps", type=int, default=5, help="tg128 repetitions of the repeatability check; 0: skip it")
+    ap.add_argument("--llama-cpp-bin", default=os.environ.get("TOKENFARM_LLAMA_CPP_BIN", ""),
+                    help="folder holding the native llama-bench (default: $TOKENFARM_LLAMA_CPP_BIN)")
     args = ap.parse_args()
+    binary = Path(args.llama_cpp_bin) / "llama-bench" if args.llama_cpp_bin else None
+    if binary is None or not binary.exists():
+        print(f"native llama-bench not found ({binary or 'set TOKENFARM_LLAMA_CPP_BIN or --llama-cpp-bin'}): "
+              "comparing with the in-process bare loop only")
+        binary = None
     path, _ = resolve("smollm2-135m", "Q8_0", load_settings().effective_models_dir)
     config = EngineConfig(n_threads=args.threads or default_n_threads())
     n_ctx = 768
@@ -85,23 +112,40 @@ def main() -> None:
     first = prompt[0]
     # Warm both sides once (page cache, thread pools, allocator).
     measure(ours, pp_job), measure(ours, tg_job), bare.pp(prompt), bare.tg(first, 128)
+    native = NativeBench(binary, path, config) if binary else None
+    if native:
+        native.run(16, 16)  # page cache and the binary's own start-up, once
     times: dict[str, list[int]] = {"ours pp512": [], "bare pp512": [], "ours tg128": [], "bare tg128": []}
+    native_ts: dict[str, list[float]] = {"pp512": [], "tg128": []}
     for _ in range(args.reps):
         times["ours pp512"] += measure(ours, pp_job).samples_ns
         times["bare pp512"].append(bare.pp(prompt))
+        if native:
+            native_ts["pp512"].append(native.run(512, 0))
         times["ours tg128"] += measure(ours, tg_job).samples_ns
         times["bare tg128"].append(bare.tg(first, 128))
+        if native:
+            native_ts["tg128"].append(native.run(0, 128))
     rate = {k: statistics.median(n * 1e9 / ns for ns in v) for k, v in times.items()
             for n in [512 if "pp" in k else 128]}
-    print(f"model {path.name}, n_threads {config.n_threads}, n_batch {config.n_batch}, {args.reps} alternating reps")
+    print(f"model {path.name}, n_threads {config.n_threads}, n_batch {config.n_batch}, n_ubatch {config.n_ubatch}, "
+          f"flash_attn off, {args.reps} alternating reps (medians)")
     for test in ("pp512", "tg128"):
-        ratio = rate[f"ours {test}"] / rate[f"bare {test}"]
-        print(f"{test}: tokenfarm {rate[f'ours {test}']:.2f} t/s, bare llama_decode {rate[f'bare {test}']:.2f} t/s, "
-              f"ratio {ratio:.4f} (target >= 0.98)")
-    rep_job = Job(kind="tg", n_gen=128, **{**base, "repetitions": 5, "n_warmup": 1})
+        ours_ts = rate[f"ours {test}"]
+        line = f"{test}: tokenfarm {ours_ts:.2f} t/s, bare llama_decode {rate[f'bare {test}']:.2f} t/s " \
+               f"(ratio {ours_ts / rate[f'bare {test}']:.4f})"
+        if native:
+            nat = statistics.median(native_ts[test])
+            line += f", native llama-bench {nat:.2f} t/s (ratio {ours_ts / nat:.4f}, target >= 0.97)"
+        print(line)
+    if not args.cv_reps:
+        ours.close()
+        bare.close()
+        return
+    rep_job = Job(kind="tg", n_gen=128, **{**base, "repetitions": args.cv_reps, "n_warmup": 1})
     m = measure(ours, rep_job)
     s = sample_stats(128, m.samples_ns)
-    print(f"repeatability tg128 x5: median {s.median_ts:.2f} t/s, 95% CI [{s.ci95_low_ts:.2f}, {s.ci95_high_ts:.2f}], "
+    print(f"repeatability tg128 x{args.cv_reps}: median {s.median_ts:.2f} t/s, 95% CI [{s.ci95_low_ts:.2f}, {s.ci95_high_ts:.2f}], "
           f"CV {100 * s.cv:.2f} %{' (noisy)' if s.noisy else ''}")
     ours.close()
     bare.close()

@@ -15,6 +15,7 @@ PAGES = [
     st.Page("views/techniques.py", title="Techniques", url_path="techniques"),
     st.Page("views/prefill_decode.py", title="Prefill vs decode", url_path="prefill-decode"),
     st.Page("views/roofline.py", title="MoE and the roofline", url_path="roofline"),
+    st.Page("views/levers.py", title="Levers: cost and savings", url_path="levers"),
     st.Page("views/workers.py", title="Workers and sweeps", url_path="workers"),
     st.Page("views/result_detail.py", title="Result detail", url_path="result"),
 ]

@@ -462,3 +462,24 @@ def result_detail(job_id: str) -> dict | None:
         return pd.DataFrame([{"result": data}]) if data is not None else pd.DataFrame()
     frame = _frame(build)
     return None if frame.empty else frame["result"].iloc[0]
+
+
+# Issue 17: llama-bench's levers as a Result stores them, and what each run allocated.
+LEVERS = ("type_k", "type_v", "n_cpu_moe", "n_gpu_layers", "flash_attn", "no_kv_offload", "use_mmap",
+          "override_tensors", "n_batch", "n_ubatch", "n_threads")
+LEVER_PATHS = tuple(f"config.{f}" for f in LEVERS) + (
+    "conditions.kv_bytes", "conditions.device_bytes", "conditions.host_bytes", "conditions.peak_rss_bytes",
+    "conditions.context_ns")
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def lever_runs() -> pd.DataFrame:
+    """One row per ok llama.cpp result: its lever settings, tok/s, and llama.cpp's own allocations."""
+    fields = list(LEVER_PATHS)
+
+    def build(eng: Engine) -> pd.DataFrame:
+        query = (select(R.model, R.quant, R.worker, R.test, R.avg_ts, _packed(eng, R.result, fields).label("fields"))
+                 .where(R.status == "ok", R.backend == "llamacpp", R.technique == "baseline"))
+        frame = _read(eng, query)
+        return _unpack(frame, "fields", fields) if not frame.empty else frame
+    return _frame(build)

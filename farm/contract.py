@@ -73,6 +73,30 @@ MODEL_LEVEL_FIELDS: tuple[str, ...] = ("n_gpu_layers", "split_mode", "main_gpu",
                                        "n_cpu_moe", "override_tensors")
 
 
+def parse_override_tensors(value: str) -> list[tuple[str, str]]:
+    """llama.cpp's -ot syntax 'regex=BUFFER[,regex=BUFFER...]' as (regex, buffer type) pairs."""
+    import re
+
+    pairs = []
+    for item in (s for s in value.split(",") if s.strip()):
+        pattern, sep, buft = item.rpartition("=")
+        if not sep or not pattern or not buft:
+            raise ValueError(f"override_tensors item {item!r} is not 'regex=BUFFER'; write e.g. 'exps=CPU'")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"override_tensors pattern {pattern!r} is not a regular expression ({exc}); "
+                             "fix the pattern") from None
+        pairs.append((pattern, buft))
+    return pairs
+
+
+# Parameters only llama.cpp has: the torch engine refuses a job that sets one (issue 17).
+LLAMACPP_ONLY_FIELDS: tuple[str, ...] = ("type_k", "type_v", "n_cpu_moe", "override_tensors", "split_mode",
+                                         "main_gpu", "tensor_split", "no_kv_offload", "use_mmap", "cpu_mask",
+                                         "cpu_strict", "poll", "prio")
+
+
 class EngineConfig(BaseModel):
     """llama-bench's parameters that change speed or memory, with llama-bench's names and spellings,
     so a llama-bench command line translates field for field."""
@@ -118,6 +142,23 @@ class EngineConfig(BaseModel):
         if value.lower() not in KV_TYPES:
             raise ValueError(f"unknown KV cache type {value!r}; use one of {', '.join(KV_TYPES)}")
         return value.lower()
+
+    def llamacpp_only(self) -> list[str]:
+        """The llama.cpp-only parameters set away from their defaults (the torch engine has none of them)."""
+        return [f for f in LLAMACPP_ONLY_FIELDS if getattr(self, f) != type(self).model_fields[f].default]
+
+    @field_validator("override_tensors")
+    @classmethod
+    def _override_syntax(cls, value: str) -> str:
+        parse_override_tensors(value)
+        return value
+
+    @field_validator("tensor_split")
+    @classmethod
+    def _shares(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not x >= 0 for x in value) or (value and not any(value)):
+            raise ValueError(f"tensor_split {list(value)} needs shares >= 0, at least one above 0; e.g. [3, 1]")
+        return value
 
     @property
     def flash_attn_on(self) -> bool:
@@ -353,6 +394,17 @@ class Conditions(BaseModel):
     # The worker kept the model loaded from its previous job (load_ns is then 0: nothing loaded).
     model_reused: bool = False
     energy_per_token_j: float | None = None
+    # Issue 17: llama.cpp's own allocations, split by where they live. device_bytes is this
+    # process's (weights on the device + KV + compute buffers there), host_bytes the RAM beside it.
+    weights_device_bytes: int = Field(default=0, ge=0)
+    weights_host_bytes: int = Field(default=0, ge=0)
+    kv_bytes: int = Field(default=0, ge=0)
+    compute_bytes: int = Field(default=0, ge=0)
+    device_bytes: int = Field(default=0, ge=0)
+    host_bytes: int = Field(default=0, ge=0)
+    # Time this job spent making a context for a kept model (0 when the context was kept too);
+    # the model's own load time is Result.load_ns (0 when the model was kept).
+    context_ns: int = Field(default=0, ge=0)
 
 
 class Speculation(BaseModel):

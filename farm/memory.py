@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -92,9 +93,82 @@ def context_size(job: Job) -> int:
     return ((need + 255) // 256) * 256
 
 
-def kv_bytes_per_token(facts: ModelFacts, bytes_per_element: int) -> int:
+def kv_bytes_per_token(facts: ModelFacts, bytes_per_element: float) -> int:
     """K and V of one position over every layer; facts carry it for llama.cpp's f16 cache."""
-    return facts.kv_bytes_per_token * bytes_per_element // 2
+    return int(facts.kv_bytes_per_token * bytes_per_element // 2)
+
+
+# Bytes per element of ggml's KV cache types (block bytes / block size): llama.cpp's -ctk/-ctv.
+KV_BYTES_PER_ELEMENT: dict[str, float] = {
+    "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+    "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32,
+}
+
+
+def kv_cache_bytes(facts: ModelFacts, type_k: str, type_v: str, n_ctx: int) -> int:
+    """The KV cache of n_ctx positions with K and V in their own types (each is half of the f16 figure)."""
+    half_f16 = facts.kv_bytes_per_token / 2  # K (or V) of one position over every layer, f16
+    return int(n_ctx * half_f16 / 2 * (KV_BYTES_PER_ELEMENT[type_k] + KV_BYTES_PER_ELEMENT[type_v]))
+
+
+def expert_bytes_per_layer(facts: ModelFacts) -> int:
+    """Weight bytes of one layer's experts (the tensors --n-cpu-moe keeps in host RAM).
+
+    From the header facts alone: a decode step reads the dense part and n_expert_used of the
+    n_expert experts (active_bytes), so the experts are (all - active) * n / (n - used).
+    """
+    if facts.n_expert <= 1 or facts.n_expert_used >= facts.n_expert or not facts.active_bytes:
+        return 0
+    experts = (facts.weight_bytes - facts.active_bytes) * facts.n_expert / (facts.n_expert - facts.n_expert_used)
+    return int(experts / max(1, facts.n_layer))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Where one model's allocations of a job live, before margin and runtime."""
+
+    weights_device_bytes: int = 0
+    weights_host_bytes: int = 0
+    kv_device_bytes: int = 0
+    kv_host_bytes: int = 0
+    compute_bytes: int = 0
+
+    @property
+    def device_bytes(self) -> int:
+        # llama.cpp's compute buffer sits on the device that runs the layers (host compute too, small).
+        return self.weights_device_bytes + self.kv_device_bytes + (self.compute_bytes if self.weights_device_bytes else 0)
+
+    @property
+    def host_bytes(self) -> int:
+        return self.weights_host_bytes + self.kv_host_bytes + (0 if self.weights_device_bytes else self.compute_bytes)
+
+    def __add__(self, other: MemoryEstimate) -> MemoryEstimate:
+        return MemoryEstimate(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
+
+
+def llamacpp_placement(job: Job, facts: ModelFacts, n_ctx: int, override_host_bytes: int = 0) -> MemoryEstimate:
+    """llama.cpp's placement of one model: n_gpu_layers of the layers (weights and their KV) on the
+    device, minus the experts of the first n_cpu_moe layers and the tensors -ot sends to the CPU
+    (override_host_bytes, from the tensor table where the planner has it); the KV cache in its
+    type_k/type_v, on the host with no_kv_offload; compute for one micro-batch."""
+    cfg = job.config
+    weights, kv = facts.weight_bytes, kv_cache_bytes(facts, cfg.type_k, cfg.type_v, n_ctx)
+    n_tokens = min(cfg.n_ubatch, cfg.n_batch, n_ctx)
+    compute = _compute_bytes(facts, n_tokens, n_ctx, cfg.flash_attn_on)
+    if memory_kind(job) == "ram":
+        return MemoryEstimate(weights_host_bytes=weights, kv_host_bytes=kv, compute_bytes=compute)
+    n_layer = max(1, facts.n_layer)
+    n_offloaded = n_layer if cfg.n_gpu_layers < 0 or cfg.n_gpu_layers >= n_layer else cfg.n_gpu_layers
+    share = n_offloaded / n_layer
+    device = int(weights * share)
+    # --n-cpu-moe counts layers from the first; offloaded layers are the last n_gpu_layers.
+    first_offloaded = n_layer - n_offloaded
+    moe_layers_on_device = max(0, min(cfg.n_cpu_moe, n_layer) - first_offloaded)
+    moved = moe_layers_on_device * expert_bytes_per_layer(facts) + min(override_host_bytes, device)
+    device = max(0, device - moved)
+    kv_device = 0 if cfg.no_kv_offload else int(kv * share)
+    return MemoryEstimate(weights_device_bytes=device, weights_host_bytes=weights - device,
+                          kv_device_bytes=kv_device, kv_host_bytes=kv - kv_device, compute_bytes=compute)
 
 
 def _compute_bytes(facts: ModelFacts, n_tokens: int, n_ctx: int, flash_attn: bool) -> int:
@@ -114,8 +188,12 @@ def _layer_params(facts: ModelFacts) -> int:
 
 
 def estimate_need_bytes(job: Job, facts: ModelFacts, draft_facts: ModelFacts | None = None,
-                        reference_facts: ModelFacts | None = None) -> int:
+                        reference_facts: ModelFacts | None = None, override_host_bytes: int = 0) -> int:
     """Bytes of the bounding memory (memory_kind) a job needs at its peak.
+
+    llama.cpp's share is llamacpp_placement's: on a GPU job only what lands on the device
+    (experts kept on the host by n_cpu_moe, tensors sent there by override_tensors, a KV cache
+    kept there by no_kv_offload are RAM's); the KV cache in its own type_k/type_v.
 
     llama.cpp: the file's tensor data (memory-mapped, resident once read), an f16 KV cache at
     the job's context (sliding-window layers counted whole), compute buffers for one
@@ -129,21 +207,17 @@ def estimate_need_bytes(job: Job, facts: ModelFacts, draft_facts: ModelFacts | N
     n_ctx = context_size(job)
     torch = job.engine == "torch"
 
-    def model_bytes(f: ModelFacts) -> int:
-        if torch:
-            # f32 tensors (plain F.linear: no prepacked second copy), the mapped file.
-            weights = 4 * f.n_params + f.weight_bytes
-            kv = kv_bytes_per_token(f, 4) * n_ctx * (2 if job.technique != "baseline" else 1)
-        else:
-            weights = f.weight_bytes
-            kv = kv_bytes_per_token(f, 2) * n_ctx
-        if kind == "vram" and 0 < job.config.n_gpu_layers < f.n_layer:
-            share = job.config.n_gpu_layers / f.n_layer
-            weights, kv = int(weights * share), int(kv * share)
-        n_tokens = min(job.config.n_batch if torch else job.config.n_ubatch, job.config.n_batch, n_ctx)
-        return weights + kv + _compute_bytes(f, n_tokens, n_ctx, job.config.flash_attn_on and not torch)
+    def model_bytes(f: ModelFacts, override_bytes: int = 0) -> int:
+        if not torch:
+            placed = llamacpp_placement(job, f, n_ctx, override_bytes)
+            return placed.device_bytes if kind == "vram" else placed.host_bytes
+        # f32 tensors (plain F.linear: no prepacked second copy), the mapped file.
+        weights = 4 * f.n_params + f.weight_bytes
+        kv = kv_bytes_per_token(f, 4) * n_ctx * (2 if job.technique != "baseline" else 1)
+        n_tokens = min(job.config.n_batch, n_ctx)
+        return weights + kv + _compute_bytes(f, n_tokens, n_ctx, False)
 
-    total = model_bytes(facts)
+    total = model_bytes(facts, override_host_bytes)
     if job.technique == "spec" and draft_facts is not None:
         total += model_bytes(draft_facts)
     if job.technique == "mtp":
@@ -174,12 +248,15 @@ def scaled_to_quant(facts: ModelFacts, quant: str) -> ModelFacts:
                                     "active_bytes": active_bytes})
 
 
-def upcycled(parent: ModelFacts, n_ff: int, n_expert: int) -> ModelFacts:
+def upcycled(parent: ModelFacts, n_ff: int, n_expert: int, n_expert_used: int = 2) -> ModelFacts:
     """Facts of a Mixtral-style F32 upcycle (worker/derive.py) of a dense parent."""
     ffn = 3 * parent.n_embd * n_ff * parent.n_layer
-    n_params = parent.n_params + (n_expert - 1) * ffn + n_expert * parent.n_embd * parent.n_layer
+    router = n_expert * parent.n_embd * parent.n_layer
+    n_params = parent.n_params + (n_expert - 1) * ffn + router
+    n_active = parent.n_params + (n_expert_used - 1) * ffn + router
     return parent.model_copy(update={"n_params": n_params, "weight_bytes": 4 * n_params, "size_bytes": 4 * n_params,
-                                     "file_type": "F32", "n_expert": n_expert})
+                                     "file_type": "F32", "n_expert": n_expert, "n_expert_used": n_expert_used,
+                                     "n_params_active": n_active, "active_bytes": 4 * n_active})
 
 
 def facts_for(ref: str, quant: str, models_dir: Path | None, known: ModelFacts | None = None) -> ModelFacts:
@@ -215,7 +292,7 @@ def facts_for(ref: str, quant: str, models_dir: Path | None, known: ModelFacts |
             name = f"{CATALOGUE[parent].sha256[:16]}.{ref.removeprefix(parent + '-')}.F32.gguf"
             path = Path(models_dir) / "derived" / name
             source = path if path.exists() else None
-        fallback = upcycled(CATALOGUE[parent].facts(), CATALOGUE[parent].n_ff, cfg.n_expert)
+        fallback = upcycled(CATALOGUE[parent].facts(), CATALOGUE[parent].n_ff, cfg.n_expert, cfg.n_expert_used)
     elif (mtp_parent := parse_mtp_name(ref)) is not None:
         # The parent's shape plus one NextN block (about one layer's weights), as F32.
         source, source_sha = None, ""
@@ -241,6 +318,44 @@ def facts_for(ref: str, quant: str, models_dir: Path | None, known: ModelFacts |
     return scaled_to_quant(facts, quant)
 
 
+def tensor_table_for(ref: str, quant: str, models_dir: Path | None) -> list[tuple[str, int]] | None:
+    """(name, bytes) of each tensor of the file a worker will run for (ref, quant), from a file at
+    hand here: the file itself, else its source (same names; bytes scaled by the quant's bits);
+    None when no file is here (a remote model, a catalogue model not fetched)."""
+    import gguf
+
+    from farm.modelfiles import (
+        CATALOGUE,
+        _tensor_table,
+        catalogue_path,
+        derived_path,
+        parse_moe_name,
+        read_facts,
+    )
+
+    candidates: list[Path] = []
+    if ref in CATALOGUE:
+        if models_dir:
+            candidates.append(catalogue_path(ref, models_dir))
+            candidates.insert(0, derived_path(CATALOGUE[ref].sha256, quant, models_dir))
+    elif (moe := parse_moe_name(ref)) is not None:
+        if models_dir:
+            parent = moe[0]
+            candidates.append(Path(models_dir) / "derived" / f"{CATALOGUE[parent].sha256[:16]}."
+                              f"{ref.removeprefix(parent + '-')}.F32.gguf")
+    else:
+        candidates.append(Path(ref).expanduser())
+    path = next((c for c in candidates if c.exists()), None)
+    if path is None:
+        return None
+    table = [(name, n_bytes) for name, _, _, n_bytes, _ in _tensor_table(gguf.GGUFReader(path))]
+    facts = read_facts(path)
+    if facts.file_type != quant and facts.weight_bytes:
+        ratio = BITS_PER_WEIGHT.get(quant, 32.0) / BITS_PER_WEIGHT.get(facts.file_type, 32.0)
+        table = [(name, int(n * ratio)) for name, n in table]
+    return table
+
+
 def job_need_bytes(job: Job, models_dir: Path | None, cache: dict | None = None,
                    known: dict[str, ModelFacts] | None = None) -> int:
     """estimate_need_bytes with the facts found by facts_for; `cache` spares re-reading headers;
@@ -264,7 +379,24 @@ def job_need_bytes(job: Job, models_dir: Path | None, cache: dict | None = None,
                 read_facts(Path(job.draft_model)).file_type
         draft = facts(job.draft_model, quant)
     reference = facts(job.model, job.quality_reference_quant) if job.quality and job.quality_reference_quant else None
-    return estimate_need_bytes(job, facts(job.model, job.quant), draft, reference)
+    return estimate_need_bytes(job, facts(job.model, job.quant), draft, reference,
+                               override_host_bytes(job, models_dir, cache))
+
+
+def override_host_bytes(job: Job, models_dir: Path | None, cache: dict | None = None) -> int:
+    """Bytes of the tensors job.config.override_tensors sends to a CPU buffer (0 when no file is at
+    hand to read their names from: the estimate then keeps them on the device, an upper bound)."""
+    from farm.contract import parse_override_tensors
+
+    pairs = [(p, b) for p, b in parse_override_tensors(job.config.override_tensors) if b.upper().startswith("CPU")]
+    if not pairs or job.engine != "llamacpp":
+        return 0
+    cache = {} if cache is None else cache
+    key = ("tensors", job.model, job.quant)
+    if key not in cache:
+        cache[key] = tensor_table_for(job.model, job.quant, models_dir)
+    table = cache[key] or []
+    return sum(n for name, n in table if any(re.search(p, name) for p, _ in pairs))
 
 
 def job_active_bytes(job: Job, models_dir: Path | None, cache: dict | None = None,

@@ -10,10 +10,17 @@ Knows the workers only through their announced Capabilities (passed in); reads n
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
-from farm.contract import Capabilities, Job, ModelSource, SourceFile
-from farm.memory import job_active_bytes, job_need_bytes
+from farm.contract import (
+    Capabilities,
+    Job,
+    ModelSource,
+    SourceFile,
+    parse_override_tensors,
+)
+from farm.memory import facts_for, job_active_bytes, job_need_bytes, tensor_table_for
 from farm.modelfiles import (
     CATALOGUE,
     ModelError,
@@ -67,6 +74,7 @@ def plan(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."
             check_pairs(identities[e.name].ref, drafts, models_dir)
     facts_cache: dict = {}
     remote = {i.ref: i.facts for i in identities.values() if i.facts is not None}
+    check_levers(jobs, models_dir, facts_cache, remote)
     try:
         check_mtp_files(jobs, models_dir, remote)
         return [j.model_copy(update={"need_bytes": job_need_bytes(j, models_dir, facts_cache, remote),
@@ -184,3 +192,31 @@ def check_pairs(target: str, drafts: list[tuple[str, str | None, str]], models_d
             raise SweepError(f"draft {ref!r}: {exc}") from exc
         if problem:
             raise SweepError(f"draft {ref!r} cannot serve target {target!r}: {problem}")
+
+
+def check_levers(jobs: list[Job], models_dir: Path | None, cache: dict, remote: dict) -> None:
+    """Refuse, before anything is queued, the engine settings a model cannot take: n_cpu_moe on a
+    dense model, an override_tensors pattern that matches none of its tensors (read from the file's
+    tensor table where it is here; a worker refuses it otherwise)."""
+    seen: set = set()
+    for job in jobs:
+        cfg = job.config
+        key = (job.model, job.quant, cfg.n_cpu_moe > 0, cfg.override_tensors)
+        if job.engine != "llamacpp" or key in seen or not (cfg.n_cpu_moe or cfg.override_tensors):
+            continue
+        seen.add(key)
+        try:
+            if (job.model, job.quant) not in cache:
+                cache[(job.model, job.quant)] = facts_for(job.model, job.quant, models_dir, remote.get(job.model))
+            facts = cache[(job.model, job.quant)]
+            table = tensor_table_for(job.model, job.quant, models_dir) if cfg.override_tensors else None
+        except ModelError as exc:
+            raise SweepError(f"model {job.model!r}: {exc}") from exc
+        if cfg.n_cpu_moe and facts.n_expert <= 1:
+            raise SweepError(f"model {job.model!r} is dense (no experts), so n_cpu_moe {cfg.n_cpu_moe} has nothing "
+                             "to keep in RAM; drop n_cpu_moe for it, or use n_gpu_layers / override_tensors")
+        if table is not None:
+            for pattern, _ in parse_override_tensors(cfg.override_tensors):
+                if not any(re.search(pattern, name) for name, _ in table):
+                    raise SweepError(f"override_tensors pattern {pattern!r} matches no tensor of {job.model!r} "
+                                     f"(e.g. {table[0][0]}, {table[-1][0]}); fix the pattern")

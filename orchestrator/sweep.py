@@ -10,6 +10,7 @@ estimating each job's memory are orchestrator/planning.py's.
 from __future__ import annotations
 
 import itertools
+import math
 import uuid
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -18,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from farm.contract import (
+    MODEL_LEVEL_FIELDS,
     PROMPT_CATEGORIES,
     QUANTS,
     Engine,
@@ -39,6 +41,38 @@ class ModelIdentity(NamedTuple):
     native_quant: str
     source: ModelSource | None = None  # hf:// and ollama:// models: the files the worker fetches
     facts: ModelFacts | None = None  # a remote model's header facts, for the memory estimate
+
+
+# EngineConfig's fields in the order the product nests them: model-level parameters outermost, so
+# jobs that share a loaded model are consecutive and a worker loads it once (llama-bench's order).
+ENGINE_FIELDS: tuple[str, ...] = MODEL_LEVEL_FIELDS + tuple(
+    f for f in EngineConfig.model_fields if f not in MODEL_LEVEL_FIELDS)
+
+
+# llama.cpp's LLAMA_MAX_DEVICES in its CUDA builds (llama_max_devices()); EngineConfig's bound.
+MAX_DEVICES = 16
+
+
+def parse_tensor_split(value: str | list[float] | tuple[float, ...]) -> tuple[float, ...]:
+    """llama-bench's -ts spelling "3/1" (or "3,1"), or a list of shares, as a tuple of floats."""
+    if isinstance(value, str):
+        parts = [p for p in value.replace(",", "/").split("/") if p.strip()]
+        try:
+            value = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"tensor_split {value!r} is not numbers joined by '/'; write e.g. \"3/1\"") from None
+    if any(not x >= 0 for x in value) or (value and not any(value)):
+        raise ValueError(f"tensor_split {list(value)} needs shares >= 0, at least one above 0; e.g. [3, 1]")
+    if len(value) > MAX_DEVICES:
+        raise ValueError(f"tensor_split has {len(value)} shares but llama.cpp splits over at most {MAX_DEVICES} "
+                         "devices; give one share per GPU")
+    return tuple(float(x) for x in value)
+
+
+def engine_configs(spec: SweepSpec) -> list[EngineConfig]:
+    """The product of the spec's engine lists, model-level parameters varying slowest."""
+    return [EngineConfig(**dict(zip(ENGINE_FIELDS, values)))
+            for values in itertools.product(*(getattr(spec, f) for f in ENGINE_FIELDS))]
 
 
 class SweepError(Exception):
@@ -112,11 +146,27 @@ class SweepSpec(BaseModel):
     n_warmup: int = Field(default=1, ge=0, le=100)
     prompt_source: Literal["text", "random"] = "text"
     seed: int = 42
+    # llama-bench's parameters, one list each with llama-bench's names (farm.contract.EngineConfig's);
+    # the sweep is their product. Defaults are EngineConfig's; each value is checked by it.
     n_threads: list[int] = Field(default_factory=lambda: [0], min_length=1)
     n_batch: list[int] = Field(default_factory=lambda: [2048], min_length=1)
     n_ubatch: list[int] = Field(default_factory=lambda: [512], min_length=1)
     n_gpu_layers: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    flash_attn: list[Literal["on", "off", "auto"] | bool] = Field(default_factory=lambda: ["off"], min_length=1)
+    flash_attn: list[Literal["on", "off", "auto"] | bool | int] = Field(default_factory=lambda: ["off"], min_length=1)
+    type_k: list[str] = Field(default_factory=lambda: ["f16"], min_length=1)
+    type_v: list[str] = Field(default_factory=lambda: ["f16"], min_length=1)
+    n_cpu_moe: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    override_tensors: list[str] = Field(default_factory=lambda: [""], min_length=1)
+    split_mode: list[str] = Field(default_factory=lambda: ["layer"], min_length=1)
+    main_gpu: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    # Each value is one split: llama-bench's "3/1" or a list [3, 1]; "" or []: even.
+    tensor_split: list[str | list[float] | tuple[float, ...]] = Field(default_factory=lambda: [()], min_length=1)
+    no_kv_offload: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+    use_mmap: list[bool] = Field(default_factory=lambda: [True], min_length=1)
+    cpu_mask: list[str] = Field(default_factory=lambda: ["0x0"], min_length=1)
+    cpu_strict: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+    poll: list[int] = Field(default_factory=lambda: [50], min_length=1)
+    prio: list[int] = Field(default_factory=lambda: [0], min_length=1)
     # The torch engine's precision; llama.cpp's jobs take only float32's (their precision is the quant).
     torch_dtype: list[Literal["float32", "bfloat16", "float16"]] = Field(default_factory=lambda: ["float32"], min_length=1)
     # Decode techniques (spec, lookup) run as tg tests over the prompts of each category.
@@ -184,12 +234,31 @@ class SweepSpec(BaseModel):
     def _known_quants(cls, v: list[str] | None) -> list[str] | None:
         return v if v is None else _check_quants(v)
 
-    @field_validator("n_prompt", "n_gen", "n_depth", "n_threads", "n_batch", "n_ubatch")
+    @field_validator("n_prompt", "n_gen", "n_depth")
     @classmethod
     def _non_negative(cls, v: list[int]) -> list[int]:
         if any(x < 0 for x in v):
             raise ValueError("values must be >= 0")
         return v
+
+    @field_validator("tensor_split", mode="after")
+    @classmethod
+    def _splits(cls, v: list) -> list[tuple[float, ...]]:
+        return [parse_tensor_split(x) for x in v]
+
+    @field_validator(*ENGINE_FIELDS, mode="after")
+    @classmethod
+    def _engine_values(cls, v: list, info) -> list:
+        """Each value as EngineConfig takes it, so a bad one is refused with the sweep, not the job."""
+        out = []
+        for x in v:
+            try:
+                out.append(getattr(EngineConfig(**{info.field_name: x}), info.field_name))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                raise ValueError(f"{x!r}: {err['msg'].removeprefix('Value error, ')}") from None
+        # A value listed twice would run the same jobs twice.
+        return list(dict.fromkeys(out))
 
     @field_validator("n_pg")
     @classmethod
@@ -299,8 +368,7 @@ def reference_quant(native_quant: str) -> str:
 
 def count_jobs(spec: SweepSpec) -> int:
     """An upper bound on the jobs expand() makes, from the list lengths alone (nothing materialised)."""
-    n_configs = (len(spec.n_threads) * len(spec.n_batch) * len(spec.n_ubatch) * len(spec.n_gpu_layers)
-                 * len(spec.flash_attn) * len(spec.torch_dtype))
+    n_configs = math.prod(len(getattr(spec, f)) for f in ENGINE_FIELDS)
     n_pp = sum(1 for n in spec.n_prompt if n > 0) + len(spec.n_pg)
     n_tg = sum(1 for n in spec.n_gen if n > 0) * len(spec.prompt_categories or [None])
     n_draft_quants = sum(len(e.quants or spec.quants or [None]) for e in spec.draft_entries())
@@ -329,11 +397,11 @@ def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str 
     sweep_id = sweep_id or str(uuid.uuid4())
     check_job_bound(spec, max_jobs)
     jobs: list[Job] = []
-    configs = [
-        EngineConfig(n_threads=t, n_batch=b, n_ubatch=u, n_gpu_layers=g, flash_attn=fa, torch_dtype=dt)
-        for t, b, u, g, fa, dt in itertools.product(spec.n_threads, spec.n_batch, spec.n_ubatch,
-                                                     spec.n_gpu_layers, spec.flash_attn, spec.torch_dtype)
-    ]
+    quantized_v = [t for t in spec.type_v if t not in ("f32", "f16", "bf16")]
+    if quantized_v and "off" in spec.flash_attn and "llamacpp" in spec.engines:
+        raise SweepError(f"type_v {quantized_v[0]} needs flash attention (llama.cpp refuses a quantized V cache "
+                         "without it); use flash_attn: [on] or [auto] with it")
+    configs = engine_configs(spec)
     tests = [("pp", n, 0) for n in spec.n_prompt if n > 0] + [("tg", 0, n) for n in spec.n_gen if n > 0]
     tests += [("pg", p, g) for p, g in spec.n_pg]
     if not tests:
@@ -359,6 +427,8 @@ def expand(spec: SweepSpec, identities: dict[str, ModelIdentity], sweep_id: str 
         for quant, engine, config, technique in itertools.product(quants, spec.engines, configs, spec.techniques):
             if engine != "torch" and config.torch_dtype != "float32":
                 continue  # one llama.cpp job per setting, not one per torch precision
+            if engine == "torch" and config.llamacpp_only():
+                continue  # KV types, expert offload, threadpool...: llama.cpp's levers; torch runs the defaults
             for options in technique_options(spec, technique, drafts):
                 for (kind, n_prompt, n_gen), n_depth in itertools.product(tests, spec.n_depth):
                     if technique != "baseline" and kind != "tg":

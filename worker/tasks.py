@@ -40,8 +40,8 @@ from farm.stats import sample_stats, summarize, tok_s
 from worker import __version__, hardware
 from worker.admission import Admission, AdmissionError, job_id_of
 from worker.engines import Backend, EngineError, create_backend
-from worker.measure import Measurement, decode_context, device_share, measure, roofline_tok_s
 from worker.fetch import Progress, downloaded_models, fetch_source
+from worker.measure import Measurement, decode_context, device_share, measure, roofline_tok_s
 from worker.models import resolve
 
 log = logging.getLogger("tokenfarm.worker")
@@ -151,35 +151,59 @@ def quality_block(job: Job, backend: Backend, model_sha256: str, settings: Setti
 
 
 class LoadedModel:
-    """The model a worker keeps loaded between jobs (model affinity).
+    """The model a worker keeps loaded between jobs (model affinity), as llama-bench reuses one.
 
-    Kept while consecutive jobs run the same file (by sha256) on the same engine with the same
-    engine settings and no larger a context; anything else closes it before loading, so two
-    models never share the memory a job was routed by. A failed job drops it: after a corrupt
-    file or an out-of-memory error the engine's state is not to be trusted.
+    The model is kept while consecutive jobs run the same file (by sha256) on the same engine
+    with the same model-level parameters (EngineConfig.model_level(): offload, split, mmap,
+    tensor overrides); a context-level change (KV types, batch sizes, threads, flash attention,
+    a larger context) makes only a new context when the engine can (`new_context`). Anything
+    else closes the model before loading, so two models never share the memory a job was routed
+    by. A failed job drops it: after a corrupt file or an out-of-memory error the engine's state
+    is not to be trusted.
     """
 
     def __init__(self, torch_device: str = "auto") -> None:
         self.torch_device = torch_device
         self.backend: Backend | None = None
         self._key: tuple | None = None
+        self._config = None
         self._n_ctx = 0
 
     def acquire(self, engine: str, path: Path, model_sha256: str, config, n_ctx: int) -> tuple[Backend, int, bool]:
-        """(backend, load_ns, reused): load_ns is the time this job spent loading, 0 when reused."""
-        key = (engine, str(path), model_sha256, config)
-        if self.backend is not None and key == self._key and n_ctx <= self._n_ctx:
-            return self.backend, 0, True
+        """(backend, load_ns, reused): load_ns is the time this job spent loading the model, 0 when reused."""
+        backend, load_ns, _, reused = self.acquire_timed(engine, path, model_sha256, config, n_ctx)
+        return backend, load_ns, reused
+
+    def acquire_timed(self, engine: str, path: Path, model_sha256: str, config,
+                      n_ctx: int) -> tuple[Backend, int, int, bool]:
+        """(backend, load_ns, context_ns, model_reused): the cold load of the weights and the making
+        of a context, timed apart; both 0 when the loaded model and context serve as they are."""
+        key = (engine, str(path), model_sha256, config.model_level())
+        if self.backend is not None and key == self._key:
+            if config == self._config and n_ctx <= self._n_ctx:
+                return self.backend, 0, 0, True
+            if hasattr(self.backend, "new_context"):
+                t0 = time.perf_counter_ns()
+                self.backend.new_context(config, max(n_ctx, self._n_ctx))
+                self._config, self._n_ctx = config, max(n_ctx, self._n_ctx)
+                return self.backend, 0, time.perf_counter_ns() - t0, True
         self.drop()
         backend = create_backend(engine, config, self.torch_device)
-        t0 = time.perf_counter_ns()
-        backend.load(path, config, n_ctx)
-        load_ns = time.perf_counter_ns() - t0
-        self.backend, self._key, self._n_ctx = backend, key, n_ctx
-        return backend, load_ns, False
+        if hasattr(backend, "load_model"):
+            t0 = time.perf_counter_ns()
+            backend.load_model(path, config)
+            t1 = time.perf_counter_ns()
+            backend.new_context(config, n_ctx)
+            load_ns, context_ns = t1 - t0, time.perf_counter_ns() - t1
+        else:
+            t0 = time.perf_counter_ns()
+            backend.load(path, config, n_ctx)
+            load_ns, context_ns = time.perf_counter_ns() - t0, 0
+        self.backend, self._key, self._config, self._n_ctx = backend, key, config, n_ctx
+        return backend, load_ns, context_ns, False
 
     def drop(self) -> None:
-        backend, self.backend, self._key, self._n_ctx = self.backend, None, None, 0
+        backend, self.backend, self._key, self._config, self._n_ctx = self.backend, None, None, None, 0
         if backend is not None:
             backend.close()
 
@@ -202,7 +226,8 @@ def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None,
                                    job.model_source, progress, max_download_bytes(settings))
         facts = read_facts(path)
         model_sha = model_identity(path)
-        backend, load_ns, reused = loaded.acquire(backend_name(job), path, model_sha, job.config, context_size(job))
+        backend, load_ns, context_ns, reused = loaded.acquire_timed(backend_name(job), path, model_sha, job.config,
+                                                                    context_size(job))
         extra: dict = {}
         try:
             energy_before_mj = hardware.gpu_energy_mj()
@@ -217,9 +242,16 @@ def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None,
                 extra["quality"] = quality_block(job, backend, model_sha, settings, progress)
             energy_after_mj = hardware.gpu_energy_mj()
             versions = {**base_versions, **backend.versions(), **hardware.library_versions()}
+            engine_conditions = backend.conditions()
+            # The process's own device memory where the engine reports its buffers (llama.cpp
+            # does, by buffer type); the whole GPU's used memory only where it cannot.
+            vram = engine_conditions.get("device_bytes") if "device_bytes" in engine_conditions else None
+            if vram is None:  # the torch engine on CUDA: its own allocator's peak
+                vram = engine_conditions.get("flags", {}).get("cuda_max_allocated_bytes")
             conditions = Conditions(
-                **backend.conditions(), peak_rss_bytes=hardware.peak_rss_bytes(),
-                peak_vram_bytes=hardware.gpu_used_bytes(), model_reused=reused,
+                **engine_conditions, peak_rss_bytes=hardware.peak_rss_bytes(),
+                peak_vram_bytes=hardware.gpu_used_bytes() if vram is None else vram, model_reused=reused,
+                context_ns=context_ns,
                 energy_per_token_j=energy_per_token_j(job, energy_before_mj, energy_after_mj),
             )
         finally:

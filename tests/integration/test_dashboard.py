@@ -22,7 +22,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.integration
 APP = str(REPO / "dashboard" / "app.py")
 PAGES = ["leaderboard", "techniques", "prefill_decode", "roofline", "workers", "result_detail", "pareto", "recommend",
-         "claims"]
+         "claims", "levers"]
 
 
 @pytest.fixture(autouse=True)

@@ -142,3 +142,84 @@ def test_a_job_never_estimated_fits_any_worker_with_its_engine():
 def test_catalogue_facts_carry_a_shape(quant):
     f = scaled_to_quant(SMOL, quant) if quant != SMOL.file_type else SMOL
     assert f.n_layer and f.n_kv_head and f.kv_bytes_per_token and f.n_vocab and f.weight_bytes
+
+
+# --- issue 17: the estimate split by where llama.cpp places each allocation ---------------------
+
+def big_moe():
+    """A 35B-A3B-like MoE in Q4_K_M: 48 layers, 128 experts, 8 used (the 2026 home-lab case)."""
+    return SMOL.model_copy(update={
+        "n_layer": 48, "n_expert": 128, "n_expert_used": 8, "weight_bytes": 20 * GIB, "active_bytes": int(2.2 * GIB),
+        "kv_bytes_per_token": 48 * 2 * 4 * 128 * 2, "n_embd": 2048, "n_head": 32, "n_vocab": 151_000,
+    })
+
+
+def test_the_kv_cache_scales_with_its_element_types():
+    from farm.memory import KV_BYTES_PER_ELEMENT, kv_cache_bytes
+
+    f16 = kv_cache_bytes(SMOL, "f16", "f16", 4096)
+    assert f16 == kv_bytes_per_token(SMOL, 2) * 4096
+    assert kv_cache_bytes(SMOL, "q8_0", "q8_0", 4096) == pytest.approx(f16 * 34 / 64, rel=1e-6)
+    assert kv_cache_bytes(SMOL, "q8_0", "f16", 4096) == pytest.approx(f16 * (34 / 32 + 2) / 4, rel=1e-6)
+    assert set(KV_BYTES_PER_ELEMENT) == set(__import__("farm.contract").contract.KV_TYPES)
+
+
+def test_a_q8_0_kv_cache_lowers_the_need_at_a_long_context():
+    long = dict(kind="tg", n_prompt=0, n_gen=128, n_depth=32768)
+    f16 = estimate_need_bytes(job(**long, config=EngineConfig(n_gpu_layers=-1, flash_attn="on")), SMOL)
+    q8 = estimate_need_bytes(job(**long, config=EngineConfig(n_gpu_layers=-1, flash_attn="on", type_k="q8_0",
+                                                             type_v="q8_0")), SMOL)
+    saved = kv_bytes_per_token(SMOL, 2) * context_size(job(**long)) * (1 - 34 / 64)
+    assert f16 - q8 == pytest.approx(saved * (1 + MARGIN), rel=0.01)
+
+
+def test_n_cpu_moe_moves_expert_bytes_from_the_device_to_the_host():
+    from farm.memory import expert_bytes_per_layer, llamacpp_placement
+
+    moe = big_moe()
+    per_layer = expert_bytes_per_layer(moe)
+    # (all - active) * 128 / 120 over 48 layers
+    assert per_layer == int((20 - 2.2) * GIB * 128 / 120 / 48)
+    full = llamacpp_placement(job(config=EngineConfig(n_gpu_layers=-1)), moe, 4096)
+    half = llamacpp_placement(job(config=EngineConfig(n_gpu_layers=-1, n_cpu_moe=30)), moe, 4096)
+    assert full.weights_device_bytes - half.weights_device_bytes == 30 * per_layer
+    assert half.weights_host_bytes == 30 * per_layer
+    assert full.kv_device_bytes == half.kv_device_bytes and half.kv_host_bytes == 0
+    # The 12 GB card of the issue: all of a 20 GiB file does not fit; 30 layers of experts on the host do.
+    need_full = estimate_need_bytes(job(config=EngineConfig(n_gpu_layers=-1)), moe)
+    need_half = estimate_need_bytes(job(config=EngineConfig(n_gpu_layers=-1, n_cpu_moe=30)), moe)
+    assert class_gb(need_full) > 16 and class_gb(need_half) == 12
+    # A dense model has no experts to move.
+    assert expert_bytes_per_layer(SMOL) == 0
+
+
+def test_no_kv_offload_keeps_the_cache_on_the_host_and_partial_offload_splits_it():
+    from farm.memory import llamacpp_placement
+
+    moe = big_moe()
+    off = llamacpp_placement(job(config=EngineConfig(n_gpu_layers=-1, no_kv_offload=True)), moe, 8192)
+    assert off.kv_device_bytes == 0 and off.kv_host_bytes > 0
+    part = llamacpp_placement(job(config=EngineConfig(n_gpu_layers=12)), moe, 8192)
+    assert part.weights_device_bytes == 20 * GIB // 4 and part.kv_device_bytes * 4 == pytest.approx(
+        part.kv_device_bytes + part.kv_host_bytes, abs=4)
+    # --n-cpu-moe counts from layer 0, offload from the last layer: 12 offloaded layers (36..47) lose
+    # nothing to n_cpu_moe 30, and 6 of them lose their experts with n_cpu_moe 42.
+    per_layer = __import__("farm.memory").memory.expert_bytes_per_layer(moe)
+    assert llamacpp_placement(job(config=EngineConfig(n_gpu_layers=12, n_cpu_moe=30)), moe, 8192) \
+        .weights_device_bytes == part.weights_device_bytes
+    assert llamacpp_placement(job(config=EngineConfig(n_gpu_layers=12, n_cpu_moe=42)), moe, 8192) \
+        .weights_device_bytes == part.weights_device_bytes - 6 * per_layer
+    # RAM jobs: everything on the host.
+    ram = llamacpp_placement(job(), moe, 8192)
+    assert ram.device_bytes == 0 and ram.host_bytes == moe.weight_bytes + ram.kv_host_bytes + ram.compute_bytes
+
+
+def test_n_cpu_moe_on_a_dense_model_is_refused_at_submit():
+    from orchestrator.sweep import SweepError
+
+    with pytest.raises(SweepError) as e:
+        plan(SweepSpec(name="t", models=["smollm2-135m"], n_prompt=[8], n_gen=[], n_cpu_moe=[0, 4]))
+    assert "dense" in str(e.value) and "drop n_cpu_moe" in str(e.value) and "\n" not in str(e.value)
+    jobs = plan(SweepSpec(name="t", models=["smollm2-135m-moe8x2"], n_prompt=[8], n_gen=[], n_cpu_moe=[0, 4],
+                          n_gpu_layers=[-1]))
+    assert jobs[0].need_bytes > jobs[1].need_bytes

@@ -184,3 +184,79 @@ def test_expansion_reads_no_file(monkeypatch):
     assert [(j.model, j.quant, j.kind) for j in jobs] == [("/nowhere/model.gguf", "Q8_0", "pp"),
                                                          ("/nowhere/model.gguf", "Q8_0", "tg")]
     assert all(j.need_bytes == 0 for j in jobs)  # memory is planning's, not expansion's
+
+
+def test_every_llama_bench_parameter_is_a_list_and_the_sweep_is_their_product(tmp_path):
+    p = write(tmp_path, """
+name: levers
+models: [smollm2-135m]
+n_prompt: [16]
+n_gen: []
+type_k: [f16, q8_0]
+type_v: [f16]
+n_cpu_moe: [0]
+override_tensors: ["", "token_embd=CPU"]
+n_gpu_layers: [0, 99]
+split_mode: [layer, none]
+main_gpu: [0]
+tensor_split: ["3/1", [1, 1]]
+no_kv_offload: [false, true]
+use_mmap: [true, false]
+flash_attn: [on, off, auto]
+n_batch: [256]
+n_ubatch: [128]
+n_threads: [1]
+cpu_mask: ["0x3"]
+cpu_strict: [true]
+poll: [0]
+prio: [1]
+""")
+    spec = load_spec(p)
+    jobs = plan(spec, sweep_id="s")
+    assert len(jobs) == count_jobs(spec) == 2 * 2 * 2 * 2 * 2 * 2 * 2 * 3
+    configs = [j.config for j in jobs]
+    assert len(set(configs)) == len(configs)
+    assert {c.tensor_split for c in configs} == {(3.0, 1.0), (1.0, 1.0)}
+    assert {c.flash_attn for c in configs} == {"on", "off", "auto"}
+    assert all(c.type_v == "f16" and c.cpu_mask == "0x3" and c.cpu_strict and c.poll == 0 and c.prio == 1
+               for c in configs)
+    # Model-major: each model-level key occupies one contiguous run of jobs, so a worker
+    # loads each once; context-level settings (KV types, flash attention) vary inside a run.
+    keys = [c.model_level() for c in configs]
+    runs = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
+    assert len(runs) == len(set(keys)) == 2 * 2 * 2 * 2 * 2
+
+
+def test_a_value_listed_twice_runs_once():
+    spec = SweepSpec(name="t", models=["smollm2-135m"], n_prompt=[8], n_gen=[], type_k=["q8_0", "Q8_0"],
+                     flash_attn=[True, "on"])
+    assert spec.type_k == ["q8_0"] and spec.flash_attn == ["on"]
+    assert len(plan(spec)) == 1
+
+
+@pytest.mark.parametrize("line, words", [
+    ("type_k: [q9_0]", ["field 'type_k'", "unknown KV cache type 'q9_0'", "q8_0"]),
+    ("type_v: [f16, nope]", ["field 'type_v'", "'nope'"]),
+    ("split_mode: [diagonal]", ["field 'split_mode'", "'diagonal'"]),
+    ("tensor_split: ['3/x']", ["field 'tensor_split'", "3/1"]),
+    ("tensor_split: [[0, 0]]", ["field 'tensor_split'", "at least one above 0"]),
+    ("poll: [101]", ["field 'poll'", "100"]),
+    ("tensor_split: ['" + "/".join(["1"] * 17) + "']", ["field 'tensor_split'", "at most 16 devices", "one share per GPU"]),
+    ("n_cpu_moe: [-1]", ["field 'n_cpu_moe'", "0"]),
+])
+def test_a_bad_engine_value_is_one_line_naming_the_field(tmp_path, line, words):
+    p = write(tmp_path, f"name: x\nmodels: [smollm2-135m]\n{line}\n")
+    with pytest.raises(SweepError) as e:
+        load_spec(p)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_a_quantized_v_cache_without_flash_attention_is_refused():
+    spec = SweepSpec(name="t", models=["smollm2-135m"], n_prompt=[8], n_gen=[], type_v=["f16", "q8_0"],
+                     flash_attn=["on", "off"])
+    with pytest.raises(SweepError, match="type_v q8_0 needs flash attention.*flash_attn: \\[on\\]"):
+        plan(spec)
+    assert len(plan(spec.model_copy(update={"flash_attn": ["on", "auto"]}))) == 4

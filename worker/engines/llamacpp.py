@@ -18,6 +18,7 @@ import llama_cpp._logger
 import numpy as np
 
 from farm.contract import EngineConfig
+import worker.engines.llamacpp_levers as levers
 from worker.engines.base import EngineError
 
 # llama.cpp's load chatter would bury the worker's own log.
@@ -89,6 +90,11 @@ def chat_prompt_with(model, user_text: str) -> str:
     return buf.raw[:n].decode("utf-8", errors="replace")
 
 
+def _is_host_buffer(name: str) -> bool:
+    """llama.cpp's host buffer types: CPU, CPU_Mapped, CPU_REPACK, and pinned memory like CUDA_Host."""
+    return name.startswith("CPU") or name.endswith("_Host")
+
+
 class LlamaCppBackend:
     name = "llamacpp"
 
@@ -96,17 +102,82 @@ class LlamaCppBackend:
         self._model = None
         self._ctx = None
         self._batch = None
+        self._threadpool = None
+        self._sampler = None
         self._n_past = 0
+        self._model_conditions: dict = {}
+        self._conditions: dict = {}
 
     def load(self, path: Path, config: EngineConfig, n_ctx: int) -> None:
+        self.load_model(path, config)
+        self.new_context(config, n_ctx)
+
+    def load_model(self, path: Path, config: EngineConfig) -> None:
+        """The weights, placed by the model-level parameters (farm.contract.MODEL_LEVEL_FIELDS)."""
         _init_backend()
+        self.close()
         mparams = self._model_params()
         mparams.n_gpu_layers = 999 if config.n_gpu_layers < 0 else config.n_gpu_layers
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        mparams.split_mode = levers.SPLIT_MODES[config.split_mode]
+        mparams.main_gpu = config.main_gpu
+        # This llama.cpp spells use_mmap as a load mode (llama-bench -lm none, default auto);
+        # on, it keeps llama.cpp's own choice (AUTO maps the file where it can).
+        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_AUTO if config.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
+        n_max = int(llama_cpp.llama_max_devices())
+        if len(config.tensor_split) > n_max:
+            raise EngineError(f"tensor_split has {len(config.tensor_split)} shares but this llama.cpp build "
+                              f"handles at most {n_max} devices; give at most {n_max}")
+        split = (ctypes.c_float * n_max)(*config.tensor_split)
+        mparams.tensor_split = split
+        try:
+            overrides = levers.Overrides(config.override_tensors, config.n_cpu_moe)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+        if overrides:
+            mparams.tensor_buft_overrides = overrides.pointer()
+        with levers.captured_log() as lines:
+            model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise EngineError(f"llama.cpp could not load {path}: the file is corrupt, its architecture is unsupported, "
                               "or its weights do not fit in memory")
         self._model = model
+        self._path = Path(path)
+        self._model_config = config
+        report = levers.model_report(lines)
+        if overrides and not report["overridden"]:
+            self.close()
+            raise EngineError(f"override_tensors/n_cpu_moe matched no tensor of {Path(path).name} "
+                              f"(patterns {', '.join(overrides.patterns)[:200]}); fix the pattern")
+        buffers = report["model_buffers"]
+        self._model_conditions = {
+            "weights_host_bytes": sum(b for n, b in buffers.items() if _is_host_buffer(n)),
+            "weights_device_bytes": sum(b for n, b in buffers.items() if not _is_host_buffer(n)),
+            "flags": {
+                "n_gpu_layers": int(mparams.n_gpu_layers), "split_mode": config.split_mode,
+                "main_gpu": config.main_gpu, "tensor_split": "/".join(f"{x:g}" for x in config.tensor_split),
+                "use_mmap": config.use_mmap, "load_mode": int(mparams.load_mode),
+                "n_cpu_moe": config.n_cpu_moe, "override_tensors": config.override_tensors,
+                "n_tensors_overridden": len(report["overridden"]),
+                # Bytes of the tensors an override placed (to the MiB llama.cpp prints per tensor):
+                # on a GPU build, weights moved to host RAM; on a CPU build, into a plain CPU buffer.
+                "overridden_bytes": report["overridden_bytes"],
+                "model_size_bytes": int(llama_cpp.llama_model_size(model)),
+                **{f"weights_{n}_bytes": b for n, b in buffers.items()},
+                "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+            },
+        }
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+
+    def new_context(self, config: EngineConfig, n_ctx: int) -> None:
+        """A context for the loaded model with the context-level parameters (KV types, batches, threads,
+        flash attention, threadpool); the old one is freed. The model must have been loaded with a
+        config of the same model_level()."""
+        if not self._model:
+            raise EngineError("no model loaded: call load_model first")
+        if config.model_level() != self._model_config.model_level():
+            raise EngineError("the loaded model was placed with other model-level parameters; load it again")
+        self._free_context()
         # More threads than cores only time-slice them: capped, and the request kept in the flags.
         n_threads = min(config.n_threads, default_n_threads()) if config.n_threads else default_n_threads()
         cparams = llama_cpp.llama_context_default_params()
@@ -121,26 +192,73 @@ class LlamaCppBackend:
             "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
             "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
         }[config.flash_attn]
+        cparams.type_k = levers.GGML_TYPES[config.type_k]
+        cparams.type_v = levers.GGML_TYPES[config.type_v]
+        cparams.offload_kqv = not config.no_kv_offload
         cparams.no_perf = True
-        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        with levers.captured_log() as lines:
+            ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not ctx:
-            self.close()
+            text = "".join(lines)
+            if "quantized V cache" in text or "V cache quantization requires flash_attn" in text:
+                raise EngineError(f"llama.cpp refused type_v {config.type_v} without flash attention; "
+                                  "set flash_attn: on (or auto) for a quantized V cache")
             raise EngineError(f"out of memory: llama.cpp could not allocate a context of {n_ctx} tokens "
-                              f"(KV cache and compute buffers) for {path}; lower the context")
+                              f"(KV cache and compute buffers) for {self._path}; lower the context")
         self._ctx = ctx
+        report = levers.context_report(lines)
+        # llama-bench's threadpool, only when asked for: llama.cpp's own one otherwise.
+        if config.cpu_mask not in ("0x0", "0", "") or config.cpu_strict or config.poll != 50 or config.prio != 0:
+            self._threadpool = levers.Threadpool(n_threads, config.cpu_mask, config.cpu_strict, config.poll,
+                                                 config.prio)
+            self._threadpool.attach(ctx)
         self._mem = llama_cpp.llama_get_memory(ctx)
-        self._vocab = llama_cpp.llama_model_get_vocab(model)
-        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        n_b = self._n_batch
+        self._batch_token = np.ctypeslib.as_array(self._batch.token, shape=(n_b,))
+        self._batch_pos = np.ctypeslib.as_array(self._batch.pos, shape=(n_b,))
+        self._batch_logits = np.ctypeslib.as_array(self._batch.logits, shape=(n_b,))
+        np.ctypeslib.as_array(self._batch.n_seq_id, shape=(n_b,))[:] = 1
+        for i in range(n_b):  # one sequence: every position's seq id is 0, set once per context
+            self._batch.seq_id[i][0] = 0
+        # A one-token batch filled once: a decode step sets its token and position, nothing else.
+        self._step = llama_cpp.llama_batch_init(1, 0, 1)
+        self._step.n_tokens, self._step.n_seq_id[0], self._step.seq_id[0][0], self._step.logits[0] = 1, 1, 0, True
+        # Greedy argmax in C, as llama.cpp's own tools sample: no logits copied into Python per step.
+        self._sampler = llama_cpp.llama_sampler_init_greedy()
         self._n_past = 0
-        self._conditions = {
-            "n_threads": n_threads, "kv_type": "f16",
-            "flags": {"n_ctx": n_ctx, "n_batch": self._n_batch, "n_ubatch": int(cparams.n_ubatch),
-                      "n_gpu_layers": int(mparams.n_gpu_layers), "flash_attn": config.flash_attn,
-                      "type_k": "f16", "type_v": "f16", "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())},
-        }
+        kv_buffers, compute = report.get("kv_buffers", {}), report.get("compute_buffers", {})
+        type_k, type_v = report.get("type_k", config.type_k), report.get("type_v", config.type_v)
+        flags = dict(self._model_conditions["flags"])
+        flags.update({
+            "n_ctx": int(llama_cpp.llama_n_ctx(ctx)), "n_batch": int(llama_cpp.llama_n_batch(ctx)),
+            "n_ubatch": int(llama_cpp.llama_n_ubatch(ctx)), "flash_attn": config.flash_attn,
+            "flash_attn_used": report["flash_attn_used"],
+            "type_k": type_k, "type_v": type_v, "no_kv_offload": config.no_kv_offload,
+            "kv_k_bytes": report.get("kv_k_bytes", 0), "kv_v_bytes": report.get("kv_v_bytes", 0),
+            "cpu_mask": config.cpu_mask, "cpu_strict": config.cpu_strict, "poll": config.poll, "prio": config.prio,
+            "threadpool": self._threadpool is not None,
+        })
         if config.n_threads > n_threads:
-            self._conditions["flags"]["n_threads_asked"] = config.n_threads
+            flags["n_threads_asked"] = config.n_threads
+        host = self._model_conditions["weights_host_bytes"]
+        device = self._model_conditions["weights_device_bytes"]
+        for buffers in (kv_buffers, compute):
+            host += sum(b for n, b in buffers.items() if _is_host_buffer(n))
+            device += sum(b for n, b in buffers.items() if not _is_host_buffer(n))
+        self._conditions = {
+            "n_threads": int(llama_cpp.llama_n_threads(ctx)), "kv_type": type_k if type_k == type_v else f"{type_k}/{type_v}", "flags": flags,
+            "weights_host_bytes": self._model_conditions["weights_host_bytes"],
+            "weights_device_bytes": self._model_conditions["weights_device_bytes"],
+            "kv_bytes": sum(kv_buffers.values()), "compute_bytes": sum(compute.values()),
+            # llama.cpp's own allocations, split by where they live: the process's device memory
+            # (not the whole GPU's) and the host memory it needs beside it.
+            "device_bytes": device, "host_bytes": host,
+        }
+
+    def state_size(self) -> int:
+        """llama_state_get_size: the bytes a saved state would take (the used KV cells among them)."""
+        return int(llama_cpp.llama_state_get_size(self._ctx))
 
     def _model_params(self):
         return llama_cpp.llama_model_default_params()
@@ -175,23 +293,23 @@ class LlamaCppBackend:
         self._before_call()
         for start in range(0, len(tokens), self._n_batch):
             chunk = tokens[start:start + self._n_batch]
+            n = len(chunk)
+            # Whole columns written through numpy views of the batch, not token by token through ctypes.
+            self._batch_token[:n] = chunk
+            self._batch_pos[:n] = np.arange(self._n_past, self._n_past + n, dtype=np.int32)
+            self._batch_logits[:n] = all_logits
             last_chunk = start + self._n_batch >= len(tokens)
-            for i, tok in enumerate(chunk):
-                batch.token[i] = tok
-                batch.pos[i] = self._n_past + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
-            batch.n_tokens = len(chunk)
+            if last_chunk:
+                self._batch_logits[n - 1] = True
+            batch.n_tokens = n
             rc = llama_cpp.llama_decode(self._ctx, batch)
             if rc != 0:
                 raise EngineError(f"llama_decode failed with code {rc} at position {self._n_past}: context full or out of memory")
-            self._n_past += len(chunk)
-            self._after_chunk(len(chunk), last_chunk)
-        # Decode may return before the backend finishes; timers must see finished work.
-        llama_cpp.llama_synchronize(self._ctx)
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self._n_vocab,))
-        return int(logits.argmax())
+            self._n_past += n
+            self._after_chunk(n, last_chunk)
+        # Decode may return before the backend finishes; timers must see finished work (sampling
+        # reads the logits, which synchronises).
+        return int(llama_cpp.llama_sampler_sample(self._sampler, self._ctx, -1))
 
     # What speculative decoding needs beyond plain greedy decoding (worker/speculative.py).
 
@@ -255,7 +373,14 @@ class LlamaCppBackend:
         return self._decode(tokens)
 
     def decode(self, token: int) -> int:
-        return self._decode((token,))
+        step = self._step
+        step.token[0], step.pos[0] = token, self._n_past
+        rc = llama_cpp.llama_decode(self._ctx, step)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed with code {rc} at position {self._n_past}: context full or out of memory")
+        self._n_past += 1
+        # Sampling reads the logits, which waits for the backend: the step is finished when it returns.
+        return int(llama_cpp.llama_sampler_sample(self._sampler, self._ctx, -1))
 
     def conditions(self) -> dict:
         """Settings the context really ran with (thread count after defaulting, KV cache type)."""
@@ -268,13 +393,23 @@ class LlamaCppBackend:
             "llama_cpp_system": llama_cpp.llama_print_system_info().decode().strip(),
         }
 
-    def close(self) -> None:
+    def _free_context(self) -> None:
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_batch_free(self._step)
             self._batch = None
+        if self._sampler:
+            llama_cpp.llama_sampler_free(self._sampler)
+            self._sampler = None
+        if self._threadpool is not None:
+            self._threadpool.free(self._ctx)
+            self._threadpool = None
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
+
+    def close(self) -> None:
+        self._free_context()
         if self._model:
             llama_cpp.llama_model_free(self._model)
             self._model = None

@@ -91,15 +91,25 @@ class LlamaCppMTPBackend(LlamaCppBackend):
 
     name = "llamacpp"
 
-    def load(self, path: Path, config: EngineConfig, n_ctx: int) -> None:
+    # The worker loads a model and makes contexts apart (model reuse across context-level changes):
+    # the NextN checks go with the model, the hidden-state outputs with each context.
+    def load_model(self, path: Path, config: EngineConfig) -> None:
         n_layers = n_nextn_layers(path)
         if n_layers <= 0:
             raise EngineError("this file carries no MTP layers; use engine torch with trained heads, or an MTP build of the model")
-        self._path, self._config, self._n_ctx = Path(path), config, n_ctx
+        self._n_layers_file = n_layers
         self._load_mtp = True
-        super().load(path, config, n_ctx)
+        super().load_model(path, config)
+        self._path, self._config = Path(path), config
         if int(llama_cpp.llama_model_n_layer_nextn(self._model)) <= 0:
             raise EngineError(f"llama.cpp loaded {path} without its NextN layers: the file's MTP tensors are missing")
+
+    def new_context(self, config: EngineConfig, n_ctx: int) -> None:
+        if getattr(self, "_mtp", None) is not None:
+            self._mtp.close()  # a context of the old target context's model state
+        super().new_context(config, n_ctx)
+        self._config, self._n_ctx = config, n_ctx
+        n_layers = self._n_layers_file
         # Every row's hidden state, not only the rows that ask for logits: the MTP context reads them all.
         set_embeddings_nextn(self._ctx, True, False)
         self._n_embd = int(llama_cpp.llama_model_n_embd_out(self._model))

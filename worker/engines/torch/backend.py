@@ -55,6 +55,10 @@ class TorchBackend:
         return backend
 
     def load(self, path: Path, config: EngineConfig, n_ctx: int) -> None:
+        # Refused rather than ignored: a result recorded "q8_0 KV" that ran f16 would be a lie.
+        if unknown := config.llamacpp_only():
+            raise EngineError(f"the torch engine has no {', '.join(unknown)} (llama.cpp's parameters); "
+                              "run these jobs with engine llamacpp or leave them at their defaults")
         # n_gpu_layers and flash_attn are llama.cpp's knobs; here the device is chosen whole
         # at construction, and attention is whatever scaled_dot_product_attention picks.
         # More threads than cores only time-slice them: capped, and the request kept in the flags.
