@@ -385,6 +385,18 @@ def _check_cell(check, index_of: dict[str, int]) -> str:
     return f"{what}: {check.verdict}" + (f" ({check.reason})" if check.verdict in ("fail", "disagree", "skipped") else "")
 
 
+def _sweep_id(session, sweep: str | None) -> str | None:
+    """The id of the sweep a user named (id, id prefix or name); None for every sweep."""
+    from orchestrator.store import find_sweep
+
+    if not sweep:
+        return None
+    row = find_sweep(session, sweep)
+    if row is None:
+        raise fail(f"no sweep matches {sweep!r}: list them with `tokenfarm status`")
+    return row.id
+
+
 @app.command()
 def results(
     sweep: Optional[str] = typer.Option(None, "--sweep", help="sweep id, id prefix or name; default: every sweep"),
@@ -395,20 +407,14 @@ def results(
     """Every stored result, in the chosen format."""
     from orchestrator.db import session_scope
     from orchestrator.report import render_results
-    from orchestrator.store import find_sweep, load_results
+    from orchestrator.store import load_results
 
     fmt = fmt_choice.value
     technique = technique_choice.value if technique_choice is not None else None
     settings = load_settings()
     _require_schema(settings)
     with session_scope(_engine(settings)) as session:
-        sweep_id = None
-        if sweep:
-            row = find_sweep(session, sweep)
-            if row is None:
-                raise fail(f"no sweep matches {sweep!r}: list them with `tokenfarm status`")
-            sweep_id = row.id
-        rows = load_results(session, sweep_id)
+        rows = load_results(session, _sweep_id(session, sweep))
     if technique is not None:
         rows = [r for r in rows if r.technique == technique]
     sys.stdout.write(render_results(rows, fmt))
@@ -968,17 +974,12 @@ def _analysis_results(settings: Settings, sweep: str | None = None):
     """Every ok Result from workers not flagged (of one sweep, if named), for recommend and claims;
     the flagged names beside."""
     from orchestrator.db import session_scope
-    from orchestrator.store import find_sweep, load_results
+    from orchestrator.store import load_results
     from orchestrator.workers import flagged_names
 
     _require_schema(settings)
     with session_scope(_engine(settings)) as session:
-        sweep_id = None
-        if sweep:
-            row = find_sweep(session, sweep)
-            if row is None:
-                raise fail(f"no sweep matches {sweep!r}: list them with `tokenfarm status`")
-            sweep_id = row.id
+        sweep_id = _sweep_id(session, sweep)
         flagged = flagged_names(session)
         return load_results(session, sweep_id, status="ok", exclude_workers=flagged), flagged
 

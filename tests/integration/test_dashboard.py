@@ -236,7 +236,7 @@ def test_every_page_has_its_own_address(data_dir, monkeypatch):
     assert not at.exception
     visible = {p.url_path for p in seen if p.visibility == "visible"}
     assert visible == {"leaderboard", "techniques", "prefill-decode", "roofline", "workers", "result", "pareto",
-                       "recommend", "claims"}
+                       "recommend", "claims", "levers"}
     # / forwards to the leaderboard, which is what a newcomer sees first.
     assert at.title and at.title[0].value == "Leaderboard by VRAM tier"
 

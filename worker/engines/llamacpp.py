@@ -155,7 +155,9 @@ class LlamaCppBackend:
             "flags": {
                 "n_gpu_layers": int(mparams.n_gpu_layers), "split_mode": config.split_mode,
                 "main_gpu": config.main_gpu, "tensor_split": "/".join(f"{x:g}" for x in config.tensor_split),
-                "use_mmap": config.use_mmap, "load_mode": int(mparams.load_mode),
+                "use_mmap": config.use_mmap,
+                # llama-bench's own name for the mode (llama_load_mode_name), as its JSON writes it.
+                "load_mode": "auto" if config.use_mmap else "none",
                 "n_cpu_moe": config.n_cpu_moe, "override_tensors": config.override_tensors,
                 "n_tensors_overridden": len(report["overridden"]),
                 # Bytes of the tensors an override placed (to the MiB llama.cpp prints per tensor):
