@@ -69,8 +69,9 @@ HEADER_BYTES_PER_TOKEN = 3584
 MARGIN = 0.15
 
 
-# The memories each engine's jobs can be bound by. The torch engine runs on the CPU as the worker
-# creates it (worker/engines), so its jobs need host RAM whatever n_gpu_layers says.
+# The memories each engine's jobs can be bound by. The torch engine's device is the worker's
+# setting (TOKENFARM_TORCH_DEVICE), unknown at submit, and it dequantizes every tensor in host
+# memory before placing it, so its jobs are routed by host RAM whatever n_gpu_layers says.
 ENGINE_MEMORY: dict[str, tuple[MemoryKind, ...]] = {"llamacpp": ("vram", "ram"), "torch": ("ram",)}
 
 

@@ -169,11 +169,6 @@ class LoadedModel:
         self._config = None
         self._n_ctx = 0
 
-    def acquire(self, engine: str, path: Path, model_sha256: str, config, n_ctx: int) -> tuple[Backend, int, bool]:
-        """(backend, load_ns, reused): load_ns is the time this job spent loading the model, 0 when reused."""
-        backend, load_ns, _, reused = self.acquire_timed(engine, path, model_sha256, config, n_ctx)
-        return backend, load_ns, reused
-
     def acquire_timed(self, engine: str, path: Path, model_sha256: str, config,
                       n_ctx: int) -> tuple[Backend, int, int, bool]:
         """(backend, load_ns, context_ns, model_reused): the cold load of the weights and the making
