@@ -209,11 +209,10 @@ class LlamaCppBackend:
                               f"(KV cache and compute buffers) for {self._path}; lower the context")
         self._ctx = ctx
         report = levers.context_report(lines)
-        # llama-bench's threadpool, only when asked for: llama.cpp's own one otherwise.
-        if config.cpu_mask not in ("0x0", "0", "") or config.cpu_strict or config.poll != 50 or config.prio != 0:
-            self._threadpool = levers.Threadpool(n_threads, config.cpu_mask, config.cpu_strict, config.poll,
-                                                 config.prio)
-            self._threadpool.attach(ctx)
+        # A persistent threadpool, as llama-bench attaches (levers.shared_threadpool says why shared).
+        self._threadpool = levers.shared_threadpool(n_threads, config.cpu_mask, config.cpu_strict, config.poll,
+                                                    config.prio)
+        self._threadpool.attach(ctx)
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         n_b = self._n_batch
@@ -404,7 +403,7 @@ class LlamaCppBackend:
             llama_cpp.llama_sampler_free(self._sampler)
             self._sampler = None
         if self._threadpool is not None:
-            self._threadpool.free(self._ctx)
+            levers.release_threadpool(self._threadpool, self._ctx)
             self._threadpool = None
         if self._ctx:
             llama_cpp.llama_free(self._ctx)

@@ -149,7 +149,7 @@ def parse_cpu_mask(mask: str) -> list[bool]:
 
 
 class Threadpool:
-    """A ggml CPU threadpool built as llama-bench builds it, attached to one context."""
+    """A ggml CPU threadpool built as llama-bench builds it; see shared_threadpool for who owns it."""
 
     def __init__(self, n_threads: int, cpu_mask: str, cpu_strict: bool, poll: int, prio: int) -> None:
         params = ThreadpoolParams()
@@ -167,12 +167,49 @@ class Threadpool:
     def attach(self, ctx) -> None:
         _llama.llama_attach_threadpool(ctx, self.handle, self.handle)
 
+    def detach(self, ctx) -> None:
+        _llama.llama_detach_threadpool(ctx)
+
     def free(self, ctx=None) -> None:
         if self.handle:
             if ctx:
-                _llama.llama_detach_threadpool(ctx)
+                self.detach(ctx)
             _cpu.ggml_threadpool_free(self.handle)
             self.handle = None
+
+
+# One pool per setting for the whole process, shared by every context that asks for it. Every
+# context gets one, as llama-bench attaches one: without it ggml's CPU backend starts and joins a
+# disposable pool in every graph, a cost paid by each decode step. Shared, not one per context,
+# because speculative decoding runs a draft (or MTP) context and the target's in turn: two pools
+# would each keep polling threads on the same cores while the other computes.
+_pools: dict[tuple, list] = {}  # key -> [Threadpool, n_contexts]
+
+
+def shared_threadpool(n_threads: int, cpu_mask: str, cpu_strict: bool, poll: int, prio: int) -> Threadpool:
+    key = (n_threads, cpu_mask.lower(), cpu_strict, poll, prio)
+    entry = _pools.get(key)
+    if entry is None:
+        entry = _pools[key] = [Threadpool(n_threads, cpu_mask, cpu_strict, poll, prio), 0]
+    entry[1] += 1
+    return entry[0]
+
+
+def release_threadpool(pool: Threadpool, ctx) -> None:
+    """Detach pool from ctx (before ctx is freed); the last context to let go frees the pool."""
+    pool.detach(ctx)
+    for key, entry in list(_pools.items()):
+        if entry[0] is pool:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                pool.free()
+                del _pools[key]
+            return
+    pool.free()
+
+
+def n_shared_threadpools() -> int:
+    return len(_pools)
 
 
 # --- llama.cpp's own report of what it allocated, read from its log ------------------------------

@@ -31,6 +31,7 @@ import llama_cpp
 import numpy as np
 
 from farm.contract import EngineConfig
+import worker.engines.llamacpp_levers as levers
 from worker.engines.base import EngineError
 from worker.engines.llamacpp import LlamaCppBackend
 
@@ -174,6 +175,10 @@ class LlamaMTPContext:
         if not ctx:
             raise EngineError(f"out of memory: llama.cpp could not allocate an MTP context of {n_ctx} tokens; lower the context")
         self._ctx = ctx
+        # The target's pool: the two contexts compute in turn, so one set of threads serves both.
+        config = target._config
+        self._pool = levers.shared_threadpool(n_threads, config.cpu_mask, config.cpu_strict, config.poll, config.prio)
+        self._pool.attach(ctx)
         # The NextN block's own hidden state of each output row: the input of the next draft step.
         set_embeddings_nextn(ctx, True, True)
         self._mem = llama_cpp.llama_get_memory(ctx)
@@ -272,6 +277,7 @@ class LlamaMTPContext:
             llama_cpp.llama_batch_ext_free(self._batch)
             self._batch = None
         if self._ctx:
+            levers.release_threadpool(self._pool, self._ctx)
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
 
