@@ -94,17 +94,18 @@ class Traced:
     """A drafter that records each call: (tokens emitted before the pass, tokens drafted)."""
 
     def __init__(self, drafter, n_prompt: int) -> None:
-        self.drafter, self.n_prompt, self.calls = drafter, n_prompt, []
+        self.drafter, self.n_prompt, self.calls, self.drafts = drafter, n_prompt, [], []
         self.n_draft, self.q = drafter.n_draft, drafter.q
         self.drafts_on_prompt = getattr(drafter, "drafts_on_prompt", False)
 
     def start(self, prompt) -> None:
-        self.calls = []
+        self.calls, self.drafts = [], []
         self.drafter.start(prompt)
 
     def propose(self, seq, n_max, sampler=None):
         draft = self.drafter.propose(seq, n_max, sampler)
         self.calls.append((len(seq) - self.n_prompt, len(draft)))
+        self.drafts.append(draft)
         return draft
 
     def passes(self, run: Run) -> list[tuple[int, int, int, int]]:
@@ -169,7 +170,7 @@ def main() -> None:
                          for mode in NGRAM_MODES if mode in args.techniques]
             for tech, n in settings:
                 runs: list[Run] = []
-                traces = []
+                traces, drafters = [], []
                 for p in prompts:
                     if tech == "mtp":
                         drafter = MTPDrafter(b, b.mtp_context(n), n)
@@ -180,6 +181,7 @@ def main() -> None:
                         drafter = Traced(NgramDrafter(tech, n, args.ngram_n, hits), len(p))
                     runs.append(speculative(b, drafter, p, args.n_gen))
                     traces.append(drafter.passes(runs[-1]) if tech != "mtp" else None)
+                    drafters.append(drafter)
                 ns = sum(r.decode_ns for r in runs)
                 tf_ts = args.n_gen * len(prompts) / (ns / 1e9)
                 drafted = sum(r.n_drafted for r in runs)
@@ -215,9 +217,10 @@ def main() -> None:
                             # tokenfarm's greedy decoding emits); another draft on the same history
                             # would be the drafter's fault.
                             ours, theirs = t[k], r["passes"][k]
+                            draft = [texts_of[x] for x in drafters[i].drafts[k]]
                             print(f"    prompt {i}: pass {k} differs, (emitted, drafted, accepted, last token) "
-                                  f"tokenfarm {ours} {texts_of[ours[3]]!r} native {theirs} {texts_of[theirs[3]]!r}",
-                                  flush=True)
+                                  f"tokenfarm {ours} {texts_of[ours[3]]!r} native {theirs} {texts_of[theirs[3]]!r}; "
+                                  f"tokenfarm's draft {draft}", flush=True)
         if args.crosscheck and quant == "F32" and with_mtp:
             crosscheck(b, args, cfg)
         b.close()
