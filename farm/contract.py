@@ -39,6 +39,10 @@ Technique = Literal["baseline", "spec", "lookup", "mtp"]
 # Prompt sets under farm/data/prompts/, chosen to stress speculation differently.
 PROMPT_CATEGORIES: tuple[str, ...] = ("code", "summarisation", "qa", "rewriting", "math", "chat")
 Engine = Literal["llamacpp", "torch"]
+# lookup's drafters (issue 15): the project's longest match, or llama.cpp's `--spec-type` n-gram ones.
+LookupMode = Literal["longest", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-cache"]
+# ngram-cache keys on llama.cpp's fixed 1- to 4-grams (LLAMA_NGRAM_MIN/MAX), which its jobs record as ngram_max.
+NGRAM_CACHE_MAX = 4
 # pg: prefill n_prompt then decode n_gen in one timed run (llama-bench's `pp512+tg128`).
 TestKind = Literal["pp", "tg", "pg"]
 Status = Literal["ok", "failed"]
@@ -233,10 +237,15 @@ class Job(BaseModel):
     p_min: float = Field(default=0.0, ge=0.0, le=1.0, description="spec, mtp: stop drafting below this top probability")
     ngram_max: int = Field(default=0, ge=0, le=16, description="lookup: longest n-gram matched")
     # lookup: which drafter (issue 15): today's longest match, or llama.cpp's n-gram drafters
-    # (`--spec-type ngram-simple|ngram-map-k|ngram-map-k4v`) with their key size and hit count.
-    lookup_mode: Literal["longest", "ngram-simple", "ngram-map-k", "ngram-map-k4v"] = "longest"
-    ngram_size_n: int = Field(default=0, ge=0, le=64, description="lookup n-gram modes: key size; 0: ngram_max")
-    ngram_min_hits: int = Field(default=1, ge=1, le=64, description="ngram-map-k*: key/value hits before drafting")
+    # (`--spec-type ngram-simple|ngram-map-k|ngram-map-k4v|ngram-cache`, worker/ngram.py) with
+    # their key size, hit count and, for ngram-cache, native's optional cache files
+    # (`--lookup-cache-static`: built from a corpus; `--lookup-cache-dynamic`: from earlier
+    # generations), paths on the worker, read only, as llama.cpp's speculative decoding reads them.
+    lookup_mode: LookupMode = "longest"
+    ngram_size_n: int = Field(default=0, ge=0, le=64, description="ngram-simple, ngram-map-k*: key size; 0: ngram_max")
+    ngram_min_hits: int = Field(default=1, ge=1, le=64, description="ngram-map-k4v: key hits before drafting")
+    lookup_cache_static: str = Field(default="", max_length=MAX_NAME_CHARS, description="ngram-cache: corpus cache")
+    lookup_cache_dynamic: str = Field(default="", max_length=MAX_NAME_CHARS, description="ngram-cache: earlier output")
     # mtp: the target's own trained multi-token-prediction heads propose (torch engine only).
     n_mtp: int = Field(default=0, ge=0, le=16, description="mtp: heads proposing per target pass")
     temperature: float = Field(default=0.0, ge=0.0, description="0: greedy; above: sampled speculation")
@@ -281,11 +290,32 @@ class Job(BaseModel):
             raise ValueError("a spec job needs a draft_model")
         if self.technique == "lookup" and self.ngram_max < 1:
             raise ValueError("a lookup job needs ngram_max >= 1")
+        if self.technique == "lookup":
+            self._lookup_options()
         if self.draft_quant is not None and self.draft_quant not in QUANTS:
             raise ValueError(f"unknown draft quant {self.draft_quant!r}")
         if self.temperature > 0 and self.engine != "torch":
             raise ValueError("sampled speculation (temperature > 0) runs on the torch engine only")
         return self
+
+    def _lookup_options(self) -> None:
+        """Refuse a setting the job's lookup drafter would silently ignore."""
+        mode = self.lookup_mode
+        if (self.lookup_cache_static or self.lookup_cache_dynamic) and mode != "ngram-cache":
+            raise ValueError("lookup_cache_static and lookup_cache_dynamic apply to lookup_mode ngram-cache, "
+                             f"not {mode}")
+        if self.ngram_min_hits != 1 and mode != "ngram-map-k4v":
+            raise ValueError(f"ngram_min_hits applies to lookup_mode ngram-map-k4v only; llama.cpp's {mode} "
+                             "does not read it")
+        if mode == "longest" and self.ngram_size_n:
+            raise ValueError("ngram_size_n applies to llama.cpp's n-gram modes; lookup_mode longest matches up to "
+                             "ngram_max tokens")
+        if mode == "ngram-cache":
+            if self.ngram_size_n:
+                raise ValueError("ngram-cache keys on llama.cpp's fixed 1- to 4-grams: ngram_size_n does not apply")
+            if self.ngram_max != NGRAM_CACHE_MAX:
+                raise ValueError(f"ngram-cache keys on llama.cpp's fixed 1- to 4-grams: its ngram_max is "
+                                 f"{NGRAM_CACHE_MAX}, not {self.ngram_max}")
 
     @model_validator(mode="after")
     def _engine_settings(self) -> "Job":
@@ -535,6 +565,8 @@ class Result(BaseModel):
     lookup_mode: str = Field(default="longest", max_length=32)
     ngram_size_n: int = 0
     ngram_min_hits: int = 1
+    lookup_cache_static: str = Field(default="", max_length=MAX_NAME_CHARS)
+    lookup_cache_dynamic: str = Field(default="", max_length=MAX_NAME_CHARS)
     n_mtp: int = 0
     temperature: float = 0.0
     speculation: Speculation | None = None
@@ -552,7 +584,8 @@ class Result(BaseModel):
 
 # Technique options a Result echoes from its Job (the break-even map groups by them).
 TECHNIQUE_FIELDS = ("prompt_category", "n_prompts", "draft_model", "draft_quant", "n_draft", "p_min", "ngram_max",
-                    "lookup_mode", "ngram_size_n", "ngram_min_hits", "n_mtp", "temperature")
+                    "lookup_mode", "ngram_size_n", "ngram_min_hits", "lookup_cache_static", "lookup_cache_dynamic",
+                    "n_mtp", "temperature")
 
 
 class Capabilities(BaseModel):

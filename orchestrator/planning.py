@@ -2,8 +2,9 @@
 
 Owns resolving each model entry to its identity (catalogue data, a derived name, a path
 model's header and sha256, a hub model's files and range-read header (orchestrator/hub.py), a
-model of the local Ollama store), refusing a draft whose vocabulary differs from its target's, the
-memory estimate of every job (farm/memory.py), and refusing thread counts no machine has.
+model of the local Ollama store), checking ngram-cache's lookup cache files, refusing a draft
+whose vocabulary differs from its target's, the memory estimate of every job (farm/memory.py),
+and refusing thread counts no machine has.
 Knows the workers only through their announced Capabilities (passed in); reads no database.
 """
 
@@ -20,6 +21,7 @@ from farm.contract import (
     SourceFile,
     parse_override_tensors,
 )
+from farm.lookupcache import LookupCacheError, read_lookup_cache
 from farm.memory import facts_for, job_active_bytes, job_need_bytes, tensor_table_for
 from farm.modelfiles import (
     CATALOGUE,
@@ -66,6 +68,7 @@ def plan(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."
     The job-count bound is checked before any file is read, so an oversized sweep costs nothing.
     """
     check_job_bound(spec, max_jobs)
+    spec = resolve_lookup_caches(spec, base_dir)
     identities = {e.name: model_identity(e.name, base_dir) for e in [*spec.draft_entries(), *spec.entries()]}
     jobs = expand(spec, identities, sweep_id=sweep_id, max_jobs=max_jobs)
     if "spec" in spec.techniques:
@@ -82,6 +85,32 @@ def plan(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."
                 for j in jobs]
     except ModelError as exc:
         raise SweepError(f"cannot estimate the memory of a job: {exc}") from exc
+
+
+def resolve_lookup_caches(spec: SweepSpec, base_dir: Path) -> SweepSpec:
+    """The spec with its ngram-cache files as absolute paths, each read here once, so a missing
+    file or one not in llama.cpp's n-gram cache format is refused at submit, not by every job."""
+    if "lookup" not in spec.techniques or "ngram-cache" not in spec.lookup_mode:
+        return spec
+    update: dict[str, list[str]] = {}
+    for name in ("lookup_cache_static", "lookup_cache_dynamic"):
+        paths = []
+        for ref in getattr(spec, name):
+            path = Path(ref).expanduser() if ref else None
+            if path is not None and not path.is_absolute():
+                path = (base_dir / path).resolve()
+            try:
+                if path is not None:
+                    read_lookup_cache(path)
+            except OSError as exc:
+                raise SweepError(f"{name} {ref[:120]!r}: cannot read the file ({exc.strerror}); give the path of a "
+                                 "cache written by llama.cpp (llama-lookup-create, or llama-lookup's dynamic cache)"
+                                 ) from exc
+            except LookupCacheError as exc:
+                raise SweepError(f"{name}: {exc}") from exc
+            paths.append(str(path) if path is not None else "")
+        update[name] = paths
+    return spec.model_copy(update=update)
 
 
 MTP_REFUSAL = "this file carries no MTP layers; use engine torch with trained heads, or an MTP build of the model"

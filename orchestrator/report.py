@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 from typing import Iterable
 
 from farm.contract import Result
@@ -165,13 +166,22 @@ BREAK_EVEN_HEAD = ("target", "draft", "n_draft", "p_min", "ngram_max", "category
                    "speedup", "acceptance", "accepted/pass", "draft ms", "verify ms", "lossless")
 
 
+def lookup_name(r: Result) -> str:
+    """A lookup result's drafter, so each mode (and ngram-cache with each cache file) is its own row."""
+    if r.lookup_mode == "longest":
+        return "(lookup)"
+    files = [f"{kind} {Path(p).name}" for kind, p in (("static", r.lookup_cache_static),
+                                                      ("dynamic", r.lookup_cache_dynamic)) if p]
+    return f"(lookup {r.lookup_mode}{', ' if files else ''}{', '.join(files)})"
+
+
 def break_even_rows(results: Iterable[Result]) -> list[list[str]]:
     """Speedup next to acceptance, grouped by pair x n_draft x p_min x category: which settings pay."""
     groups: dict[tuple, list[Result]] = {}
     for r in results:
         if r.status != "ok" or r.speculation is None:
             continue
-        draft = f"{r.draft_model} {r.draft_quant}" if r.draft_model else "(lookup)"
+        draft = f"{r.draft_model} {r.draft_quant}" if r.draft_model else lookup_name(r)
         key = (f"{r.model} {r.quant}", draft, r.n_draft, r.p_min, r.ngram_max, r.prompt_category or "")
         groups.setdefault(key, []).append(r)
     rows = []

@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from farm.contract import (
     MODEL_LEVEL_FIELDS,
+    NGRAM_CACHE_MAX,
     PROMPT_CATEGORIES,
     QUANTS,
     Engine,
     EngineConfig,
     Job,
+    LookupMode,
     ModelFacts,
     ModelSource,
     Technique,
@@ -176,9 +178,15 @@ class SweepSpec(BaseModel):
     n_draft: list[int] = Field(default_factory=lambda: [4], min_length=1)
     p_min: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
     ngram_max: list[int] = Field(default_factory=lambda: [3], min_length=1)
-    # lookup: the drafters (issue 15); the n-gram modes key on ngram_max tokens.
-    lookup_mode: list[Literal["longest", "ngram-simple", "ngram-map-k", "ngram-map-k4v"]] = Field(
-        default_factory=lambda: ["longest"], min_length=1)
+    # lookup: the drafters (issue 15); longest and llama.cpp's ngram-simple/-map-k/-map-k4v key on
+    # ngram_max tokens, ngram-cache on its fixed 1- to 4-grams, so ngram_max does not multiply its jobs.
+    lookup_mode: list[LookupMode] = Field(default_factory=lambda: ["longest"], min_length=1)
+    # ngram-cache: llama.cpp's optional cache files (`--lookup-cache-static`, built from a corpus;
+    # `--lookup-cache-dynamic`, from earlier generations); "" runs without one, as native does by
+    # default. Paths are relative to the sweep file, checked at submit, and read by the worker at
+    # the same path. Each list multiplies only the ngram-cache jobs.
+    lookup_cache_static: list[str] = Field(default_factory=lambda: [""], min_length=1)
+    lookup_cache_dynamic: list[str] = Field(default_factory=lambda: [""], min_length=1)
 
     @field_validator("name")
     @classmethod
@@ -200,6 +208,23 @@ class SweepSpec(BaseModel):
             if c not in PROMPT_CATEGORIES:
                 raise ValueError(f"unknown prompt category {c!r}; known: {', '.join(PROMPT_CATEGORIES)}")
         return v
+
+    @field_validator("lookup_mode", "lookup_cache_static", "lookup_cache_dynamic")
+    @classmethod
+    def _once_each(cls, v: list[str], info) -> list[str]:
+        for x in v:
+            _check_text(x, info.field_name, MAX_MODEL_REF_CHARS)
+        # A value listed twice would run the same jobs twice.
+        return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _caches_need_ngram_cache(self) -> "SweepSpec":
+        if "ngram-cache" not in self.lookup_mode:
+            for name in ("lookup_cache_static", "lookup_cache_dynamic"):
+                if any(getattr(self, name)):
+                    raise ValueError(f"{name} is read by lookup_mode ngram-cache only; add ngram-cache to lookup_mode "
+                                     f"(now {', '.join(self.lookup_mode)}) or drop {name}")
+        return self
 
     @field_validator("n_draft", "ngram_max")
     @classmethod
@@ -341,17 +366,27 @@ def load_spec(path: Path, max_file_bytes: int = MAX_SWEEP_FILE_BYTES) -> SweepSp
 def technique_options(spec: SweepSpec, technique: str,
                       drafts: list[tuple[str, str | None, str, ModelSource | None]]) -> list[dict]:
     """The Job fields each technique varies over: spec by draft x n_draft x p_min, mtp by n_mtp x p_min,
-    lookup by ngram_max x n_draft."""
+    lookup by lookup_mode x ngram_max (ngram-cache: x its cache files instead) x n_draft."""
     if technique == "spec":
         return [dict(draft_model=ref, draft_sha256=sha, draft_source=source, draft_quant=quant, n_draft=n, p_min=p,
                      temperature=t)
                 for ref, sha, quant, source in drafts for n in spec.n_draft for p in spec.p_min for t in spec.temperature]
     if technique == "lookup":
-        return [dict(ngram_max=g, n_draft=n, temperature=t, lookup_mode=mode)
-                for mode in spec.lookup_mode for g in spec.ngram_max for n in spec.n_draft for t in spec.temperature]
+        return [dict(**keys, n_draft=n, temperature=t, lookup_mode=mode)
+                for mode in spec.lookup_mode for keys in lookup_keys(spec, mode)
+                for n in spec.n_draft for t in spec.temperature]
     if technique == "mtp":
         return [dict(n_mtp=n, p_min=p, temperature=t) for n in spec.n_mtp for p in spec.p_min for t in spec.temperature]
     return [{}]
+
+
+def lookup_keys(spec: SweepSpec, mode: str) -> list[dict]:
+    """What a lookup mode's jobs vary over besides n_draft: the n-gram length, or for ngram-cache
+    (whose n-grams are llama.cpp's fixed 1 to 4 tokens) its cache files."""
+    if mode == "ngram-cache":
+        return [dict(ngram_max=NGRAM_CACHE_MAX, lookup_cache_static=st, lookup_cache_dynamic=dy)
+                for st in spec.lookup_cache_static for dy in spec.lookup_cache_dynamic]
+    return [dict(ngram_max=g) for g in spec.ngram_max]
 
 
 # Types a reference can be in: a model whose own file is one of them is its own reference.
@@ -375,7 +410,8 @@ def count_jobs(spec: SweepSpec) -> int:
     per_technique = {
         "baseline": n_pp + n_tg,
         "spec": n_tg * n_draft_quants * len(spec.n_draft) * len(spec.p_min) * len(spec.temperature),
-        "lookup": n_tg * len(spec.lookup_mode) * len(spec.ngram_max) * len(spec.n_draft) * len(spec.temperature),
+        "lookup": n_tg * sum(len(lookup_keys(spec, m)) for m in spec.lookup_mode) * len(spec.n_draft)
+        * len(spec.temperature),
         "mtp": n_tg * len(spec.n_mtp) * len(spec.p_min) * len(spec.temperature),
     }
     n_per_quant = n_configs * len(spec.n_depth) * len(spec.engines) * sum(per_technique[t] for t in spec.techniques)

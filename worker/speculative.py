@@ -1,8 +1,9 @@
 """Speculative decoding, prompt lookup and MTP, measured against plain decoding: the one loop.
 
-Owns the draft-and-verify loop, the three drafters (a draft model; n-grams of the text so far;
-MTP heads over the target's hidden states), the acceptance rules (greedy: the agreeing prefix;
-sampled: the rule of Leviathan et al. and Chen et al., 2023), the vocabulary pair check, the
+Owns the draft-and-verify loop, the drafters (a draft model; the longest earlier match of the
+text's last n-gram; MTP heads over the target's hidden states; llama.cpp's n-gram drafters are
+worker/ngram.py's), the acceptance rules (greedy: the agreeing prefix; sampled: the rule of
+Leviathan et al. and Chen et al., 2023), the vocabulary pair check, the
 project's prompt set, and the per-prompt comparison that says whether a technique reproduced
 the baseline's tokens. It sees engines only through the SpeculativeBackend protocol, so a fake
 backend drives it in unit tests; the MTP heads' math and the distributions sampled acceptance
@@ -23,13 +24,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, Sequence
 
 from farm.contract import Job, Speculation
+from farm.lookupcache import LookupCacheError, NgramCache, read_lookup_cache
 from farm.modelfiles import vocab_mismatch
 from farm.prompts import load_prompts
 from worker.engines.base import EngineError, SpeculativeBackend
 from worker.measure import speculation_block
+from worker.ngram import NgramCacheDrafter, NgramDrafter
 
 
 class PairError(EngineError):
@@ -109,7 +113,10 @@ class Drafter(Protocol):
 
     def propose(self, seq: Sequence[int], n_max: int, sampler: Sampler | None = None) -> list[int]:
         """Up to n_max tokens to follow seq; the target's last pass committed seq[:-1]. Called
-        every pass, n_max 0 included: a drafter with a context of its own must see each."""
+        every pass, n_max 0 included: a drafter with a context of its own must see each.
+
+        A drafter with `drafts_on_prompt` set is first called on the bare prompt, before the
+        target has produced a token, as llama-speculative-simple drafts (worker/ngram.py)."""
 
 
 class ModelDrafter:
@@ -181,72 +188,6 @@ class LookupDrafter:
                 if seq[start] == tail[0] and list(seq[start:start + n]) == tail:
                     return list(seq[start + n:start + n + n_max])
         return []
-
-
-class NgramDrafter:
-    """llama.cpp's self-speculative n-gram drafters (common/speculative.cpp's `--spec-type`), the
-    project's own code over the same loop. History `inp` is seq[:-1] and `sampled` seq[-1], as
-    llama.cpp splits them; the key is the last n tokens (inp's last n - 1 and sampled).
-
-    ngram-simple: the latest earlier position where the key occurs in inp (the current one
-    skipped); propose up to m tokens that followed it, none when fewer than n follow (llama.cpp's
-    `copy_max < n_draft_min` rule) or when inp is shorter than n + m + 1.
-    ngram-map-k: as simple, but only a key seen at least min_hits times before is trusted.
-    ngram-map-k4v: of the (up to four) distinct m-grams that followed earlier occurrences of the
-    key, the most frequent (ties: the latest), if it was seen at least min_hits times.
-    These follow the definitions, not llama.cpp's hash-map bookkeeping (which may miss a match
-    on a hash collision); benchmarks/llamacpp_mtp.py measures the acceptance side by side.
-    """
-
-    q = None  # proposals are deterministic
-    N_VALUES = 4
-
-    def __init__(self, mode: str, n_draft: int, size_n: int, min_hits: int = 1) -> None:
-        if size_n < 1:
-            raise EngineError(f"{mode} needs an n-gram size >= 1, not {size_n}")
-        self.mode, self.n_draft, self.size_n, self.min_hits = mode, n_draft, size_n, max(1, min_hits)
-
-    def start(self, prompt: Sequence[int]) -> None:
-        pass
-
-    def propose(self, seq: Sequence[int], n_max: int, sampler: Sampler | None = None) -> list[int]:
-        m = min(self.n_draft, n_max)
-        n = self.size_n
-        if m <= 0:
-            return []
-        inp = seq[:-1]
-        cur = len(inp)
-        if cur <= n + self.n_draft + 1:
-            return []
-        key = list(seq[-n:])
-        first = key[0]
-        # Earlier occurrences of the key in inp, latest first; the current one (at cur - n + 1) skipped.
-        hits = [j for j in range(cur - n - 1, 0, -1) if inp[j] == first and list(inp[j:j + n]) == key]
-        if not hits:
-            return []
-        if self.mode == "ngram-simple" or self.mode == "ngram-map-k":
-            if self.mode == "ngram-map-k" and len(hits) < self.min_hits:
-                return []
-            j = hits[0]
-            copy = min(m, cur - (j + n))
-            return list(inp[j + n:j + n + copy]) if copy >= n else []
-        # ngram-map-k4v: count the distinct values that followed the key.
-        counts: dict[tuple[int, ...], int] = {}
-        order: list[tuple[int, ...]] = []
-        for j in hits:
-            value = tuple(inp[j + n:j + n + m])
-            if len(value) < m:
-                continue
-            if value not in counts:
-                if len(order) >= self.N_VALUES:
-                    continue
-                order.append(value)
-                counts[value] = 0
-            counts[value] += 1
-        if not order:
-            return []
-        best = max(order, key=lambda v: (counts[v], -order.index(v)))
-        return list(best) if counts[best] >= self.min_hits else []
 
 
 class MTPDrafter:
@@ -338,20 +279,38 @@ def speculative(target: SpeculativeBackend, drafter: Drafter, prompt: Sequence[i
 
     Greedy (no sampler), it emits exactly the tokens of `greedy` when verification is exact;
     sampled, its tokens are distributed as `plain`'s with the same sampler. Timed like `plain`
-    (both models' prompt prefill outside the timer, the n_gen tokens after the first inside).
+    (both models' prompt prefill outside the timer, the n_gen tokens after the first inside),
+    but for a draft made from the bare prompt (below).
     """
     target.reset()
     drafter.start(prompt)
     seq = list(prompt)
-    first = target.prefill(prompt)
-    seq.append(first if sampler is None else sampler.draw(sampler.probs(target)[-1]))
-    goal = len(seq) + n_gen
+    goal = len(prompt) + 1 + n_gen
     run = Run(tokens=[], decode_ns=0, drafted_at=[0] * drafter.n_draft, accepted_at=[0] * drafter.n_draft)
+    # llama.cpp's n-gram drafters draft from the prompt before the first token. Where that yields
+    # a draft, the prompt's last token is verified with it in the first timed pass (charging the
+    # technique one token that plain decoding gets from its prefill); else the prefill gives the
+    # first token as in plain decoding, and the drafter has seen the same calls as native's. The
+    # drafter's time on the prompt counts as drafting either way.
+    pending: list[int] = []  # the draft from the bare prompt, for the first pass to verify
+    prompt_draft_ns = 0
+    if getattr(drafter, "drafts_on_prompt", False) and len(prompt) > 1:
+        t_draft = time.perf_counter_ns()
+        pending = drafter.propose(seq, goal - len(seq) - 1, sampler)
+        prompt_draft_ns = run.draft_ns = time.perf_counter_ns() - t_draft
+    if pending:
+        target.prefill(prompt[:-1])
+    else:
+        first = target.prefill(prompt)
+        seq.append(first if sampler is None else sampler.draw(sampler.probs(target)[-1]))
     t0 = time.perf_counter_ns()
     while len(seq) < goal:
         t_draft = time.perf_counter_ns()
-        # Never draft past the goal: the verify pass itself adds one token.
-        drafted = drafter.propose(seq, goal - len(seq) - 1, sampler)
+        if pending:
+            drafted, pending = pending, []
+        else:
+            # Never draft past the goal: the verify pass itself adds one token.
+            drafted = drafter.propose(seq, goal - len(seq) - 1, sampler)
         t_verify = time.perf_counter_ns()
         predicted = target.verify([seq[-1], *drafted])
         if sampler is None:
@@ -372,7 +331,7 @@ def speculative(target: SpeculativeBackend, drafter: Drafter, prompt: Sequence[i
         for i in range(len(drafted)):
             run.drafted_at[i] += 1
             run.accepted_at[i] += i < n_ok
-    run.decode_ns = time.perf_counter_ns() - t0
+    run.decode_ns = time.perf_counter_ns() - t0 + prompt_draft_ns
     run.tokens = seq[len(prompt):]
     return run
 
@@ -391,6 +350,9 @@ def make_drafter(job: Job, target: SpeculativeBackend, draft: SpeculativeBackend
             raise EngineError("a spec job needs a loaded draft model")
         return ModelDrafter(draft, job.n_draft, job.p_min)
     if job.technique == "lookup":
+        if job.lookup_mode == "ngram-cache":
+            return NgramCacheDrafter(job.n_draft, static=load_cache(job.lookup_cache_static, "static"),
+                                     dynamic=load_cache(job.lookup_cache_dynamic, "dynamic"))
         if job.lookup_mode != "longest":
             return NgramDrafter(job.lookup_mode, job.n_draft, job.ngram_size_n or job.ngram_max, job.ngram_min_hits)
         return LookupDrafter(job.n_draft, job.ngram_max)
@@ -399,6 +361,19 @@ def make_drafter(job: Job, target: SpeculativeBackend, draft: SpeculativeBackend
             raise EngineError(f"the {target.name} engine runs no MTP heads: use the torch engine")
         return MTPDrafter(target, target.mtp_context(job.n_mtp, base_sha256), job.n_mtp, job.p_min)
     return None
+
+
+def load_cache(path: str, kind: str) -> NgramCache | None:
+    """A job's n-gram cache file (checked at submit; read again here, where it may have changed)."""
+    if not path:
+        return None
+    try:
+        return read_lookup_cache(Path(path))
+    except OSError as exc:
+        raise EngineError(f"cannot read the {kind} lookup cache {path}: {exc.strerror}; the file must be on the "
+                          "worker at the path the sweep named") from exc
+    except LookupCacheError as exc:
+        raise EngineError(f"the {kind} lookup cache is not llama.cpp's n-gram cache format: {exc}") from exc
 
 
 @dataclass

@@ -11,9 +11,11 @@ from farm.contract import EngineConfig, Job
 from farm.prompts import load_prompts
 from orchestrator.validation import result_problems
 from tests.integration.conftest import MODELS_DIR
+from worker.ngram import NgramCacheDrafter
 from worker.speculative import (
     LookupDrafter,
     ModelDrafter,
+    NgramDrafter,
     check_vocab_pair,
     greedy,
     speculative,
@@ -66,6 +68,21 @@ def test_spec_and_lookup_reproduce_greedy_token_for_token_on_an_f32_target(targe
             assert run.tokens == base.tokens, "lookup"
     finally:
         draft.close()
+
+
+def test_llamacpps_ngram_drafters_reproduce_greedy_including_a_draft_from_the_bare_prompt(target, prompts):
+    for prompt in prompts:
+        base = greedy(target, prompt, N_GEN)
+        # Keyed on one token, ngram-simple finds the prompt's last token earlier in it and drafts
+        # before the first token: the prefill stops short and the first pass verifies that draft.
+        on_prompt = NgramDrafter("ngram-simple", n_draft=3, size_n=1)
+        on_prompt.start(prompt)
+        assert on_prompt.propose(prompt, N_GEN), "the bare prompt should yield a draft"
+        for drafter in (on_prompt, NgramDrafter("ngram-map-k", 4, 2), NgramDrafter("ngram-map-k4v", 4, 2),
+                        NgramCacheDrafter(8)):
+            run = speculative(target, drafter, prompt, N_GEN)
+            assert run.tokens == base.tokens, getattr(drafter, "mode", "ngram-cache")
+            assert target.n_past == len(prompt) + N_GEN  # every token but the last emitted one
 
 
 def test_the_target_as_its_own_draft_is_always_accepted(target, paths, prompts):
