@@ -113,7 +113,7 @@ MEASUREMENT_PATHS = ("conditions.peak_vram_bytes", "conditions.peak_rss_bytes", 
 FACTS = ("size_bytes", "n_params", "n_params_active", "active_bytes", "n_expert", "n_expert_used")
 FACT_PATHS = ("model_facts.model_type",) + tuple(f"model_facts.{f}" for f in FACTS)
 HARDWARE_PATHS = ("hardware.gpu", "hardware.cpu", "hardware.n_cpu_cores", "hardware.vram_bytes",
-                  "hardware.bandwidth_gbps", "hardware.backends")
+                  "hardware.bandwidth_gbps", "hardware.backends", "hardware.n_gpus")
 TECHNIQUE_PATHS = ("prompt_category", "n_draft", "p_min", "ngram_max", "draft_model", "draft_quant",
                    "lookup_mode",
                    "speculation.speedup", "speculation.acceptance_rate", "speculation.mean_accepted_per_pass",
@@ -125,9 +125,8 @@ QUALITY_PATHS = ("quality.kld_mean", "quality.kld_p99", "quality.top1_agreement"
 # under one worker name stay two), and the engine settings; grouped by in SQL, so they never pool.
 IDENTITY_PATHS = ("model_facts.model_type", "model_facts.size_bytes", "model_facts.n_params", "hardware.gpu",
                   "hardware.cpu", "hardware.backends", "config")
-# One representative run's figures per group, for the memory estimate and the hardware label.
-ROW_FACT_PATHS = ("model_facts.n_params_active", "model_facts.n_layer", "model_facts.kv_bytes_per_token",
-                  "hardware.n_cpu_cores")
+# One representative run's figures per group, for the memory estimate.
+ROW_FACT_PATHS = ("model_facts.n_params_active", "model_facts.n_layer", "model_facts.kv_bytes_per_token")
 JSON_PATHS = (MEASUREMENT_PATHS + FACT_PATHS + HARDWARE_PATHS + TECHNIQUE_PATHS + QUALITY_PATHS + IDENTITY_PATHS
               + ROW_FACT_PATHS)
 
@@ -231,8 +230,8 @@ def workers() -> pd.DataFrame:
             frame = frame.merge(marks, on="worker", how="left")
         frame["trust"] = [_trust(row) for row in frame.to_dict("records")]
         frame["gpu"] = frame["gpu"].fillna("")
-        frame["hardware"] = [hardware_label(_text(c), _text(g), int(_num(n) or 0), _text(b)) for g, c, n, b in
-                             zip(frame["gpu"], frame["cpu"], frame["n_cpu_cores"], frame["backends"])]
+        frame["hardware"] = [hardware_label(_text(c), _text(g), _text(b)) for g, c, b in
+                             zip(frame["gpu"], frame["cpu"], frame["backends"])]
         return frame.sort_values("last_seen", ascending=False)
     return _frame(build)
 
@@ -263,7 +262,7 @@ def measurement_objects() -> list[Measurement]:
         out.append(Measurement(
             model=row.model, model_sha256=row.model_sha256, quant=row.quant, technique=row.technique,
             backend=row.backend, worker=row.worker,
-            hardware=hardware_label(cpu, gpu, int(_num(row.row_n_cpu_cores) or 0), backends),
+            hardware=hardware_label(cpu, gpu, backends),
             test=row.test, n_prompt=row.n_prompt, n_gen=row.n_gen, n_depth=row.n_depth, avg_ts=row.avg_ts,
             stddev_ts=row.stddev_ts, n_runs=row.n_runs, size_bytes=int(_num(row.id_size_bytes) or 0),
             model_type=_text(row.id_model_type), n_params=int(_num(row.id_n_params) or 0),

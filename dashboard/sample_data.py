@@ -101,7 +101,8 @@ def _hardware(worker: tuple) -> dict:
     return Hardware(cpu=cpu, n_cpu_cores=cores, ram_bytes=64 << 30, gpu=gpu, vram_bytes=vram_gib << 30,
                     os="Linux", gpu_driver="570.86" if gpu else "", cuda_version="12.8" if gpu else "",
                     host_bandwidth_gbps=host_gbps, device_bandwidth_gbps=bandwidth_gbps if gpu else 0.0,
-                    bandwidth_gbps=bandwidth_gbps, backends="CUDA" if gpu else "CPU").model_dump(mode="json")
+                    bandwidth_gbps=bandwidth_gbps, backends="CUDA" if gpu else "CPU",
+                    n_gpus=1 if gpu else 0).model_dump(mode="json")
 
 
 def _samples(rng: random.Random, n_tokens: int, mean_ts: float) -> list[int]:

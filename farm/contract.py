@@ -165,6 +165,15 @@ class EngineConfig(BaseModel):
         return value
 
     @property
+    def n_split_devices(self) -> int:
+        """Devices tensor_split spreads the model over: llama.cpp gives share i to device i, so a
+        zero between shares still names a device and trailing zeros name none."""
+        shares = list(self.tensor_split)
+        while shares and not shares[-1]:
+            shares.pop()
+        return len(shares)
+
+    @property
     def flash_attn_on(self) -> bool:
         """Whether attention is fused for memory planning: auto counts as on (llama.cpp's choice where it can)."""
         return self.flash_attn != "off"
@@ -348,6 +357,49 @@ class Job(BaseModel):
         return tokens_per_run(self.kind, self.n_prompt, self.n_gen)
 
 
+# Backend names as llama.cpp's registry spells them (each ggml/src/ggml-*/ backend's
+# reg get_name, llama.cpp of llama-cpp-python 0.3.36), with the spellings older llama-bench files
+# carry ("Metal" before the registry named it "MTL"; the AMX and Kompute backends since folded or
+# removed), and the torch engine's "MPS". Case matters: llama-bench's `backends` is compared as text.
+GGML_BACKENDS: tuple[str, ...] = (
+    "CPU", "CUDA", "ROCm", "MUSA", "MTL", "Metal", "Vulkan", "SYCL", "OpenCL", "CANN", "BLAS", "RPC",
+    "ZenDNN", "zDNN", "WebGPU", "OPENVINO", "HTP", "ET", "ggml-virtgpu", "AMX", "Kompute", "MPS",
+)
+# Backends that compute on the host: a box listing only these has no accelerator.
+HOST_BACKENDS: tuple[str, ...] = ("CPU", "BLAS", "ZenDNN", "AMX", "RPC")
+
+
+def backend_problems(backends: str) -> list[str]:
+    """Why a `backends` text cannot be what a real llama.cpp or torch build reports: an unknown
+    or misspelled name (the known spelling suggested), a name twice, an empty item. Empty: not
+    recorded (results and llama-bench files from before the field)."""
+    import difflib
+
+    if not backends:
+        return []
+    problems = []
+    names = backends.split(",")
+    by_lower = {b.lower(): b for b in GGML_BACKENDS}
+    for name in names:
+        if name in GGML_BACKENDS:
+            continue
+        if not name.strip():
+            problems.append(f"backends {backends[:100]!r} has an empty name; llama-bench joins names with ',' alone")
+            continue
+        near = by_lower.get(name.strip().lower()) or next(iter(difflib.get_close_matches(name, GGML_BACKENDS, 1)), "")
+        hint = f" (did you mean {near!r}?)" if near else f"; known: {', '.join(GGML_BACKENDS)}"
+        problems.append(f"backends names {name[:40]!r}, which no llama.cpp or torch build reports{hint}")
+    repeated = sorted({n for n in names if n and names.count(n) > 1})
+    if repeated:
+        problems.append(f"backends {backends[:100]!r} names {', '.join(repeated)} more than once")
+    return problems
+
+
+def accelerators(backends: str) -> list[str]:
+    """The backends of a `backends` text that compute off the host ("CUDA", "Metal"), in order."""
+    return [b for b in (x.strip() for x in backends.split(",")) if b and b not in HOST_BACKENDS]
+
+
 class Hardware(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -358,6 +410,9 @@ class Hardware(BaseModel):
     # llama.cpp's backends the run used, llama-bench's spelling ("CUDA", "Metal,BLAS", "CPU"): an
     # Apple GPU has no separate gpu name in older llama-bench files, only its Metal backend.
     backends: Annotated[str, Field(max_length=300)] = ""
+    # GPU devices the engine can place layers on (ggml's GPU devices for llama.cpp, as its model
+    # loader counts them; torch.cuda.device_count() for torch): what tensor_split is routed by.
+    n_gpus: int = Field(default=0, ge=0, le=256)
     vram_bytes: int = 0
     os: Annotated[str, Field(max_length=300)] = ""
     gpu_driver: Annotated[str, Field(max_length=300)] = ""

@@ -171,12 +171,14 @@ def sweep_submit(
     unless --allow-unfit. Before any worker has announced itself, every job is queued.
     n_threads above the cores of every registered worker (with none known, this machine's) is
     refused, not capped; a worker given more threads than it has caps them and records the request.
+    A tensor_split over more devices than any registered llama.cpp worker has GPUs is refused too,
+    unless --allow-unfit (such jobs go only to a worker with enough GPUs).
     """
     from orchestrator import dispatch, lifecycle
     from orchestrator.checks import record_checks
     from orchestrator.db import session_scope
     from orchestrator.planning import plan as plan_sweep
-    from orchestrator.planning import thread_refusal
+    from orchestrator.planning import split_refusal, thread_refusal
     from orchestrator.sweep import SweepError, load_spec
 
     settings = load_settings()
@@ -193,7 +195,8 @@ def sweep_submit(
     _require_schema(settings)
     engine = _engine(settings)
     with session_scope(engine) as session:
-        problem = thread_refusal(spec.n_threads, dispatch.known_capabilities(session))
+        workers = dispatch.known_capabilities(session)
+    problem = thread_refusal(spec.n_threads, workers) or (None if allow_unfit else split_refusal(jobs, workers))
     if problem:
         raise fail(f"{file}: {problem}")
     celery = _celery(settings)

@@ -3,8 +3,9 @@
 Field names are llama-bench's where the concept is the same (`model_type`, `avg_ts`,
 `samples_ns`, `build_commit`, ...), so tools written for llama-bench read our exports and
 community numbers join our database. Parsing is pure; `import_text` stores through the collector's
-path (`store_import`, a trusted import) in a session the caller opens. It knows nothing of
-workers or brokers.
+path (`store_import`, a trusted import) in a session the caller opens, after `local_identity`
+gives a record whose model file is on this machine that file's sha256 (so its rows join the
+farm's own rows of the file). It knows nothing of workers or brokers.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import statistics
 import uuid
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy.orm import Session
 
@@ -29,6 +31,7 @@ from farm.contract import (
     tokens_per_run,
     utc_now,
 )
+from farm.modelfiles import ModelError, model_sha256, read_facts
 from farm.stats import sample_stats, summarize, tok_s
 from orchestrator.db import SweepRow
 
@@ -287,13 +290,57 @@ def to_result(record: dict, line: int, machine: str, sweep_id: str) -> tuple[Res
     return result, spec
 
 
+def header_disagreement(record: dict, facts: ModelFacts) -> str | None:
+    """Where a record and the GGUF header of the file it names disagree; None when they agree on
+    everything llama-bench records of the model. llama-bench's model_type guesses the size label
+    from the layer count (SmolLM2 135M reads "llama 256M Q4_1"), so of it only the architecture and
+    the file type are compared; its model_size is llama_model_size, the tensor bytes (weight_bytes)."""
+    model_type = str(record.get("model_type", ""))
+    arch = model_type.split(" ", 1)[0]
+    checks = (("architecture", arch, facts.arch), ("file type", quant_from_model_type(model_type), facts.file_type),
+              ("model_size", int(record.get("model_size", -1)), facts.weight_bytes),
+              ("model_n_params", int(record.get("model_n_params", -1)), facts.n_params))
+    for what, theirs, ours in checks:
+        if theirs != ours:
+            return f"{what} {theirs!r} in the record, {ours!r} in the file"
+    return None
+
+
+def local_identity(record: dict, cache: dict[str, str | None] | None = None) -> str | None:
+    """The sha256 identity (farm.modelfiles.model_sha256, as workers compute it) of the model file a
+    record names, where model_filename is an absolute path to a file here whose header agrees with
+    the record; None otherwise (a relative name, another machine's path, another file under the
+    same name), and the import keeps llama-bench's name + type + size + params identity.
+    `cache`: answers by path, so a file's records are hashed and compared once per import."""
+    name = str(record.get("model_filename") or "")
+    path = Path(name)
+    if not path.is_absolute():
+        return None
+    key = f"{name}\n{record.get('model_type')}\n{record.get('model_size')}\n{record.get('model_n_params')}"
+    if cache is not None and key in cache:
+        return cache[key]
+    sha = None
+    try:
+        if path.is_file():
+            facts = read_facts(path)
+            if header_disagreement(record, facts) is None:
+                sha = model_sha256(path)
+    except (ModelError, OSError, TypeError, ValueError):
+        sha = None  # unreadable or not a model: the record's own identity stands
+    if cache is not None:
+        cache[key] = sha
+    return sha
+
+
 def import_text(session: Session, text: str, machine: str | None, source_name: str) -> tuple[int, int]:
     """Store every record of a llama-bench file as results of `machine`; returns (stored, already present).
 
     Without `machine`, each record's own cpu_info/gpu_info name it (machine_of), so one file
-    from several boxes stays several machines. Each goes through the collector's storing path as
-    a trusted import (validated against its job, stored once per job id). Every line is checked
-    before the caller commits, so a broken file stores nothing.
+    from several boxes stays several machines. A record whose model file is here, by the absolute
+    path it names and with a header that agrees, takes that file's sha256 (local_identity). Each
+    goes through the collector's storing path as a trusted import (validated against its job,
+    stored once per job id). Every line is checked before the caller commits, so a broken file
+    stores nothing.
     """
     if machine is not None and not machine.strip():
         raise LlamaBenchError("--machine must name the machine the numbers come from (or leave it out)")
@@ -303,6 +350,11 @@ def import_text(session: Session, text: str, machine: str | None, source_name: s
     sweep_id = str(uuid.uuid5(IMPORT_NAMESPACE, f"sweep\n{machine or ''}\n{digest}"))
     records = parse(text)
     converted = [(line, *to_result(rec, line, machine or "", sweep_id)) for line, rec in records]
+    hashed: dict[str, str | None] = {}
+    for i, (line, result, spec) in enumerate(converted):
+        if sha := local_identity(records[i][1], hashed):
+            converted[i] = (line, result.model_copy(update={"model_sha256": sha, "source_sha256": sha}),
+                            {**spec, "model_sha256": sha})
     if not converted:
         raise LlamaBenchError(f"{source_name} holds no llama-bench records")
     machines = sorted({result.worker for _, result, _ in converted})

@@ -4,7 +4,7 @@ Owns resolving each model entry to its identity (catalogue data, a derived name,
 model's header and sha256, a hub model's files and range-read header (orchestrator/hub.py), a
 model of the local Ollama store), checking ngram-cache's lookup cache files, refusing a draft
 whose vocabulary differs from its target's, the memory estimate of every job (farm/memory.py),
-and refusing thread counts no machine has.
+and refusing thread counts no machine has and tensor splits over more GPUs than any worker has.
 Knows the workers only through their announced Capabilities (passed in); reads no database.
 """
 
@@ -58,6 +58,30 @@ def thread_refusal(n_threads: list[int], workers: dict[str, Capabilities]) -> st
         return None
     return (f"n_threads {', '.join(map(str, too_many))} is above the cores of every machine ({where}); "
             f"use values up to {limit}, or 0 for the worker's own count")
+
+
+def split_refusal(jobs: list[Job], workers: dict[str, Capabilities]) -> str | None:
+    """One line when a llama.cpp job's tensor_split spreads the model over more devices than any
+    registered llama.cpp worker has GPUs (its announced n_gpus): no worker could run it, and each
+    engine refuses such a split at load. With no llama.cpp worker known, nothing is refused: jobs
+    wait for one that fits (routing sends a split only to a worker with enough GPUs)."""
+    known = {name: caps.hardware for name, caps in workers.items() if "llamacpp" in caps.engines}
+    if not known:
+        return None
+    most = max(hw.n_gpus for hw in known.values())
+    splits = sorted({j.config.tensor_split for j in jobs
+                     if j.engine == "llamacpp" and j.config.n_split_devices > most}, key=len)
+    if not splits:
+        return None
+    shown = ", ".join("[" + ", ".join(f"{x:g}" for x in s) + "]" for s in splits[:3])
+    name, hw = max(known.items(), key=lambda kv: (kv[1].n_gpus, kv[0]))
+    if not most:
+        return (f"tensor_split {shown} spreads layers over GPUs, but no registered llama.cpp worker has a GPU "
+                f"device ({name}: backends {hw.backends or 'not announced'}); leave tensor_split empty, or pass "
+                "--allow-unfit to queue these jobs for a multi-GPU worker that joins later")
+    return (f"tensor_split {shown} spreads layers over more devices than the {most} GPUs of the largest "
+            f"registered llama.cpp worker ({name}: backends {hw.backends}); give at most {most} shares, or pass "
+            "--allow-unfit to queue these jobs for a worker with more GPUs that joins later")
 
 
 def plan(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."),

@@ -3,7 +3,8 @@
 A row is one model x quant x technique x engine x settings x hardware class: the model by its
 sha256, or for an import that has none by file name + model_type + size + n_params (model_key);
 the settings are the engine parameters that differ from the defaults (settings_label); the
-hardware class is the GPU and llama.cpp backend, or the CPU of a CPU-only box (hardware_label).
+hardware class is the GPU and llama.cpp backend, or the CPU and its backend of a box that computed
+on its host (hardware_label).
 It ranks by decode tok/s at a chosen context depth, with prefill and TTFT beside it. Its tier is
 the memory the run used: the measured peak where a result carries one, else estimated from the
 file and the offload settings it ran with (farm.memory.run_memory_bytes, marked so).
@@ -18,7 +19,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Iterable
 
-from farm.contract import EngineConfig, ModelFacts, Result, kind_of_test
+from farm.contract import EngineConfig, ModelFacts, Result, accelerators, kind_of_test
 from farm.memory import TIERS_GB, run_memory_bytes
 
 _GIB = 1 << 30
@@ -78,28 +79,31 @@ class LeaderRow:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-# llama.cpp backends that run on something other than the CPU (llama-bench's `backends` spelling).
-_HOST_BACKENDS = {"CPU", "BLAS", "ZenDNN", "RPC", ""}
+# llama.cpp renamed its Metal registry "MTL": one backend, so one class across llama-bench versions.
+_LABEL_SPELLING = {"MTL": "Metal"}
 
 
-def accelerators(backends: str) -> list[str]:
-    return [b.strip() for b in backends.split(",") if b.strip() not in _HOST_BACKENDS]
-
-
-def hardware_label(cpu: str, gpu: str, n_cpu_cores: int = 0, backends: str = "") -> str:
-    """One hardware class: the GPU and its backend, so an RTX 4090 and a 3090 never pool; an Apple
-    chip by its Metal backend where the file names no GPU; the CPU of a CPU-only box."""
-    accel = ",".join(accelerators(backends))
-    if gpu:
-        return f"{gpu} ({accel})" if accel else gpu
+def hardware_label(cpu: str, gpu: str, backends: str = "") -> str:
+    """One hardware class: the GPU and its accelerator backend, so an RTX 4090 and a 3090 never
+    pool and neither does a card's CUDA run with its Vulkan one; an Apple chip by its Metal backend
+    where the file names no GPU; a box that computed on its host (no accelerator backend, or a GPU
+    beside a CPU-only build) by its CPU and host backend, `AMD EPYC 9354 (CPU)`. Never the core
+    count: a box's cores do not make another class, and the settings label shows the threads used.
+    A GPU with no backends recorded (results from before the field) keeps its name alone."""
+    accel = ",".join(dict.fromkeys(_LABEL_SPELLING.get(b, b) for b in accelerators(backends)))
     if accel:
-        return f"{cpu or 'unknown'} ({accel})"
-    return f"{cpu} ({n_cpu_cores} cores)" if n_cpu_cores else (cpu or "unknown CPU")
+        return f"{gpu or cpu or 'unknown'} ({accel})"
+    if gpu and not backends:
+        return gpu
+    return f"{cpu or 'unknown CPU'} ({backends or 'CPU'})"
 
 
 def hardware_class(gpu: str, backends: str = "") -> str:
-    """The filter's coarse class: a GPU box (a GPU named, or an accelerator backend) or a CPU-only box."""
-    return "GPU" if gpu or accelerators(backends) else "CPU"
+    """The filter's coarse class: a GPU box (an accelerator backend, or a GPU named where no backends
+    were recorded) or a box that computed on its CPU."""
+    if backends:
+        return "GPU" if accelerators(backends) else "CPU"
+    return "GPU" if gpu else "CPU"
 
 
 # llama-bench's column names for EngineConfig's fields, for the settings label.
@@ -184,8 +188,8 @@ def from_result(r: Result) -> Measurement:
     peak = r.conditions.peak_vram_bytes or r.conditions.peak_rss_bytes or None
     return Measurement(
         model=r.model, model_sha256=r.model_sha256, quant=r.quant, technique=r.technique, backend=r.backend,
-        worker=r.worker, hardware=hardware_label(r.hardware.cpu, r.hardware.gpu, r.hardware.n_cpu_cores,
-                                                 r.hardware.backends), test=r.test, n_prompt=r.n_prompt, n_gen=r.n_gen,
+        worker=r.worker, hardware=hardware_label(r.hardware.cpu, r.hardware.gpu, r.hardware.backends),
+        test=r.test, n_prompt=r.n_prompt, n_gen=r.n_gen,
         n_depth=r.n_depth, avg_ts=r.avg_ts, stddev_ts=r.stddev_ts, size_bytes=facts.size_bytes,
         model_type=facts.model_type, n_params=facts.n_params, n_params_active=facts.n_params_active,
         peak_memory_bytes=peak, ttft_ns=r.ttft_ns or None, gpu=r.hardware.gpu, backends=r.hardware.backends,

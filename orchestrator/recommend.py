@@ -25,6 +25,7 @@ from orchestrator.ranking import (
     LeaderRow,
     from_result,
     hardware_class,
+    hardware_label,
     rank,
     tier_for,
 )
@@ -152,8 +153,8 @@ def technique_text(quant: str, technique: str, results: list[Result]) -> str:
 
 def _key(r: Result) -> tuple:
     # ranking groups by (file, quant, technique, engine, hardware label); the same key here.
-    return (r.model_sha256, r.quant, r.technique, r.backend, r.hardware.gpu or
-            f"{r.hardware.cpu} ({r.hardware.n_cpu_cores} cores)")
+    return (r.model_sha256, r.quant, r.technique, r.backend, hardware_label(r.hardware.cpu, r.hardware.gpu,
+                                                                            r.hardware.backends))
 
 
 def _same_class(r: Result, vram_gb: float, ram_gb: float | None) -> bool:
@@ -214,7 +215,8 @@ def recommend(results: Iterable[Result], vram_gb: float, ram_gb: float | None = 
             continue  # a recommendation is about decode speed; a file with only prefill says nothing yet
         if row.memory_bytes <= vram_limit:
             fits, limit = "VRAM", vram_limit
-        elif ram_limit and hardware_class(group[0].hardware.gpu if group else "") == "CPU" and row.memory_bytes <= ram_limit:
+        elif ram_limit and row.memory_bytes <= ram_limit and (
+                not group or hardware_class(group[0].hardware.gpu, group[0].hardware.backends) == "CPU"):
             fits, limit = "RAM", ram_limit
         else:
             continue

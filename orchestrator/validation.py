@@ -15,6 +15,8 @@ from farm.contract import (
     TECHNIQUE_FIELDS,
     Job,
     Result,
+    accelerators,
+    backend_problems,
     kind_of_test,
     tokens_per_run,
 )
@@ -45,6 +47,7 @@ def result_problems(result: Result, job: Job | None = None, from_worker: bool = 
                 continue  # 0 asks for the whole category; the result says how many that was
             if getattr(result, field) != getattr(job, field):
                 problems.append(f"{field} is {getattr(result, field)!r}, the job asked for {getattr(job, field)!r}")
+    problems += hardware_problems(result, from_worker)
     if result.status == "failed":
         if not result.error:
             problems.append("a failed result must say why")
@@ -77,6 +80,25 @@ def result_problems(result: Result, job: Job | None = None, from_worker: bool = 
     if result.technique != "baseline":
         problems += _speculation_problems(result, n_tokens, mean)
     problems += quality_problems(result, job)
+    return problems
+
+
+def hardware_problems(result: Result, from_worker: bool = True) -> list[str]:
+    """What no real build reports of the hardware a Result ran on: a backend name no llama.cpp or
+    torch build spells (farm.contract.GGML_BACKENDS), one twice; and, from a worker, llama.cpp GPU
+    devices without a GPU backend, or an ok run split over more devices than it had (the engine
+    refuses such a tensor_split at load). An import names no GPU count, so it is not held to one."""
+    hw = result.hardware
+    problems = [f"hardware.{p}" for p in backend_problems(hw.backends)]
+    if not from_worker or problems:
+        return problems
+    if result.backend == "llamacpp" and hw.n_gpus and hw.backends and not accelerators(hw.backends):
+        problems.append(f"hardware.n_gpus is {hw.n_gpus} but backends {hw.backends!r} name no GPU backend: "
+                        "ggml's GPU devices come from one")
+    n_split = result.config.n_split_devices
+    if result.status == "ok" and result.backend == "llamacpp" and n_split > hw.n_gpus:
+        problems.append(f"config.tensor_split spreads the model over {n_split} devices on hardware with "
+                        f"{hw.n_gpus} GPUs (n_gpus): llama.cpp refuses that split at load, so no run measured it")
     return problems
 
 

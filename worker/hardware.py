@@ -2,8 +2,10 @@
 
 Reads /proc, platform facts, NVML where `pynvml` is importable, and measures memory bandwidth
 with a STREAM-style triad (numpy on host RAM; torch on a CUDA device where present), once per
-boot, kept in a small file keyed by the kernel's boot id. It never
-touches an engine and knows nothing of models.
+boot, kept in a small file keyed by the kernel's boot id. What an engine sees of the machine
+(its backends and GPU devices) is enumerated by the engine (worker/engines) and only spelled
+here, as llama-bench spells it, from the plain names and types handed in. It never touches an
+engine and knows nothing of models.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -261,3 +264,68 @@ def summary() -> Hardware:
         bandwidth_gbps=round(device_gbps or host_gbps, 3),
         **_nvml_facts(),
     )
+
+
+# --- what an engine sees: backends and GPU devices -------------------------------------------
+
+# enum ggml_backend_dev_type (ggml-backend.h)
+GGML_DEVICE_CPU, GGML_DEVICE_GPU, GGML_DEVICE_IGPU, GGML_DEVICE_ACCEL, GGML_DEVICE_META = range(5)
+
+
+class GgmlDevice(NamedTuple):
+    """One entry of ggml's device list: its name ("CUDA0"), type, description ("NVIDIA H200") and
+    the name of the backend registry it belongs to ("CUDA")."""
+
+    name: str
+    type: int
+    description: str
+    reg: str
+
+
+class EngineDevices(NamedTuple):
+    """What one engine computes on: llama-bench's `backends` text, its GPU devices, the first one's name."""
+
+    backends: str
+    n_gpus: int
+    gpu: str
+
+
+def ggml_backends(regs: list[tuple[str, int]]) -> str:
+    """llama-bench's `backends` (test::get_backend): the registries' names in order, CPU left out,
+    RPC once at the end where an RPC registry has devices; "CPU" when nothing else is there.
+    regs: (name, device count) per registry."""
+    names = [name for name, _ in regs if not name.startswith("RPC") and name != "CPU"]
+    if any(name.startswith("RPC") and n_devices > 0 for name, n_devices in regs):
+        names.append("RPC")
+    return ",".join(names) or "CPU"
+
+
+def ggml_gpus(devices: list[GgmlDevice]) -> list[GgmlDevice]:
+    """The GPU devices llama.cpp's model loader places layers on (llama_model_load_from_file's
+    device list, without RPC servers, which no worker configures): the discrete GPUs, else the
+    integrated GPUs of the first backend that has one."""
+    gpus = [d for d in devices if d.type == GGML_DEVICE_GPU and not d.reg.startswith("RPC")]
+    if gpus:
+        return gpus
+    igpus = [d for d in devices if d.type == GGML_DEVICE_IGPU]
+    return [d for d in igpus if d.reg == igpus[0].reg]
+
+
+def ggml_devices(regs: list[tuple[str, int]], devices: list[GgmlDevice]) -> EngineDevices:
+    gpus = ggml_gpus(devices)
+    return EngineDevices(ggml_backends(regs), len(gpus), gpus[0].description if gpus else "")
+
+
+def torch_backends(device_type: str, hip: bool) -> str:
+    """The backend a torch device computes on, in llama-bench's spelling where one exists: a CUDA
+    device is "CUDA", or "ROCm" on a HIP build (torch.version.hip), Apple's "MPS", else "CPU"."""
+    if device_type == "cuda":
+        return "ROCm" if hip else "CUDA"
+    return {"mps": "MPS"}.get(device_type, "CPU")
+
+
+def with_devices(hw: Hardware, devices: EngineDevices) -> Hardware:
+    """The machine's summary with what the engine of a job sees; NVML's GPU name stays where it
+    has one, the engine's own description fills it where NVML is absent (Metal, ROCm, no pynvml)."""
+    return hw.model_copy(update={"backends": devices.backends, "n_gpus": devices.n_gpus,
+                                 "gpu": hw.gpu or devices.gpu})

@@ -25,6 +25,7 @@ from farm.contract import (
     Conditions,
     Download,
     Envelope,
+    Hardware,
     Job,
     Quality,
     Result,
@@ -39,7 +40,7 @@ from farm.settings import Settings
 from farm.stats import sample_stats, summarize, tok_s
 from worker import __version__, hardware
 from worker.admission import Admission, AdmissionError, job_id_of
-from worker.engines import Backend, EngineError, create_backend
+from worker.engines import Backend, EngineError, create_backend, engine_devices
 from worker.fetch import Progress, downloaded_models, fetch_source
 from worker.measure import Measurement, decode_context, device_share, measure, roofline_tok_s
 from worker.models import resolve
@@ -150,6 +151,20 @@ def quality_block(job: Job, backend: Backend, model_sha256: str, settings: Setti
     )
 
 
+def engine_hardware(engine: str, torch_device: str = "auto") -> Hardware:
+    """The machine as a job's engine sees it: the summary, with that engine's backends and GPUs."""
+    return hardware.with_devices(hardware.summary(), engine_devices(engine, torch_device))
+
+
+def hardware_for(engine: str, torch_device: str = "auto") -> Hardware:
+    """engine_hardware, or the bare summary where the engine itself cannot be asked (its library
+    missing or broken): a failed result still goes back with its reason, a worker still joins."""
+    try:
+        return engine_hardware(engine, torch_device)
+    except Exception:
+        return hardware.summary()
+
+
 class LoadedModel:
     """The model a worker keeps loaded between jobs (model affinity), as llama-bench reuses one.
 
@@ -254,16 +269,17 @@ def execute(job: Job, settings: Settings, loaded: LoadedModel | None = None,
                 loaded.drop()
     except (ModelError, EngineError) as exc:
         loaded.drop()
-        return Result.failed(job, worker, str(exc), hardware=hardware.summary(), versions=base_versions,
-                             started_at=started, transient=getattr(exc, "transient", False))
+        return Result.failed(job, worker, str(exc), hardware=hardware_for(job.engine, settings.torch_device),
+                             versions=base_versions, started_at=started, transient=getattr(exc, "transient", False))
     except Exception as exc:  # an engine bug must not take the worker down with it
         log.exception("job %s failed", job.job_id)
         loaded.drop()
-        return Result.failed(job, worker, f"{type(exc).__name__}: {exc}", hardware=hardware.summary(),
+        return Result.failed(job, worker, f"{type(exc).__name__}: {exc}",
+                             hardware=hardware_for(job.engine, settings.torch_device),
                              versions=base_versions, started_at=started)
     fields = {**{f: getattr(job, f) for f in TECHNIQUE_FIELDS}, **extra}
     avg, std = summarize(job.n_tokens, m.samples_ns)
-    hw = hardware.summary()
+    hw = engine_hardware(job.engine, settings.torch_device)
     decode = decode_figures(job, m, facts, hw, avg, conditions.flags)
     return Result(
         job_id=job.job_id, sweep_id=job.sweep_id, status="ok", worker=worker,
@@ -315,7 +331,8 @@ def capabilities(settings: Settings) -> Capabilities:
 
     engines = [name for name, module in (("llamacpp", "llama_cpp"), ("torch", "torch"))
                if importlib.util.find_spec(module) is not None]
-    hw = hardware.summary()
+    # The GPUs announced are llama.cpp's where it is here: tensor_split, routed by n_gpus, is its alone.
+    hw = hardware_for(engines[0], settings.torch_device) if engines else hardware.summary()
     caps = Capabilities(engines=engines, hardware=hw, models=held(settings),
                         version=__version__,
                         offered_ram_bytes=min(hw.ram_bytes, settings.max_ram_bytes or hw.ram_bytes),
@@ -386,7 +403,7 @@ def register(app: Celery, settings: Settings, admission: Admission) -> None:
             log.exception("job %s: no result could be built", job.job_id)
             loaded.drop()
             result = Result.failed(job, settings.worker_name, f"internal error: {type(exc).__name__}: {exc}",
-                                   hardware=hardware.summary())
+                                   hardware=hardware_for(job.engine, settings.torch_device))
         publish_envelope(app, Envelope(kind="result", job_id=job.job_id, worker=settings.worker_name, result=result,
                                        **lease), settings.worker_token)
         log.info("job %s: %s %.2f tok/s %s", job.job_id, result.status, result.avg_ts, result.error)

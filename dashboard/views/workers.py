@@ -23,7 +23,7 @@ if machines.empty:
     st.info("No worker has sent a result yet: start one with `tokenfarm worker start --name mybox`.")
 else:
     shown = ["worker", "trust", "last_seen", "n_results", "n_failed", "n_rejected", "n_canary_passed", "n_canary_failed",
-             "n_crosscheck_agreed", "n_crosscheck_disagreed", "flag_reason", "hardware", "vram_bytes", "bandwidth_gbps"]
+             "n_crosscheck_agreed", "n_crosscheck_disagreed", "flag_reason", "hardware", "n_gpus", "vram_bytes", "bandwidth_gbps"]
     st.dataframe(machines[[c for c in shown if c in machines.columns]], hide_index=True, width="stretch")
     st.caption("trusted: marked by the operator (`tokenfarm workers trust`), its results set canary references · "
                "registered: results checked, not trusted · flagged: failed a canary, lost cross-checks or flagged "

@@ -123,6 +123,10 @@ class LlamaCppBackend:
         # This llama.cpp spells use_mmap as a load mode (llama-bench -lm none, default auto);
         # on, it keeps llama.cpp's own choice (AUTO maps the file where it can).
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_AUTO if config.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
+        # Refused, not ignored: llama.cpp drops the shares of devices it lacks, and a result
+        # recorded "ts=1/1" that ran on one device (or on the CPU) would be a lie.
+        if problem := levers.split_refusal(config.n_split_devices, levers.devices()):
+            raise EngineError(problem)
         n_max = int(llama_cpp.llama_max_devices())
         if len(config.tensor_split) > n_max:
             raise EngineError(f"tensor_split has {len(config.tensor_split)} shares but this llama.cpp build "

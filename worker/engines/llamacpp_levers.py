@@ -1,6 +1,7 @@
 """What llama-cpp-python does not bind of llama.cpp's levers, bound here with ctypes.
 
-Owns: tensor buffer-type overrides (`-ot`, `--n-cpu-moe`) as the NULL-terminated array of
+Owns: ggml's backend registry and device list as llama-bench reads them (`backends`, the GPU
+devices, their descriptions); tensor buffer-type overrides (`-ot`, `--n-cpu-moe`) as the NULL-terminated array of
 llama_model_tensor_buft_override that llama_model_params takes; the ggml CPU threadpool
 (`--cpu-mask`, `--cpu-strict`, `--poll`, `--prio`) attached to a context; and a capture of
 llama.cpp's log while a model or context is made, because the buffer sizes and KV types it
@@ -22,6 +23,7 @@ import llama_cpp._logger
 
 from farm.contract import parse_override_tensors
 from worker.engines.base import EngineError
+from worker.hardware import EngineDevices, GgmlDevice, ggml_devices
 
 _LIB_DIR = Path(llama_cpp.__file__).parent / "lib"
 
@@ -45,6 +47,57 @@ _ggml.ggml_backend_dev_count.argtypes = []
 _ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
 _ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
 _ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+_ggml.ggml_backend_reg_count.argtypes = []
+_ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+_ggml.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
+_ggml.ggml_backend_reg_get.restype = ctypes.c_void_p
+_ggml.ggml_backend_load_all.argtypes = []
+_ggml.ggml_backend_load_all.restype = None
+_base.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
+_base.ggml_backend_reg_name.restype = ctypes.c_char_p
+_base.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+_base.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+_base.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+_base.ggml_backend_dev_name.restype = ctypes.c_char_p
+_base.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+_base.ggml_backend_dev_description.restype = ctypes.c_char_p
+_base.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+_base.ggml_backend_dev_type.restype = ctypes.c_int
+_base.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+_base.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+
+
+def _text(value: bytes | None) -> str:
+    return (value or b"").decode("utf-8", errors="replace")
+
+
+def devices() -> EngineDevices:
+    """This build's backends in llama-bench's spelling and the GPU devices its model loader uses,
+    read from ggml's registry as llama-bench reads it (get_backend, get_gpu_info)."""
+    if not _ggml.ggml_backend_reg_count():
+        _ggml.ggml_backend_load_all()  # a build with dynamically loaded backends, as llama.cpp loads them
+    regs = []
+    for i in range(_ggml.ggml_backend_reg_count()):
+        reg = _ggml.ggml_backend_reg_get(i)
+        regs.append((_text(_base.ggml_backend_reg_name(reg)), int(_base.ggml_backend_reg_dev_count(reg))))
+    found = []
+    for i in range(_ggml.ggml_backend_dev_count()):
+        dev = _ggml.ggml_backend_dev_get(i)
+        found.append(GgmlDevice(_text(_base.ggml_backend_dev_name(dev)), int(_base.ggml_backend_dev_type(dev)),
+                                _text(_base.ggml_backend_dev_description(dev)),
+                                _text(_base.ggml_backend_reg_name(_base.ggml_backend_dev_backend_reg(dev)))))
+    return ggml_devices(regs, found)
+
+
+def split_refusal(n_split_devices: int, found: EngineDevices) -> str | None:
+    """One line when tensor_split names more devices than this build has GPUs; None when it fits."""
+    if n_split_devices <= found.n_gpus:
+        return None
+    if not found.n_gpus:
+        return f"this llama.cpp build has no GPU device (backends {found.backends}); leave tensor_split empty"
+    plural = "s" if found.n_gpus > 1 else ""
+    return (f"tensor_split names {n_split_devices} devices but this llama.cpp build has {found.n_gpus} GPU "
+            f"device{plural} (backends {found.backends}); give at most {found.n_gpus} share{plural}")
 
 GGML_MAX_N_THREADS = 512  # ggml.h; the size of ggml_threadpool_params.cpumask
 
