@@ -306,10 +306,12 @@ def header_disagreement(record: dict, facts: ModelFacts) -> str | None:
     return None
 
 
-def local_identity(record: dict, cache: dict[str, str | None] | None = None) -> str | None:
-    """The sha256 identity (farm.modelfiles.model_sha256, as workers compute it) of the model file a
+def local_identity(record: dict, cache: dict[str, tuple[str, ModelFacts] | None] | None = None
+                   ) -> tuple[str, ModelFacts] | None:
+    """The sha256 identity and header facts (farm.modelfiles.model_sha256, as workers compute it) of the model file a
     record names, where model_filename is an absolute path to a file here whose header agrees with
-    the record; None otherwise (a relative name, another machine's path, another file under the
+    the record (the facts give the import's memory estimate the file's real layer count and KV
+    bytes per token, which a llama-bench record does not carry); None otherwise (a relative name, another machine's path, another file under the
     same name), and the import keeps llama-bench's name + type + size + params identity.
     `cache`: answers by path, so a file's records are hashed and compared once per import."""
     name = str(record.get("model_filename") or "")
@@ -319,17 +321,17 @@ def local_identity(record: dict, cache: dict[str, str | None] | None = None) -> 
     key = f"{name}\n{record.get('model_type')}\n{record.get('model_size')}\n{record.get('model_n_params')}"
     if cache is not None and key in cache:
         return cache[key]
-    sha = None
+    found = None
     try:
         if path.is_file():
             facts = read_facts(path)
             if header_disagreement(record, facts) is None:
-                sha = model_sha256(path)
+                found = (model_sha256(path), facts)
     except (ModelError, OSError, TypeError, ValueError):
-        sha = None  # unreadable or not a model: the record's own identity stands
+        found = None  # unreadable or not a model: the record's own identity stands
     if cache is not None:
-        cache[key] = sha
-    return sha
+        cache[key] = found
+    return found
 
 
 def import_text(session: Session, text: str, machine: str | None, source_name: str) -> tuple[int, int]:
@@ -350,10 +352,15 @@ def import_text(session: Session, text: str, machine: str | None, source_name: s
     sweep_id = str(uuid.uuid5(IMPORT_NAMESPACE, f"sweep\n{machine or ''}\n{digest}"))
     records = parse(text)
     converted = [(line, *to_result(rec, line, machine or "", sweep_id)) for line, rec in records]
-    hashed: dict[str, str | None] = {}
+    hashed: dict[str, tuple[str, ModelFacts] | None] = {}
     for i, (line, result, spec) in enumerate(converted):
-        if sha := local_identity(records[i][1], hashed):
-            converted[i] = (line, result.model_copy(update={"model_sha256": sha, "source_sha256": sha}),
+        if found := local_identity(records[i][1], hashed):
+            sha, facts = found
+            # llama-bench's own description stays (the round trip prints it back as it came).
+            facts = facts.model_copy(update={"model_type": result.model_facts.model_type,
+                                             "size_bytes": result.model_facts.size_bytes})
+            converted[i] = (line, result.model_copy(update={"model_sha256": sha, "source_sha256": sha,
+                                                            "model_facts": facts}),
                             {**spec, "model_sha256": sha})
     if not converted:
         raise LlamaBenchError(f"{source_name} holds no llama-bench records")

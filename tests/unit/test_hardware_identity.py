@@ -261,7 +261,7 @@ def test_a_record_of_a_local_file_takes_its_sha256_only_where_the_header_agrees(
     facts = read_facts(path)
     assert (facts.weight_bytes, facts.n_params) == (192, 48)  # what the record says, from the header
     assert header_disagreement(_record(path), facts) is None
-    assert local_identity(_record(path)) == model_sha256(path)
+    assert local_identity(_record(path)) == (model_sha256(path), facts)
     for changes in ({"model_n_params": 49}, {"model_size": 448}, {"model_type": "llama ?B Q4_0"},
                     {"model_type": "qwen3 ?B all F32"}):
         assert local_identity(_record(path, **changes)) is None, changes
@@ -281,6 +281,12 @@ def test_an_imported_record_joins_the_native_rows_of_the_same_file(engine, tmp_p
         stored = {row.result["model"]: Result.model_validate(row.result) for row in s.scalars(select(ResultRow))}
     here, gone = stored[str(path)], stored[str(tmp_path / "gone.gguf")]
     assert here.model_sha256 == sha == here.source_sha256 and gone.model_sha256 == ""
+    # The file's header gives the memory estimate its shape; the record's own words stay as they came.
+    header = read_facts(path)
+    assert (here.model_facts.n_layer, here.model_facts.kv_bytes_per_token) == (header.n_layer,
+                                                                              header.kv_bytes_per_token)
+    assert here.model_facts.n_layer > 0 and gone.model_facts.n_layer == 0
+    assert (here.model_facts.model_type, here.model_facts.size_bytes) == ("llama ?B all F32", 192)
     # A native run of the same file under its catalogue-style name, same settings and box: one row.
     native = here.model_copy(update={"job_id": "native", "model": "tiny", "worker": "w1"})
     rows = leaderboard([here, native, gone])
