@@ -5,8 +5,8 @@ llama.cpp's own `llama-speculative-simple` (`--spec-type draft-mtp`, `ngram-simp
 `ngram-map-k`, `ngram-map-k4v`, `ngram-cache`) at the same threads, draft size and tokens, the
 ratio tokenfarm ÷ native, tokenfarm's speedup over its own plain greedy decoding, and whether
 tokenfarm's output equals its plain greedy output (first differing token per prompt). With
---crosscheck it also runs the torch engine's MTP on the same head (the F32 parent and the
-heads beside it) and prints acceptance by position from both engines.
+--crosscheck it also runs the torch engine's MTP on the same F32 file (its NextN head, drafting
+every position as llama.cpp does) and prints acceptance by position from both engines.
 
 For the n-gram modes it also compares the drafts pass by pass: native runs with its debug log,
 which names each pass's accepted and drafted counts and last token, and is asked for one token
@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from farm.contract import EngineConfig
 from farm.prompts import load_prompts
-from worker.engines.base import EngineError
 from worker.ngram import NATIVE_CACHE_DRAFT, NgramCacheDrafter
 from worker.speculative import MTPDrafter, NgramDrafter, Run, plain, speculative
 
@@ -227,11 +226,12 @@ def main() -> None:
 
 
 def crosscheck(lc, args, cfg) -> None:
-    """Acceptance by position of the same head on both engines (n_mtp 1: the same computation)."""
+    """Acceptance by position of the same file's NextN head on both engines (the same computation
+    at every position, in another order of float sums)."""
     from worker.engines.torch import TorchBackend
     from worker.models import resolve
 
-    f32, _ = resolve("smollm2-135m", "F32", args.models_dir)
+    f32, _ = resolve("smollm2-135m-mtp", "F32", args.models_dir)
     tb = TorchBackend()
     tb.load(f32, cfg, 2048)
     try:
@@ -244,16 +244,10 @@ def crosscheck(lc, args, cfg) -> None:
                     runs = []
                     for t in texts:
                         p = backend.tokenize(backend.chat_prompt(t), add_bos=True, special=True)
-                        try:
-                            ctx = backend.mtp_context(n)
-                        except EngineError as exc:  # torch holds as many heads as were trained
-                            figures.append(f"{name}: {exc}".splitlines()[0][:90])
-                            break
-                        runs.append(speculative(backend, MTPDrafter(backend, ctx, n), p, args.n_gen))
-                    else:
-                        by_pos = [sum(r.accepted_at[i] for r in runs) / max(1, sum(r.drafted_at[i] for r in runs))
-                                  for i in range(n)]
-                        figures.append(f"{name} {[round(x, 3) for x in by_pos]} ({time.perf_counter() - t0:.0f} s)")
+                        runs.append(speculative(backend, MTPDrafter(backend, backend.mtp_context(n), n), p, args.n_gen))
+                    by_pos = [sum(r.accepted_at[i] for r in runs) / max(1, sum(r.drafted_at[i] for r in runs))
+                              for i in range(n)]
+                    figures.append(f"{name} {[round(x, 3) for x in by_pos]} ({time.perf_counter() - t0:.0f} s)")
                 print(f"crosscheck {category} n_mtp={n}: " + "; ".join(figures), flush=True)
     finally:
         tb.close()

@@ -201,7 +201,8 @@ def estimate_need_bytes(job: Job, facts: ModelFacts, draft_facts: ModelFacts | N
     micro-batch; in host RAM, at least what reading the header takes. torch: every tensor dequantized to
     f32 while the file is still mapped, an f32 cache (a second one for a technique, which
     allocates its own), compute for one n_batch chunk. A spec job adds its draft the same way;
-    an mtp job its heads (one block and a 2D -> D projection each, f32). Partial offload puts
+    an mtp job its heads (one block and a 2D -> D projection each, f32; none on torch over a file
+    with NextN layers, whose one head is among its tensors). Partial offload puts
     n_gpu_layers / n_layer of the weights and cache on the device.
     """
     kind = memory_kind(job)
@@ -221,7 +222,9 @@ def estimate_need_bytes(job: Job, facts: ModelFacts, draft_facts: ModelFacts | N
     total = model_bytes(facts, override_host_bytes)
     if job.technique == "spec" and draft_facts is not None:
         total += model_bytes(draft_facts)
-    if job.technique == "mtp":
+    if job.technique == "mtp" and not (torch and facts.n_nextn_layers):
+        # Heads beside the file; the torch engine drafts with a file's own NextN layer where it
+        # has one, one head at any n_mtp, whose weights model_bytes counted with the file's.
         total += 4 * job.n_mtp * (_layer_params(facts) + 2 * facts.n_embd * facts.n_embd)
     if job.quality:
         # A chunk's logits at every position: the engine's output buffer, the copy the pass

@@ -27,11 +27,13 @@ Three differences are bridged, each exactly:
 - The concatenation order: llama.cpp concatenates [embedding; hidden], mtp.py [hidden;
   embedding]; the projection's columns are swapped.
 
-Recursion differs by design, and this module cannot bridge it: this llama.cpp's glm4moe runs
-one NextN block (asserted), and drafts past the first token by feeding that block its own
-normalised output, where mtp.py chains separately trained heads on the un-normalised output.
-Position 1 is the same computation in both engines; later positions are not (see
-benchmarks/llamacpp_mtp.py's cross-check).
+Recursion is the file's, not mtp.py's chain: this llama.cpp's glm4moe runs one NextN block
+(asserted), and drafts past the first token by feeding that block its own normalised output,
+where mtp.py chains separately trained heads on the un-normalised output. The torch engine
+reads this file back (worker/engines/torch/gguf_loader.py undoes every difference above) and
+drafts with its one head the way llama.cpp does (mtp.py's recursive head), so on this file both
+engines compute the same thing at every draft position (benchmarks/llamacpp_mtp.py's
+cross-check); the torch engine's chained heads beside the parent are another drafter.
 
 It owns the export and its checks; training is mtp_train.py's, caching and provenance
 worker/models.py's. It never runs a model.

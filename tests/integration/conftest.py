@@ -31,6 +31,48 @@ def smollm2() -> Path:
     return fetch("smollm2-135m", MODELS_DIR)
 
 
+@pytest.fixture(scope="session")
+def mtp_models(smollm2, tmp_path_factory) -> dict[str, Path]:
+    """A models folder of its own (heads beside its F32 must not reach other tests), with
+    SmolLM2's F32, a head for it and the MTP build (`smollm2-135m-mtp`) resolved through the job
+    road. The head is trained for about a minute (self-distilled on 40 requests, mtp_train.py):
+    its proposals are accepted a fifth of the time or so, so both engines' acceptance is compared
+    on more than zeros. Its output norm's weight is then spread away from 1 (x e^(0.5 N(0,1))),
+    so feeding the NextN block its normalised output, as llama.cpp's recursion does, and feeding
+    it the raw output draft differently past position 1 (test_torch_glm4moe.py tells them apart)."""
+    import torch
+
+    from worker.engines.torch.gguf_loader import GGUFVocab, load_model
+    from worker.engines.torch.mtp import heads_path, save_heads
+    from worker.engines.torch.mtp_train import TrainConfig, train_heads
+    from worker.models import resolve
+
+    root = tmp_path_factory.mktemp("mtp-models")
+    (root / "catalogue").mkdir()
+    for f in Path(smollm2).parent.glob(Path(smollm2).name + "*"):
+        target = root / "catalogue" / f.name
+        if f.name.endswith(".gguf"):
+            target.symlink_to(f)
+        else:
+            shutil.copy(f, target)
+    f32, _ = resolve("smollm2-135m", "F32", root)
+    base = load_model(f32)
+    vocab = GGUFVocab(f32)
+    try:
+        heads, _ = train_heads(base, vocab, TrainConfig(n_mtp=1, n_chat=24, n_code=16, n_cont=48, epochs=12,
+                                                        n_head_vocab=0, lr=4e-3))
+    finally:
+        vocab.close()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        w = heads.heads[0].out_norm.weight
+        w.mul_(torch.exp(0.5 * torch.randn(w.shape, generator=generator)))
+    save_heads(heads, f32, {"base_sha256": ""})
+    assert heads_path(f32).exists()
+    mtp_f32, _ = resolve("smollm2-135m-mtp", "F32", root)
+    return {"root": root, "f32": f32, "mtp": mtp_f32}
+
+
 def xdist_index() -> int:
     """0 without xdist, N for xdist's worker gwN: what keeps parallel test workers apart."""
     name = os.environ.get("PYTEST_XDIST_WORKER", "")

@@ -187,6 +187,51 @@ def test_techniques_page_shows_speedup_breakeven_and_losslessness(seeded):
     assert set(at.dataframe[0].value["technique"]) == {"spec"}
 
 
+def test_techniques_page_puts_both_engines_mtp_on_one_model_side_by_side(data_dir):
+    """Issue 15: the MTP example's jobs on both engines over one file; llama.cpp's and torch's MTP
+    are two techniques of the same model on the page, beside the draft model and lookup."""
+    import json
+
+    from farm.contract import Speculation
+    from orchestrator.sweep import load_spec
+
+    url = f"sqlite:///{data_dir / 'tokenfarm.sqlite3'}"
+    upgrade(url)
+    example = REPO / "examples" / "mtp-llamacpp.yaml"
+    spec = load_spec(example)
+    jobs = plan(spec, base_dir=example.parent)
+    shown = [j for j in jobs if j.technique in ("mtp", "spec", "lookup") and j.prompt_category == "code"
+             and j.lookup_mode in ("longest", "ngram-simple")]
+    engine = make_engine(url)
+    with session_scope(engine) as s:
+        record(s, spec, jobs)
+        for i, job in enumerate(shown):
+            samples = [int(1e9 / (20 + i))]
+            avg, std = summarize(job.n_tokens, samples)
+            base_avg = avg / 1.2
+            speculation = Speculation(
+                baseline_samples_ns=[int(1e9 / base_avg)], baseline_avg_ts=base_avg, speedup=1.2, n_drafted=40,
+                n_accepted=10, n_passes=30, acceptance_rate=0.25, mean_accepted_per_pass=1 / 3,
+                acceptance_by_position=[0.25] * max(1, job.n_mtp), draft_ns=1, verify_ns=1,
+                first_mismatch=[None, None], lossless=True)
+            # The job's echo (model, engine, technique options) as every Result carries it, measured.
+            echo = Result.failed(job, "w", "").model_dump(exclude_unset=True, exclude={"status", "error"})
+            s.add(result_row(Result(**echo, status="ok", repetitions=1, samples_ns=samples, avg_ts=avg,
+                                    stddev_ts=std, speculation=speculation)))
+    engine.dispose()
+    at = open_page("techniques")
+    loss = at.dataframe[0].value
+    techniques = set(loss.loc[loss["model"] == "smollm2-135m-mtp", "technique"])
+    assert {"mtp llamacpp", "mtp torch", "spec", "lookup", "lookup ngram-simple"} <= techniques
+    breakeven = at.dataframe[1].value
+    mtp = breakeven[breakeven["technique"].str.startswith("mtp")]
+    assert set(mtp["model"]) == {"smollm2-135m-mtp"} and set(mtp["technique"]) == {"mtp llamacpp", "mtp torch"}
+    # The speedup map: a column per technique, a row per model, so the two MTP columns share the row.
+    heat = json.loads(charts(at)[0].spec)
+    assert heat["facet"]["column"]["field"] == "technique"
+    assert heat["spec"]["layer"][0]["encoding"]["y"]["field"] == "model"
+
+
 def test_prefill_roofline_workers_and_detail_pages(seeded):
     prefill = open_page("prefill_decode")
     assert len(charts(prefill)) == 2

@@ -5,7 +5,6 @@ NextN layer proposes what the torch engine's head proposes, and bad files are re
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,39 +20,6 @@ pytestmark = pytest.mark.integration
 
 N_GEN = 24
 CFG = EngineConfig(n_threads=1)
-
-
-@pytest.fixture(scope="module")
-def mtp_models(smollm2, tmp_path_factory) -> dict[str, Path]:
-    """A models folder of its own (heads beside its F32 must not reach other tests), with
-    SmolLM2's F32, a head for it (the base's last block, perturbed: untrained but real), and
-    the MTP build resolved through the job road."""
-    import torch
-
-    from worker.engines.torch.gguf_loader import load_model
-    from worker.engines.torch.mtp import MTPHeads, heads_path, save_heads
-    from worker.models import resolve
-
-    root = tmp_path_factory.mktemp("mtp-models")
-    (root / "catalogue").mkdir()
-    for f in Path(smollm2).parent.glob(Path(smollm2).name + "*"):
-        target = root / "catalogue" / f.name
-        if f.name.endswith(".gguf"):
-            target.symlink_to(f)
-        else:
-            shutil.copy(f, target)
-    f32, _ = resolve("smollm2-135m", "F32", root)
-    base = load_model(f32)
-    torch.manual_seed(0)
-    heads = MTPHeads(base, 1)
-    heads.init_from_base()
-    with torch.no_grad():
-        for p in heads.heads.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    save_heads(heads, f32, {"base_sha256": ""})
-    assert heads_path(f32).exists()
-    mtp_f32, _ = resolve("smollm2-135m-mtp", "F32", root)
-    return {"root": root, "f32": f32, "mtp": mtp_f32}
 
 
 def _prompt(backend, category: str = "code") -> list[int]:

@@ -90,6 +90,9 @@ def test_a_draft_and_mtp_heads_add_their_memory():
     assert with_draft - alone > scaled_to_quant(SMOL, "Q4_0").weight_bytes
     mtp = dict(kind="tg", n_prompt=0, n_gen=32, technique="mtp", engine="torch", prompt_category="code", n_prompts=2)
     assert estimate_need_bytes(job(**mtp, n_mtp=4), SMOL) > estimate_need_bytes(job(**mtp, n_mtp=1), SMOL)
+    # On the MTP build torch drafts with the file's one NextN head at any n_mtp: its tensors are the file's.
+    build = SMOL.model_copy(update={"arch": "glm4moe", "n_nextn_layers": 1})
+    assert estimate_need_bytes(job(**mtp, n_mtp=4), build) == estimate_need_bytes(job(**mtp, n_mtp=1), build)
 
 
 def test_partial_offload_needs_part_of_the_vram():

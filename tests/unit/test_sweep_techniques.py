@@ -57,3 +57,23 @@ def test_mtp_jobs_vary_over_the_confidence_threshold_and_lookup_does_not():
                        n_draft=[3], ngram_max=[3]))
     assert sorted(j.p_min for j in jobs if j.technique == "mtp") == [0.0, 0.3]
     assert [j.p_min for j in jobs if j.technique == "lookup"] == [0.0]
+
+
+def test_the_mtp_example_puts_every_technique_on_both_engines_over_one_file():
+    # Issue 15: the torch engine reads the MTP build too, so one sweep compares llama.cpp's MTP,
+    # draft-model spec, each lookup mode and torch's MTP on the same model, on both engines.
+    from pathlib import Path
+
+    from orchestrator.sweep import load_spec
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "mtp-llamacpp.yaml"
+    jobs = plan(load_spec(example), base_dir=example.parent)
+    assert {j.model for j in jobs} == {"smollm2-135m-mtp"}
+    combos = {(j.engine, j.technique, j.lookup_mode if j.technique == "lookup" else "", j.n_mtp) for j in jobs}
+    modes = ["longest", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-cache"]
+    for engine in ("llamacpp", "torch"):
+        want = {(engine, "baseline", "", 0), (engine, "spec", "", 0)}
+        want |= {(engine, "mtp", "", n) for n in (1, 2, 3)} | {(engine, "lookup", m, 0) for m in modes}
+        assert want <= combos, sorted(want - combos)
+    assert len(combos) == 2 * (2 + 3 + len(modes))
+    assert {(j.n_prompts, j.n_gen) for j in jobs} == {(2, 32)} and len(jobs) == 40

@@ -4,8 +4,10 @@ Owns the model, its KV cache, the position counter and device synchronisation, s
 call returns with the device idle and a timer read after it measures the work. Sampling is
 greedy, as the protocol asks. Beyond the protocol it offers the optional capabilities of
 base.py: the last pass's distributions (`probs`, for sampled acceptance), its hidden states
-(`last_hidden`) and the MTP heads saved beside the model file (`mtp_context`; their math is
-mtp.py's), which the MTP drafter reads. It knows nothing of jobs, repetitions, timers or drafters.
+(`last_hidden`) and MTP heads (`mtp_context`; their math is mtp.py's), which the MTP drafter
+reads: the file's own NextN layer where it has one (the project's glm4moe MTP build, the head
+llama.cpp drafts with), else the heads trained and saved beside the model file. It knows
+nothing of jobs, repetitions, timers or drafters.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import torch
 
 from farm.contract import EngineConfig
 from worker.engines.base import EngineError
-from worker.engines.torch.gguf_loader import GGUFError, GGUFVocab, load_model
+from worker.engines.torch.gguf_loader import (
+    GGUFError,
+    GGUFVocab,
+    load_model,
+    load_nextn_heads,
+    nextn_layer_count,
+)
 from worker.engines.torch.kv_cache import KVCache
 from worker.engines.torch.model import Transformer
 
@@ -45,6 +53,7 @@ class TorchBackend:
         self._n_threads_asked = 0
         self._last_logits: torch.Tensor | None = None  # (T, V) of the last pass, float32
         self._last_hidden: torch.Tensor | None = None  # (T, E) of the last pass
+        self._nextn_heads = None  # the loaded file's NextN layer as an MTP head, read on first use
 
     @classmethod
     def from_model(cls, model: Transformer, n_ctx: int, n_batch: int = 512) -> "TorchBackend":
@@ -66,6 +75,7 @@ class TorchBackend:
         self._n_threads_asked = config.n_threads if config.n_threads > n_cores else 0
         if config.n_threads:
             torch.set_num_threads(min(config.n_threads, n_cores))
+        self._nextn_heads = None
         try:
             self._model = load_model(Path(path), self.dtype, self.device)
             self._vocab = GGUFVocab(Path(path))
@@ -187,14 +197,22 @@ class TorchBackend:
         return self._last_hidden
 
     def mtp_context(self, n_mtp: int, base_sha256: str | None = None):
-        """A running context of the n_mtp MTP heads saved beside the loaded file, as long as the cache."""
+        """A running context of MTP heads drafting n_mtp tokens, as long as the cache: the loaded
+        file's NextN layer where it has one (one head recursing past itself, as llama.cpp drafts
+        with it; heads beside such a file are not read), else the first n_mtp of the heads saved
+        beside the file."""
         from worker.engines.torch.mtp import MTPError, load_heads
 
         if self._path is None:
             raise EngineError("MTP heads live beside a model file: this backend was built from a model in memory")
+        if n_mtp < 1:
+            raise EngineError(f"n_mtp is {n_mtp}: draft at least one token")
         try:
-            heads = load_heads(self._model, self._path, n_mtp, base_sha256=base_sha256)
-        except MTPError as exc:
+            if self._nextn_heads is None and nextn_layer_count(self._path) > 0:
+                self._nextn_heads = load_nextn_heads(self._path, self._model)
+            heads = (self._nextn_heads if self._nextn_heads is not None
+                     else load_heads(self._model, self._path, n_mtp, base_sha256=base_sha256))
+        except (MTPError, GGUFError) as exc:
             raise EngineError(str(exc)) from exc
         return heads.new_context(self._cache.n_ctx)
 
@@ -224,6 +242,7 @@ class TorchBackend:
 
     def close(self) -> None:
         self._model = None
+        self._nextn_heads = None
         self._path = None
         self._cache = None
         if self._vocab is not None:

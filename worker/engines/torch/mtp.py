@@ -14,6 +14,14 @@ most of its prompt), which the base's last hidden state alone tells it little ab
 keeps a KV cache written by position, like the base's, so a rejected proposal is rewound by
 writing over it (`MTPContext`).
 
+One head may also draft every position by itself (`recursive`), as llama.cpp's draft-mtp does
+with a file's one NextN layer (gguf_loader.load_nextn_heads reads it into this form): past the
+first position the head is fed back its own normalised output RMSNorm_1(h_1) (llama.cpp's
+`h_nextn`, the row its logits are scored from) as the hidden state, with the proposed token,
+one position further on in its own KV cache; the chained heads above each read instead the
+un-normalised output of the head before, each trained for its own position. Both engines then
+compute the same thing at every draft position of the same file.
+
 The output may be restricted to a subset of the vocabulary (`vocab`, the token ids the heads
 may propose: rows of the shared output matrix), the frequency-ranked drafting vocabulary of
 FR-Spec: a full 49k-row projection per head would cost a quarter of a base decode step. A
@@ -74,13 +82,18 @@ class MTPHead(nn.Module):
 
 
 class MTPHeads(nn.Module):
-    """n_mtp chained heads plus the shared embedding and output of their base model."""
+    """n_mtp chained heads, or one recursive head, plus the shared embedding and output of their base model."""
 
-    def __init__(self, base: Transformer, n_mtp: int, vocab: torch.Tensor | None = None) -> None:
+    def __init__(self, base: Transformer, n_mtp: int, vocab: torch.Tensor | None = None,
+                 recursive: bool = False) -> None:
         super().__init__()
         if n_mtp < 1:
             raise MTPError(f"n_mtp is {n_mtp}: give at least one head")
+        if recursive and n_mtp != 1:
+            raise MTPError(f"a recursive head drafts every position alone: one head, not {n_mtp}")
         self.heads = nn.ModuleList(MTPHead(base) for _ in range(n_mtp))
+        # One head drafting past itself, fed its own normalised output (see the module docstring).
+        self.recursive = recursive
         # Plain attributes, not submodules: the base's tensors are shared, frozen and saved
         # with the base, never with the heads.
         self.__dict__["base"] = base
@@ -208,29 +221,47 @@ class MTPContext:
     def propose(self, seq: list[int], n: int, p_min: float = 0.0) -> list[int]:
         """Up to n proposals to follow seq, whose last position's predecessor is the newest hidden
         state given (seq[first + n_hidden] is the last token). Stops early when a head's top
-        probability (over its vocabulary) is below p_min."""
+        probability (over its vocabulary) is below p_min. Chained heads propose at most one
+        token each; a recursive head any number."""
         heads, base = self.heads, self.heads.base
         end = self.n_hidden  # slot of the last hidden row + 1
         L = self.first + end + 1
         if len(seq) != L:
             raise ValueError(f"{len(seq)} tokens, but hidden states for {L - 1} positions: the heads are out of step")
-        n = min(n, heads.n_mtp)
+        n = n if heads.recursive else min(n, heads.n_mtp)
         device = self.inputs.device
         drafts: list[int] = []
+        fed_back: torch.Tensor | None = None  # recursive: the last row's normalised output (E,)
         for k in range(n):
-            # At least the last row: its output is the proposal (and a second call without
-            # new positions recomputes it alike).
-            lo = min(self.n_final[k], end - 1)
-            # Row at slot s (position first + s) reads token first + s + k + 1: committed up to
-            # L - 1, then the proposals of the heads before (exactly k of them).
-            toks = torch.tensor([[*seq[self.first + lo + k + 1:], *drafts]], device=device)  # (1, T)
-            cos, sin = base._rope_tables(lo, end - lo)
-            h = heads.heads[k](self.inputs[k, lo:end][None], base.tok_embd(toks), cos, sin,
-                               lo, self.cache, k)[0]  # (T, E)
-            if k + 1 < heads.n_mtp:
-                self.inputs[k + 1, lo:end] = h
-            self.n_final[k] = max(0, end - k)
-            logits = heads.logits(h[-1], k)  # (V_head,)
+            if fed_back is not None:
+                # One row past the last (slot end - 1 + k, this head's cache, where the next
+                # pass's committed rows overwrite it): the previous proposal and, as its hidden
+                # state, the head's own normalised output of the row before.
+                slot = end - 1 + k
+                toks = torch.tensor([[drafts[-1]]], device=device)  # (1, 1)
+                cos, sin = base._rope_tables(slot, 1)
+                h = heads.heads[0](fed_back[None, None], base.tok_embd(toks), cos, sin,
+                                   slot, self.cache, 0)[0]  # (1, E)
+                normed = heads.heads[0].out_norm(h[-1])  # (E,)
+                fed_back, logits = normed, heads.output_linear()(normed)  # (V_head,)
+            else:
+                # At least the last row: its output is the proposal (and a second call without
+                # new positions recomputes it alike).
+                lo = min(self.n_final[k], end - 1)
+                # Row at slot s (position first + s) reads token first + s + k + 1: committed up to
+                # L - 1, then the proposals of the heads before (exactly k of them).
+                toks = torch.tensor([[*seq[self.first + lo + k + 1:], *drafts]], device=device)  # (1, T)
+                cos, sin = base._rope_tables(lo, end - lo)
+                h = heads.heads[k](self.inputs[k, lo:end][None], base.tok_embd(toks), cos, sin,
+                                   lo, self.cache, k)[0]  # (T, E)
+                if k + 1 < heads.n_mtp:
+                    self.inputs[k + 1, lo:end] = h
+                self.n_final[k] = max(0, end - k)
+                if heads.recursive:
+                    fed_back = heads.heads[0].out_norm(h[-1])  # (E,)
+                    logits = heads.output_linear()(fed_back)  # (V_head,)
+                else:
+                    logits = heads.logits(h[-1], k)  # (V_head,)
             best = int(logits.argmax())
             if p_min > 0 and float(torch.softmax(logits.float(), -1)[best]) < p_min:
                 break
