@@ -137,6 +137,11 @@ def main() -> None:
         if native:
             nat = statistics.median(native_ts[test])
             line += f", native llama-bench {nat:.2f} t/s (ratio {ours_ts / nat:.4f}, target >= 0.97)"
+            # Each repetition's own ratio, tokenfarm's run beside the native run just after it: this
+            # machine's speed drifts by more than the gap measured, and a pair shares the drift.
+            n = 512 if test == "pp512" else 128
+            pairs = sorted(n * 1e9 / ns / ts for ns, ts in zip(times[f"ours {test}"], native_ts[test]))
+            line += f"; paired ratio median {statistics.median(pairs):.4f} [{pairs[0]:.3f}..{pairs[-1]:.3f}]"
         print(line)
     if not args.cv_reps:
         ours.close()

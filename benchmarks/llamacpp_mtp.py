@@ -162,6 +162,9 @@ def main() -> None:
         for category in args.categories:
             texts = load_prompts(category, args.n_prompts)
             prompts = [b.tokenize(b.chat_prompt(t), add_bos=True, special=True) for t in texts]
+            # Untimed warm-up, as llama-bench runs one: the first decode after a load faults the
+            # mmap'd weights in and starts the threadpool, which made plain look many times slower.
+            plain(b, prompts[0], min(8, args.n_gen))
             base = [plain(b, p, args.n_gen) for p in prompts]
             base_ns = sum(r.decode_ns for r in base)
             settings = [("mtp", n) for n in args.n_mtp] if with_mtp else []
