@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,9 +72,11 @@ def _text(value: bytes | None) -> str:
     return (value or b"").decode("utf-8", errors="replace")
 
 
+@functools.lru_cache(maxsize=1)
 def devices() -> EngineDevices:
     """This build's backends in llama-bench's spelling and the GPU devices its model loader uses,
-    read from ggml's registry as llama-bench reads it (get_backend, get_gpu_info)."""
+    read from ggml's registry as llama-bench reads it (get_backend, get_gpu_info). Read once: the
+    registry is fixed for the life of the process, and every job's Result and every load ask."""
     if not _ggml.ggml_backend_reg_count():
         _ggml.ggml_backend_load_all()  # a build with dynamically loaded backends, as llama.cpp loads them
     regs = []

@@ -54,6 +54,7 @@ class TorchBackend:
         self._last_logits: torch.Tensor | None = None  # (T, V) of the last pass, float32
         self._last_hidden: torch.Tensor | None = None  # (T, E) of the last pass
         self._nextn_heads = None  # the loaded file's NextN layer as an MTP head, read on first use
+        self._n_nextn_layers: int | None = None  # from the file's header, read on first use
 
     @classmethod
     def from_model(cls, model: Transformer, n_ctx: int, n_batch: int = 512) -> "TorchBackend":
@@ -75,7 +76,7 @@ class TorchBackend:
         self._n_threads_asked = config.n_threads if config.n_threads > n_cores else 0
         if config.n_threads:
             torch.set_num_threads(min(config.n_threads, n_cores))
-        self._nextn_heads = None
+        self._nextn_heads, self._n_nextn_layers = None, None
         try:
             self._model = load_model(Path(path), self.dtype, self.device)
             self._vocab = GGUFVocab(Path(path))
@@ -208,7 +209,10 @@ class TorchBackend:
         if n_mtp < 1:
             raise EngineError(f"n_mtp is {n_mtp}: draft at least one token")
         try:
-            if self._nextn_heads is None and nextn_layer_count(self._path) > 0:
+            # The header once per loaded file: a technique job asks for a context per prompt.
+            if self._n_nextn_layers is None:
+                self._n_nextn_layers = nextn_layer_count(self._path)
+            if self._nextn_heads is None and self._n_nextn_layers > 0:
                 self._nextn_heads = load_nextn_heads(self._path, self._model)
             heads = (self._nextn_heads if self._nextn_heads is not None
                      else load_heads(self._model, self._path, n_mtp, base_sha256=base_sha256))
@@ -242,7 +246,7 @@ class TorchBackend:
 
     def close(self) -> None:
         self._model = None
-        self._nextn_heads = None
+        self._nextn_heads, self._n_nextn_layers = None, None
         self._path = None
         self._cache = None
         if self._vocab is not None:
