@@ -174,6 +174,23 @@ class EngineConfig(BaseModel):
         return len(shares)
 
     @property
+    def n_gpus_named(self) -> int:
+        """GPU devices the config names: tensor_split's, and main_gpu's (index k names k + 1
+        devices). llama.cpp refuses split_mode none past its last device and reads main_gpu for
+        row mode; in layer mode it ignores it, but a result recording main_gpu 2 from a one-GPU box
+        would still claim a device it never had."""
+        return max(self.n_split_devices, self.main_gpu + 1 if self.main_gpu else 0)
+
+    def named_gpus_text(self) -> str:
+        """How the config names its GPUs, for a refusal: 'tensor_split [3, 1]', 'main_gpu 2'."""
+        parts = []
+        if self.n_split_devices:
+            parts.append("tensor_split [" + ", ".join(f"{x:g}" for x in self.tensor_split) + "]")
+        if self.main_gpu:
+            parts.append(f"main_gpu {self.main_gpu}")
+        return " and ".join(parts)
+
+    @property
     def flash_attn_on(self) -> bool:
         """Whether attention is fused for memory planning: auto counts as on (llama.cpp's choice where it can)."""
         return self.flash_attn != "off"

@@ -435,11 +435,11 @@ def offered_bytes(caps: Capabilities, kind: MemoryKind) -> int:
 
 
 def fits(caps: Capabilities, job: Job) -> bool:
-    """Whether a worker can take this job: its engine, its GPUs for a tensor_split, its memory class."""
+    """Whether a worker can take this job: its engine, its GPUs for a tensor_split or main_gpu, its memory class."""
     if job.engine not in caps.engines:
         return False
-    if job.config.n_split_devices > caps.hardware.n_gpus:
-        return False  # its engine would refuse the split at load
+    if job.config.n_gpus_named > caps.hardware.n_gpus:
+        return False  # its engine would refuse the split or the main GPU at load
     if not job.need_bytes:
         return True  # never estimated: any worker with its engine may try
     need = class_gb(job.need_bytes)

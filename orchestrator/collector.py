@@ -43,7 +43,7 @@ from orchestrator.db import (
     WorkerRow,
     session_scope,
 )
-from orchestrator.validation import result_problems
+from orchestrator.validation import capabilities_problems, result_problems
 
 log = logging.getLogger("tokenfarm.collector")
 
@@ -272,11 +272,16 @@ def ingest(session: Session, body: object, max_attempts: int = 3, known: Known |
         return _reject(session, name, job_id, f"malformed message: {where}: {error['msg']}"[:500], worker, size_bytes)
     worker.last_seen = utc_now()
     if env.kind in ("hello", "heartbeat"):
-        if env.capabilities is not None:
+        problems = capabilities_problems(env.capabilities) if env.capabilities is not None else []
+        if env.capabilities is not None and not problems:
             worker.capabilities = env.capabilities.model_dump(mode="json")
             _hold_bandwidth(worker, worker.capabilities.get("hardware") or {})
         if env.kind == "hello":
+            # The worker restarted whatever it claims of its machine: what it held is lost either way.
             lifecycle.dropped_on_restart(session, name, env.sent_at, max_attempts)
+        if problems:
+            # The last good announcement stays: routing goes on trusting only what passed.
+            return _reject(session, name, "", f"{env.kind} not kept: " + "; ".join(problems), worker, size_bytes)
         return Outcome(env.kind)
     if env.kind == "refused":
         # Its own signature proves this worker refused a job message (farm/jobsign.py): kept and

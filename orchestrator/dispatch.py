@@ -51,7 +51,7 @@ class Unfit:
             largest = f"no worker with {j.engine} has a GPU" if self.kind == "vram" else "no worker says how much RAM it has"
         else:
             largest = f"the largest worker with {j.engine}, {self.largest_worker}, offers {self.largest_bytes / GIB:.2f} GiB"
-        split = f" on {j.config.n_split_devices} GPUs (tensor_split)" if j.config.n_split_devices else ""
+        split = f" on {j.config.n_gpus_named} GPUs ({j.config.named_gpus_text()})" if j.config.n_gpus_named else ""
         return (f"{j.model} {j.quant} {j.test} ({j.engine}{', ' + j.technique if j.technique != 'baseline' else ''}): "
                 f"needs {j.need_bytes / GIB:.2f} GiB of {memory}{split} "
                 f"({f'{need_class} GB class' if need_class else 'above every class'}); {largest}")

@@ -61,27 +61,27 @@ def thread_refusal(n_threads: list[int], workers: dict[str, Capabilities]) -> st
 
 
 def split_refusal(jobs: list[Job], workers: dict[str, Capabilities]) -> str | None:
-    """One line when a llama.cpp job's tensor_split spreads the model over more devices than any
-    registered llama.cpp worker has GPUs (its announced n_gpus): no worker could run it, and each
-    engine refuses such a split at load. With no llama.cpp worker known, nothing is refused: jobs
-    wait for one that fits (routing sends a split only to a worker with enough GPUs)."""
+    """One line when a llama.cpp job names more GPUs (tensor_split's shares, main_gpu's index)
+    than any registered llama.cpp worker has (its announced n_gpus): no worker could run it, and
+    each engine refuses such a config at load. With no llama.cpp worker known, nothing is refused:
+    jobs wait for one that fits (routing sends them only to a worker with enough GPUs)."""
     known = {name: caps.hardware for name, caps in workers.items() if "llamacpp" in caps.engines}
     if not known:
         return None
     most = max(hw.n_gpus for hw in known.values())
-    splits = sorted({j.config.tensor_split for j in jobs
-                     if j.engine == "llamacpp" and j.config.n_split_devices > most}, key=len)
-    if not splits:
+    named = sorted({j.config.named_gpus_text(): j.config.n_gpus_named for j in jobs
+                    if j.engine == "llamacpp" and j.config.n_gpus_named > most}.items(), key=lambda kv: (kv[1], kv[0]))
+    if not named:
         return None
-    shown = ", ".join("[" + ", ".join(f"{x:g}" for x in s) + "]" for s in splits[:3])
+    shown = ", ".join(text for text, _ in named[:3])
     name, hw = max(known.items(), key=lambda kv: (kv[1].n_gpus, kv[0]))
+    later = "--allow-unfit to queue these jobs for a worker with more GPUs that joins later"
     if not most:
-        return (f"tensor_split {shown} spreads layers over GPUs, but no registered llama.cpp worker has a GPU "
-                f"device ({name}: backends {hw.backends or 'not announced'}); leave tensor_split empty, or pass "
-                "--allow-unfit to queue these jobs for a multi-GPU worker that joins later")
-    return (f"tensor_split {shown} spreads layers over more devices than the {most} GPUs of the largest "
-            f"registered llama.cpp worker ({name}: backends {hw.backends}); give at most {most} shares, or pass "
-            "--allow-unfit to queue these jobs for a worker with more GPUs that joins later")
+        return (f"{shown} places the model on GPUs, but no registered llama.cpp worker has a GPU device "
+                f"({name}: backends {hw.backends or 'not announced'}); leave tensor_split empty and main_gpu at 0, "
+                f"or pass {later}")
+    return (f"{shown} names more devices than the {most} GPUs of the largest registered llama.cpp worker "
+            f"({name}: backends {hw.backends}); give at most {most} shares and a main_gpu below {most}, or pass {later}")
 
 
 def plan(spec: SweepSpec, sweep_id: str | None = None, base_dir: Path = Path("."),

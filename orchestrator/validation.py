@@ -13,6 +13,7 @@ import math
 from farm.contract import (
     EVAL_TEXTS,
     TECHNIQUE_FIELDS,
+    Capabilities,
     Job,
     Result,
     accelerators,
@@ -83,22 +84,41 @@ def result_problems(result: Result, job: Job | None = None, from_worker: bool = 
     return problems
 
 
+def _no_gpu_backend(n_gpus: int, backends: str) -> str | None:
+    if n_gpus and backends and not accelerators(backends):
+        return (f"hardware.n_gpus is {n_gpus} but backends {backends!r} name no GPU backend: "
+                "ggml's GPU devices come from one")
+    return None
+
+
 def hardware_problems(result: Result, from_worker: bool = True) -> list[str]:
     """What no real build reports of the hardware a Result ran on: a backend name no llama.cpp or
     torch build spells (farm.contract.GGML_BACKENDS), one twice; and, from a worker, llama.cpp GPU
-    devices without a GPU backend, or an ok run split over more devices than it had (the engine
-    refuses such a tensor_split at load). An import names no GPU count, so it is not held to one."""
+    devices without a GPU backend, or an ok run on more GPUs (tensor_split's, main_gpu's) than it
+    had (the engine refuses such a config at load). An import names no GPU count, so it is not
+    held to one."""
     hw = result.hardware
     problems = [f"hardware.{p}" for p in backend_problems(hw.backends)]
     if not from_worker or problems:
         return problems
-    if result.backend == "llamacpp" and hw.n_gpus and hw.backends and not accelerators(hw.backends):
-        problems.append(f"hardware.n_gpus is {hw.n_gpus} but backends {hw.backends!r} name no GPU backend: "
-                        "ggml's GPU devices come from one")
-    n_split = result.config.n_split_devices
-    if result.status == "ok" and result.backend == "llamacpp" and n_split > hw.n_gpus:
-        problems.append(f"config.tensor_split spreads the model over {n_split} devices on hardware with "
-                        f"{hw.n_gpus} GPUs (n_gpus): llama.cpp refuses that split at load, so no run measured it")
+    if result.backend == "llamacpp" and (line := _no_gpu_backend(hw.n_gpus, hw.backends)):
+        problems.append(line)
+    named = result.config.n_gpus_named
+    if result.status == "ok" and result.backend == "llamacpp" and named > hw.n_gpus:
+        problems.append(f"config {result.config.named_gpus_text()} places the model on {named} devices on hardware "
+                        f"with {hw.n_gpus} GPUs (n_gpus): llama.cpp's engine refuses that at load, so no run measured it")
+    return problems
+
+
+def capabilities_problems(caps: Capabilities) -> list[str]:
+    """What no real worker announces of its machine: the same backend spellings as a Result's, and
+    for a llama.cpp worker GPU devices without a GPU backend. Routing trusts n_gpus and the
+    backends to send tensor splits and to label the box, so a wrong announcement is refused, not
+    stored."""
+    hw = caps.hardware
+    problems = [f"capabilities.hardware.{p}" for p in backend_problems(hw.backends)]
+    if not problems and "llamacpp" in caps.engines and (line := _no_gpu_backend(hw.n_gpus, hw.backends)):
+        problems.append(f"capabilities.{line}")
     return problems
 
 

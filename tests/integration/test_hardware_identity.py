@@ -68,6 +68,14 @@ def test_the_engine_reports_its_backends_and_refuses_a_split_it_cannot_place(smo
     else:
         assert split.status == "ok", split.error
 
+    # main_gpu names a device too: past this build's last one, the load is refused with the fix.
+    past = execute(_job("main", 2, split_mode="none", main_gpu=max(hw.n_gpus, 1)), settings)
+    assert past.status == "failed"
+    if hw.n_gpus == 0:
+        assert past.error == "this llama.cpp build has no GPU device (backends CPU); leave main_gpu at 0"
+    else:
+        assert past.error.endswith(f"give main_gpu below {hw.n_gpus}"), past.error
+
 
 def _farm(tmp_path: Path, pg_url: str, redis_url: str) -> dict[str, str]:
     env = service_env(tmp_path / "data", database_url=pg_url, broker_url=redis_url)

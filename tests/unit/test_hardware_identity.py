@@ -178,13 +178,49 @@ def test_the_collector_refuses_forged_backends_and_stores_nothing(engine, tokens
 def test_the_collector_refuses_a_split_over_more_gpus_than_the_run_had(engine, tokens):
     job = _leased(engine, EngineConfig(tensor_split=(1, 1)))
     outcome = _send(engine, tokens, job, _answer(job, Hardware(cpu="x", backends="CPU", n_gpus=0)))
-    assert outcome.action == "rejected" and "tensor_split spreads the model over 2 devices" in outcome.reason
+    assert outcome.action == "rejected" and "tensor_split [1, 1] places the model on 2 devices" in outcome.reason
     gpus = _leased(engine)
     lie = _send(engine, tokens, gpus, _answer(gpus, Hardware(cpu="x", backends="CPU", n_gpus=2)))
     assert lie.action == "rejected" and "name no GPU backend" in lie.reason
     two = _leased(engine, EngineConfig(tensor_split=(1, 1)))
     ok = _send(engine, tokens, two, _answer(two, Hardware(cpu="x", gpu="H200", backends="CUDA", n_gpus=2)))
     assert ok.action == "stored", ok.reason
+    # main_gpu 1 names a second device: a one-GPU run cannot have used it.
+    second = _leased(engine, EngineConfig(main_gpu=1, split_mode="none"))
+    one = _send(engine, tokens, second, _answer(second, Hardware(cpu="x", gpu="H200", backends="CUDA", n_gpus=1)))
+    assert one.action == "rejected" and "main_gpu 1 places the model on 2 devices" in one.reason
+
+
+def _announce(engine, tokens, kind: str, hardware: Hardware, engines=("llamacpp",)):
+    caps = Capabilities(engines=list(engines), hardware=hardware, offered_ram_bytes=8 * GIB)
+    body = signed_body(Envelope(kind=kind, worker="w1", capabilities=caps), tokens["w1"])
+    with session_scope(engine) as s:
+        return ingest(s, body)
+
+
+def _announced(engine) -> dict | None:
+    from orchestrator.db import WorkerRow
+
+    with session_scope(engine) as s:
+        return s.scalars(select(WorkerRow).where(WorkerRow.name == "w1")).one().capabilities
+
+
+def test_the_collector_keeps_no_announcement_whose_hardware_no_build_reports(engine, tokens):
+    honest = Hardware(cpu="x", gpu="RTX 4090", backends="CUDA", n_gpus=1)
+    assert _announce(engine, tokens, "hello", honest).action == "hello"
+    assert _announced(engine)["hardware"]["backends"] == "CUDA"
+    for forged, said in ((Hardware(cpu="x", backends="Cuda", n_gpus=1), "did you mean 'CUDA'"),
+                         (Hardware(cpu="x", backends="CPU", n_gpus=4), "name no GPU backend")):
+        outcome = _announce(engine, tokens, "heartbeat", forged)
+        assert outcome.action == "rejected" and said in outcome.reason, outcome
+        assert outcome.reason.startswith("heartbeat not kept: capabilities.hardware.")
+        # Routing still sees the last announcement that passed, not the forged one.
+        assert _announced(engine)["hardware"] == honest.model_dump(mode="json")
+    # A torch-only worker's GPUs are torch's: its backends are checked, its n_gpus not held to ggml's.
+    torch_gpus = Hardware(cpu="x", backends="CPU", n_gpus=2)
+    assert _announce(engine, tokens, "heartbeat", torch_gpus, engines=("torch",)).action == "heartbeat"
+    with session_scope(engine) as s:
+        assert len(s.scalars(select(RejectionRow)).all()) == 2
 
 
 # --- tensor_split: refused at submit, routed by GPUs --------------------------------------------
@@ -219,6 +255,20 @@ def test_a_split_no_worker_has_the_gpus_for_is_refused_with_the_fix():
     # A torch-only worker's GPUs cannot take a llama.cpp split.
     assert split_refusal(jobs, {"t": _caps(4, "CUDA", ("torch",))}) is None
     assert split_refusal(jobs, {"t": _caps(4, "CUDA", ("torch",)), "box": _caps(0, "CPU")}) is not None
+
+
+def test_main_gpu_names_a_device_that_submit_and_routing_hold_to_the_gpus_workers_have():
+    assert EngineConfig().n_gpus_named == 0
+    assert EngineConfig(main_gpu=2).n_gpus_named == 3
+    assert EngineConfig(main_gpu=1, tensor_split=(1, 1, 1)).n_gpus_named == 3
+    assert EngineConfig(main_gpu=1, tensor_split=(1, 1, 1)).named_gpus_text() == "tensor_split [1, 1, 1] and main_gpu 1"
+    second = Job(job_id="m", sweep_id="s", index=0, model="smollm2-135m", quant="Q4_1", kind="pp", n_prompt=16,
+                 config=EngineConfig(split_mode="none", main_gpu=1))
+    line = split_refusal([second], {"one": _caps(1, "CUDA")})
+    assert line is not None and "main_gpu 1" in line and "main_gpu below 1" in line and "one" in line
+    assert "leave tensor_split empty and main_gpu at 0" in split_refusal([second], {"cpu": _caps(0, "CPU")})
+    assert split_refusal([second], {"duo": _caps(2, "CUDA")}) is None
+    assert not fits(_caps(1, "CUDA"), second) and fits(_caps(2, "CUDA"), second)
 
 
 def test_routing_sends_a_split_only_to_a_worker_with_enough_gpus():

@@ -125,7 +125,7 @@ class LlamaCppBackend:
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_AUTO if config.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
         # Refused, not ignored: llama.cpp drops the shares of devices it lacks, and a result
         # recorded "ts=1/1" that ran on one device (or on the CPU) would be a lie.
-        if problem := levers.split_refusal(config.n_split_devices, levers.devices()):
+        if problem := levers.split_refusal(config, levers.devices()):
             raise EngineError(problem)
         n_max = int(llama_cpp.llama_max_devices())
         if len(config.tensor_split) > n_max:

@@ -22,7 +22,7 @@ from pathlib import Path
 import llama_cpp
 import llama_cpp._logger
 
-from farm.contract import parse_override_tensors
+from farm.contract import EngineConfig, parse_override_tensors
 from worker.engines.base import EngineError
 from worker.hardware import EngineDevices, GgmlDevice, ggml_devices
 
@@ -92,15 +92,22 @@ def devices() -> EngineDevices:
     return ggml_devices(regs, found)
 
 
-def split_refusal(n_split_devices: int, found: EngineDevices) -> str | None:
-    """One line when tensor_split names more devices than this build has GPUs; None when it fits."""
-    if n_split_devices <= found.n_gpus:
+def split_refusal(config: EngineConfig, found: EngineDevices) -> str | None:
+    """One line when the config names more GPUs (tensor_split's shares, main_gpu's index) than this
+    build has; None when it fits."""
+    if config.n_gpus_named <= found.n_gpus:
         return None
     if not found.n_gpus:
-        return f"this llama.cpp build has no GPU device (backends {found.backends}); leave tensor_split empty"
+        fix = " and ".join((["leave tensor_split empty"] if config.n_split_devices else []) +
+                           (["leave main_gpu at 0"] if config.main_gpu else []))
+        return f"this llama.cpp build has no GPU device (backends {found.backends}); {fix}"
     plural = "s" if found.n_gpus > 1 else ""
-    return (f"tensor_split names {n_split_devices} devices but this llama.cpp build has {found.n_gpus} GPU "
-            f"device{plural} (backends {found.backends}); give at most {found.n_gpus} share{plural}")
+    if config.n_split_devices > found.n_gpus:
+        return (f"tensor_split names {config.n_split_devices} devices but this llama.cpp build has {found.n_gpus} "
+                f"GPU device{plural} (backends {found.backends}); give at most {found.n_gpus} share{plural}")
+    return (f"main_gpu {config.main_gpu} names device {config.main_gpu} but this llama.cpp build has {found.n_gpus} "
+            f"GPU device{plural} (backends {found.backends}, numbered from 0); give main_gpu below {found.n_gpus}")
+
 
 GGML_MAX_N_THREADS = 512  # ggml.h; the size of ggml_threadpool_params.cpumask
 
