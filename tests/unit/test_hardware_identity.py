@@ -29,7 +29,7 @@ from farm.modelfiles import model_sha256, read_facts
 from farm.stats import summarize
 from orchestrator import lifecycle
 from orchestrator.collector import ingest
-from orchestrator.db import JobRow, RejectionRow, ResultRow, session_scope
+from orchestrator.db import JobRow, RejectionRow, ResultRow, WorkerRow, session_scope
 from orchestrator.llamabench import header_disagreement, import_text, local_identity
 from orchestrator.planning import plan, split_refusal
 from orchestrator.ranking import hardware_class, hardware_label, leaderboard
@@ -199,8 +199,6 @@ def _announce(engine, tokens, kind: str, hardware: Hardware, engines=("llamacpp"
 
 
 def _announced(engine) -> dict | None:
-    from orchestrator.db import WorkerRow
-
     with session_scope(engine) as s:
         return s.scalars(select(WorkerRow).where(WorkerRow.name == "w1")).one().capabilities
 

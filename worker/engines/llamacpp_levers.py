@@ -108,7 +108,6 @@ def split_refusal(config: EngineConfig, found: EngineDevices) -> str | None:
     return (f"main_gpu {config.main_gpu} names device {config.main_gpu} but this llama.cpp build has {found.n_gpus} "
             f"GPU device{plural} (backends {found.backends}, numbered from 0); give main_gpu below {found.n_gpus}")
 
-
 GGML_MAX_N_THREADS = 512  # ggml.h; the size of ggml_threadpool_params.cpumask
 
 
