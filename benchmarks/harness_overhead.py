@@ -105,8 +105,10 @@ def main() -> None:
     ours = LlamaCppBackend()
     ours.load(path, config, n_ctx)
     bare = BareLoop(path, config.n_threads, min(config.n_batch, n_ctx), config.n_ubatch, n_ctx)
+    # One warm-up, a job's default: as in a worker, the timed run feeds the warm-up's greedy tokens
+    # back and reads no logits, like llama-bench's step (worker/measure.py).
     base = dict(job_id="bench", sweep_id="bench", index=0, model=str(path), quant="Q8_0",
-                repetitions=1, n_warmup=0, config=config)
+                repetitions=1, n_warmup=1, config=config)
     pp_job, tg_job = Job(kind="pp", n_prompt=512, **base), Job(kind="tg", n_gen=128, **base)
     prompt = input_tokens(ours, 512, "text", 42)
     first = prompt[0]

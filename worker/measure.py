@@ -56,8 +56,14 @@ def input_tokens(backend: Backend, n: int, source: str, seed: int, offset: int =
     return (bos + stream)[:n] if offset == 0 else stream
 
 
-def run_once(backend: Backend, job: Job, context: Sequence[int], tokens: Sequence[int]) -> Run:
-    """One repetition from an empty cache: the untimed depth context, then the timed test."""
+def run_once(backend: Backend, job: Job, context: Sequence[int], tokens: Sequence[int],
+             known: Sequence[int] | None = None) -> Run:
+    """One repetition from an empty cache: the untimed depth context, then the timed test.
+
+    known: the greedy tokens an earlier repetition of the same test produced. They are fed back
+    instead of asked for, where the engine can feed (backend.feed): a timed step is then a decode
+    and a wait, as llama-bench's is, with no arg-max over the vocabulary; the computation is the
+    same, since the tokens and their positions are the same."""
     backend.reset()
     next_token = backend.prefill(context) if context else None
     if job.kind in ("pp", "pg"):
@@ -69,6 +75,14 @@ def run_once(backend: Backend, job: Job, context: Sequence[int], tokens: Sequenc
     else:
         token = next_token if next_token is not None else tokens[0]
         t0 = t1 = time.perf_counter_ns()
+    feed = getattr(backend, "feed", None) if known is not None and len(known) == job.n_gen else None
+    if feed is not None:
+        # The last known token is the greedy successor of the last step: never fed.
+        feed(token)
+        for fed in known[:-1]:
+            feed(fed)
+        t2 = time.perf_counter_ns()
+        return Run(t2 - t0, list(known), prefill_ns=t1 - t0, decode_ns=t2 - t1)
     produced: list[int] = []
     # Decode is timed directly, token by token, never derived as generate minus prefill.
     for _ in range(job.n_gen):
@@ -79,13 +93,20 @@ def run_once(backend: Backend, job: Job, context: Sequence[int], tokens: Sequenc
 
 
 def measure(backend: Backend, job: Job) -> Measurement:
-    """Warm-up runs, then job.repetitions timed runs; every sample kept."""
+    """Warm-up runs, then job.repetitions timed runs; every sample kept.
+
+    The first run (the warm-up, or the first timed repetition without one) decodes greedily and
+    its tokens are the Measurement's; later runs feed those tokens back (run_once)."""
     context = input_tokens(backend, job.n_depth, job.prompt_source, job.seed)
     n_input = job.n_prompt if job.kind in ("pp", "pg") else 1
     tokens = input_tokens(backend, n_input, job.prompt_source, job.seed, offset=job.n_depth)
+    greedy: list[int] | None = None
     for _ in range(job.n_warmup):
-        run_once(backend, job, context, tokens)
-    runs = [run_once(backend, job, context, tokens) for _ in range(job.repetitions)]
+        greedy = run_once(backend, job, context, tokens, greedy).tokens
+    runs = []
+    for _ in range(job.repetitions):
+        runs.append(run_once(backend, job, context, tokens, greedy))
+        greedy = runs[-1].tokens
     return Measurement(
         samples_ns=[r.total_ns for r in runs],
         tokens=runs[-1].tokens,

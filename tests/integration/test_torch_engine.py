@@ -118,3 +118,18 @@ def test_context_overflow_is_an_engine_error(torch_backend):
     with pytest.raises(EngineError, match="overflow"):
         torch_backend.prefill([1] * (N_CTX + 1))
     torch_backend.reset()
+
+
+@pytest.mark.parametrize("engine", ["torch_backend", "llama_f32"])
+def test_feeding_known_tokens_leaves_the_cache_greedy_decoding_leaves(engine, request):
+    # measure() feeds a warm-up's tokens back in timed runs: the cache after feeding must be the
+    # one decoding built, so the step after it predicts what the greedy chain predicts.
+    backend = request.getfixturevalue(engine)
+    prompt = backend.tokenize("The capital of France is")
+    chain = greedy(backend, prompt, N_GEN)
+    backend.reset()
+    backend.prefill(prompt)
+    for token in chain[:-2]:
+        backend.feed(token)
+    assert backend.decode(chain[-2]) == chain[-1]
+    assert backend.n_past == len(prompt) + N_GEN - 1

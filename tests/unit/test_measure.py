@@ -57,6 +57,37 @@ def test_tg_decodes_n_gen_tokens_greedily_after_the_depth_context():
     assert len(m.tokens) == 5 and m.tokens[1] == (m.tokens[0] * 7 + 3) % 1000
 
 
+class FeedingBackend(FakeBackend):
+    """An engine that can append a token without reading its output back (llama.cpp's feed)."""
+
+    def feed(self, token):
+        self.calls.append(("feed", self.n_past, token))
+        self.n_past += 1
+
+
+@pytest.mark.parametrize("kind", ["tg", "pg"])
+def test_timed_runs_after_the_first_feed_the_first_runs_greedy_tokens(kind):
+    b = FeedingBackend()
+    m = measure(b, job(kind=kind, n_prompt=6, n_gen=5, n_depth=3, repetitions=3, n_warmup=1))
+    decodes = [c for c in b.calls if c[0] == "decode"]
+    feeds = [c for c in b.calls if c[0] == "feed"]
+    assert len(decodes) == 5 and len(feeds) == 5 * 3  # only the warm-up asks for tokens
+    start = 3 + (6 if kind == "pg" else 0)
+    # Each timed run feeds the warm-up's inputs at the warm-up's positions, in order.
+    assert [c[1] for c in feeds[:5]] == [start + i for i in range(5)]
+    chain = [(c[2]) for c in feeds[:5]]
+    assert chain[1:] == m.tokens[:-1] and [(t * 7 + 3) % 1000 for t in chain] == m.tokens
+    assert feeds[:5] == feeds[5:10] == feeds[10:]
+    assert len(m.samples_ns) == 3 and len(m.decode_samples_ns) == 3
+
+
+def test_without_a_warm_up_the_first_timed_run_decodes_and_the_rest_feed():
+    b = FeedingBackend()
+    m = measure(b, job(kind="tg", n_gen=4, repetitions=2, n_warmup=0))
+    assert [c[0] for c in b.calls if c[0] in ("decode", "feed")] == ["decode"] * 4 + ["feed"] * 4
+    assert len(m.tokens) == 4 and len(m.samples_ns) == 2
+
+
 def test_pp_at_depth_prefills_the_context_before_the_timed_prompt():
     b = FakeBackend()
     measure(b, job(kind="pp", n_prompt=8, n_depth=16, repetitions=1, n_warmup=0))

@@ -40,6 +40,10 @@ class Backend(Protocol):
     def decode(self, token: int) -> int:
         """Append one token; return the greedy next token."""
 
+    # Optional: feed(token) -> None appends one token and returns when the device is idle,
+    # reading nothing back; the measurement core uses it for timed steps whose tokens an earlier
+    # repetition produced (worker/measure.py), and decode where an engine lacks it.
+
     def chunk_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits (T, V), float32, after every position of tokens, evaluated from an empty cache
         (the quality pass, worker/quality.py); the cache is left empty."""

@@ -156,6 +156,11 @@ class TorchBackend:
     def decode(self, token: int) -> int:
         return self._run((token,))
 
+    def feed(self, token: int) -> None:
+        """decode without the arg-max and its read-back, for a step whose next token is known."""
+        self._forward((token,), all_logits=False)
+        self._synchronize()
+
     def chunk_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits (T, V) after every position of tokens, from an empty cache, in one forward."""
         if not tokens:
