@@ -380,25 +380,23 @@ class LlamaCppBackend:
             raise EngineError("prefill needs at least one token")
         return self._decode(tokens)
 
-    def decode(self, token: int) -> int:
+    def _append(self, token: int) -> None:
         step = self._step
         step.token[0], step.pos[0] = token, self._n_past
         rc = llama_cpp.llama_decode(self._ctx, step)
         if rc != 0:
             raise EngineError(f"llama_decode failed with code {rc} at position {self._n_past}: context full or out of memory")
         self._n_past += 1
+
+    def decode(self, token: int) -> int:
+        self._append(token)
         # Sampling reads the logits, which waits for the backend: the step is finished when it returns.
         return int(llama_cpp.llama_sampler_sample(self._sampler, self._ctx, -1))
 
     def feed(self, token: int) -> None:
         """decode without reading the output: what llama-bench's timed step does (decode, then
         wait for the backend), for a test whose next token is already known."""
-        step = self._step
-        step.token[0], step.pos[0] = token, self._n_past
-        rc = llama_cpp.llama_decode(self._ctx, step)
-        if rc != 0:
-            raise EngineError(f"llama_decode failed with code {rc} at position {self._n_past}: context full or out of memory")
-        self._n_past += 1
+        self._append(token)
         llama_cpp.llama_synchronize(self._ctx)
 
     def conditions(self) -> dict:
